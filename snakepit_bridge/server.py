@@ -1,0 +1,348 @@
+"""Command line and lifecycle of the worker servers.
+
+    python grpc_server_threaded.py [flags]   # many tool calls at once in one process
+    python grpc_server_process.py  [flags]   # one tool call at a time per process
+
+Readiness: once serving, one stdout line `SNAKEPIT_READY port=<port> pid=<pid>`, and the port written
+atomically to $SNAKEPIT_READY_FILE when set. Shutdown (SIGTERM, SIGINT, or stdin EOF with
+--exit-on-stdin-eof): health turns NOT_SERVING, new calls are refused, in-flight calls get --grace
+seconds to finish, then exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import logs
+from .gate import ToolGate
+from .generated import snakepit_bridge_pb2 as pb
+from .generated import snakepit_bridge_pb2_grpc as pb_grpc
+from .servicer import BridgeServicer, ServerInfo, gil_enabled
+from .sessions import SessionStore
+from .stats import ServerStats
+
+log = logging.getLogger("snakepit_bridge.server")
+
+THREADED = "threaded"
+PROCESS = "process"
+DEFAULT_ADAPTERS = {
+    THREADED: "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter",
+    PROCESS: "snakepit_bridge.adapters.showcase.ShowcaseAdapter",
+}
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BridgeService"].full_name
+CONTROL_THREADS = 8  # handler threads beyond tool slots + queue, so Ping/health/stats never starve
+
+
+class StartupError(Exception):
+    """A configuration or start-up failure: printed as one line, exit code 1."""
+
+
+def build_parser(mode: str) -> argparse.ArgumentParser:
+    script = "grpc_server_threaded.py" if mode == THREADED else "grpc_server_process.py"
+    parser = argparse.ArgumentParser(
+        prog=script,
+        description=("Snakepit bridge worker: serves an adapter's tools over gRPC, "
+                     + ("many calls at once in one process." if mode == THREADED
+                        else "one call at a time per process (for adapters that are not thread-safe).")))
+    add = parser.add_argument
+    add("--adapter", default=DEFAULT_ADAPTERS[mode], help="adapter class as module.Class (default: %(default)s)")
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add("--port", type=int, default=50052, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    add("--elixir-address", default=None,
+        help="address of the Elixir node that started this worker; informational, never required, never dialled")
+    add("--mode", choices=[THREADED, PROCESS], default=None,
+        help=f"worker mode; accepted when it agrees with this script ({mode})")
+    add("--log-level", default=os.environ.get("SNAKEPIT_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "debug", "info", "warning", "error", "critical"])
+    add("--max-message-mb", type=float, default=64.0, help="largest request or response in MiB (default: %(default)s)")
+    add("--auth-token-env", metavar="NAME", default=None,
+        help="environment variable holding a bearer token; every RPC but health must then carry "
+             "'authorization: Bearer <token>'")
+    add("--max-queue", type=int, default=128,
+        help="tool calls allowed to wait for a free slot; more are RESOURCE_EXHAUSTED (default: %(default)s)")
+    add("--grace", type=float, default=10.0, help="seconds in-flight calls get to finish at shutdown (default: %(default)s)")
+    add("--exit-on-stdin-eof", action="store_true",
+        help="shut down when stdin closes (how a BEAM port parent is watched: no orphan outlives it)")
+    add("--session-ttl", type=float, default=3600.0, help="idle seconds before a session expires (default: %(default)s)")
+    add("--session-dir", default=None,
+        help="checkpoint sessions to this directory so they survive worker recycling and restarts")
+    add("--rate-limit", type=float, default=None, metavar="N",
+        help="at most N tool calls per second; calls over it wait up to their deadline, then RESOURCE_EXHAUSTED")
+    add("--rate-burst", type=float, default=None, help="token bucket size for --rate-limit (default: max(1, N))")
+    add("--seed", type=int, default=None, help="root seed of the process RNG streams (default: OS entropy)")
+    if mode == THREADED:
+        add("--max-workers", type=int, default=16, help="tool calls run at once (default: %(default)s)")
+        add("--thread-safety-check", action="store_true",
+            help="run the ThreadSafetyChecker: report races on adapter state, unsafe libraries, undeclared safety")
+        add("--thread-safety-strict", action="store_true",
+            help="with --thread-safety-check: a finding fails the offending call")
+        add("--thread-safety-report", metavar="PATH", default=None,
+            help="with --thread-safety-check: write the JSON report here at shutdown")
+        add("--allow-unsafe-adapter", action="store_true",
+            help="serve an adapter that does not declare __thread_safe__ = True (with a warning)")
+    else:
+        add("--processes", type=int, default=1,
+            help="pre-forked processes sharing the port (SO_REUSEPORT), each serving one call at a time")
+    return parser
+
+
+@dataclass
+class Settings:
+    mode: str
+    args: argparse.Namespace
+
+    @property
+    def max_workers(self) -> int:
+        return self.args.max_workers if self.mode == THREADED else 1
+
+
+def parse_settings(mode: str, argv: list[str] | None) -> Settings:
+    parser = build_parser(mode)
+    args = parser.parse_args(argv)
+    if args.mode is not None and args.mode != mode:
+        other = "grpc_server_process.py" if args.mode == PROCESS else "grpc_server_threaded.py"
+        parser.error(f"--mode {args.mode} does not match this script, which runs {mode} workers; use {other}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be 0..65535, got {args.port}")
+    if args.max_message_mb <= 0:
+        parser.error("--max-message-mb must be positive")
+    if args.max_queue < 0:
+        parser.error("--max-queue must be 0 or more")
+    if args.grace < 0:
+        parser.error("--grace must be 0 or more")
+    if args.rate_limit is not None and args.rate_limit <= 0:
+        parser.error("--rate-limit must be positive")
+    if mode == THREADED:
+        if args.max_workers < 1:
+            parser.error("--max-workers must be at least 1")
+        if (args.thread_safety_strict or args.thread_safety_report) and not args.thread_safety_check:
+            parser.error("--thread-safety-strict and --thread-safety-report need --thread-safety-check")
+    elif args.processes < 1:
+        parser.error("--processes must be at least 1")
+    return Settings(mode, args)
+
+
+def load_adapter_class(path: str) -> type:
+    from .adapter import BaseAdapter
+
+    module_name, _, class_name = path.rpartition(".")
+    if not module_name:
+        raise StartupError(f"--adapter must be module.Class, got {path!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # adapters in the working directory, as `python -m` would find them
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise StartupError(f"cannot import adapter module {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise StartupError(f"adapter module {module_name!r} has no class {class_name!r}")
+    if not issubclass(cls, BaseAdapter):
+        raise StartupError(f"adapter {path} must subclass snakepit_bridge.BaseAdapter")
+    return cls
+
+
+class Worker:
+    """One serving process: adapter, grpc server, lifecycle."""
+
+    def __init__(self, settings: Settings, *, worker_index: int = 0, reuse_port: bool = False) -> None:
+        self.settings = settings
+        self.args = settings.args
+        self.worker_index = worker_index
+        self.reuse_port = reuse_port
+        self.stop_requested = threading.Event()
+        self.server: grpc.Server | None = None
+        self.port = 0
+        self.checker = None
+
+    def start(self) -> int:
+        args, mode = self.args, self.settings.mode
+        adapter_cls = load_adapter_class(args.adapter)
+        if mode == THREADED and not getattr(adapter_cls, "__thread_safe__", False):
+            if not args.allow_unsafe_adapter:
+                raise StartupError(
+                    f"adapter {adapter_cls.__name__} does not declare thread safety, so the threaded server will not "
+                    f"run it. Add `__thread_safe__ = True` to class {adapter_cls.__name__} once its shared state is "
+                    "locked (see ThreadSafeAdapter), run it with grpc_server_process.py, or pass "
+                    "--allow-unsafe-adapter to run it anyway.")
+            log.warning("serving adapter %s, which does not declare __thread_safe__ = True, with %d threads "
+                        "(--allow-unsafe-adapter)", adapter_cls.__name__, args.max_workers)
+        if args.seed is not None:
+            from .rng import set_global_seed
+
+            set_global_seed(args.seed, worker_index=self.worker_index)
+        if mode == THREADED and args.thread_safety_check:
+            from .thread_safety_checker import ThreadSafetyChecker
+
+            self.checker = ThreadSafetyChecker(enabled=True, strict_mode=args.thread_safety_strict)
+        info = ServerInfo(worker_mode=mode, max_workers=self.settings.max_workers, worker_index=self.worker_index)
+        adapter = adapter_cls()
+        adapter.bind_server(info)
+        adapter.setup()
+        if self.checker is not None:
+            self.checker.check_declaration(adapter_cls)
+            self.checker.attach(adapter)
+        self.adapter = adapter
+
+        stats = ServerStats()
+        self.gate = ToolGate(self.settings.max_workers, args.max_queue, on_queue_change=stats.queue_changed)
+        self.sessions = SessionStore(default_ttl_seconds=args.session_ttl, session_dir=args.session_dir)
+        rate_limiter = None
+        if args.rate_limit is not None:
+            from .ratelimit import RateLimiter
+
+            rate_limiter = RateLimiter(args.rate_limit, args.rate_burst)
+        self.batch_executor = None
+        if self.settings.max_workers > 1:
+            self.batch_executor = futures.ThreadPoolExecutor(self.settings.max_workers,
+                                                             thread_name_prefix="snakepit-batch")
+        self.servicer = BridgeServicer(adapter, info=info, gate=self.gate, sessions=self.sessions, stats=stats,
+                                       batch_executor=self.batch_executor, rate_limiter=rate_limiter,
+                                       checker=self.checker, adapter_name=args.adapter)
+
+        message_bytes = int(args.max_message_mb * 1024 * 1024)
+        options = [
+            ("grpc.max_receive_message_length", message_bytes),
+            ("grpc.max_send_message_length", message_bytes),
+            ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+        ]
+        interceptors = []
+        if args.auth_token_env:
+            from .auth import BearerTokenInterceptor
+
+            token = os.environ.get(args.auth_token_env, "")
+            if not token:
+                raise StartupError(f"--auth-token-env {args.auth_token_env}: that environment variable is empty or unset")
+            interceptors.append(BearerTokenInterceptor(token))
+        handler_threads = self.settings.max_workers + args.max_queue + CONTROL_THREADS
+        # Thread names match the guide's logs: ThreadPoolExecutor-0_0, ThreadPoolExecutor-0_1, ...
+        executor = futures.ThreadPoolExecutor(handler_threads, thread_name_prefix="ThreadPoolExecutor-0")
+        server = grpc.server(executor, interceptors=interceptors, options=options)
+        pb_grpc.add_BridgeServiceServicer_to_server(self.servicer, server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            port = 0
+            detail = str(exc)
+        else:
+            detail = ""
+        if not port:
+            raise StartupError(f"cannot listen on {address}: address already in use or not available"
+                               + (f" ({detail})" if detail else ""))
+        server.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.server, self.port = server, port
+        log.info("serving %s (%s, max_workers=%d, GIL %s) on %s:%d", args.adapter, mode, self.settings.max_workers,
+                 "enabled" if gil_enabled() else "disabled", args.host, port)
+        if args.elixir_address:
+            log.info("started for Elixir node at %s", args.elixir_address)
+        return port
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_requested.is_set():
+            log.info("shutting down (%s): draining in-flight calls for up to %.1f s", reason, self.args.grace)
+            self.stop_requested.set()
+
+    def shutdown(self) -> None:
+        self.health.enter_graceful_shutdown()
+        self.servicer.stopping.set()
+        self.server.stop(self.args.grace).wait()
+        if self.batch_executor is not None:
+            self.batch_executor.shutdown(wait=False)
+        self.sessions.close()
+        try:
+            self.adapter.teardown()
+        except Exception:
+            log.exception("adapter teardown failed")
+        if self.checker is not None:
+            if self.args.thread_safety_report:
+                self.checker.write_report(self.args.thread_safety_report)
+                log.info("thread safety report written to %s", self.args.thread_safety_report)
+            close = getattr(self.checker, "close", None)
+            if callable(close):
+                close()
+        log.info("stopped")
+
+
+def announce_ready(port: int) -> None:
+    """The readiness line on stdout, and the port in $SNAKEPIT_READY_FILE (written atomically)."""
+    ready_file = os.environ.get("SNAKEPIT_READY_FILE")
+    if ready_file:
+        tmp = f"{ready_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as handle:
+            handle.write(f"{port}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, ready_file)
+    sys.stdout.write(f"SNAKEPIT_READY port={port} pid={os.getpid()}\n")
+    sys.stdout.flush()
+
+
+def watch_stdin(on_eof) -> None:
+    def read_until_eof():
+        try:
+            stream = sys.stdin.buffer
+            while stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
+                pass
+        except (OSError, ValueError):
+            pass
+        on_eof()
+
+    threading.Thread(target=read_until_eof, name="snakepit-stdin-watch", daemon=True).start()
+
+
+def install_stop_triggers(stop, exit_on_stdin_eof: bool) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: stop("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: stop("SIGINT"))
+    if exit_on_stdin_eof:
+        watch_stdin(lambda: stop("stdin closed"))
+
+
+def serve(mode: str, argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_settings(mode, argv)
+    except SystemExit as exc:  # argparse already printed the message
+        return int(exc.code or 0)
+    logs.configure(settings.args.log_level)
+    if mode == PROCESS and settings.args.processes > 1:
+        from .prefork import serve_preforked
+
+        return serve_preforked(settings)
+    worker = Worker(settings)
+    try:
+        port = worker.start()
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    install_stop_triggers(worker.request_stop, settings.args.exit_on_stdin_eof)
+    announce_ready(port)
+    while not worker.stop_requested.wait(0.5):
+        pass
+    worker.shutdown()
+    return 0
+
+
+def main_threaded(argv: list[str] | None = None) -> int:
+    return serve(THREADED, argv)
+
+
+def main_process(argv: list[str] | None = None) -> int:
+    return serve(PROCESS, argv)
