@@ -64,8 +64,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="address of the Elixir node that started this worker; informational, never required, never dialled")
     add("--mode", choices=[THREADED, PROCESS], default=None,
         help=f"worker mode; accepted when it agrees with this script ({mode})")
-    add("--log-level", default=os.environ.get("SNAKEPIT_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "debug", "info", "warning", "error", "critical"])
+    add("--log-level", default=os.environ.get("SNAKEPIT_LOG_LEVEL", "INFO"), type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="(default: %(default)s)")
     add("--max-message-mb", type=float, default=64.0, help="largest request or response in MiB (default: %(default)s)")
     add("--auth-token-env", metavar="NAME", default=None,
         help="environment variable holding a bearer token; every RPC but health must then carry "

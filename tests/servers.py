@@ -1,0 +1,124 @@
+"""Start real worker servers as subprocesses on 127.0.0.1 for tests and benchmarks.
+
+    with WorkerServer("threaded", "--max-workers", "4") as server:
+        client = server.client()
+        assert client.execute("add", {"a": 1, "b": 2}) == 3
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = {"threaded": ROOT / "grpc_server_threaded.py", "process": ROOT / "grpc_server_process.py"}
+READY = re.compile(r"^SNAKEPIT_READY port=(\d+) pid=(\d+)$")
+
+
+class ServerFailedToStart(RuntimeError):
+    pass
+
+
+class WorkerServer:
+    """A worker server subprocess. Its stderr is collected in `self.stderr_lines`."""
+
+    def __init__(self, mode: str = "threaded", *args: str, env: dict | None = None, startup_timeout: float = 30.0,
+                 stdin_pipe: bool = True, python: str | None = None) -> None:
+        self.mode = mode
+        self.args = list(args)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.stdin_pipe = stdin_pipe
+        self.python = python or sys.executable
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self.pid = 0
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self._clients = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        args = self.args
+        if "--port" not in args:
+            args = ["--port", "0", *args]
+        if "--host" not in args:
+            args = ["--host", "127.0.0.1", *args]
+        return [self.python, str(SCRIPTS[self.mode]), *args]
+
+    def start(self) -> "WorkerServer":
+        self.process = subprocess.Popen(
+            self.command(), cwd=ROOT, env=self.env, text=True, bufsize=1,
+            stdin=subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        threading.Thread(target=self._drain, args=(self.process.stderr, self.stderr_lines), daemon=True).start()
+        ready = threading.Event()
+
+        def read_stdout():
+            for line in self.process.stdout:
+                line = line.rstrip("\n")
+                self.stdout_lines.append(line)
+                match = READY.match(line)
+                if match and not ready.is_set():
+                    self.port, self.pid = int(match.group(1)), int(match.group(2))
+                    ready.set()
+
+        threading.Thread(target=read_stdout, daemon=True).start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not ready.wait(0.05):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                time.sleep(0.1)
+                raise ServerFailedToStart(
+                    f"{' '.join(self.command())} exited with {self.process.returncode} before SNAKEPIT_READY:\n"
+                    + "\n".join(self.stderr_lines[-30:]))
+        return self
+
+    @staticmethod
+    def _drain(stream, sink):
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+
+    def client(self, **kwargs):
+        from snakepit_bridge.client import BridgeClient
+
+        client = BridgeClient(self.address, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send `sig` and wait for the exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def __enter__(self) -> "WorkerServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        for client in self._clients:
+            client.close()
+        try:
+            if self.process is not None and self.process.poll() is None:
+                self.terminate(timeout=20)
+        finally:
+            self.kill()
