@@ -1,0 +1,440 @@
+defmodule Snakepit.GRPC.Channel do
+  @moduledoc """
+  One HTTP/2 connection to a gRPC server (TCP or a Unix socket), shared by many concurrent calls.
+
+  The process owns the socket (`:gen_tcp`, binary, active-once) and a `Snakepit.HTTP2.Conn`. Calls
+  never block it: `unary/4` callers wait in their own process and get an asynchronous reply when
+  their stream ends; `server_stream/4` callers receive messages as they arrive:
+
+      {:snakepit_grpc, ref, {:message, binary}}   # zero or more
+      {:snakepit_grpc, ref, :done}                # or
+      {:snakepit_grpc, ref, {:error, %Snakepit.GRPC.Error{}}}
+
+  Deadlines (`:timeout`, default 30 s) are sent as `grpc-timeout` and enforced here: on expiry the
+  stream is reset with CANCEL and the call fails with `:deadline_exceeded`. Callers are monitored;
+  a caller that dies mid-call gets its stream cancelled.
+
+  When the connection drops, the server sends GOAWAY, or the HTTP/2 layer sees a protocol error,
+  every open call fails with `:unavailable` and the process stops with `{:shutdown, reason}`
+  (owners watch it with a link or monitor).
+  """
+
+  use GenServer
+
+  require Logger
+
+  alias Snakepit.GRPC.{Call, Error, Message, Metadata}
+  alias Snakepit.HTTP2.Conn
+
+  @default_timeout 30_000
+  # Extra time a blocked unary caller waits beyond its deadline for the channel's own reply.
+  @reply_grace 5_000
+
+  @type server :: GenServer.server()
+  @type call_opts :: [timeout: non_neg_integer() | :infinity, metadata: [{String.t(), iodata()}]]
+
+  ## API
+
+  @doc """
+  Connects and starts the channel. Options: `:host` (`"127.0.0.1"`, a charlist/tuple address, or
+  `{:local, path}` for a Unix socket), `:port`, `:connect_timeout` (ms, default 5000), `:metadata`
+  (headers sent on every call), `:name`, `:max_message_size` (largest message received, default
+  64 MiB).
+
+  The connection is made synchronously; the HTTP/2 SETTINGS exchange completes in the background.
+  The process is started unlinked and linked once connected, so a failed connect returns
+  `{:error, reason}` without sending an exit signal to the caller.
+  """
+  @spec start_link(keyword()) :: GenServer.on_start()
+  def start_link(opts) do
+    connect_timeout = Keyword.get(opts, :connect_timeout, 5000)
+    gen_opts = if name = opts[:name], do: [name: name], else: []
+
+    case GenServer.start(__MODULE__, opts, [timeout: connect_timeout + 5000] ++ gen_opts) do
+      {:ok, pid} ->
+        Process.link(pid)
+        {:ok, pid}
+
+      other ->
+        other
+    end
+  end
+
+  @doc """
+  Makes a unary call: `path` is `"/package.Service/Method"`, `request` the serialized message.
+  Returns the serialized response and the trailers (`-bin` values decoded).
+
+  Options: `:timeout` (ms or `:infinity`, default 30000) and `:metadata` (extra headers).
+  """
+  @spec unary(server(), String.t(), iodata(), call_opts()) ::
+          {:ok, binary(), [{String.t(), binary()}]} | {:error, Error.t()}
+  def unary(server, path, request, opts \\ []) do
+    timeout = Keyword.get(opts, :timeout, @default_timeout)
+    wait = if timeout == :infinity, do: :infinity, else: timeout + @reply_grace
+
+    try do
+      GenServer.call(server, {:unary, path, request, opts}, wait)
+    catch
+      :exit, {:timeout, _} ->
+        {:error, Error.new(:deadline_exceeded, "no reply from the channel within #{timeout} ms")}
+
+      :exit, reason ->
+        {:error, Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
+    end
+  end
+
+  @doc """
+  Starts a server-streaming call; messages are sent to the calling process (see the moduledoc).
+  Same options as `unary/4`; the deadline covers the whole stream.
+  """
+  @spec server_stream(server(), String.t(), iodata(), call_opts()) :: {:ok, reference()} | {:error, Error.t()}
+  def server_stream(server, path, request, opts \\ []) do
+    GenServer.call(server, {:server_stream, path, request, opts})
+  catch
+    :exit, reason -> {:error, Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
+  end
+
+  @doc """
+  Cancels a server stream (RST_STREAM CANCEL). No further messages for `ref` are delivered, and
+  those already in the caller's mailbox are flushed when the caller is the stream's receiver.
+  """
+  @spec cancel(server(), reference()) :: :ok
+  def cancel(server, ref) do
+    try do
+      GenServer.call(server, {:cancel, ref})
+    catch
+      :exit, _ -> :ok
+    end
+
+    flush_messages(ref)
+  end
+
+  defp flush_messages(ref) do
+    receive do
+      {:snakepit_grpc, ^ref, _} -> flush_messages(ref)
+    after
+      0 -> :ok
+    end
+  end
+
+  @doc "Fails open calls with `:unavailable`, sends GOAWAY, closes the socket and stops."
+  @spec close(server()) :: :ok
+  def close(server) do
+    GenServer.call(server, :close)
+  catch
+    :exit, _ -> :ok
+  end
+
+  defp exit_reason({reason, {GenServer, :call, _}}), do: reason
+  defp exit_reason(reason), do: reason
+
+  ## Server
+
+  @impl true
+  def init(opts) do
+    host = Keyword.get(opts, :host, "127.0.0.1")
+    port = Keyword.get(opts, :port, 0)
+    connect_timeout = Keyword.get(opts, :connect_timeout, 5000)
+    {address, authority} = address(host, port)
+
+    case :gen_tcp.connect(address, port_for(host, port), [:binary, active: false, nodelay: nodelay(host)], connect_timeout) do
+      {:ok, socket} ->
+        {conn, preface} = Conn.new()
+
+        case :gen_tcp.send(socket, preface) do
+          :ok ->
+            :ok = :inet.setopts(socket, active: :once)
+
+            {:ok,
+             %{
+               socket: socket,
+               conn: conn,
+               authority: authority,
+               metadata: Keyword.get(opts, :metadata, []),
+               max_message_size: Keyword.get(opts, :max_message_size, 64 * 1024 * 1024),
+               # stream id => call entry; ref => stream id; monitor ref => stream id
+               calls: %{},
+               refs: %{},
+               monitors: %{}
+             }}
+
+          {:error, reason} ->
+            :gen_tcp.close(socket)
+            {:stop, reason}
+        end
+
+      {:error, reason} ->
+        {:stop, reason}
+    end
+  end
+
+  defp address({:local, path}, _port), do: {{:local, path}, "localhost"}
+  defp address(host, port) when is_binary(host), do: {String.to_charlist(host), "#{host}:#{port}"}
+  defp address(host, port) when is_list(host), do: {host, "#{host}:#{port}"}
+  defp address(host, port) when is_tuple(host), do: {host, "#{:inet.ntoa(host)}:#{port}"}
+
+  defp port_for({:local, _}, _port), do: 0
+  defp port_for(_host, port), do: port
+
+  # TCP_NODELAY does not apply to Unix sockets.
+  defp nodelay({:local, _}), do: false
+  defp nodelay(_), do: true
+
+  @impl true
+  def handle_call({kind, path, request, opts}, {pid, _} = from, state) when kind in [:unary, :server_stream] do
+    timeout = Keyword.get(opts, :timeout, @default_timeout)
+    metadata = state.metadata ++ Keyword.get(opts, :metadata, [])
+    headers = Metadata.request_headers(state.authority, path, timeout, metadata)
+
+    case Conn.request(state.conn, headers, Message.encode(request), []) do
+      {:ok, conn, sid, out} ->
+        state = %{state | conn: conn}
+        ref = make_ref()
+        timer = if timeout == :infinity, do: nil, else: Process.send_after(self(), {:deadline, ref}, timeout)
+
+        entry = %{
+          kind: kind,
+          from: from,
+          pid: pid,
+          ref: ref,
+          monitor: Process.monitor(pid),
+          timer: timer,
+          timeout: timeout,
+          call: Call.new(max_message_size: state.max_message_size),
+          messages: []
+        }
+
+        state = %{
+          state
+          | calls: Map.put(state.calls, sid, entry),
+            refs: Map.put(state.refs, ref, sid),
+            monitors: Map.put(state.monitors, entry.monitor, sid)
+        }
+
+        reply = if kind == :server_stream, do: {:reply, {:ok, ref}}, else: :noreply
+
+        case send_out(state, out) do
+          {:ok, state} when reply == :noreply -> {:noreply, state}
+          {:ok, state} -> {:reply, {:ok, ref}, state}
+          {:stop, reason, state} when reply == :noreply -> {:stop, reason, state}
+          {:stop, reason, state} -> {:stop, reason, {:ok, ref}, state}
+        end
+
+      {:error, conn, reason} ->
+        {:reply, {:error, request_error(reason)}, %{state | conn: conn}}
+    end
+  end
+
+  def handle_call({:cancel, ref}, _from, state) do
+    case Map.fetch(state.refs, ref) do
+      {:ok, sid} -> reply_after(cancel_stream(state, sid), :ok)
+      :error -> {:reply, :ok, state}
+    end
+  end
+
+  def handle_call(:close, _from, state) do
+    state = fail_all(state, "channel closed")
+    {conn, out} = Conn.close(state.conn)
+    _ = :gen_tcp.send(state.socket, out)
+    :gen_tcp.close(state.socket)
+    {:stop, :normal, :ok, %{state | conn: conn, socket: nil}}
+  end
+
+  defp reply_after({:ok, state}, reply), do: {:reply, reply, state}
+  defp reply_after({:stop, reason, state}, reply), do: {:stop, reason, reply, state}
+
+  defp request_error(:too_many_streams),
+    do: Error.new(:resource_exhausted, "server's MAX_CONCURRENT_STREAMS reached on this channel")
+
+  defp request_error(:goaway), do: Error.new(:unavailable, "connection is going away (GOAWAY received)")
+  defp request_error(reason), do: Error.new(:unavailable, "cannot start a stream: #{inspect(reason)}")
+
+  @impl true
+  def handle_info({:tcp, socket, bytes}, %{socket: socket} = state) do
+    case Conn.handle_data(state.conn, bytes) do
+      {:ok, conn, events, out} ->
+        state = Enum.reduce(events, %{state | conn: conn}, &handle_event/2)
+
+        with {:ok, state} <- send_out(state, out) do
+          if state.conn.goaway do
+            shutdown(state, "server sent GOAWAY (#{inspect(elem(state.conn.goaway, 1))})", {:goaway, elem(state.conn.goaway, 1)})
+          else
+            :ok = :inet.setopts(socket, active: :once)
+            {:noreply, state}
+          end
+        end
+
+      {:error, conn, {code, message}, out} ->
+        _ = :gen_tcp.send(socket, out)
+        shutdown(%{state | conn: conn}, "HTTP/2 connection error #{code}: #{message}", {:http2_error, code})
+    end
+  end
+
+  def handle_info({:tcp_closed, socket}, %{socket: socket} = state),
+    do: shutdown(%{state | socket: nil}, "connection closed by the server", :closed)
+
+  def handle_info({:tcp_error, socket, reason}, %{socket: socket} = state),
+    do: shutdown(state, "connection error: #{inspect(reason)}", {:tcp_error, reason})
+
+  def handle_info({:deadline, ref}, state) do
+    case Map.fetch(state.refs, ref) do
+      {:ok, sid} ->
+        entry = state.calls[sid]
+        error = Error.new(:deadline_exceeded, "deadline of #{entry.timeout} ms exceeded")
+        state = deliver(state, entry, {:error, error})
+
+        case cancel_stream(state, sid) do
+          {:ok, state} -> {:noreply, state}
+          {:stop, reason, state} -> {:stop, reason, state}
+        end
+
+      :error ->
+        {:noreply, state}
+    end
+  end
+
+  def handle_info({:DOWN, monitor, :process, _pid, _reason}, state) do
+    case Map.fetch(state.monitors, monitor) do
+      {:ok, sid} ->
+        case cancel_stream(state, sid) do
+          {:ok, state} -> {:noreply, state}
+          {:stop, reason, state} -> {:stop, reason, state}
+        end
+
+      :error ->
+        {:noreply, state}
+    end
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  @impl true
+  def terminate(_reason, state) do
+    if state.socket, do: :gen_tcp.close(state.socket)
+    :ok
+  end
+
+  ## Internals
+
+  defp handle_event({:goaway, _last, _code, _debug}, state), do: state
+  defp handle_event({:pong, _}, state), do: state
+
+  defp handle_event(event, state) do
+    sid = elem(event, 1)
+
+    case Map.fetch(state.calls, sid) do
+      {:ok, entry} ->
+        case Call.handle_event(entry.call, event) do
+          {:cont, call, messages} ->
+            entry = %{entry | call: call}
+            entry = push_messages(entry, messages)
+            %{state | calls: Map.put(state.calls, sid, entry)}
+
+          {:done, _call, messages, outcome} ->
+            entry = push_messages(entry, messages)
+            state = finish(state, sid, entry, outcome)
+
+            # A non-200 response may leave the stream open on the HTTP/2 side: reset it.
+            if sid in Conn.open_streams(state.conn) do
+              {conn, out} = Conn.cancel(state.conn, sid)
+              _ = :gen_tcp.send(state.socket, out)
+              %{state | conn: conn}
+            else
+              state
+            end
+        end
+
+      :error ->
+        state
+    end
+  end
+
+  defp push_messages(entry, []), do: entry
+
+  defp push_messages(%{kind: :server_stream} = entry, messages) do
+    Enum.each(messages, &send(entry.pid, {:snakepit_grpc, entry.ref, {:message, &1}}))
+    entry
+  end
+
+  defp push_messages(%{kind: :unary} = entry, messages), do: %{entry | messages: entry.messages ++ messages}
+
+  defp finish(state, sid, entry, outcome) do
+    state = forget(state, sid, entry)
+    deliver(state, entry, outcome)
+  end
+
+  defp deliver(state, %{kind: :unary} = entry, {:ok, trailers}) do
+    reply =
+      case entry.messages do
+        [message] -> {:ok, message, trailers}
+        messages -> {:error, Error.new(:internal, "unary response carried #{length(messages)} messages, expected 1", trailers)}
+      end
+
+    GenServer.reply(entry.from, reply)
+    state
+  end
+
+  defp deliver(state, %{kind: :unary} = entry, {:error, error}) do
+    GenServer.reply(entry.from, {:error, error})
+    state
+  end
+
+  defp deliver(state, %{kind: :server_stream} = entry, {:ok, _trailers}) do
+    send(entry.pid, {:snakepit_grpc, entry.ref, :done})
+    state
+  end
+
+  defp deliver(state, %{kind: :server_stream} = entry, {:error, error}) do
+    send(entry.pid, {:snakepit_grpc, entry.ref, {:error, error}})
+    state
+  end
+
+  defp forget(state, sid, entry) do
+    if entry.timer, do: Process.cancel_timer(entry.timer)
+    Process.demonitor(entry.monitor, [:flush])
+
+    %{
+      state
+      | calls: Map.delete(state.calls, sid),
+        refs: Map.delete(state.refs, entry.ref),
+        monitors: Map.delete(state.monitors, entry.monitor)
+    }
+  end
+
+  # Resets the stream and drops the call without delivering anything more.
+  defp cancel_stream(state, sid) do
+    state =
+      case Map.fetch(state.calls, sid) do
+        {:ok, entry} -> forget(state, sid, entry)
+        :error -> state
+      end
+
+    {conn, out} = Conn.cancel(state.conn, sid)
+    send_out(%{state | conn: conn}, out)
+  end
+
+  defp send_out(state, out) do
+    if IO.iodata_length(out) == 0 do
+      {:ok, state}
+    else
+      case :gen_tcp.send(state.socket, out) do
+        :ok -> {:ok, state}
+        {:error, reason} -> shutdown(state, "send failed: #{inspect(reason)}", {:send_failed, reason})
+      end
+    end
+  end
+
+  defp shutdown(state, message, reason) do
+    state = fail_all(state, message)
+    if state.socket, do: :gen_tcp.close(state.socket)
+    {:stop, {:shutdown, reason}, %{state | socket: nil}}
+  end
+
+  defp fail_all(state, message) do
+    state.calls
+    |> Enum.sort()
+    |> Enum.reduce(state, fn {sid, entry}, state ->
+      finish(state, sid, entry, {:error, Error.new(:unavailable, message)})
+    end)
+  end
+end
