@@ -1,0 +1,587 @@
+defmodule Snakepit do
+  @moduledoc """
+  Elixir client of snakepit_bridge: pools of Python gRPC workers and the calls to their tools.
+
+      # config/config.exs
+      config :snakepit,
+        pools: [
+          %{name: :default, worker_profile: :process, pool_size: 4},
+          %{name: :hpc_pool, worker_profile: :thread, pool_size: 2, threads_per_worker: 16}
+        ]
+
+      {:ok, %{"message" => "hi"}} = Snakepit.execute(:default, "echo", %{message: "hi"})
+      {:ok, 3} = Snakepit.execute("add", %{a: 1, b: 2}, [])        # default pool
+
+  Every call returns `{:ok, result}` or `{:error, %Snakepit.Error{}}`. Tool names are strings or
+  atoms; arguments are maps (atom or string keys) encoded by `Snakepit.Codec`; results come back
+  decoded, maps with string keys.
+
+  Call options (`opts`):
+
+    * `:timeout` - the call's deadline in ms (default: the pool's `call_timeout`)
+    * `:metadata` - a `%{String.t() => String.t()}` sent in the request
+    * `:request_id` - echoed by the server in its logs and response
+    * `:seed` - seeds the request's RNG on the server
+
+  Each call logs at `:debug` with `:logger` metadata `pool`, `worker`, `tool`, `duration_ms`.
+  """
+
+  require Logger
+  alias Snakepit.{Codec, Error, Pool, Proto}
+  alias Snakepit.GRPC.Channel
+
+  @service "/snakepit.bridge.BridgeService/"
+
+  @type pool :: atom | pid
+  @type tool :: String.t() | atom
+  @type args :: map
+  @type result :: {:ok, term} | {:error, Error.t()}
+
+  ## pools
+
+  @doc """
+  The default pool: `config :snakepit, default_pool: name`, else the first configured pool.
+  """
+  @spec default_pool() :: atom | nil
+  def default_pool do
+    case Application.get_env(:snakepit, :default_pool) do
+      nil ->
+        case Application.get_env(:snakepit, :pools, []) do
+          [first | _] -> first |> Map.new() |> Map.get(:name)
+          _ -> nil
+        end
+
+      name ->
+        name
+    end
+  end
+
+  @doc """
+  Starts a pool under the application's supervisor (see `Snakepit.Config` / README for keys) and
+  waits until all its workers are ready (`await: false` to not wait). Returns `{:error, message}`
+  for an invalid config (the message names the key) or when no worker became ready within the
+  pool's `startup_timeout`.
+  """
+  @spec start_pool(map | keyword, keyword) :: {:ok, pid} | {:error, term}
+  def start_pool(config, opts \\ []) do
+    with {:ok, c} <- Snakepit.Config.new(config),
+         :ok <- Snakepit.Application.adapter_validate(c),
+         {:ok, pid} <- DynamicSupervisor.start_child(Snakepit.PoolSupervisor, Pool.child_spec(c)) do
+      if Keyword.get(opts, :await, true) do
+        case Pool.await_ready(pid, c.startup_timeout + 1_000) do
+          :ok ->
+            {:ok, pid}
+
+          {:error, _} ->
+            DynamicSupervisor.terminate_child(Snakepit.PoolSupervisor, pid)
+            {:error, "pool #{inspect(c.name)}: workers not ready within startup_timeout (#{c.startup_timeout} ms)"}
+        end
+      else
+        {:ok, pid}
+      end
+    end
+  end
+
+  @doc "Stops a pool started with `start_pool/2` (its workers are stopped)."
+  @spec stop_pool(pool) :: :ok | {:error, :not_found}
+  def stop_pool(pool) do
+    case Pool.whereis(pool) do
+      nil ->
+        {:error, :not_found}
+
+      pid ->
+        case DynamicSupervisor.terminate_child(Snakepit.PoolSupervisor, pid) do
+          :ok ->
+            :ok
+
+          {:error, :not_found} ->
+            ref = Process.monitor(pid)
+            GenServer.stop(pid, :shutdown)
+
+            receive do
+              {:DOWN, ^ref, _, _, _} -> :ok
+            end
+        end
+    end
+  end
+
+  @doc "Waits until `pool` has all its workers ready."
+  @spec await_ready(pool, timeout) :: :ok | {:error, term}
+  def await_ready(pool, timeout \\ 30_000), do: Pool.await_ready(pool, timeout)
+
+  ## execute
+
+  @doc """
+  Runs `tool` with `args` on the default pool (`execute/2`, `execute(tool, args, opts)`) or on
+  `pool` (`execute(pool, tool, args)`, `execute/4`).
+  """
+  @spec execute(tool, args) :: result
+  def execute(tool, args), do: execute(default_pool(), tool, args, [])
+
+  @spec execute(pool | tool, tool | args, args | keyword) :: result
+  def execute(pool, tool, args) when is_map(args), do: execute(pool, tool, args, [])
+  def execute(tool, args, opts) when is_list(opts), do: execute(default_pool(), tool, args, opts)
+
+  @spec execute(pool, tool, args, keyword) :: result
+  def execute(pool, tool, args, opts) do
+    tool = to_string(tool)
+
+    with_slot(pool, tool, args, opts, fn lease, json, blobs ->
+      req = tool_request(tool, json, blobs, opts)
+
+      with {:ok, resp} <-
+             unary(lease, "ExecuteTool", :execute_tool_request, req, :execute_tool_response, tool, opts) do
+        decode_value(resp.result_json, resp.blobs, tool, opts)
+      end
+    end)
+  end
+
+  @doc """
+  Runs `tool` in session `session_id`: calls of a session go to the same worker while it lives; on
+  first use of a worker the session is created there (InitializeSession). When that worker was
+  recycled or crashed, the session is created again on the new worker (its server-side state starts
+  over). Extra options: `:session_ttl` (seconds), `:session_seed`, `:session_state` (initial state map).
+
+  Arities: `execute_in_session(session_id, tool, args)`, `execute_in_session(session_id, tool, args,
+  opts)` on the default pool, `execute_in_session(pool, session_id, tool, args)` and `/5`.
+  """
+  @spec execute_in_session(String.t(), tool, args) :: result
+  def execute_in_session(session_id, tool, args), do: execute_in_session(default_pool(), session_id, tool, args, [])
+
+  @spec execute_in_session(pool | String.t(), String.t() | tool, tool | args, args | keyword) :: result
+  def execute_in_session(pool, session_id, tool, args) when is_map(args),
+    do: execute_in_session(pool, session_id, tool, args, [])
+
+  def execute_in_session(session_id, tool, args, opts) when is_list(opts),
+    do: execute_in_session(default_pool(), session_id, tool, args, opts)
+
+  @spec execute_in_session(pool, String.t(), tool, args, keyword) :: result
+  def execute_in_session(pool, session_id, tool, args, opts) when is_binary(session_id) do
+    execute(pool, tool, args, Keyword.put(opts, :session_id, session_id))
+  end
+
+  @doc "The server-side state of a session (GetSession on its worker)."
+  @spec get_session(pool, String.t()) :: {:ok, map} | {:error, Error.t()}
+  def get_session(pool \\ default_pool(), session_id) do
+    with_slot(pool, "GetSession", %{}, [session_id: session_id, skip_session_init: true], fn lease, _, _ ->
+      with {:ok, r} <-
+             unary(lease, "GetSession", :get_session_request, %{session_id: session_id}, :get_session_response, nil, []),
+           {:ok, state} <- decode_value(r.state_json, r.blobs, nil, []) do
+        {:ok, %{r | state_json: nil} |> Map.delete(:state_json) |> Map.delete(:blobs) |> Map.put(:state, state)}
+      end
+    end)
+  end
+
+  @doc "Deletes a session on its worker and forgets its pinning."
+  @spec cleanup_session(pool, String.t()) :: {:ok, boolean} | {:error, Error.t()}
+  def cleanup_session(pool \\ default_pool(), session_id) do
+    case Pool.forget_session(pool, session_id) do
+      nil ->
+        {:ok, false}
+
+      channel ->
+        req = Proto.encode(:cleanup_session_request, %{session_id: session_id})
+
+        case Channel.unary(channel, @service <> "CleanupSession", req, timeout: 10_000) do
+          {:ok, bin, _} ->
+            with {:ok, r} <- decode_msg(:cleanup_session_response, bin), do: {:ok, r.existed}
+
+          {:error, e} ->
+            {:error, Error.from_grpc(e, nil)}
+        end
+    end
+  catch
+    :exit, reason -> {:error, Error.new(:unavailable, "cleanup_session: #{inspect(reason)}")}
+  end
+
+  ## streaming
+
+  @doc """
+  Runs a streaming (generator) tool.
+
+    * With a 1-arity `callback`: calls it with each chunk's decoded value, in order, and returns
+      `{:ok, final}` where `final` is the generator's return value (often `nil`), or
+      `{:error, %Snakepit.Error{}}`.
+    * With a keyword list of options (or no 4th argument): returns a lazy `Stream` of the chunk values;
+      nothing runs until it is enumerated; a failure raises `Snakepit.Error` during enumeration, and
+      halting early cancels the call.
+
+  `execute_stream/5` takes a callback and options.
+  """
+  @spec execute_stream(pool, tool, args, (term -> any) | keyword) :: result | Enumerable.t()
+  def execute_stream(pool, tool, args, callback_or_opts \\ [])
+
+  def execute_stream(pool, tool, args, callback) when is_function(callback, 1),
+    do: execute_stream(pool, tool, args, callback, [])
+
+  def execute_stream(pool, tool, args, opts) when is_list(opts), do: lazy_stream(pool, to_string(tool), args, opts)
+
+  @spec execute_stream(pool, tool, args, (term -> any), keyword) :: result
+  def execute_stream(pool, tool, args, callback, opts) when is_function(callback, 1) do
+    tool = to_string(tool)
+
+    with_slot(pool, tool, args, opts, fn lease, json, blobs ->
+      case open_stream(lease, tool, json, blobs, opts) do
+        {:ok, ref, timeout} ->
+          try do
+            stream_loop(lease, ref, tool, opts, timeout, callback, nil)
+          catch
+            kind, reason ->
+              cancel(lease.channel, ref)
+              :erlang.raise(kind, reason, __STACKTRACE__)
+          end
+
+        {:error, _} = err ->
+          err
+      end
+    end)
+  end
+
+  defp stream_loop(lease, ref, tool, opts, timeout, callback, final) do
+    receive do
+      {:snakepit_grpc, ^ref, {:message, bin}} ->
+        with {:ok, chunk} <- decode_msg(:tool_chunk, bin),
+             {:ok, value} <- decode_value(chunk.data_json, chunk.blobs, tool, opts) do
+          if chunk.is_final do
+            stream_loop(lease, ref, tool, opts, timeout, callback, {:final, value})
+          else
+            callback.(value)
+            stream_loop(lease, ref, tool, opts, timeout, callback, final)
+          end
+        else
+          err ->
+            cancel(lease.channel, ref)
+            err
+        end
+
+      {:snakepit_grpc, ^ref, :done} ->
+        case final do
+          {:final, v} -> {:ok, v}
+          nil -> {:ok, nil}
+        end
+
+      {:snakepit_grpc, ^ref, {:error, e}} ->
+        {:error, transport_error(lease, e, tool)}
+    after
+      timeout + 2_000 ->
+        cancel(lease.channel, ref)
+        {:error, Error.new(:timeout, "stream of #{tool} got no message within #{timeout} ms", tool: tool)}
+    end
+  end
+
+  defp lazy_stream(pool, tool, args, opts) do
+    Stream.resource(
+      fn ->
+        with {:ok, {json, blobs}} <- encode(args, tool),
+             {:ok, lease} <- Pool.checkout(pool, session_id: opts[:session_id]) do
+          case open_stream(lease, tool, json, blobs, opts) do
+            {:ok, ref, timeout} ->
+              %{lease: lease, ref: ref, timeout: timeout, done: false, outcome: :ok}
+
+            {:error, e} ->
+              Pool.checkin(lease, :error)
+              raise e
+          end
+        else
+          {:error, %Error{} = e} -> raise e
+        end
+      end,
+      fn
+        %{done: true} = st ->
+          {:halt, st}
+
+        st ->
+          %{lease: lease, ref: ref, timeout: timeout} = st
+
+          receive do
+            {:snakepit_grpc, ^ref, {:message, bin}} ->
+              with {:ok, chunk} <- decode_msg(:tool_chunk, bin),
+                   {:ok, value} <- decode_value(chunk.data_json, chunk.blobs, tool, opts) do
+                if chunk.is_final, do: {[], st}, else: {[value], st}
+              else
+                {:error, e} -> raise e
+              end
+
+            {:snakepit_grpc, ^ref, :done} ->
+              {:halt, %{st | done: true}}
+
+            {:snakepit_grpc, ^ref, {:error, e}} ->
+              Pool.checkin(lease, :error)
+              raise transport_error(lease, e, tool)
+          after
+            timeout + 2_000 ->
+              raise Error.new(:timeout, "stream of #{tool} got no message within #{timeout} ms", tool: tool)
+          end
+      end,
+      fn st ->
+        unless st.done, do: cancel(st.lease.channel, st.ref)
+        Pool.checkin(st.lease, if(st.done, do: :ok, else: :error))
+      end
+    )
+  end
+
+  defp open_stream(lease, tool, json, blobs, opts) do
+    timeout = Keyword.get(opts, :timeout, lease.call_timeout)
+    req = Proto.encode(:execute_tool_request, tool_request(tool, json, blobs, opts))
+
+    with :ok <- maybe_init_session(lease, opts) do
+      try do
+        case Channel.server_stream(lease.channel, @service <> "ExecuteStreamingTool", req,
+               timeout: timeout,
+               metadata: []
+             ) do
+          {:ok, ref} -> {:ok, ref, timeout}
+          {:error, e} -> {:error, transport_error(lease, e, tool)}
+        end
+      catch
+        :exit, reason -> {:error, crashed_or(lease, Error.new(:unavailable, "channel down: #{inspect(reason)}", tool: tool))}
+      end
+    end
+  end
+
+  defp cancel(channel, ref) do
+    Channel.cancel(channel, ref)
+  catch
+    _, _ -> :ok
+  end
+
+  ## batch
+
+  @doc """
+  Runs `tool` once per element of `args_list` in one ExecuteBatch call on one worker (the server
+  runs the items on its thread pool, at most `:max_parallelism` at once; 0 = its pool size).
+  Returns `{:ok, results}` with one `{:ok, value}` or `{:error, %Snakepit.Error{}}` per item, in order;
+  `{:error, e}` when the whole call failed.
+  """
+  @spec execute_batch(pool, tool, [args], keyword) :: {:ok, [result]} | {:error, Error.t()}
+  def execute_batch(pool, tool, args_list, opts \\ []) when is_list(args_list) do
+    tool = to_string(tool)
+
+    encoded =
+      Enum.reduce_while(args_list, {:ok, []}, fn args, {:ok, acc} ->
+        case encode(args, tool) do
+          {:ok, {json, blobs}} -> {:cont, {:ok, [%{args_json: json, blobs: blobs} | acc]}}
+          err -> {:halt, err}
+        end
+      end)
+
+    with {:ok, items} <- encoded do
+      with_slot(pool, tool, %{}, opts, fn lease, _, _ ->
+        req = %{
+          tool_name: tool,
+          items: Enum.reverse(items),
+          session_id: opts[:session_id] || "",
+          request_id: opts[:request_id] || "",
+          metadata: opts[:metadata] || %{},
+          max_parallelism: opts[:max_parallelism] || 0
+        }
+
+        with {:ok, resp} <- unary(lease, "ExecuteBatch", :execute_batch_request, req, :execute_batch_response, tool, opts) do
+          {:ok,
+           Enum.map(resp.results, fn
+             %{ok: true} = r -> decode_value(r.result_json, r.blobs, tool, opts)
+             %{error: te} when is_map(te) -> {:error, Error.from_tool_error(te, tool)}
+             _ -> {:error, Error.new(:unknown, "batch item failed without an error", tool: tool)}
+           end)}
+        end
+      end)
+    end
+  end
+
+  ## introspection
+
+  @doc """
+  Pool counters (`calls`, `failures`, `checkouts`, `queued` now, `queued_total`, `queue_full`,
+  `queue_timeouts`, `recycles`, `crashes`, `workers_started`, `in_flight`, `capacity`, `sessions`) and
+  `workers`: one map per worker (pid, id, status, os_pid, port, in_flight, capacity, requests) with
+  `python`: that worker's GetStats response (adapter_stats_json / thread_safety_json decoded into
+  `adapter_stats` / `thread_safety`), or `{:error, e}`.
+  """
+  @spec get_stats(pool) :: {:ok, map} | {:error, Error.t()}
+  def get_stats(pool \\ default_pool()) do
+    stats = Pool.stats(pool)
+
+    workers =
+      stats.workers
+      |> Task.async_stream(fn w -> Map.put(w, :python, worker_stats(w)) end, timeout: 15_000, ordered: true)
+      |> Enum.map(fn {:ok, w} -> w end)
+
+    {:ok, %{stats | workers: workers}}
+  rescue
+    e in ArgumentError -> {:error, Error.new(:pool_not_found, Exception.message(e))}
+  catch
+    :exit, reason -> {:error, Error.new(:unavailable, "get_stats: #{inspect(reason)}")}
+  end
+
+  defp worker_stats(%{channel: nil}), do: {:error, Error.new(:unavailable, "worker not connected")}
+
+  defp worker_stats(%{channel: ch}) do
+    case Channel.unary(ch, @service <> "GetStats", Proto.encode(:get_stats_request, %{}), timeout: 10_000) do
+      {:ok, bin, _} ->
+        with {:ok, r} <- decode_msg(:get_stats_response, bin) do
+          r
+          |> Map.put(:adapter_stats, json_or_nil(r.adapter_stats_json))
+          |> Map.put(:thread_safety, json_or_nil(r.thread_safety_json))
+        end
+
+      {:error, e} ->
+        {:error, Error.from_grpc(e, nil)}
+    end
+  catch
+    :exit, reason -> {:error, Error.new(:unavailable, inspect(reason))}
+  end
+
+  defp json_or_nil(""), do: nil
+  defp json_or_nil(nil), do: nil
+
+  defp json_or_nil(json) do
+    case Codec.decode(json, []) do
+      {:ok, v} -> v
+      _ -> json
+    end
+  end
+
+  @doc "The pool's workers: pid, id, slot, status, os_pid, port, in_flight, capacity, requests, uptime."
+  @spec list_workers(pool) :: [map]
+  def list_workers(pool \\ default_pool()), do: Pool.stats(pool).workers
+
+  ## internals
+
+  defp with_slot(pool, tool, args, opts, fun) do
+    with {:ok, {json, blobs}} <- encode(args, tool) do
+      sid = opts[:session_id]
+
+      case Pool.checkout(pool, session_id: sid) do
+        {:ok, lease} ->
+          t0 = System.monotonic_time()
+
+          result =
+            try do
+              if opts[:skip_session_init] do
+                fun.(lease, json, blobs)
+              else
+                with :ok <- maybe_init_session(lease, opts), do: fun.(lease, json, blobs)
+              end
+            catch
+              kind, reason ->
+                Pool.checkin(lease, :error)
+                :erlang.raise(kind, reason, __STACKTRACE__)
+            end
+
+          outcome =
+            case result do
+              {:error, %Error{reason: :session_init_failed}} -> {:session_init_failed, sid}
+              {:error, _} -> :error
+              _ -> :ok
+            end
+
+          Pool.checkin(lease, outcome)
+          ms = System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1000
+
+          Logger.debug(fn -> "snakepit #{tool} #{if match?({:error, _}, result), do: "failed", else: "ok"}" end,
+            pool: lease.pool_name,
+            worker: lease.worker_id,
+            tool: tool,
+            duration_ms: ms
+          )
+
+          result
+
+        {:error, _} = err ->
+          err
+      end
+    end
+  end
+
+  defp maybe_init_session(%{init_session: true} = lease, opts) do
+    sid = Keyword.fetch!(opts, :session_id)
+
+    state =
+      case opts[:session_state] do
+        nil -> {"", []}
+        st -> Codec.encode(st)
+      end
+
+    req = %{
+      session_id: sid,
+      state_json: elem(state, 0),
+      blobs: elem(state, 1),
+      ttl_seconds: opts[:session_ttl] || 0,
+      seed: opts[:session_seed],
+      metadata: %{}
+    }
+
+    case unary(lease, "InitializeSession", :initialize_session_request, req, :initialize_session_response, nil, []) do
+      {:ok, _} ->
+        :ok
+
+      {:error, e} ->
+        {:error, %{e | reason: :session_init_failed, message: "InitializeSession #{sid}: #{e.message} (#{e.reason})"}}
+    end
+  end
+
+  defp maybe_init_session(_lease, _opts), do: :ok
+
+  defp tool_request(tool, json, blobs, opts) do
+    %{
+      tool_name: tool,
+      args_json: json,
+      blobs: blobs,
+      session_id: opts[:session_id] || "",
+      request_id: opts[:request_id] || "",
+      metadata: opts[:metadata] || %{},
+      seed: opts[:seed]
+    }
+  end
+
+  defp unary(lease, method, req_type, req, resp_type, tool, opts) do
+    timeout = Keyword.get(opts, :timeout, lease.call_timeout)
+
+    case Channel.unary(lease.channel, @service <> method, Proto.encode(req_type, req), timeout: timeout) do
+      {:ok, bin, _trailers} -> decode_msg(resp_type, bin)
+      {:error, e} -> {:error, transport_error(lease, e, tool)}
+    end
+  catch
+    :exit, reason ->
+      {:error, crashed_or(lease, Error.new(:unavailable, "channel down: #{inspect(reason)}", tool: tool))}
+  end
+
+  defp transport_error(lease, e, tool) do
+    err = Error.from_grpc(e, tool)
+    if err.reason == :unavailable, do: crashed_or(lease, err), else: err
+  end
+
+  # A transport failure on a worker that dies (within a short grace) was a worker crash.
+  defp crashed_or(lease, err) do
+    ref = Process.monitor(lease.worker)
+
+    receive do
+      {:DOWN, ^ref, :process, _, _} ->
+        %{err | reason: :worker_crashed, message: "worker #{lease.worker_id} crashed during the call (#{err.message})"}
+    after
+      2_000 ->
+        Process.demonitor(ref, [:flush])
+        err
+    end
+  end
+
+  defp decode_msg(type, bin) do
+    case Proto.decode(type, bin) do
+      {:ok, m} -> {:ok, m}
+      {:error, r} -> {:error, Error.new(:invalid_response, "cannot decode #{type}: #{inspect(r)}")}
+    end
+  end
+
+  defp decode_value(json, blobs, tool, opts) do
+    case Codec.decode(json, blobs, bytes: Keyword.get(opts, :bytes, :binary)) do
+      {:ok, v} -> {:ok, v}
+      {:error, msg} -> {:error, Error.new(:invalid_response, msg, tool: tool)}
+    end
+  end
+
+  defp encode(args, tool) do
+    {:ok, Codec.encode_args(args)}
+  rescue
+    e in ArgumentError -> {:error, Error.new(:invalid_argument, Exception.message(e), tool: tool)}
+  end
+end

@@ -1,0 +1,219 @@
+defmodule Snakepit.Config do
+  @moduledoc """
+  Pool configuration: validation, defaults and normalisation.
+
+  A pool config is a map or keyword list. Every key except `:name` has a default; unknown keys and
+  invalid values are rejected with a message naming the key. See the README for the full reference.
+  """
+
+  @repo_root Path.expand("../../..", __DIR__)
+
+  defstruct [
+    :name,
+    :worker_profile,
+    :pool_size,
+    :threads_per_worker,
+    :adapter_module,
+    :adapter_args,
+    :adapter_env,
+    :worker_ttl,
+    :worker_max_requests,
+    :queue_size,
+    :queue_timeout,
+    :call_timeout,
+    :startup_timeout,
+    :python_executable,
+    :script_dir,
+    :python_adapter,
+    :auth_token,
+    :shutdown_grace,
+    :ttl_jitter,
+    :restart_backoff_max
+  ]
+
+  @type ttl :: {pos_integer, :seconds | :minutes | :hours | :milliseconds} | :infinity
+  @type t :: %__MODULE__{
+          name: atom,
+          worker_profile: :process | :thread,
+          pool_size: pos_integer,
+          threads_per_worker: pos_integer,
+          adapter_module: module,
+          adapter_args: [String.t()],
+          adapter_env: [{String.t(), String.t()}],
+          worker_ttl: non_neg_integer | :infinity,
+          worker_max_requests: pos_integer | :infinity,
+          queue_size: non_neg_integer,
+          queue_timeout: non_neg_integer,
+          call_timeout: pos_integer,
+          startup_timeout: pos_integer,
+          python_executable: String.t(),
+          script_dir: String.t(),
+          python_adapter: String.t(),
+          auth_token: String.t() | nil,
+          shutdown_grace: non_neg_integer,
+          ttl_jitter: float,
+          restart_backoff_max: pos_integer
+        }
+
+  @keys [
+    :name,
+    :worker_profile,
+    :pool_size,
+    :threads_per_worker,
+    :adapter_module,
+    :adapter_args,
+    :adapter_env,
+    :worker_ttl,
+    :worker_max_requests,
+    :queue_size,
+    :queue_timeout,
+    :call_timeout,
+    :startup_timeout,
+    :python_executable,
+    :script_dir,
+    :python_adapter,
+    :auth_token,
+    :shutdown_grace,
+    :ttl_jitter,
+    :restart_backoff_max
+  ]
+
+  @doc "The keys a pool config accepts."
+  def keys, do: @keys
+
+  @doc "The repository root (where `grpc_server_threaded.py` / `grpc_server_process.py` live)."
+  def repo_root, do: @repo_root
+
+  @doc """
+  Default Python executable: env `SNAKEPIT_PYTHON`, else `<repo>/.venv/bin/python` when it exists,
+  else `python3`.
+  """
+  def default_python do
+    venv = Path.join(@repo_root, ".venv/bin/python")
+
+    cond do
+      (p = System.get_env("SNAKEPIT_PYTHON")) not in [nil, ""] -> p
+      File.exists?(venv) -> venv
+      true -> "python3"
+    end
+  end
+
+  @doc "Validates a pool config; returns the normalised struct or an error message naming the key."
+  @spec new(map | keyword) :: {:ok, t} | {:error, String.t()}
+  def new(config) when is_list(config) do
+    if Keyword.keyword?(config),
+      do: new(Map.new(config)),
+      else: {:error, "pool config must be a map or keyword list, got #{inspect(config)}"}
+  end
+
+  def new(config) when is_map(config) do
+    try do
+      {:ok, build(config)}
+    catch
+      {:invalid, key, msg} -> {:error, "invalid pool config key #{inspect(key)}: #{msg}"}
+    end
+  end
+
+  def new(other), do: {:error, "pool config must be a map or keyword list, got #{inspect(other)}"}
+
+  @doc "Like `new/1` but raises `ArgumentError`."
+  def new!(config) do
+    case new(config) do
+      {:ok, c} -> c
+      {:error, msg} -> raise ArgumentError, msg
+    end
+  end
+
+  defp build(c) do
+    case Map.keys(c) -- @keys do
+      [] -> :ok
+      [k | _] -> throw({:invalid, k, "unknown key (known keys: #{Enum.map_join(@keys, ", ", &inspect/1)})"})
+    end
+
+    name = fetch(c, :name, nil, &(is_atom(&1) and &1 != nil), "must be an atom (required)")
+    profile = fetch(c, :worker_profile, :process, &(&1 in [:process, :thread]), "must be :process or :thread")
+
+    default_size =
+      if profile == :thread, do: max(1, div(System.schedulers_online(), 4)), else: System.schedulers_online()
+
+    pool_size = fetch(c, :pool_size, default_size, &pos_int?/1, "must be a positive integer")
+
+    threads =
+      fetch(c, :threads_per_worker, 8, &pos_int?/1, "must be a positive integer")
+      |> then(&if(profile == :process, do: 1, else: &1))
+
+    adapter_module =
+      fetch(c, :adapter_module, Snakepit.Adapters.GRPCPython, &is_atom/1, "must be a module")
+
+    if not (Code.ensure_loaded?(adapter_module) and function_exported?(adapter_module, :command, 2)) do
+      throw({:invalid, :adapter_module, "#{inspect(adapter_module)} does not implement Snakepit.Adapter"})
+    end
+
+    adapter_args =
+      fetch(c, :adapter_args, [], &(is_list(&1) and Enum.all?(&1, fn a -> is_binary(a) end)), "must be a list of strings")
+
+    adapter_env =
+      fetch(
+        c,
+        :adapter_env,
+        [],
+        &(is_list(&1) and Enum.all?(&1, fn e -> match?({k, v} when is_binary(k) and is_binary(v), e) end)),
+        "must be a list of {\"NAME\", \"value\"} string tuples"
+      )
+
+    ttl = fetch(c, :worker_ttl, :infinity, &ttl?/1, "must be :infinity or {n, :seconds | :minutes | :hours | :milliseconds}")
+
+    max_req =
+      fetch(c, :worker_max_requests, :infinity, &(&1 == :infinity or pos_int?(&1)), "must be a positive integer or :infinity")
+
+    %__MODULE__{
+      name: name,
+      worker_profile: profile,
+      pool_size: pool_size,
+      threads_per_worker: threads,
+      adapter_module: adapter_module,
+      adapter_args: adapter_args,
+      adapter_env: adapter_env,
+      worker_ttl: ttl_ms(ttl),
+      worker_max_requests: max_req,
+      queue_size: fetch(c, :queue_size, 1000, &non_neg_int?/1, "must be a non-negative integer"),
+      queue_timeout: fetch(c, :queue_timeout, 5_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
+      call_timeout: fetch(c, :call_timeout, 60_000, &pos_int?/1, "must be a positive integer (ms)"),
+      startup_timeout: fetch(c, :startup_timeout, 30_000, &pos_int?/1, "must be a positive integer (ms)"),
+      python_executable: fetch(c, :python_executable, default_python(), &nonempty_string?/1, "must be a non-empty string"),
+      script_dir: fetch(c, :script_dir, @repo_root, &nonempty_string?/1, "must be a non-empty string"),
+      python_adapter:
+        fetch(c, :python_adapter, default_python_adapter(profile), &nonempty_string?/1, "must be a module.Class string"),
+      auth_token: fetch(c, :auth_token, nil, &(is_nil(&1) or nonempty_string?(&1)), "must be nil or a non-empty string"),
+      shutdown_grace: fetch(c, :shutdown_grace, 5_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
+      ttl_jitter: fetch(c, :ttl_jitter, 0.1, &(is_number(&1) and &1 >= 0 and &1 < 1), "must be a number in [0, 1)") * 1.0,
+      restart_backoff_max: fetch(c, :restart_backoff_max, 10_000, &pos_int?/1, "must be a positive integer (ms)")
+    }
+  end
+
+  @doc "The Python adapter class a profile runs by default."
+  def default_python_adapter(:thread), do: "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
+  def default_python_adapter(:process), do: "snakepit_bridge.adapters.showcase.ShowcaseAdapter"
+
+  defp fetch(c, key, default, valid?, msg) do
+    case Map.fetch(c, key) do
+      :error when key == :name -> throw({:invalid, key, "is required"})
+      :error -> default
+      {:ok, v} -> if valid?.(v), do: v, else: throw({:invalid, key, "#{msg}, got #{inspect(v)}"})
+    end
+  end
+
+  defp pos_int?(v), do: is_integer(v) and v > 0
+  defp non_neg_int?(v), do: is_integer(v) and v >= 0
+  defp nonempty_string?(v), do: is_binary(v) and v != ""
+
+  defp ttl?(:infinity), do: true
+  defp ttl?({n, unit}) when is_integer(n) and n > 0, do: unit in [:milliseconds, :seconds, :minutes, :hours]
+  defp ttl?(_), do: false
+
+  defp ttl_ms(:infinity), do: :infinity
+  defp ttl_ms({n, :milliseconds}), do: n
+  defp ttl_ms({n, :seconds}), do: n * 1_000
+  defp ttl_ms({n, :minutes}), do: n * 60_000
+  defp ttl_ms({n, :hours}), do: n * 3_600_000
+end

@@ -1,0 +1,615 @@
+defmodule Snakepit.Pool do
+  @moduledoc """
+  A pool of Python workers and the capacity bookkeeping that dispatches calls to them.
+
+  The pool process never does I/O for a call. A caller checks out a *slot* (`checkout/3`): the pool
+  picks the least-loaded ready worker that has a free slot (a process worker has 1, a thread worker
+  `threads_per_worker`) and answers with the worker's channel; the caller runs the gRPC call in its
+  own process over that channel (one HTTP/2 connection per worker, many concurrent streams) and
+  checks the slot back in (`checkin/3`). The pool monitors every caller holding or waiting for a
+  slot, so a caller that dies frees its slot.
+
+  When every slot is busy, callers wait FIFO, up to `queue_size` of them (more get `:queue_full`),
+  each for at most `queue_timeout` ms (then `:queue_timeout`). While the pool has never had a ready
+  worker (start-up), a waiter may wait up to `startup_timeout` instead.
+
+  ## Workers and slots
+
+  The pool keeps `pool_size` worker *slots*. A worker that crashes or fails to start is replaced
+  after an exponential backoff (100 ms doubling up to `restart_backoff_max`, reset when a worker of
+  that slot becomes ready).
+
+  ## Recycling
+
+  A worker is recycled when its TTL passes (each worker's TTL is shortened by a random fraction of at
+  most `ttl_jitter`, so workers started together do not recycle together) or when it has been given
+  `worker_max_requests` calls. Its replacement is started first. On TTL the old worker keeps serving
+  until the replacement is ready; on max requests it takes no new call at once (a worker never serves
+  more than `worker_max_requests` calls). Either way, once it takes no new calls, its in-flight calls
+  finish and it is stopped gracefully (SIGTERM, the server drains). No call fails because of a recycle.
+
+  ## Sessions
+
+  `session_id`s are pinned to the worker that first served them while it lives and serves; the
+  checkout tells the caller when the session must be initialised on its worker (first use there).
+  """
+
+  use GenServer
+  require Logger
+
+  alias Snakepit.{Config, Error, Worker}
+
+  @backoff_base 100
+
+  ## client API
+
+  @doc false
+  def child_spec(config) do
+    %{id: {__MODULE__, config.name}, start: {__MODULE__, :start_link, [config]}, type: :worker, shutdown: 15_000}
+  end
+
+  @doc "Starts a pool from a validated `Snakepit.Config`."
+  def start_link(%Config{} = config) do
+    GenServer.start_link(__MODULE__, config, name: via(config.name))
+  end
+
+  @doc false
+  def via(name), do: {:via, Registry, {Snakepit.Registry, name}}
+
+  @doc "The pid of a running pool, or nil."
+  def whereis(pid) when is_pid(pid), do: pid
+
+  def whereis(name) do
+    case Registry.lookup(Snakepit.Registry, name) do
+      [{pid, _}] -> pid
+      [] -> nil
+    end
+  end
+
+  @type lease :: %{
+          ref: reference,
+          pool: pid,
+          worker: pid,
+          channel: pid,
+          init_session: boolean,
+          call_timeout: pos_integer,
+          pool_name: atom
+        }
+
+  @doc """
+  Checks out one call slot. Options: `:session_id` (pin to the session's worker).
+  Returns `{:ok, lease}` or `{:error, %Snakepit.Error{}}` (`:queue_full`, `:queue_timeout`,
+  `:pool_not_found`, `:unavailable`).
+  """
+  @spec checkout(atom | pid, keyword) :: {:ok, lease} | {:error, Error.t()}
+  def checkout(pool, opts \\ []) do
+    case whereis(pool) do
+      nil ->
+        {:error, Error.new(:pool_not_found, "no snakepit pool named #{inspect(pool)}")}
+
+      pid ->
+        try do
+          GenServer.call(pid, {:checkout, self(), Keyword.get(opts, :session_id)}, :infinity)
+        catch
+          :exit, reason ->
+            {:error, Error.new(:unavailable, "pool #{inspect(pool)} is not running: #{inspect(reason)}")}
+        end
+    end
+  end
+
+  @doc "Returns a slot. `outcome` is `:ok`, `:error` or `{:session_init_failed, session_id}`."
+  @spec checkin(lease, :ok | :error | {:session_init_failed, String.t()}) :: :ok
+  def checkin(%{pool: pool, ref: ref}, outcome) do
+    GenServer.cast(pool, {:checkin, ref, outcome})
+  end
+
+  @doc "Waits until the pool has at least `min` ready workers (default: all `pool_size`)."
+  def await_ready(pool, timeout \\ 30_000, min \\ :all) do
+    case whereis(pool) do
+      nil -> {:error, :pool_not_found}
+      pid -> GenServer.call(pid, {:await_ready, min}, timeout)
+    end
+  catch
+    :exit, {:timeout, _} -> {:error, :timeout}
+  end
+
+  @doc "Pool counters and worker table (no Python calls)."
+  def stats(pool), do: GenServer.call(whereis(pool) || raise(ArgumentError, "no pool #{inspect(pool)}"), :stats)
+
+  @doc "Forgets a session's worker pinning; returns the worker channel it was on, if any."
+  def forget_session(pool, session_id), do: GenServer.call(whereis(pool), {:forget_session, session_id})
+
+  ## server
+
+  @impl true
+  def init(config) do
+    Process.flag(:trap_exit, true)
+    Logger.metadata(pool: config.name)
+
+    slots = Map.new(1..config.pool_size, fn i -> {i, %{current: nil, pending: nil, failures: 0, scheduled: false}} end)
+
+    state = %{
+      config: config,
+      name: config.name,
+      slots: slots,
+      workers: %{},
+      queue: :queue.new(),
+      queue_len: 0,
+      waiters: %{},
+      leases: %{},
+      sessions: %{},
+      ever_ready: false,
+      ready_waiters: [],
+      next_id: 1,
+      stats: %{
+        calls: 0,
+        failures: 0,
+        checkouts: 0,
+        queued_total: 0,
+        queue_full: 0,
+        queue_timeouts: 0,
+        recycles: 0,
+        crashes: 0,
+        workers_started: 0
+      }
+    }
+
+    state = Enum.reduce(1..config.pool_size, state, fn slot, st -> start_worker(st, slot) end)
+    {:ok, state}
+  end
+
+  @impl true
+  def handle_call({:checkout, caller, session_id}, from, s) do
+    mref = Process.monitor(caller)
+
+    case pick(s, session_id) do
+      {:ok, wpid} ->
+        {reply, s} = lease(s, wpid, mref, caller, session_id)
+        {:reply, {:ok, reply}, s}
+
+      :none ->
+        cond do
+          s.queue_len >= s.config.queue_size ->
+            Process.demonitor(mref, [:flush])
+            s = bump(s, :queue_full)
+
+            {:reply,
+             {:error,
+              Error.new(:queue_full, "pool #{inspect(s.name)}: all slots busy and #{s.queue_len} callers queued")},
+             s}
+
+          true ->
+            wait =
+              if s.ever_ready, do: s.config.queue_timeout, else: max(s.config.queue_timeout, s.config.startup_timeout)
+
+            timer = Process.send_after(self(), {:queue_timeout, mref}, wait)
+            waiter = %{from: from, caller: caller, session_id: session_id, timer: timer, wait: wait}
+
+            s = %{
+              s
+              | queue: :queue.in(mref, s.queue),
+                queue_len: s.queue_len + 1,
+                waiters: Map.put(s.waiters, mref, waiter)
+            }
+
+            {:noreply, bump(s, :queued_total)}
+        end
+    end
+  end
+
+  def handle_call({:await_ready, min}, from, s) do
+    min = if min == :all, do: s.config.pool_size, else: min
+
+    if ready_count(s) >= min,
+      do: {:reply, :ok, s},
+      else: {:noreply, %{s | ready_waiters: [{from, min} | s.ready_waiters]}}
+  end
+
+  def handle_call(:stats, _from, s) do
+    workers =
+      for {pid, w} <- s.workers do
+        %{
+          pid: pid,
+          id: w.id,
+          slot: w.slot,
+          status: w.status,
+          os_pid: w.os_pid,
+          port: w.port,
+          channel: w.channel,
+          in_flight: w.in_flight,
+          capacity: w.capacity,
+          requests: w.requests,
+          sessions: MapSet.size(w.sessions),
+          uptime_ms: System.monotonic_time(:millisecond) - w.started_at
+        }
+      end
+      |> Enum.sort_by(& &1.id)
+
+    reply =
+      Map.merge(s.stats, %{
+        name: s.name,
+        worker_profile: s.config.worker_profile,
+        pool_size: s.config.pool_size,
+        queued: s.queue_len,
+        in_flight: Enum.sum(Enum.map(workers, & &1.in_flight)),
+        capacity: s.workers |> Map.values() |> Enum.filter(&(&1.status in [:ready, :retiring])) |> Enum.map(& &1.capacity) |> Enum.sum(),
+        sessions: map_size(s.sessions),
+        workers: workers
+      })
+
+    {:reply, reply, s}
+  end
+
+  def handle_call({:forget_session, sid}, _from, s) do
+    {wpid, sessions} = Map.pop(s.sessions, sid)
+
+    {channel, s} =
+      case wpid && s.workers[wpid] do
+        nil -> {nil, s}
+        w -> {w.channel, put_worker(s, %{w | sessions: MapSet.delete(w.sessions, sid)})}
+      end
+
+    {:reply, channel, %{s | sessions: sessions}}
+  end
+
+  @impl true
+  def handle_cast({:checkin, mref, outcome}, s) do
+    Process.demonitor(mref, [:flush])
+    {:noreply, s |> release(mref, outcome) |> dispatch()}
+  end
+
+  @impl true
+  def handle_info({:snakepit_worker_ready, wpid, info}, s) do
+    case s.workers[wpid] do
+      nil ->
+        {:noreply, s}
+
+      w ->
+        w = %{w | status: :ready, channel: info.channel, os_pid: info.os_pid, port: info.port}
+        s = put_worker(s, w)
+        slot = s.slots[w.slot]
+
+        s =
+          if slot.pending == wpid do
+            old = slot.current
+            s = put_slot(s, w.slot, %{slot | current: wpid, pending: nil, failures: 0})
+
+            case old && s.workers[old] do
+              nil -> s
+              ow -> s |> put_worker(%{ow | status: :draining}) |> maybe_stop(old)
+            end
+          else
+            put_slot(s, w.slot, %{slot | failures: 0})
+          end
+
+        schedule_ttl(s.config, wpid)
+        Logger.info("snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})")
+        s = %{s | ever_ready: true} |> notify_ready() |> dispatch()
+        {:noreply, s}
+    end
+  end
+
+  def handle_info({:EXIT, wpid, reason}, s) do
+    case Map.pop(s.workers, wpid) do
+      {nil, _} ->
+        if reason in [:normal, :shutdown] or match?({:shutdown, _}, reason),
+          do: {:noreply, s},
+          else: {:stop, reason, s}
+
+      {w, workers} ->
+        s = %{s | workers: workers}
+        sessions = Map.reject(s.sessions, fn {_sid, p} -> p == wpid end)
+        s = %{s | sessions: sessions}
+        slot = s.slots[w.slot]
+        clean? = w.status in [:draining, :stopping]
+
+        s =
+          cond do
+            clean? ->
+              Logger.debug("snakepit pool #{inspect(s.name)}: worker #{w.id} recycled")
+              slot = if slot.current == wpid, do: %{slot | current: nil}, else: slot
+              s = put_slot(s, w.slot, slot)
+              if slot.current == nil and slot.pending == nil, do: schedule_start(s, w.slot, 0), else: s
+
+            true ->
+              Logger.warning(
+                "snakepit pool #{inspect(s.name)}: worker #{w.id} (os pid #{inspect(w.os_pid)}) went down: #{inspect(reason)}"
+              )
+
+              s = bump(s, :crashes)
+              slot = %{slot | failures: slot.failures + 1}
+
+              slot =
+                cond do
+                  slot.pending == wpid -> %{slot | pending: nil}
+                  slot.current == wpid -> %{slot | current: nil}
+                  true -> slot
+                end
+
+              s = put_slot(s, w.slot, slot)
+
+              if slot.pending == nil do
+                delay = min(@backoff_base * Integer.pow(2, min(slot.failures - 1, 16)), s.config.restart_backoff_max)
+                schedule_start(s, w.slot, delay)
+              else
+                s
+              end
+          end
+
+        {:noreply, dispatch(s)}
+    end
+  end
+
+  def handle_info({:start_worker, slot}, s) do
+    s = put_slot(s, slot, %{s.slots[slot] | scheduled: false})
+    {:noreply, start_worker(s, slot)}
+  end
+
+  def handle_info({:ttl_expired, wpid}, s) do
+    case s.workers[wpid] do
+      %{status: :ready} = w -> {:noreply, retire(s, w, :ttl)}
+      _ -> {:noreply, s}
+    end
+  end
+
+  def handle_info({:queue_timeout, mref}, s) do
+    case Map.pop(s.waiters, mref) do
+      {nil, _} ->
+        {:noreply, s}
+
+      {waiter, waiters} ->
+        Process.demonitor(mref, [:flush])
+
+        GenServer.reply(
+          waiter.from,
+          {:error, Error.new(:queue_timeout, "pool #{inspect(s.name)}: no free slot within #{waiter.wait} ms")}
+        )
+
+        s = %{s | waiters: waiters, queue: :queue.delete(mref, s.queue), queue_len: s.queue_len - 1}
+        {:noreply, bump(s, :queue_timeouts)}
+    end
+  end
+
+  def handle_info({:DOWN, mref, :process, _pid, _reason}, s) do
+    cond do
+      Map.has_key?(s.leases, mref) ->
+        {:noreply, s |> release(mref, :error) |> dispatch()}
+
+      Map.has_key?(s.waiters, mref) ->
+        {waiter, waiters} = Map.pop(s.waiters, mref)
+        Process.cancel_timer(waiter.timer)
+        {:noreply, %{s | waiters: waiters, queue: :queue.delete(mref, s.queue), queue_len: s.queue_len - 1}}
+
+      true ->
+        {:noreply, s}
+    end
+  end
+
+  def handle_info(_msg, s), do: {:noreply, s}
+
+  @impl true
+  def terminate(_reason, s) do
+    for {pid, _w} <- s.workers, do: Process.exit(pid, :shutdown)
+
+    for {pid, _w} <- s.workers do
+      receive do
+        {:EXIT, ^pid, _} -> :ok
+      after
+        5_000 -> Process.exit(pid, :kill)
+      end
+    end
+
+    :ok
+  end
+
+  ## internals
+
+  defp start_worker(s, slot_id) do
+    id = s.next_id
+    {:ok, pid} = Worker.start_link(config: s.config, pool: self(), id: id)
+
+    w = %{
+      pid: pid,
+      id: id,
+      slot: slot_id,
+      status: :starting,
+      channel: nil,
+      os_pid: nil,
+      port: nil,
+      in_flight: 0,
+      capacity: s.config.threads_per_worker,
+      requests: 0,
+      sessions: MapSet.new(),
+      started_at: System.monotonic_time(:millisecond)
+    }
+
+    slot = s.slots[slot_id]
+
+    slot =
+      if slot.current != nil and Map.has_key?(s.workers, slot.current),
+        do: %{slot | pending: pid},
+        else: %{slot | current: pid}
+
+    s = %{s | next_id: id + 1, workers: Map.put(s.workers, pid, w)}
+    s |> put_slot(slot_id, slot) |> bump(:workers_started)
+  end
+
+  defp schedule_start(s, slot_id, delay) do
+    slot = s.slots[slot_id]
+
+    if slot.scheduled do
+      s
+    else
+      Process.send_after(self(), {:start_worker, slot_id}, delay)
+      put_slot(s, slot_id, %{slot | scheduled: true})
+    end
+  end
+
+  defp schedule_ttl(%{worker_ttl: :infinity}, _pid), do: :ok
+
+  defp schedule_ttl(config, pid) do
+    ttl = round(config.worker_ttl * (1.0 - :rand.uniform() * config.ttl_jitter))
+    Process.send_after(self(), {:ttl_expired, pid}, max(ttl, 1))
+  end
+
+  # Starts the replacement (once) and stops routing to `w` (at once for :max_requests, when the
+  # replacement is ready for :ttl).
+  defp retire(s, w, why) do
+    slot = s.slots[w.slot]
+    already? = w.status in [:retiring, :draining, :stopping]
+    s = if already?, do: s, else: bump(s, :recycles)
+
+    if not already?,
+      do: Logger.info("snakepit pool #{inspect(s.name)}: recycling worker #{w.id} (#{why}, #{w.requests} requests)")
+
+    s =
+      if slot.pending == nil and not slot.scheduled and slot.current == w.pid,
+        do: start_worker(s, w.slot),
+        else: s
+
+    case why do
+      :ttl -> put_worker(s, %{w | status: :retiring})
+      :max_requests -> s |> put_worker(%{w | status: :draining}) |> maybe_stop(w.pid)
+    end
+  end
+
+  defp maybe_stop(s, wpid) do
+    case s.workers[wpid] do
+      %{status: :draining, in_flight: 0} = w ->
+        Worker.stop_gracefully(wpid)
+        put_worker(s, %{w | status: :stopping})
+
+      _ ->
+        s
+    end
+  end
+
+  defp pick(s, session_id) do
+    pinned = session_id && Map.get(s.sessions, session_id)
+
+    case pinned && s.workers[pinned] do
+      %{status: st} = w when st in [:ready, :retiring] ->
+        if w.in_flight < w.capacity, do: {:ok, pinned}, else: :none
+
+      _ ->
+        pick_any(s)
+    end
+  end
+
+  defp pick_any(s) do
+    Enum.reduce(s.workers, nil, fn {pid, w}, best ->
+      if w.status in [:ready, :retiring] and w.in_flight < w.capacity do
+        case best do
+          nil -> {pid, w.in_flight}
+          {_, n} when w.in_flight < n -> {pid, w.in_flight}
+          _ -> best
+        end
+      else
+        best
+      end
+    end)
+    |> case do
+      nil -> :none
+      {pid, _} -> {:ok, pid}
+    end
+  end
+
+  defp lease(s, wpid, mref, caller, session_id) do
+    w = s.workers[wpid]
+    init? = session_id != nil and not MapSet.member?(w.sessions, session_id)
+    sessions = if init?, do: MapSet.put(w.sessions, session_id), else: w.sessions
+    w = %{w | in_flight: w.in_flight + 1, requests: w.requests + 1, sessions: sessions}
+    s = put_worker(s, w)
+    s = if session_id, do: %{s | sessions: Map.put(s.sessions, session_id, wpid)}, else: s
+    s = %{s | leases: Map.put(s.leases, mref, {caller, wpid})} |> bump(:checkouts)
+
+    s =
+      if s.config.worker_max_requests != :infinity and w.requests >= s.config.worker_max_requests,
+        do: retire(s, w, :max_requests),
+        else: s
+
+    reply = %{
+      ref: mref,
+      pool: self(),
+      pool_name: s.name,
+      worker: wpid,
+      worker_id: w.id,
+      channel: w.channel,
+      init_session: init?,
+      call_timeout: s.config.call_timeout
+    }
+
+    {reply, s}
+  end
+
+  defp release(s, mref, outcome) do
+    case Map.pop(s.leases, mref) do
+      {nil, _} ->
+        s
+
+      {{_caller, wpid}, leases} ->
+        s = %{s | leases: leases}
+        s = bump(s, :calls)
+        s = if outcome == :ok, do: s, else: bump(s, :failures)
+
+        case s.workers[wpid] do
+          nil ->
+            s
+
+          w ->
+            sessions =
+              case outcome do
+                {:session_init_failed, sid} -> MapSet.delete(w.sessions, sid)
+                _ -> w.sessions
+              end
+
+            s |> put_worker(%{w | in_flight: w.in_flight - 1, sessions: sessions}) |> maybe_stop(wpid)
+        end
+    end
+  end
+
+  # Hands free slots to waiters, oldest first (a session waiter whose worker is busy keeps its place).
+  defp dispatch(%{queue_len: 0} = s), do: s
+
+  defp dispatch(s) do
+    if pick_any(s) == :none do
+      s
+    else
+      {s, kept, _full?} =
+        Enum.reduce(:queue.to_list(s.queue), {s, [], false}, fn
+          mref, {s, kept, true} ->
+            {s, [mref | kept], true}
+
+          mref, {s, kept, false} ->
+            waiter = s.waiters[mref]
+
+            case pick(s, waiter.session_id) do
+              {:ok, wpid} ->
+                Process.cancel_timer(waiter.timer)
+                {reply, s} = lease(s, wpid, mref, waiter.caller, waiter.session_id)
+                GenServer.reply(waiter.from, {:ok, reply})
+                {%{s | waiters: Map.delete(s.waiters, mref)}, kept, pick_any(s) == :none}
+
+              :none ->
+                {s, [mref | kept], pick_any(s) == :none}
+            end
+        end)
+
+      kept = Enum.reverse(kept)
+      %{s | queue: :queue.from_list(kept), queue_len: length(kept)}
+    end
+  end
+
+  defp ready_count(s), do: Enum.count(s.workers, fn {_, w} -> w.status in [:ready, :retiring] end)
+
+  defp notify_ready(s) do
+    n = ready_count(s)
+    {done, waiting} = Enum.split_with(s.ready_waiters, fn {_from, min} -> n >= min end)
+    Enum.each(done, fn {from, _} -> GenServer.reply(from, :ok) end)
+    %{s | ready_waiters: waiting}
+  end
+
+  defp put_worker(s, w), do: %{s | workers: Map.put(s.workers, w.pid, w)}
+  defp put_slot(s, id, slot), do: %{s | slots: Map.put(s.slots, id, slot)}
+  defp bump(s, key), do: %{s | stats: Map.update!(s.stats, key, &(&1 + 1))}
+end

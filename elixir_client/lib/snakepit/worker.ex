@@ -1,0 +1,237 @@
+defmodule Snakepit.Worker do
+  @moduledoc """
+  One Python worker: a process that owns the OS process (through a `Port`) and one multiplexed
+  `Snakepit.GRPC.Channel` to it.
+
+  Lifecycle: the port is opened at init (the server gets `--port 0 --exit-on-stdin-eof`); the worker
+  is ready once the server prints `SNAKEPIT_READY port=<p> pid=<pid>`, then it connects the channel
+  and tells its pool `{:snakepit_worker_ready, worker_pid, info}`. It stops (and the pool is told
+  through the link) when the Python process exits, when the channel goes down, when
+  `startup_timeout` passes before readiness, or when its pool exits.
+
+  Because the port holds the server's stdin, the server exits when this process dies, and also when
+  the whole BEAM dies, even by `kill -9` (the OS closes the pipe).
+
+  Calls do not go through this process: callers use the channel directly (see `Snakepit.Pool`).
+  """
+
+  use GenServer, restart: :temporary
+  require Logger
+
+  @log_lines 30
+
+  @doc false
+  def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
+
+  @doc "Stops the worker gracefully: SIGTERM (the server drains in-flight calls), then waits."
+  def stop_gracefully(pid), do: GenServer.cast(pid, :stop_gracefully)
+
+  @doc "Worker facts: os pid, port, status, channel."
+  def info(pid), do: GenServer.call(pid, :info)
+
+  @impl true
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+    config = Keyword.fetch!(opts, :config)
+    pool = Keyword.fetch!(opts, :pool)
+    id = Keyword.fetch!(opts, :id)
+
+    {token_opts, token_env} =
+      case config.auth_token do
+        nil -> {[], []}
+        tok -> {[auth_token_env: "SNAKEPIT_AUTH_TOKEN"], [{"SNAKEPIT_AUTH_TOKEN", tok}]}
+      end
+
+    {exe, args, env} = config.adapter_module.command(config, token_opts)
+    env = Enum.map(env ++ token_env, fn {k, v} -> {String.to_charlist(k), String.to_charlist(v)} end)
+
+    port_opts = [
+      :binary,
+      :exit_status,
+      :stderr_to_stdout,
+      :hide,
+      {:line, 16_384},
+      {:args, args},
+      {:env, env},
+      {:cd, config.script_dir}
+    ]
+
+    Logger.metadata(pool: config.name, worker: id)
+
+    try do
+      port = Port.open({:spawn_executable, exe}, port_opts)
+      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      timer = Process.send_after(self(), :startup_timeout, config.startup_timeout)
+      Logger.debug("snakepit worker #{id} spawned os pid #{os_pid}: #{exe} #{Enum.join(args, " ")}")
+
+      {:ok,
+       %{
+         id: id,
+         pool: pool,
+         config: config,
+         port: port,
+         os_pid: os_pid,
+         listen_port: nil,
+         channel: nil,
+         status: :starting,
+         started_at: System.monotonic_time(:millisecond),
+         startup_timer: timer,
+         partial: "",
+         lines: [],
+         kill_timer: nil
+       }}
+    rescue
+      e -> {:stop, {:spawn_failed, Exception.message(e)}}
+    end
+  end
+
+  @impl true
+  def handle_call(:info, _from, s) do
+    {:reply, Map.take(s, [:id, :os_pid, :listen_port, :channel, :status, :started_at]), s}
+  end
+
+  @impl true
+  def handle_cast(:stop_gracefully, %{status: :stopping} = s), do: {:noreply, s}
+
+  def handle_cast(:stop_gracefully, s) do
+    if s.channel, do: safe_close(s.channel)
+    signal(s.os_pid, "TERM")
+    timer = Process.send_after(self(), :kill_now, s.config.shutdown_grace + 2_000)
+    {:noreply, %{s | status: :stopping, kill_timer: timer}}
+  end
+
+  @impl true
+  def handle_info({port, {:data, {:noeol, chunk}}}, %{port: port} = s),
+    do: {:noreply, %{s | partial: s.partial <> chunk}}
+
+  def handle_info({port, {:data, {:eol, chunk}}}, %{port: port} = s) do
+    line = s.partial <> chunk
+    s = %{s | partial: "", lines: Enum.take([line | s.lines], @log_lines)}
+
+    case {s.status, parse_ready(line)} do
+      {:starting, {:ok, listen_port, _pid}} -> become_ready(s, listen_port)
+      _ -> Logger.debug("[python #{s.os_pid}] " <> line) && {:noreply, s}
+    end
+  end
+
+  def handle_info({port, {:exit_status, status}}, %{port: port} = s) do
+    s = %{s | port: nil}
+
+    case s.status do
+      :stopping ->
+        {:stop, :normal, s}
+
+      other ->
+        tail = s.lines |> Enum.reverse() |> Enum.join("\n")
+
+        Logger.warning(
+          "snakepit worker #{s.id} (os pid #{s.os_pid}) exited with status #{status} while #{other}\n#{tail}"
+        )
+
+        {:stop, {:shutdown, {:python_exited, status}}, s}
+    end
+  end
+
+  def handle_info(:startup_timeout, %{status: :starting} = s) do
+    tail = s.lines |> Enum.reverse() |> Enum.join("\n")
+    Logger.error("snakepit worker #{s.id} not ready after #{s.config.startup_timeout} ms\n#{tail}")
+    {:stop, {:shutdown, :startup_timeout}, s}
+  end
+
+  def handle_info(:startup_timeout, s), do: {:noreply, s}
+
+  def handle_info(:kill_now, s) do
+    signal(s.os_pid, "KILL")
+    {:stop, :normal, s}
+  end
+
+  def handle_info({:EXIT, pid, reason}, %{pool: pid} = s), do: {:stop, reason, s}
+
+  def handle_info({:EXIT, ch, reason}, %{channel: ch} = s) when ch != nil do
+    case s.status do
+      :stopping -> {:noreply, %{s | channel: nil}}
+      _ -> {:stop, {:shutdown, {:channel_down, reason}}, %{s | channel: nil}}
+    end
+  end
+
+  def handle_info({:EXIT, _other, _reason}, s), do: {:noreply, s}
+  def handle_info(_msg, s), do: {:noreply, s}
+
+  @impl true
+  def terminate(_reason, s) do
+    if s.channel, do: safe_close(s.channel)
+
+    if s.port do
+      # Closing the port closes the server's stdin: --exit-on-stdin-eof makes it exit.
+      try do
+        Port.close(s.port)
+      rescue
+        _ -> :ok
+      end
+
+      signal(s.os_pid, "TERM")
+    end
+
+    :ok
+  end
+
+  defp become_ready(s, listen_port) do
+    Process.cancel_timer(s.startup_timer)
+
+    metadata =
+      case s.config.auth_token do
+        nil -> []
+        tok -> [{"authorization", "Bearer " <> tok}]
+      end
+
+    case Snakepit.GRPC.Channel.start_link(host: "127.0.0.1", port: listen_port, metadata: metadata) do
+      {:ok, ch} ->
+        info = %{channel: ch, os_pid: s.os_pid, port: listen_port}
+        send(s.pool, {:snakepit_worker_ready, self(), info})
+        ms = System.monotonic_time(:millisecond) - s.started_at
+        Logger.debug("snakepit worker #{s.id} ready on port #{listen_port} in #{ms} ms")
+        {:noreply, %{s | status: :ready, channel: ch, listen_port: listen_port}}
+
+      {:error, reason} ->
+        {:stop, {:shutdown, {:connect_failed, reason}}, s}
+    end
+  end
+
+  @doc false
+  def parse_ready("SNAKEPIT_READY " <> rest) do
+    kv =
+      rest
+      |> String.split(" ", trim: true)
+      |> Enum.flat_map(fn pair ->
+        case String.split(pair, "=", parts: 2) do
+          [k, v] -> [{k, v}]
+          _ -> []
+        end
+      end)
+      |> Map.new()
+
+    with {p, ""} <- Integer.parse(kv["port"] || ""),
+         {pid, ""} <- Integer.parse(kv["pid"] || "") do
+      {:ok, p, pid}
+    else
+      _ -> :error
+    end
+  end
+
+  def parse_ready(_), do: :error
+
+  defp signal(nil, _sig), do: :ok
+
+  defp signal(os_pid, sig) do
+    System.cmd("kill", ["-" <> sig, Integer.to_string(os_pid)], stderr_to_stdout: true)
+    :ok
+  rescue
+    _ -> :ok
+  end
+
+  defp safe_close(ch) do
+    Snakepit.GRPC.Channel.close(ch)
+  catch
+    _, _ -> :ok
+  end
+end

@@ -1,0 +1,22 @@
+defmodule Snakepit.Adapter do
+  @moduledoc """
+  Behaviour of the module that builds a worker's command line (`adapter_module` in a pool config).
+
+  The command must start a snakepit_bridge gRPC server that binds `127.0.0.1` on a free port, prints
+  one stdout line `SNAKEPIT_READY port=<port> pid=<pid>` once serving, exits when its stdin closes,
+  and drains in-flight calls on SIGTERM.
+  """
+
+  @doc """
+  `{executable, args, env}` for one worker of the pool. `opts` carries `:auth_token_env`, the name of
+  the environment variable that holds the pool's auth token (set in `env` by the worker), when the
+  pool has one.
+  """
+  @callback command(config :: Snakepit.Config.t(), opts :: keyword) ::
+              {executable :: String.t(), args :: [String.t()], env :: [{String.t(), String.t()}]}
+
+  @doc "Checks the config at pool start (executable present, script found); the error names the key."
+  @callback validate(config :: Snakepit.Config.t()) :: :ok | {:error, String.t()}
+
+  @optional_callbacks validate: 1
+end

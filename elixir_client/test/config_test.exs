@@ -1,0 +1,92 @@
+defmodule Snakepit.ConfigTest do
+  use ExUnit.Case, async: true
+
+  alias Snakepit.Config
+
+  test "only name is required; the rest gets defaults" do
+    assert {:ok, c} = Config.new(name: :p)
+    assert c.worker_profile == :process
+    assert c.threads_per_worker == 1
+    assert c.worker_ttl == :infinity
+    assert c.worker_max_requests == :infinity
+    assert c.adapter_module == Snakepit.Adapters.GRPCPython
+    assert c.python_adapter == "snakepit_bridge.adapters.showcase.ShowcaseAdapter"
+    assert File.exists?(Path.join(c.script_dir, "grpc_server_process.py"))
+  end
+
+  test "the guide's recycling config is accepted as a map" do
+    assert {:ok, c} =
+             Config.new(%{name: :hpc_pool, worker_profile: :thread, worker_ttl: {3600, :seconds}, worker_max_requests: 1000})
+
+    assert c.worker_ttl == 3_600_000
+    assert c.worker_max_requests == 1000
+    assert c.threads_per_worker == 8
+    assert c.python_adapter == "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
+  end
+
+  test "ttl units" do
+    assert Config.new!(name: :p, worker_ttl: {2, :minutes}).worker_ttl == 120_000
+    assert Config.new!(name: :p, worker_ttl: {250, :milliseconds}).worker_ttl == 250
+    assert Config.new!(name: :p, worker_ttl: {1, :hours}).worker_ttl == 3_600_000
+  end
+
+  test "process workers always get one slot" do
+    assert Config.new!(name: :p, worker_profile: :process, threads_per_worker: 8).threads_per_worker == 1
+    assert Config.new!(name: :p, worker_profile: :thread, threads_per_worker: 8).threads_per_worker == 8
+  end
+
+  test "invalid values fail with a message naming the key" do
+    for {cfg, key} <- [
+          {[pool_size: 4], ":name"},
+          {[name: :p, pool_size: 0], ":pool_size"},
+          {[name: :p, worker_profile: :threads], ":worker_profile"},
+          {[name: :p, worker_ttl: {1, :days}], ":worker_ttl"},
+          {[name: :p, worker_max_requests: -1], ":worker_max_requests"},
+          {[name: :p, adapter_args: [:x]], ":adapter_args"},
+          {[name: :p, adapter_env: [{"A", 1}]], ":adapter_env"},
+          {[name: :p, adapter_module: NoSuchModule], ":adapter_module"},
+          {[name: :p, queue_timeout: :soon], ":queue_timeout"},
+          {[name: :p, pool_sise: 2], ":pool_sise"}
+        ] do
+      assert {:error, msg} = Config.new(cfg)
+      assert msg =~ "invalid pool config key #{key}", "#{inspect(cfg)} gave #{msg}"
+    end
+  end
+
+  test "python executable: config key, else SNAKEPIT_PYTHON, else .venv, else python3" do
+    assert Config.new!(name: :p, python_executable: "/x/python").python_executable == "/x/python"
+    old = System.get_env("SNAKEPIT_PYTHON")
+
+    try do
+      System.put_env("SNAKEPIT_PYTHON", "/opt/py/bin/python3")
+      assert Config.new!(name: :p).python_executable == "/opt/py/bin/python3"
+      System.delete_env("SNAKEPIT_PYTHON")
+      venv = Path.join(Config.repo_root(), ".venv/bin/python")
+      expected = if File.exists?(venv), do: venv, else: "python3"
+      assert Config.new!(name: :p).python_executable == expected
+    after
+      if old, do: System.put_env("SNAKEPIT_PYTHON", old), else: System.delete_env("SNAKEPIT_PYTHON")
+    end
+  end
+
+  test "the adapter rejects a missing python executable naming the key" do
+    c = Config.new!(name: :p, python_executable: "/nonexistent/python")
+    assert {:error, msg} = Snakepit.Adapters.GRPCPython.validate(c)
+    assert msg =~ ":python_executable"
+  end
+
+  test "the adapter builds the server command line" do
+    c = Config.new!(name: :p, worker_profile: :thread, threads_per_worker: 4, adapter_args: ["--mode", "threaded"])
+    {_exe, args, env} = Snakepit.Adapters.GRPCPython.command(c, [])
+    assert hd(args) =~ "grpc_server_threaded.py"
+    assert ["--port", "0"] == Enum.slice(args, Enum.find_index(args, &(&1 == "--port")), 2)
+    assert "--exit-on-stdin-eof" in args
+    assert ["--max-workers", "4"] == Enum.slice(args, Enum.find_index(args, &(&1 == "--max-workers")), 2)
+    assert List.last(args) == "threaded"
+    assert {"PYTHONUNBUFFERED", "1"} in env
+
+    c2 = Config.new!(name: :p, worker_profile: :thread, adapter_args: ["--max-workers", "16"])
+    {_, args2, _} = Snakepit.Adapters.GRPCPython.command(c2, [])
+    assert Enum.count(args2, &(&1 == "--max-workers")) == 1
+  end
+end
