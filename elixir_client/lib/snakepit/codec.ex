@@ -1,3 +1,136 @@
+defmodule Snakepit.NDArray do
+  @moduledoc """
+  A numpy array as it crosses the bridge: the raw C-order buffer, a numpy array-interface `dtype`
+  string with explicit byte order (`"<f8"`, `"<i8"`, `"<f4"`, `"|u1"`, `"|b1"`, ...) and a shape.
+
+  Encoded by `Snakepit.Codec` as `{"__snakepit__": "ndarray", "blob": i, "dtype": ..., "shape": ...}`
+  with the buffer in `blobs[i]`; decoded results that are numpy arrays come back as this struct.
+  """
+
+  @enforce_keys [:data, :dtype, :shape]
+  defstruct [:data, :dtype, :shape]
+
+  @type t :: %__MODULE__{data: binary, dtype: String.t(), shape: [non_neg_integer]}
+
+  @doc "Item size in bytes of an array-interface dtype string (`\"<f8\"` -> 8), or `:error`."
+  @spec itemsize(String.t()) :: pos_integer | :error
+  def itemsize(<<order, kind, size::binary>>) when order in ~c"<>|=" and kind in ~c"biufcmMSUV" do
+    case Integer.parse(size) do
+      {n, ""} when n > 0 -> n
+      _ -> :error
+    end
+  end
+
+  def itemsize(_), do: :error
+
+  @doc "Number of elements for a shape (`[]` is a scalar: 1)."
+  @spec size([non_neg_integer]) :: non_neg_integer
+  def size(shape), do: Enum.reduce(shape, 1, &(&1 * &2))
+
+  @doc "Checks that the buffer length agrees with dtype and shape."
+  @spec validate(t) :: :ok | {:error, String.t()}
+  def validate(%__MODULE__{data: data, dtype: dtype, shape: shape}) do
+    cond do
+      not is_binary(data) ->
+        {:error, "ndarray data must be a binary"}
+
+      not (is_list(shape) and Enum.all?(shape, &(is_integer(&1) and &1 >= 0))) ->
+        {:error, "ndarray shape must be a list of non-negative integers, got #{inspect(shape)}"}
+
+      itemsize(dtype) == :error ->
+        {:error, "ndarray dtype #{inspect(dtype)} is not an array-interface string like \"<f8\""}
+
+      byte_size(data) != size(shape) * itemsize(dtype) ->
+        {:error,
+         "ndarray buffer of #{byte_size(data)} bytes disagrees with dtype #{dtype} and shape #{inspect(shape)}"}
+
+      true ->
+        :ok
+    end
+  end
+
+  @doc """
+  Builds an array from a flat or nested list of numbers. Supported dtypes: `<f8 <f4 <i8 <i4 <i2 |i1
+  <u8 <u4 <u2 |u1 |b1` (and their `>` big-endian forms). The shape defaults to the nesting of `list`.
+  """
+  @spec from_list(list, String.t(), [non_neg_integer] | nil) :: t
+  def from_list(list, dtype \\ "<f8", shape \\ nil) do
+    shape = shape || infer_shape(list)
+    flat = List.flatten(list)
+    data = for x <- flat, into: <<>>, do: pack(x, dtype)
+    nd = %__MODULE__{data: data, dtype: dtype, shape: shape}
+
+    case validate(nd) do
+      :ok -> nd
+      {:error, msg} -> raise ArgumentError, msg
+    end
+  end
+
+  @doc "The elements as a flat list (C order)."
+  @spec to_flat_list(t) :: list
+  def to_flat_list(%__MODULE__{data: data, dtype: dtype}) do
+    n = itemsize(dtype)
+    for <<chunk::binary-size(n) <- data>>, do: unpack(chunk, dtype)
+  end
+
+  @doc "The elements as a nested list following `shape`."
+  @spec to_list(t) :: list | number | boolean
+  def to_list(%__MODULE__{shape: shape} = nd) do
+    flat = to_flat_list(nd)
+
+    case shape do
+      [] -> hd(flat)
+      _ -> nest(flat, shape)
+    end
+  end
+
+  defp nest(flat, [_]), do: flat
+
+  defp nest(flat, [_ | rest]) do
+    chunk = size(rest)
+
+    if chunk == 0,
+      do: [],
+      else: flat |> Enum.chunk_every(chunk) |> Enum.map(&nest(&1, rest))
+  end
+
+  defp infer_shape([h | _] = l) when is_list(h), do: [length(l) | infer_shape(h)]
+  defp infer_shape(l) when is_list(l), do: [length(l)]
+
+  defp pack(x, <<o, ?f, s::binary>>) do
+    bits = String.to_integer(s) * 8
+    x = x * 1.0
+    if o == ?>, do: <<x::float-big-size(bits)>>, else: <<x::float-little-size(bits)>>
+  end
+
+  defp pack(x, <<o, k, s::binary>>) when k in [?i, ?u] do
+    bits = String.to_integer(s) * 8
+    if o == ?>, do: <<x::big-size(bits)>>, else: <<x::little-size(bits)>>
+  end
+
+  defp pack(x, "|b1"), do: if(x in [true, 1], do: <<1>>, else: <<0>>)
+
+  defp unpack(c, <<o, ?f, s::binary>>) do
+    bits = String.to_integer(s) * 8
+
+    if o == ?>,
+      do: (<<x::float-big-size(bits)>> = c) && x,
+      else: (<<x::float-little-size(bits)>> = c) && x
+  end
+
+  defp unpack(c, <<o, ?i, s::binary>>) do
+    bits = String.to_integer(s) * 8
+    if o == ?>, do: (<<x::signed-big-size(bits)>> = c) && x, else: (<<x::signed-little-size(bits)>> = c) && x
+  end
+
+  defp unpack(c, <<o, ?u, s::binary>>) do
+    bits = String.to_integer(s) * 8
+    if o == ?>, do: (<<x::big-size(bits)>> = c) && x, else: (<<x::little-size(bits)>> = c) && x
+  end
+
+  defp unpack(<<b>>, "|b1"), do: b != 0
+end
+
 defmodule Snakepit.Codec do
   @moduledoc """
   The "JSON + blobs" value codec of the bridge protocol (see the header of
@@ -209,137 +342,4 @@ defmodule Snakepit.Codec do
         {:snakepit_codec,
          "#{kind} blob index #{inspect(obj["blob"])} out of range (#{tuple_size(blobs)} blobs)"}
       )
-end
-
-defmodule Snakepit.NDArray do
-  @moduledoc """
-  A numpy array as it crosses the bridge: the raw C-order buffer, a numpy array-interface `dtype`
-  string with explicit byte order (`"<f8"`, `"<i8"`, `"<f4"`, `"|u1"`, `"|b1"`, ...) and a shape.
-
-  Encoded by `Snakepit.Codec` as `{"__snakepit__": "ndarray", "blob": i, "dtype": ..., "shape": ...}`
-  with the buffer in `blobs[i]`; decoded results that are numpy arrays come back as this struct.
-  """
-
-  @enforce_keys [:data, :dtype, :shape]
-  defstruct [:data, :dtype, :shape]
-
-  @type t :: %__MODULE__{data: binary, dtype: String.t(), shape: [non_neg_integer]}
-
-  @doc "Item size in bytes of an array-interface dtype string (`\"<f8\"` -> 8), or `:error`."
-  @spec itemsize(String.t()) :: pos_integer | :error
-  def itemsize(<<order, kind, size::binary>>) when order in ~c"<>|=" and kind in ~c"biufcmMSUV" do
-    case Integer.parse(size) do
-      {n, ""} when n > 0 -> n
-      _ -> :error
-    end
-  end
-
-  def itemsize(_), do: :error
-
-  @doc "Number of elements for a shape (`[]` is a scalar: 1)."
-  @spec size([non_neg_integer]) :: non_neg_integer
-  def size(shape), do: Enum.reduce(shape, 1, &(&1 * &2))
-
-  @doc "Checks that the buffer length agrees with dtype and shape."
-  @spec validate(t) :: :ok | {:error, String.t()}
-  def validate(%__MODULE__{data: data, dtype: dtype, shape: shape}) do
-    cond do
-      not is_binary(data) ->
-        {:error, "ndarray data must be a binary"}
-
-      not (is_list(shape) and Enum.all?(shape, &(is_integer(&1) and &1 >= 0))) ->
-        {:error, "ndarray shape must be a list of non-negative integers, got #{inspect(shape)}"}
-
-      itemsize(dtype) == :error ->
-        {:error, "ndarray dtype #{inspect(dtype)} is not an array-interface string like \"<f8\""}
-
-      byte_size(data) != size(shape) * itemsize(dtype) ->
-        {:error,
-         "ndarray buffer of #{byte_size(data)} bytes disagrees with dtype #{dtype} and shape #{inspect(shape)}"}
-
-      true ->
-        :ok
-    end
-  end
-
-  @doc """
-  Builds an array from a flat or nested list of numbers. Supported dtypes: `<f8 <f4 <i8 <i4 <i2 |i1
-  <u8 <u4 <u2 |u1 |b1` (and their `>` big-endian forms). The shape defaults to the nesting of `list`.
-  """
-  @spec from_list(list, String.t(), [non_neg_integer] | nil) :: t
-  def from_list(list, dtype \\ "<f8", shape \\ nil) do
-    shape = shape || infer_shape(list)
-    flat = List.flatten(list)
-    data = for x <- flat, into: <<>>, do: pack(x, dtype)
-    nd = %__MODULE__{data: data, dtype: dtype, shape: shape}
-
-    case validate(nd) do
-      :ok -> nd
-      {:error, msg} -> raise ArgumentError, msg
-    end
-  end
-
-  @doc "The elements as a flat list (C order)."
-  @spec to_flat_list(t) :: list
-  def to_flat_list(%__MODULE__{data: data, dtype: dtype}) do
-    n = itemsize(dtype)
-    for <<chunk::binary-size(n) <- data>>, do: unpack(chunk, dtype)
-  end
-
-  @doc "The elements as a nested list following `shape`."
-  @spec to_list(t) :: list | number | boolean
-  def to_list(%__MODULE__{shape: shape} = nd) do
-    flat = to_flat_list(nd)
-
-    case shape do
-      [] -> hd(flat)
-      _ -> nest(flat, shape)
-    end
-  end
-
-  defp nest(flat, [_]), do: flat
-
-  defp nest(flat, [_ | rest]) do
-    chunk = size(rest)
-
-    if chunk == 0,
-      do: [],
-      else: flat |> Enum.chunk_every(chunk) |> Enum.map(&nest(&1, rest))
-  end
-
-  defp infer_shape([h | _] = l) when is_list(h), do: [length(l) | infer_shape(h)]
-  defp infer_shape(l) when is_list(l), do: [length(l)]
-
-  defp pack(x, <<o, ?f, s::binary>>) do
-    bits = String.to_integer(s) * 8
-    x = x * 1.0
-    if o == ?>, do: <<x::float-big-size(bits)>>, else: <<x::float-little-size(bits)>>
-  end
-
-  defp pack(x, <<o, k, s::binary>>) when k in [?i, ?u] do
-    bits = String.to_integer(s) * 8
-    if o == ?>, do: <<x::big-size(bits)>>, else: <<x::little-size(bits)>>
-  end
-
-  defp pack(x, "|b1"), do: if(x in [true, 1], do: <<1>>, else: <<0>>)
-
-  defp unpack(c, <<o, ?f, s::binary>>) do
-    bits = String.to_integer(s) * 8
-
-    if o == ?>,
-      do: (<<x::float-big-size(bits)>> = c) && x,
-      else: (<<x::float-little-size(bits)>> = c) && x
-  end
-
-  defp unpack(c, <<o, ?i, s::binary>>) do
-    bits = String.to_integer(s) * 8
-    if o == ?>, do: (<<x::signed-big-size(bits)>> = c) && x, else: (<<x::signed-little-size(bits)>> = c) && x
-  end
-
-  defp unpack(c, <<o, ?u, s::binary>>) do
-    bits = String.to_integer(s) * 8
-    if o == ?>, do: (<<x::big-size(bits)>> = c) && x, else: (<<x::little-size(bits)>> = c) && x
-  end
-
-  defp unpack(<<b>>, "|b1"), do: b != 0
 end
