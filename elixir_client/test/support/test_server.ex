@@ -10,7 +10,12 @@ defmodule Snakepit.TestServer do
     python = System.find_executable("python3") || raise "python3 not found"
 
     handle =
-      Port.open({:spawn_executable, python}, [:binary, :exit_status, {:line, 4096}, args: ["-u", @script]])
+      Port.open({:spawn_executable, python}, [
+        :binary,
+        :exit_status,
+        {:line, 4096},
+        args: ["-u", @script]
+      ])
 
     wait_ready(handle, System.monotonic_time(:millisecond) + 20_000)
   end

@@ -12,13 +12,18 @@ defmodule Snakepit.GRPC.Call do
 
   defstruct stage: :headers, buffer: <<>>, max_message_size: 64 * 1024 * 1024
 
-  @type t :: %__MODULE__{stage: :headers | :messages | :done, buffer: binary(), max_message_size: pos_integer()}
+  @type t :: %__MODULE__{
+          stage: :headers | :messages | :done,
+          buffer: binary(),
+          max_message_size: pos_integer()
+        }
   @type outcome :: {:ok, [{String.t(), binary()}]} | {:error, Error.t()}
   @type result :: {:cont, t(), [binary()]} | {:done, t(), [binary()], outcome()}
 
   @doc "A call waiting for its response headers."
   @spec new(keyword()) :: t()
-  def new(opts \\ []), do: %__MODULE__{max_message_size: Keyword.get(opts, :max_message_size, 64 * 1024 * 1024)}
+  def new(opts \\ []),
+    do: %__MODULE__{max_message_size: Keyword.get(opts, :max_message_size, 64 * 1024 * 1024)}
 
   @doc """
   Advances the call with one HTTP/2 event of its stream (`{:headers, ...}`, `{:data, ...}` or
@@ -36,14 +41,23 @@ defmodule Snakepit.GRPC.Call do
       status != "200" ->
         http_status = if status, do: String.to_integer(status), else: 0
         message = "HTTP status #{status || "missing"} from server" <> grpc_detail(headers)
-        done(call, [], {:error, Error.new(Status.from_http_status(http_status), message, trailers(headers))})
+
+        done(
+          call,
+          [],
+          {:error, Error.new(Status.from_http_status(http_status), message, trailers(headers))}
+        )
 
       end_stream ->
         # Trailers-Only: the one header block carries the status.
         done(call, [], outcome(headers))
 
       not String.starts_with?(content_type, "application/grpc") ->
-        done(call, [], {:error, Error.new(:unknown, "unexpected content-type #{inspect(content_type)}")})
+        done(
+          call,
+          [],
+          {:error, Error.new(:unknown, "unexpected content-type #{inspect(content_type)}")}
+        )
 
       true ->
         {:cont, %{call | stage: :messages}, []}
@@ -53,19 +67,44 @@ defmodule Snakepit.GRPC.Call do
   def handle_event(%__MODULE__{stage: :messages} = call, {:data, _sid, data, end_stream}) do
     case Message.decode(call.buffer <> data, call.max_message_size) do
       {:ok, messages, rest} when end_stream ->
-        done(%{call | buffer: rest}, messages, {:error, Error.new(:internal, "server ended the stream without trailers (no grpc-status)")})
+        done(
+          %{call | buffer: rest},
+          messages,
+          {:error,
+           Error.new(:internal, "server ended the stream without trailers (no grpc-status)")}
+        )
 
       {:ok, messages, rest} ->
         {:cont, %{call | buffer: rest}, messages}
 
       {:error, :compressed} ->
-        done(call, [], {:error, Error.new(:internal, "received a compressed message, but no compression was negotiated")})
+        done(
+          call,
+          [],
+          {:error,
+           Error.new(
+             :internal,
+             "received a compressed message, but no compression was negotiated"
+           )}
+        )
 
       {:error, {:too_large, size}} ->
-        done(call, [], {:error, Error.new(:resource_exhausted, "received message of #{size} bytes exceeds the limit of #{call.max_message_size}")})
+        done(
+          call,
+          [],
+          {:error,
+           Error.new(
+             :resource_exhausted,
+             "received message of #{size} bytes exceeds the limit of #{call.max_message_size}"
+           )}
+        )
 
       {:error, reason} ->
-        done(call, [], {:error, Error.new(:internal, "malformed gRPC message framing: #{inspect(reason)}")})
+        done(
+          call,
+          [],
+          {:error, Error.new(:internal, "malformed gRPC message framing: #{inspect(reason)}")}
+        )
     end
   end
 
@@ -75,7 +114,15 @@ defmodule Snakepit.GRPC.Call do
         done(call, [], {:error, Error.new(:internal, "trailers without END_STREAM")})
 
       call.buffer != <<>> ->
-        done(call, [], {:error, Error.new(:internal, "stream ended inside a message (#{byte_size(call.buffer)} bytes left over)")})
+        done(
+          call,
+          [],
+          {:error,
+           Error.new(
+             :internal,
+             "stream ended inside a message (#{byte_size(call.buffer)} bytes left over)"
+           )}
+        )
 
       true ->
         done(call, [], outcome(trailers))

@@ -79,7 +79,8 @@ defmodule Snakepit.GRPC.Channel do
         {:error, Error.new(:deadline_exceeded, "no reply from the channel within #{timeout} ms")}
 
       :exit, reason ->
-        {:error, Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
+        {:error,
+         Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
     end
   end
 
@@ -87,11 +88,13 @@ defmodule Snakepit.GRPC.Channel do
   Starts a server-streaming call; messages are sent to the calling process (see the moduledoc).
   Same options as `unary/4`; the deadline covers the whole stream.
   """
-  @spec server_stream(server(), String.t(), iodata(), call_opts()) :: {:ok, reference()} | {:error, Error.t()}
+  @spec server_stream(server(), String.t(), iodata(), call_opts()) ::
+          {:ok, reference()} | {:error, Error.t()}
   def server_stream(server, path, request, opts \\ []) do
     GenServer.call(server, {:server_stream, path, request, opts})
   catch
-    :exit, reason -> {:error, Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
+    :exit, reason ->
+      {:error, Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
   end
 
   @doc """
@@ -137,7 +140,12 @@ defmodule Snakepit.GRPC.Channel do
     connect_timeout = Keyword.get(opts, :connect_timeout, 5000)
     {address, authority} = address(host, port)
 
-    case :gen_tcp.connect(address, port_for(host, port), [:binary, active: false, nodelay: nodelay(host)], connect_timeout) do
+    case :gen_tcp.connect(
+           address,
+           port_for(host, port),
+           [:binary, active: false, nodelay: nodelay(host)],
+           connect_timeout
+         ) do
       {:ok, socket} ->
         {conn, preface} = Conn.new()
 
@@ -181,7 +189,8 @@ defmodule Snakepit.GRPC.Channel do
   defp nodelay(_), do: true
 
   @impl true
-  def handle_call({kind, path, request, opts}, {pid, _} = from, state) when kind in [:unary, :server_stream] do
+  def handle_call({kind, path, request, opts}, {pid, _} = from, state)
+      when kind in [:unary, :server_stream] do
     timeout = Keyword.get(opts, :timeout, @default_timeout)
     metadata = state.metadata ++ Keyword.get(opts, :metadata, [])
     headers = Metadata.request_headers(state.authority, path, timeout, metadata)
@@ -190,7 +199,11 @@ defmodule Snakepit.GRPC.Channel do
       {:ok, conn, sid, out} ->
         state = %{state | conn: conn}
         ref = make_ref()
-        timer = if timeout == :infinity, do: nil, else: Process.send_after(self(), {:deadline, ref}, timeout)
+
+        timer =
+          if timeout == :infinity,
+            do: nil,
+            else: Process.send_after(self(), {:deadline, ref}, timeout)
 
         entry = %{
           kind: kind,
@@ -246,8 +259,11 @@ defmodule Snakepit.GRPC.Channel do
   defp request_error(:too_many_streams),
     do: Error.new(:resource_exhausted, "server's MAX_CONCURRENT_STREAMS reached on this channel")
 
-  defp request_error(:goaway), do: Error.new(:unavailable, "connection is going away (GOAWAY received)")
-  defp request_error(reason), do: Error.new(:unavailable, "cannot start a stream: #{inspect(reason)}")
+  defp request_error(:goaway),
+    do: Error.new(:unavailable, "connection is going away (GOAWAY received)")
+
+  defp request_error(reason),
+    do: Error.new(:unavailable, "cannot start a stream: #{inspect(reason)}")
 
   @impl true
   def handle_info({:tcp, socket, bytes}, %{socket: socket} = state) do
@@ -257,7 +273,11 @@ defmodule Snakepit.GRPC.Channel do
 
         with {:ok, state} <- send_out(state, out) do
           if state.conn.goaway do
-            shutdown(state, "server sent GOAWAY (#{inspect(elem(state.conn.goaway, 1))})", {:goaway, elem(state.conn.goaway, 1)})
+            shutdown(
+              state,
+              "server sent GOAWAY (#{inspect(elem(state.conn.goaway, 1))})",
+              {:goaway, elem(state.conn.goaway, 1)}
+            )
           else
             :ok = :inet.setopts(socket, active: :once)
             {:noreply, state}
@@ -266,7 +286,12 @@ defmodule Snakepit.GRPC.Channel do
 
       {:error, conn, {code, message}, out} ->
         _ = :gen_tcp.send(socket, out)
-        shutdown(%{state | conn: conn}, "HTTP/2 connection error #{code}: #{message}", {:http2_error, code})
+
+        shutdown(
+          %{state | conn: conn},
+          "HTTP/2 connection error #{code}: #{message}",
+          {:http2_error, code}
+        )
     end
   end
 
@@ -356,7 +381,8 @@ defmodule Snakepit.GRPC.Channel do
     entry
   end
 
-  defp push_messages(%{kind: :unary} = entry, messages), do: %{entry | messages: entry.messages ++ messages}
+  defp push_messages(%{kind: :unary} = entry, messages),
+    do: %{entry | messages: entry.messages ++ messages}
 
   defp finish(state, sid, entry, outcome) do
     state = forget(state, sid, entry)
@@ -366,8 +392,16 @@ defmodule Snakepit.GRPC.Channel do
   defp deliver(state, %{kind: :unary} = entry, {:ok, trailers}) do
     reply =
       case entry.messages do
-        [message] -> {:ok, message, trailers}
-        messages -> {:error, Error.new(:internal, "unary response carried #{length(messages)} messages, expected 1", trailers)}
+        [message] ->
+          {:ok, message, trailers}
+
+        messages ->
+          {:error,
+           Error.new(
+             :internal,
+             "unary response carried #{length(messages)} messages, expected 1",
+             trailers
+           )}
       end
 
     GenServer.reply(entry.from, reply)
@@ -418,8 +452,11 @@ defmodule Snakepit.GRPC.Channel do
       {:ok, state}
     else
       case :gen_tcp.send(state.socket, out) do
-        :ok -> {:ok, state}
-        {:error, reason} -> shutdown(state, "send failed: #{inspect(reason)}", {:send_failed, reason})
+        :ok ->
+          {:ok, state}
+
+        {:error, reason} ->
+          shutdown(state, "send failed: #{inspect(reason)}", {:send_failed, reason})
       end
     end
   end

@@ -18,7 +18,12 @@ defmodule Snakepit.GRPC.Error do
   @doc "An error for `status` with `message`."
   @spec new(Status.t(), String.t(), [{String.t(), binary()}]) :: t()
   def new(status, message, trailers \\ []) do
-    %__MODULE__{status: status, code: Status.to_code(status), message: message, trailers: trailers}
+    %__MODULE__{
+      status: status,
+      code: Status.to_code(status),
+      message: message,
+      trailers: trailers
+    }
   end
 
   @impl true

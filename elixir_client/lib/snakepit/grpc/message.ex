@@ -21,7 +21,8 @@ defmodule Snakepit.GRPC.Message do
 
   defp decode(<<1, _::binary>>, _max, _acc), do: {:error, :compressed}
 
-  defp decode(<<0, length::32, _::binary>>, max, _acc) when length > max, do: {:error, {:too_large, length}}
+  defp decode(<<0, length::32, _::binary>>, max, _acc) when length > max,
+    do: {:error, {:too_large, length}}
 
   defp decode(<<0, length::32, message::binary-size(length), rest::binary>>, max, acc),
     do: decode(rest, max, [message | acc])

@@ -49,7 +49,7 @@ defmodule Snakepit.GRPC.Metadata do
 
   defp percent_decode(<<?%, a, b, rest::binary>> = all, acc) do
     case {hex(a), hex(b)} do
-      {x, y} when is_integer(x) and is_integer(y) -> percent_decode(rest, [acc, (x <<< 4) ||| y])
+      {x, y} when is_integer(x) and is_integer(y) -> percent_decode(rest, [acc, x <<< 4 ||| y])
       _ -> percent_decode(binary_part(all, 1, byte_size(all) - 1), [acc, ?%])
     end
   end
@@ -104,7 +104,10 @@ defmodule Snakepit.GRPC.Metadata do
     Enum.map(metadata, fn {name, value} ->
       name = String.downcase(to_string(name))
       value = IO.iodata_to_binary(value)
-      if String.ends_with?(name, "-bin"), do: {name, Base.encode64(value, padding: false)}, else: {name, value}
+
+      if String.ends_with?(name, "-bin"),
+        do: {name, Base.encode64(value, padding: false)},
+        else: {name, value}
     end)
   end
 
@@ -113,10 +116,15 @@ defmodule Snakepit.GRPC.Metadata do
   the caller's metadata. `grpc-timeout` is sent unindexed: it changes on every call and would only
   churn the HPACK table.
   """
-  @spec request_headers(String.t(), String.t(), non_neg_integer() | :infinity, [{String.t(), iodata()}]) ::
+  @spec request_headers(String.t(), String.t(), non_neg_integer() | :infinity, [
+          {String.t(), iodata()}
+        ]) ::
           [{binary(), binary()} | {binary(), binary(), :no_index}]
   def request_headers(authority, path, timeout, metadata) do
-    timeout_header = if timeout == :infinity, do: [], else: [{"grpc-timeout", encode_timeout(timeout), :no_index}]
+    timeout_header =
+      if timeout == :infinity,
+        do: [],
+        else: [{"grpc-timeout", encode_timeout(timeout), :no_index}]
 
     [
       {":method", "POST"},

@@ -46,7 +46,12 @@ defmodule Snakepit.HPACK do
   @spec new_encoder(keyword()) :: t()
   def new_encoder(opts \\ []) do
     size = Keyword.get(opts, :max_table_size, 4096)
-    %__MODULE__{table: Table.new(size), max_size_limit: size, huffman: Keyword.get(opts, :huffman, :auto)}
+
+    %__MODULE__{
+      table: Table.new(size),
+      max_size_limit: size,
+      huffman: Keyword.get(opts, :huffman, :auto)
+    }
   end
 
   @doc """
@@ -77,12 +82,17 @@ defmodule Snakepit.HPACK do
     if new_size == ctx.table.max_size and ctx.pending_size_updates == [] do
       ctx
     else
-      %{ctx | table: Table.resize(ctx.table, new_size), pending_size_updates: ctx.pending_size_updates ++ [new_size]}
+      %{
+        ctx
+        | table: Table.resize(ctx.table, new_size),
+          pending_size_updates: ctx.pending_size_updates ++ [new_size]
+      }
     end
   end
 
   @doc "Encodes a header list into one header block, updating the encoder's dynamic table."
-  @spec encode(t(), [header() | {binary(), binary(), :no_index | :never_index}]) :: {iodata(), t()}
+  @spec encode(t(), [header() | {binary(), binary(), :no_index | :never_index}]) ::
+          {iodata(), t()}
   def encode(%__MODULE__{} = ctx, headers) do
     updates = size_update_prefix(ctx.pending_size_updates)
     ctx = %{ctx | pending_size_updates: []}
@@ -116,7 +126,12 @@ defmodule Snakepit.HPACK do
         {data, %{ctx | table: Table.add(ctx.table, name, value)}}
 
       :none ->
-        data = [<<0b01000000>>, encode_string(name, ctx.huffman), encode_string(value, ctx.huffman)]
+        data = [
+          <<0b01000000>>,
+          encode_string(name, ctx.huffman),
+          encode_string(value, ctx.huffman)
+        ]
+
         {data, %{ctx | table: Table.add(ctx.table, name, value)}}
     end
   end
@@ -130,7 +145,11 @@ defmodule Snakepit.HPACK do
         {[encode_integer(index, 4, pattern), encode_string(value, ctx.huffman)], ctx}
 
       :none ->
-        {[<<pattern::4, 0::4>>, encode_string(name, ctx.huffman), encode_string(value, ctx.huffman)], ctx}
+        {[
+           <<pattern::4, 0::4>>,
+           encode_string(name, ctx.huffman),
+           encode_string(value, ctx.huffman)
+         ], ctx}
     end
   end
 
@@ -232,7 +251,9 @@ defmodule Snakepit.HPACK do
   end
 
   defp continuation_bytes(value) when value < 128, do: [value]
-  defp continuation_bytes(value), do: [(value &&& 0x7F) ||| 0x80 | continuation_bytes(value >>> 7)]
+
+  defp continuation_bytes(value),
+    do: [(value &&& 0x7F) ||| 0x80 | continuation_bytes(value >>> 7)]
 
   @doc """
   Decodes an N-bit-prefix integer from the start of `data` (the bits above the prefix in the first
@@ -258,7 +279,8 @@ defmodule Snakepit.HPACK do
     end
   end
 
-  defp decode_continuation(<<>>, _acc, _shift), do: {:error, {:compression_error, :truncated_integer}}
+  defp decode_continuation(<<>>, _acc, _shift),
+    do: {:error, {:compression_error, :truncated_integer}}
 
   @doc "Encodes a string literal (§5.2), Huffman-coded per `mode`."
   @spec encode_string(binary(), huffman_mode()) :: iodata()

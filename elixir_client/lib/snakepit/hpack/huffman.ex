@@ -22,7 +22,9 @@ defmodule Snakepit.HPACK.Huffman do
   @doc "Length in bytes of the Huffman encoding of `binary`, without encoding it."
   @spec encoded_size(binary()) :: non_neg_integer()
   def encoded_size(binary) when is_binary(binary) do
-    bits = for <<byte <- binary>>, reduce: 0, do: (acc -> acc + elem(elem(@encode_table, byte), 1))
+    bits =
+      for <<byte <- binary>>, reduce: 0, do: (acc -> acc + elem(elem(@encode_table, byte), 1))
+
     div(bits + 7, 8)
   end
 

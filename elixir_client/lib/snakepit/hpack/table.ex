@@ -34,9 +34,14 @@ defmodule Snakepit.HPACK.Table do
     static = StaticTable.size()
 
     cond do
-      index >= 1 and index <= static -> {:ok, StaticTable.get(index)}
-      index > static and index - static <= table.length -> {:ok, Enum.at(table.entries, index - static - 1)}
-      true -> :error
+      index >= 1 and index <= static ->
+        {:ok, StaticTable.get(index)}
+
+      index > static and index - static <= table.length ->
+        {:ok, Enum.at(table.entries, index - static - 1)}
+
+      true ->
+        :error
     end
   end
 
@@ -51,7 +56,12 @@ defmodule Snakepit.HPACK.Table do
     if size > table.max_size do
       %{table | entries: [], size: 0, length: 0}
     else
-      evict(%{table | entries: [{name, value} | table.entries], size: table.size + size, length: table.length + 1})
+      evict(%{
+        table
+        | entries: [{name, value} | table.entries],
+          size: table.size + size,
+          length: table.length + 1
+      })
     end
   end
 

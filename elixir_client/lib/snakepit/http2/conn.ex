@@ -125,7 +125,8 @@ defmodule Snakepit.HTTP2.Conn do
   Options: `:end_stream` (default `true`): `false` keeps the request body open for `send_data/4`.
   """
   @spec request(t(), headers(), iodata(), keyword()) ::
-          {:ok, t(), stream_id(), iodata()} | {:error, t(), :closed | :goaway | :too_many_streams | :stream_ids_exhausted}
+          {:ok, t(), stream_id(), iodata()}
+          | {:error, t(), :closed | :goaway | :too_many_streams | :stream_ids_exhausted}
   def request(%__MODULE__{} = conn, headers, body, opts \\ []) do
     end_stream = Keyword.get(opts, :end_stream, true)
     body = IO.iodata_to_binary(body)
@@ -162,9 +163,21 @@ defmodule Snakepit.HTTP2.Conn do
             end
         }
 
-        header_frames = header_frames(sid, IO.iodata_to_binary(block), headers_end_stream, conn.peer.max_frame_size)
+        header_frames =
+          header_frames(
+            sid,
+            IO.iodata_to_binary(block),
+            headers_end_stream,
+            conn.peer.max_frame_size
+          )
 
-        conn = %{conn | encoder: encoder, next_stream_id: sid + 2, streams: Map.put(conn.streams, sid, stream)}
+        conn = %{
+          conn
+          | encoder: encoder,
+            next_stream_id: sid + 2,
+            streams: Map.put(conn.streams, sid, stream)
+        }
+
         {conn, data_out} = flush(conn)
         {:ok, conn, sid, [header_frames | data_out]}
     end
@@ -174,7 +187,8 @@ defmodule Snakepit.HTTP2.Conn do
   Queues more request body on an open stream (`end_stream?` closes our side) and returns whatever
   the windows let out now.
   """
-  @spec send_data(t(), stream_id(), iodata(), boolean()) :: {:ok, t(), iodata()} | {:error, t(), :unknown_stream}
+  @spec send_data(t(), stream_id(), iodata(), boolean()) ::
+          {:ok, t(), iodata()} | {:error, t(), :unknown_stream}
   def send_data(%__MODULE__{} = conn, sid, data, end_stream?) do
     case conn.streams do
       %{^sid => %Stream{local: :open} = stream} ->
@@ -196,7 +210,8 @@ defmodule Snakepit.HTTP2.Conn do
   @spec cancel(t(), stream_id()) :: {t(), iodata()}
   def cancel(%__MODULE__{} = conn, sid) do
     if Map.has_key?(conn.streams, sid) and conn.state != :closed do
-      {%{conn | streams: Map.delete(conn.streams, sid)}, Frame.encode({:rst_stream, sid, :cancel})}
+      {%{conn | streams: Map.delete(conn.streams, sid)},
+       Frame.encode({:rst_stream, sid, :cancel})}
     else
       {%{conn | streams: Map.delete(conn.streams, sid)}, []}
     end
@@ -222,7 +237,8 @@ defmodule Snakepit.HTTP2.Conn do
   """
   @spec handle_data(t(), binary()) ::
           {:ok, t(), [event()], iodata()} | {:error, t(), error_reason(), iodata()}
-  def handle_data(%__MODULE__{state: :closed} = conn, _bytes), do: {:error, conn, {:closed, "connection closed"}, []}
+  def handle_data(%__MODULE__{state: :closed} = conn, _bytes),
+    do: {:error, conn, {:closed, "connection closed"}, []}
 
   def handle_data(%__MODULE__{} = conn, bytes) do
     read_frames(%{conn | buffer: conn.buffer <> bytes}, [], [])
@@ -258,11 +274,20 @@ defmodule Snakepit.HTTP2.Conn do
   ## Frame handling. Each returns {:ok, conn, events, out} or {:error, code, message}.
 
   # While a header block is open only its CONTINUATIONs may arrive (§6.10).
-  defp handle_frame(%{header_block: {sid, fragments, end_stream}} = conn, {:continuation, sid, fragment, flags}, _) do
+  defp handle_frame(
+         %{header_block: {sid, fragments, end_stream}} = conn,
+         {:continuation, sid, fragment, flags},
+         _
+       ) do
     fragments = [fragments | fragment]
 
     if flags.end_headers do
-      header_block_done(%{conn | header_block: nil}, sid, IO.iodata_to_binary(fragments), end_stream)
+      header_block_done(
+        %{conn | header_block: nil},
+        sid,
+        IO.iodata_to_binary(fragments),
+        end_stream
+      )
     else
       {:ok, %{conn | header_block: {sid, fragments, end_stream}}, [], []}
     end
@@ -271,8 +296,9 @@ defmodule Snakepit.HTTP2.Conn do
   defp handle_frame(%{header_block: {sid, _, _}}, _frame, _),
     do: {:error, :protocol_error, "expected CONTINUATION for stream #{sid}"}
 
-  defp handle_frame(%{settings_received: false}, frame, _) when not is_tuple(frame) or elem(frame, 0) != :settings,
-    do: {:error, :protocol_error, "server preface must start with SETTINGS"}
+  defp handle_frame(%{settings_received: false}, frame, _)
+       when not is_tuple(frame) or elem(frame, 0) != :settings,
+       do: {:error, :protocol_error, "server preface must start with SETTINGS"}
 
   defp handle_frame(conn, {:settings, settings}, _) do
     with {:ok, conn} <- apply_settings(conn, settings) do
@@ -322,7 +348,9 @@ defmodule Snakepit.HTTP2.Conn do
       %{^sid => stream} ->
         if stream.send_window + increment > @max_window,
           do: reset_stream(conn, stream, :flow_control_error),
-          else: {:ok, put_stream(conn, %{stream | send_window: stream.send_window + increment}), [], []}
+          else:
+            {:ok, put_stream(conn, %{stream | send_window: stream.send_window + increment}), [],
+             []}
 
       _ ->
         if idle?(conn, sid),
@@ -357,7 +385,15 @@ defmodule Snakepit.HTTP2.Conn do
       true ->
         conn = %{conn | recv_window: conn.recv_window - length}
         {conn, conn_credit} = credit_connection(conn)
-        data_for_stream(conn, Map.get(conn.streams, sid), data, flags.end_stream, length, conn_credit)
+
+        data_for_stream(
+          conn,
+          Map.get(conn.streams, sid),
+          data,
+          flags.end_stream,
+          length,
+          conn_credit
+        )
     end
   end
 
@@ -389,7 +425,9 @@ defmodule Snakepit.HTTP2.Conn do
   defp credit_connection(conn) do
     if conn.recv_window <= div(conn.connection_window, 2) do
       increment = conn.connection_window - conn.recv_window
-      {%{conn | recv_window: conn.connection_window}, Frame.encode({:window_update, 0, increment})}
+
+      {%{conn | recv_window: conn.connection_window},
+       Frame.encode({:window_update, 0, increment})}
     else
       {conn, []}
     end
@@ -398,7 +436,9 @@ defmodule Snakepit.HTTP2.Conn do
   defp credit_stream(conn, stream) do
     if stream.recv_window <= div(conn.stream_window, 2) do
       increment = conn.stream_window - stream.recv_window
-      {%{stream | recv_window: conn.stream_window}, Frame.encode({:window_update, stream.id, increment})}
+
+      {%{stream | recv_window: conn.stream_window},
+       Frame.encode({:window_update, stream.id, increment})}
     else
       {stream, []}
     end
@@ -450,17 +490,26 @@ defmodule Snakepit.HTTP2.Conn do
     if Enum.any?(conn.streams, fn {_, s} -> s.send_window + delta > @max_window end) do
       {:error, :flow_control_error, "SETTINGS_INITIAL_WINDOW_SIZE overflows a stream window"}
     else
-      streams = Map.new(conn.streams, fn {sid, s} -> {sid, %{s | send_window: s.send_window + delta}} end)
+      streams =
+        Map.new(conn.streams, fn {sid, s} -> {sid, %{s | send_window: s.send_window + delta}} end)
+
       {:ok, %{conn | streams: streams, peer: %{conn.peer | initial_window_size: value}}}
     end
   end
 
   defp apply_setting(conn, :header_table_size, value) do
-    {:ok, %{conn | encoder: HPACK.set_max_table_size(conn.encoder, value), peer: %{conn.peer | header_table_size: value}}}
+    {:ok,
+     %{
+       conn
+       | encoder: HPACK.set_max_table_size(conn.encoder, value),
+         peer: %{conn.peer | header_table_size: value}
+     }}
   end
 
   defp apply_setting(conn, :enable_push, _value), do: {:ok, conn}
-  defp apply_setting(conn, name, value), do: {:ok, %{conn | peer: Map.put(conn.peer, name, value)}}
+
+  defp apply_setting(conn, name, value),
+    do: {:ok, %{conn | peer: Map.put(conn.peer, name, value)}}
 
   ## Sending
 
@@ -470,7 +519,11 @@ defmodule Snakepit.HTTP2.Conn do
 
   defp header_frames(sid, block, end_stream, max) do
     <<first::binary-size(max), rest::binary>> = block
-    [Frame.encode({:headers, sid, first, %{end_stream: end_stream, end_headers: false}}) | continuations(sid, rest, max)]
+
+    [
+      Frame.encode({:headers, sid, first, %{end_stream: end_stream, end_headers: false}})
+      | continuations(sid, rest, max)
+    ]
   end
 
   defp continuations(sid, block, max) when byte_size(block) <= max,
@@ -478,7 +531,11 @@ defmodule Snakepit.HTTP2.Conn do
 
   defp continuations(sid, block, max) do
     <<chunk::binary-size(max), rest::binary>> = block
-    [Frame.encode({:continuation, sid, chunk, %{end_headers: false}}) | continuations(sid, rest, max)]
+
+    [
+      Frame.encode({:continuation, sid, chunk, %{end_headers: false}})
+      | continuations(sid, rest, max)
+    ]
   end
 
   # Sends buffered body for every stream (lowest id first) as far as the windows allow.
@@ -490,7 +547,8 @@ defmodule Snakepit.HTTP2.Conn do
     |> Enum.sort()
     |> Enum.reduce({conn, []}, fn sid, {conn, out} ->
       case conn.streams[sid] do
-        %Stream{local: local, pending: pending} = stream when local == :ending or pending != <<>> ->
+        %Stream{local: local, pending: pending} = stream
+        when local == :ending or pending != <<>> ->
           {conn, stream, frames} = flush_stream(conn, stream, [])
           {put_stream(conn, stream), [out | frames]}
 
@@ -506,10 +564,17 @@ defmodule Snakepit.HTTP2.Conn do
     {conn, %{stream | local: :closed}, Enum.reverse([frame | acc])}
   end
 
-  defp flush_stream(conn, %Stream{pending: <<>>} = stream, acc), do: {conn, stream, Enum.reverse(acc)}
+  defp flush_stream(conn, %Stream{pending: <<>>} = stream, acc),
+    do: {conn, stream, Enum.reverse(acc)}
 
   defp flush_stream(conn, stream, acc) do
-    size = Enum.min([byte_size(stream.pending), conn.send_window, stream.send_window, conn.peer.max_frame_size])
+    size =
+      Enum.min([
+        byte_size(stream.pending),
+        conn.send_window,
+        stream.send_window,
+        conn.peer.max_frame_size
+      ])
 
     if size <= 0 do
       {conn, stream, Enum.reverse(acc)}
@@ -526,7 +591,10 @@ defmodule Snakepit.HTTP2.Conn do
       }
 
       conn = %{conn | send_window: conn.send_window - size}
-      if last, do: {conn, stream, Enum.reverse([frame | acc])}, else: flush_stream(conn, stream, [frame | acc])
+
+      if last,
+        do: {conn, stream, Enum.reverse([frame | acc])},
+        else: flush_stream(conn, stream, [frame | acc])
     end
   end
 

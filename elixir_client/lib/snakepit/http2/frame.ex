@@ -29,8 +29,12 @@ defmodule Snakepit.HTTP2.Frame do
   @type error_code :: atom() | non_neg_integer()
   @type priority :: {boolean(), non_neg_integer(), 1..256}
   @type setting ::
-          {:header_table_size | :enable_push | :max_concurrent_streams | :initial_window_size
-           | :max_frame_size | :max_header_list_size, non_neg_integer()}
+          {:header_table_size
+           | :enable_push
+           | :max_concurrent_streams
+           | :initial_window_size
+           | :max_frame_size
+           | :max_header_list_size, non_neg_integer()}
   @type t ::
           {:data, pos_integer(), iodata(), map()}
           | {:headers, pos_integer(), iodata(), map()}
@@ -132,7 +136,8 @@ defmodule Snakepit.HTTP2.Frame do
     {payload, pad_flag} = pad([prio_bytes | fragment], Map.get(flags, :padding, 0))
 
     bits =
-      flag(flags, :end_stream, @end_stream) ||| flag(flags, :end_headers, @end_headers) ||| pad_flag |||
+      flag(flags, :end_stream, @end_stream) ||| flag(flags, :end_headers, @end_headers) |||
+        pad_flag |||
         prio_flag
 
     frame(@headers, bits, stream_id, payload)
@@ -145,21 +150,26 @@ defmodule Snakepit.HTTP2.Frame do
     do: frame(@rst_stream, 0, stream_id, <<error_code_to_integer(code)::32>>)
 
   def encode({:settings, settings}) do
-    payload = for {name, value} <- settings, do: <<Keyword.fetch!(@settings_ids, name)::16, value::32>>
+    payload =
+      for {name, value} <- settings, do: <<Keyword.fetch!(@settings_ids, name)::16, value::32>>
+
     frame(@settings, 0, 0, payload)
   end
 
   def encode(:settings_ack), do: frame(@settings, @ack, 0, [])
 
   def encode({:push_promise, stream_id, promised_id, fragment, flags}) do
-    frame(@push_promise, flag(flags, :end_headers, @end_headers), stream_id, [<<0::1, promised_id::31>> | fragment])
+    frame(@push_promise, flag(flags, :end_headers, @end_headers), stream_id, [
+      <<0::1, promised_id::31>> | fragment
+    ])
   end
 
   def encode({:ping, <<_::64>> = data}), do: frame(@ping, 0, 0, data)
   def encode({:ping_ack, <<_::64>> = data}), do: frame(@ping, @ack, 0, data)
 
   def encode({:goaway, last_stream_id, code, debug}),
-    do: frame(@goaway, 0, 0, [<<0::1, last_stream_id::31, error_code_to_integer(code)::32>>, debug])
+    do:
+      frame(@goaway, 0, 0, [<<0::1, last_stream_id::31, error_code_to_integer(code)::32>>, debug])
 
   def encode({:window_update, stream_id, increment}),
     do: frame(@window_update, 0, stream_id, <<0::1, increment::31>>)
@@ -199,7 +209,8 @@ defmodule Snakepit.HTTP2.Frame do
   def decode(<<length::24, type::8, flags::8, _::1, stream_id::31, rest::binary>>, max_frame_size) do
     cond do
       length > max_frame_size ->
-        {:error, {:frame_size_error, "frame of #{length} bytes exceeds max frame size #{max_frame_size}"}}
+        {:error,
+         {:frame_size_error, "frame of #{length} bytes exceeds max frame size #{max_frame_size}"}}
 
       byte_size(rest) < length ->
         :more
@@ -231,7 +242,11 @@ defmodule Snakepit.HTTP2.Frame do
          {:ok, priority, fragment} <- headers_priority(flags, data, sid) do
       {:ok,
        {:headers, sid, fragment,
-        %{end_stream: set?(flags, @end_stream), end_headers: set?(flags, @end_headers), priority: priority}}}
+        %{
+          end_stream: set?(flags, @end_stream),
+          end_headers: set?(flags, @end_headers),
+          priority: priority
+        }}}
     end
   end
 
@@ -243,13 +258,19 @@ defmodule Snakepit.HTTP2.Frame do
       else: {:ok, {:priority, sid, {e == 1, dep, weight + 1}}}
   end
 
-  defp decode_payload(@priority, _flags, _sid, _), do: size_error("PRIORITY payload must be 5 bytes")
+  defp decode_payload(@priority, _flags, _sid, _),
+    do: size_error("PRIORITY payload must be 5 bytes")
 
   defp decode_payload(@rst_stream, _flags, 0, _), do: proto_error("RST_STREAM on stream 0")
-  defp decode_payload(@rst_stream, _flags, sid, <<code::32>>), do: {:ok, {:rst_stream, sid, error_code_to_atom(code)}}
-  defp decode_payload(@rst_stream, _flags, _sid, _), do: size_error("RST_STREAM payload must be 4 bytes")
 
-  defp decode_payload(@settings, _flags, sid, _) when sid != 0, do: proto_error("SETTINGS on stream #{sid}")
+  defp decode_payload(@rst_stream, _flags, sid, <<code::32>>),
+    do: {:ok, {:rst_stream, sid, error_code_to_atom(code)}}
+
+  defp decode_payload(@rst_stream, _flags, _sid, _),
+    do: size_error("RST_STREAM payload must be 4 bytes")
+
+  defp decode_payload(@settings, _flags, sid, _) when sid != 0,
+    do: proto_error("SETTINGS on stream #{sid}")
 
   defp decode_payload(@settings, flags, 0, payload) do
     cond do
@@ -275,19 +296,22 @@ defmodule Snakepit.HTTP2.Frame do
     end
   end
 
-  defp decode_payload(@ping, _flags, sid, _) when sid != 0, do: proto_error("PING on stream #{sid}")
+  defp decode_payload(@ping, _flags, sid, _) when sid != 0,
+    do: proto_error("PING on stream #{sid}")
 
   defp decode_payload(@ping, flags, 0, <<data::binary-size(8)>>),
     do: {:ok, if(set?(flags, @ack), do: {:ping_ack, data}, else: {:ping, data})}
 
   defp decode_payload(@ping, _flags, 0, _), do: size_error("PING payload must be 8 bytes")
 
-  defp decode_payload(@goaway, _flags, sid, _) when sid != 0, do: proto_error("GOAWAY on stream #{sid}")
+  defp decode_payload(@goaway, _flags, sid, _) when sid != 0,
+    do: proto_error("GOAWAY on stream #{sid}")
 
   defp decode_payload(@goaway, _flags, 0, <<_::1, last::31, code::32, debug::binary>>),
     do: {:ok, {:goaway, last, error_code_to_atom(code), debug}}
 
-  defp decode_payload(@goaway, _flags, 0, _), do: size_error("GOAWAY payload shorter than 8 bytes")
+  defp decode_payload(@goaway, _flags, 0, _),
+    do: size_error("GOAWAY payload shorter than 8 bytes")
 
   defp decode_payload(@window_update, _flags, sid, <<_::1, increment::31>>) do
     # A zero increment on a stream is a stream error; the connection decides (it gets increment 0).
@@ -296,7 +320,8 @@ defmodule Snakepit.HTTP2.Frame do
       else: {:ok, {:window_update, sid, increment}}
   end
 
-  defp decode_payload(@window_update, _flags, _sid, _), do: size_error("WINDOW_UPDATE payload must be 4 bytes")
+  defp decode_payload(@window_update, _flags, _sid, _),
+    do: size_error("WINDOW_UPDATE payload must be 4 bytes")
 
   defp decode_payload(@continuation, _flags, 0, _), do: proto_error("CONTINUATION on stream 0")
 
