@@ -14,3 +14,21 @@ def threaded_server():
 def process_server():
     with WorkerServer("process") as server:
         yield server
+
+
+# --- server-suite fixtures (tests/test_server_*.py) ---------------------------------------------
+from tests.servers import SPEC_ADAPTER  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spec_threaded():
+    """A threaded server running tests.adapters_for_tests.SpecAdapter, shared by a test module."""
+    with WorkerServer("threaded", "--adapter", SPEC_ADAPTER, "--max-workers", "8") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def spec_process():
+    """A process server (one tool call at a time) running SpecAdapter, shared by a test module."""
+    with WorkerServer("process", "--adapter", SPEC_ADAPTER) as server:
+        yield server

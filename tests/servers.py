@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"threaded": ROOT / "grpc_server_threaded.py", "process": ROOT / "grpc_server_process.py"}
 READY = re.compile(r"^SNAKEPIT_READY port=(\d+) pid=(\d+)$")
+SHOWCASE = "snakepit_bridge.adapters.showcase.ShowcaseAdapter"
+SPEC_ADAPTER = "tests.adapters_for_tests.SpecAdapter"
 
 
 class ServerFailedToStart(RuntimeError):
@@ -94,6 +96,25 @@ class WorkerServer:
         self._clients.append(client)
         return client
 
+    def channel(self, *options: tuple) -> "grpc.Channel":
+        """A raw grpc channel to the server (closed with the server). `grpc.use_local_subchannel_pool`
+        among the options gives it its own TCP connection."""
+        import grpc
+
+        channel = grpc.insecure_channel(self.address, options=list(options))
+        self._clients.append(channel)
+        return channel
+
+    def stub(self, *options: tuple):
+        """A raw BridgeServiceStub over a fresh channel, for checks below the BridgeClient."""
+        from snakepit_bridge.generated import snakepit_bridge_pb2_grpc as pb_grpc
+
+        return pb_grpc.BridgeServiceStub(self.channel(*options))
+
+    def grpcurl(self, *args: str, data: str | None = None, headers: dict | None = None, timeout: float = 30.0):
+        """Run the real grpcurl binary against the server (plaintext, reflection): returns CompletedProcess."""
+        return run_grpcurl(self.address, *args, data=data, headers=headers, timeout=timeout)
+
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send `sig` and wait for the exit code."""
         if self.process is None:
@@ -122,3 +143,19 @@ class WorkerServer:
                 self.terminate(timeout=20)
         finally:
             self.kill()
+
+
+def run_grpcurl(address: str, *args: str, data: str | None = None, headers: dict | None = None,
+                timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """`grpcurl -plaintext [-H k: v] [-d data] address args...` (args: service/method or list/describe)."""
+    command = ["grpcurl", "-plaintext", "-max-time", str(int(timeout))]
+    for key, value in (headers or {}).items():
+        command += ["-H", f"{key}: {value}"]
+    if data is not None:
+        command += ["-d", data]
+    head, tail = list(args[:1]), list(args[1:])
+    if head and head[0] in ("list", "describe"):
+        command += [address, *head, *tail]
+    else:
+        command += [address, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout + 10)

@@ -1,0 +1,148 @@
+"""Small adapters that the server tests load with `--adapter tests.adapters_for_tests.<Class>`.
+
+They exist to observe the server from the inside: how often `setup()` ran, which instance served a
+call, what the request context carried, whether a tool saw its call cancelled.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+
+from snakepit_bridge import BaseAdapter, RequestContext, ToolError, tool
+
+
+class SpecAdapter(BaseAdapter):
+    """Tools that each pin down one rule of the server."""
+
+    __thread_safe__ = True
+    setup_calls = 0  # class-level: counts setup() of every instance in this process
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._cancel_seen: dict[str, dict] = {}
+        self.setup_finished_unix = None
+
+    def setup(self) -> None:
+        type(self).setup_calls += 1
+        time.sleep(0.2)  # a slow model load: readiness must wait for it
+        self.setup_finished_unix = time.time()
+
+    def teardown(self) -> None:
+        path = os.environ.get("SPEC_ADAPTER_TEARDOWN_FILE")
+        if path:
+            with open(path, "w") as handle:
+                handle.write("teardown\n")
+
+    # --- tools ----------------------------------------------------------------------------------
+    @tool
+    def noop(self) -> None:
+        """Do nothing."""
+
+    @tool(description="The identity of the adapter instance and how often setup() ran in this process")
+    def instance_info(self) -> dict:
+        return {"instance": id(self), "setup_calls": type(self).setup_calls, "pid": os.getpid(),
+                "setup_finished_unix": self.setup_finished_unix, "thread": threading.current_thread().name}
+
+    @tool(description="One parameter of each checked type; returns what it received and the Python types")
+    def typed(self, i: int, f: float, flag: bool, s: str, raw: bytes, ints: list[int], mapping: dict,
+              arr: np.ndarray, maybe: int | None = None) -> dict:
+        values = {"i": i, "f": f, "flag": flag, "s": s, "raw": raw, "ints": ints, "mapping": mapping, "arr": arr,
+                  "maybe": maybe}
+        return {"values": values, "types": {k: type(v).__name__ for k, v in values.items()}}
+
+    @tool(description="What the request context carries")
+    def context_info(self, ctx: RequestContext) -> dict:
+        return {"request_id": ctx.request_id, "tool_name": ctx.tool_name, "session_id": ctx.session_id,
+                "metadata": dict(ctx.metadata), "time_remaining": ctx.time_remaining, "cancelled": ctx.cancelled,
+                "worker_mode": ctx.worker_mode, "has_session": ctx.session is not None}
+
+    @tool(description="Wait until the call is cancelled (or `limit` seconds pass); remembers what it saw under `token`")
+    def wait_for_cancel(self, token: str, limit: float = 10.0, ctx: RequestContext = None) -> dict:
+        started = time.monotonic()
+        while not ctx.cancelled and time.monotonic() - started < limit:
+            time.sleep(0.01)
+        seen = {"cancelled": ctx.cancelled, "waited": time.monotonic() - started}
+        with self._lock:
+            self._cancel_seen[token] = seen
+        return seen
+
+    @tool(description="What wait_for_cancel saw for `token` (null until it returned)")
+    def cancel_seen(self, token: str) -> dict | None:
+        with self._lock:
+            return self._cancel_seen.get(token)
+
+    @tool(description="Sleep without looking at cancellation: an in-flight call that must be drained")
+    def stubborn_sleep(self, seconds: float) -> dict:
+        started = time.monotonic()
+        time.sleep(seconds)
+        return {"slept": time.monotonic() - started}
+
+    @tool(description="Raise a ToolError with the named gRPC status code")
+    def raise_tool_error(self, code: str, message: str = "tool chose this status") -> None:
+        raise ToolError(message, code=grpc.StatusCode[code])
+
+    @tool(description="Return something the codec cannot encode")
+    def unencodable(self) -> Any:
+        return object()
+
+    @tool(description="Return `size` bytes")
+    def make_bytes(self, size: int) -> bytes:
+        return b"x" * size
+
+    @tool(description="Stream 0..n-1, then return 'done'")
+    def countdown(self, n: int):
+        for i in range(n):
+            yield i
+        return "done"
+
+    @tool(description="Stream `before` chunks, then raise")
+    def stream_then_fail(self, before: int = 2):
+        for i in range(before):
+            yield i
+        raise RuntimeError(f"stream broke after {before} chunks")
+
+    @tool(description="Write a key of the session state")
+    def session_put(self, key: str, value: Any, ctx: RequestContext) -> None:
+        if ctx.session is None:
+            raise ToolError("needs a session", code=grpc.StatusCode.FAILED_PRECONDITION)
+        ctx.session.set(key, value)
+
+    @tool(description="Read a key of the session state")
+    def session_get(self, key: str, ctx: RequestContext) -> Any:
+        if ctx.session is None:
+            raise ToolError("needs a session", code=grpc.StatusCode.FAILED_PRECONDITION)
+        return ctx.session.get(key)
+
+    # --- not tools ----------------------------------------------------------------------------------
+    @tool(description="Marked, but private: must never be callable")
+    def _private_tool(self) -> str:
+        return "private tool ran"
+
+    def unmarked(self) -> str:
+        """Public but not marked with @tool: must never be callable."""
+        return "unmarked method ran"
+
+
+class FailingSetupAdapter(BaseAdapter):
+    __thread_safe__ = True
+
+    def setup(self) -> None:
+        raise RuntimeError("model file missing")
+
+    @tool
+    def noop(self) -> None:
+        pass
+
+
+class UndeclaredAdapter(BaseAdapter):
+    """Does not declare __thread_safe__: the threaded server refuses it unless told otherwise."""
+
+    @tool
+    def noop(self) -> None:
+        pass
