@@ -507,9 +507,9 @@ defmodule Snakepit do
       state_json: elem(state, 0),
       blobs: elem(state, 1),
       ttl_seconds: opts[:session_ttl] || 0,
-      seed: opts[:session_seed],
       metadata: %{}
     }
+    |> put_present(:seed, opts[:session_seed])
 
     case unary(lease, "InitializeSession", :initialize_session_request, req, :initialize_session_response, nil, []) do
       {:ok, _} ->
@@ -529,10 +529,13 @@ defmodule Snakepit do
       blobs: blobs,
       session_id: opts[:session_id] || "",
       request_id: opts[:request_id] || "",
-      metadata: opts[:metadata] || %{},
-      seed: opts[:seed]
+      metadata: opts[:metadata] || %{}
     }
+    |> put_present(:seed, opts[:seed])
   end
+
+  defp put_present(map, _key, nil), do: map
+  defp put_present(map, key, value), do: Map.put(map, key, value)
 
   defp unary(lease, method, req_type, req, resp_type, tool, opts) do
     timeout = Keyword.get(opts, :timeout, lease.call_timeout)

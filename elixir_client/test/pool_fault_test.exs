@@ -1,0 +1,93 @@
+Code.require_file("pool_helpers.exs", __DIR__)
+
+defmodule Snakepit.PoolFaultTest do
+  # Worker crashes, restarts and start-up failures, with real Python workers.
+  use ExUnit.Case, async: false
+  import Snakepit.PoolHelpers
+  alias Snakepit.Error
+
+  @moduletag :slow
+  @moduletag timeout: 120_000
+
+  setup_all do
+    {:ok, _} = Application.ensure_all_started(:snakepit)
+    :ok
+  end
+
+  for profile <- [:process, :thread] do
+    test "kill -9 of a #{profile} worker mid-call: that caller gets :worker_crashed, the pool restarts it" do
+      pool = start_pool!(worker_profile: unquote(profile), pool_size: 1, threads_per_worker: 2)
+      [w] = Snakepit.list_workers(pool)
+      task = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 10}) end)
+      eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)
+      kill9(w.os_pid)
+
+      assert {:error, %Error{reason: :worker_crashed} = e} = Task.await(task, 5_000)
+      assert e.message =~ "crashed"
+
+      # the pool starts a new worker and keeps serving
+      [w2] = eventually(fn -> match?([_], ready_workers(pool)) && ready_workers(pool) end, 20_000)
+      assert w2.os_pid != w.os_pid
+      assert {:ok, 5} = Snakepit.execute(pool, "add", %{a: 2, b: 3})
+      assert {:ok, %{crashes: 1}} = Snakepit.get_stats(pool)
+      refute os_alive?(w.os_pid)
+    end
+  end
+
+  test "callers queued while the only worker crashes are served by its replacement" do
+    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 20_000)
+    [w] = Snakepit.list_workers(pool)
+    busy = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 10}) end)
+    eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)
+    waiting = for i <- 1..3, do: Task.async(fn -> Snakepit.execute(pool, "add", %{a: i, b: 0}) end)
+    eventually(fn -> match?({:ok, %{queued: 3}}, Snakepit.get_stats(pool)) end)
+    kill9(w.os_pid)
+    assert {:error, %Error{reason: :worker_crashed}} = Task.await(busy, 5_000)
+    assert Task.await_many(waiting, 20_000) == [{:ok, 1}, {:ok, 2}, {:ok, 3}]
+  end
+
+  test "a session whose worker crashed is re-created on the new worker" do
+    pool = start_pool!(worker_profile: :process, pool_size: 1)
+    assert {:ok, 1} = Snakepit.execute_in_session(pool, "crash-sess", "session_counter", %{})
+    assert {:ok, 2} = Snakepit.execute_in_session(pool, "crash-sess", "session_counter", %{})
+    [w] = Snakepit.list_workers(pool)
+    kill9(w.os_pid)
+    eventually(fn -> match?([%{os_pid: p}] when p != w.os_pid, ready_workers(pool)) end, 20_000)
+    # state lived in the dead process: the session starts over on the new worker
+    assert {:ok, 1} = Snakepit.execute_in_session(pool, "crash-sess", "session_counter", %{})
+  end
+
+  test "a worker that cannot start is retried with backoff and the pool start fails in time" do
+    {ms, result} =
+      timed(fn ->
+        Snakepit.start_pool(%{
+          name: :never_ready,
+          pool_size: 1,
+          python_adapter: "snakepit_bridge.adapters.nope.Missing",
+          startup_timeout: 3_000
+        })
+      end)
+
+    assert {:error, msg} = result
+    assert msg =~ "startup_timeout"
+    assert ms < 6_000
+    assert Snakepit.Pool.whereis(:never_ready) == nil
+  end
+
+  test "invalid pool config fails at start naming the key" do
+    assert {:error, msg} = Snakepit.start_pool(name: :bad, pool_size: -1)
+    assert msg =~ ":pool_size"
+    assert {:error, msg} = Snakepit.start_pool(name: :bad, python_executable: "/no/such/python")
+    assert msg =~ ":python_executable"
+    assert {:error, msg} = Snakepit.Application.validate_all([%{name: :a, worker_ttl: 5}])
+    assert msg =~ ":worker_ttl"
+  end
+
+  test "stopping a pool stops its Python processes" do
+    pool = start_pool!(worker_profile: :process, pool_size: 2)
+    os_pids = Enum.map(Snakepit.list_workers(pool), & &1.os_pid)
+    assert Enum.all?(os_pids, &os_alive?/1)
+    :ok = Snakepit.stop_pool(pool)
+    eventually(fn -> Enum.all?(os_pids, &(not os_alive?(&1))) end, 10_000)
+  end
+end

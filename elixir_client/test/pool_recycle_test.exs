@@ -1,0 +1,95 @@
+Code.require_file("pool_helpers.exs", __DIR__)
+
+defmodule Snakepit.PoolRecycleTest do
+  # Worker recycling (max requests and TTL) under steady concurrent load: no call may fail.
+  use ExUnit.Case, async: false
+  import Snakepit.PoolHelpers
+
+  @moduletag :slow
+  @moduletag timeout: 180_000
+
+  setup_all do
+    {:ok, _} = Application.ensure_all_started(:snakepit)
+    :ok
+  end
+
+  # `callers` processes call `add` (with a small sleep mixed in) until `ms` have passed.
+  defp load(pool, callers, ms) do
+    stop_at = System.monotonic_time(:millisecond) + ms
+
+    1..callers
+    |> Enum.map(fn c ->
+      Task.async(fn -> loop(pool, c, stop_at, []) end)
+    end)
+    |> Task.await_many(ms + 60_000)
+    |> List.flatten()
+  end
+
+  defp loop(pool, c, stop_at, acc) do
+    if System.monotonic_time(:millisecond) > stop_at do
+      acc
+    else
+      r =
+        if rem(length(acc), 5) == 0,
+          do: Snakepit.execute(pool, "sleep", %{seconds: 0.02}),
+          else: Snakepit.execute(pool, "add", %{a: c, b: length(acc)})
+
+      loop(pool, c, stop_at, [r | acc])
+    end
+  end
+
+  test "max_requests recycling under concurrent load fails no call" do
+    pool =
+      start_pool!(
+        worker_profile: :thread,
+        pool_size: 2,
+        threads_per_worker: 4,
+        worker_max_requests: 20,
+        queue_timeout: 20_000
+      )
+
+    first = Enum.map(Snakepit.list_workers(pool), & &1.os_pid)
+    results = load(pool, 8, 6_000)
+    failures = Enum.reject(results, &match?({:ok, _}, &1))
+    assert failures == [], "#{length(failures)} of #{length(results)} calls failed: #{inspect(Enum.take(failures, 3))}"
+
+    {:ok, stats} = Snakepit.get_stats(pool)
+    assert stats.recycles >= 3, "expected several recycles, got #{stats.recycles} for #{length(results)} calls"
+    assert stats.crashes == 0
+    assert stats.failures == 0
+    # no worker ever served more than max_requests
+    assert Enum.all?(stats.workers, &(&1.requests <= 20))
+    # recycled workers' Python processes are gone, and the pool is back to full size
+    eventually(fn -> Enum.all?(first, &(not os_alive?(&1))) end, 15_000)
+    eventually(fn -> length(ready_workers(pool)) == 2 end, 15_000)
+  end
+
+  test "TTL recycling under concurrent load fails no call and staggers workers" do
+    pool =
+      start_pool!(
+        worker_profile: :process,
+        pool_size: 2,
+        worker_ttl: {1_500, :milliseconds},
+        ttl_jitter: 0.3,
+        queue_timeout: 20_000
+      )
+
+    results = load(pool, 4, 6_000)
+    failures = Enum.reject(results, &match?({:ok, _}, &1))
+    assert failures == [], "#{length(failures)} of #{length(results)} calls failed: #{inspect(Enum.take(failures, 3))}"
+    {:ok, stats} = Snakepit.get_stats(pool)
+    assert stats.recycles >= 3
+    assert stats.crashes == 0
+  end
+
+  test "a recycled worker finishes its in-flight call before it stops" do
+    pool = start_pool!(worker_profile: :process, pool_size: 1, worker_max_requests: 1, queue_timeout: 20_000)
+    [w] = Snakepit.list_workers(pool)
+    slow = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 1.0}) end)
+    # the next call waits for the replacement (the old worker took its last call)
+    assert {:ok, %{"pid" => new_pid}} = Snakepit.execute(pool, "ping", %{})
+    assert new_pid != w.os_pid
+    assert {:ok, %{"cancelled" => false}} = Task.await(slow, 10_000)
+    eventually(fn -> not os_alive?(w.os_pid) end, 10_000)
+  end
+end
