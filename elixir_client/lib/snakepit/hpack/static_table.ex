@@ -60,6 +60,7 @@ defmodule Snakepit.HPACK.StaticTable do
     {"strict-transport-security", ""},
     {"transfer-encoding", ""},
     {"user-agent", ""},
+    {"vary", ""},
     {"via", ""},
     {"www-authenticate", ""}
   ]
