@@ -49,6 +49,34 @@ class CheckpointError(Exception):
 # Lock files this thread currently holds, to turn self-deadlock into an error.
 _held = threading.local()
 
+# Every lock descriptor currently open in this process.  A forked child inherits
+# them, and a flock lives as long as *any* descriptor of its open file
+# description: without closing them in the child, a fork taken while another
+# thread holds a checkpoint lock would keep that lock held until the child exits.
+_open_fds: set[int] = set()
+_open_fds_lock = threading.Lock()
+
+
+def _close_inherited_lock_fds() -> None:
+    global _open_fds_lock
+    _open_fds_lock = threading.Lock()
+    for fd in list(_open_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _open_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_lock_fds)
+
+
+def _close_lock_fd(fd: int) -> None:
+    with _open_fds_lock:
+        if fd not in _open_fds:  # already closed by the at-fork hook in a child
+            return
+        _open_fds.discard(fd)
+        os.close(fd)  # closing releases the flock
+
 
 class SafeCheckpoint:
     """A JSON ``dict`` in ``path``, safe to read and update from many threads and processes.
@@ -98,7 +126,9 @@ class SafeCheckpoint:
             )
         os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
         while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            with _open_fds_lock:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                _open_fds.add(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
                 # delete(remove_lock=True) may have unlinked the lock file while we
@@ -110,15 +140,15 @@ class SafeCheckpoint:
                 if same:
                     break
             except BaseException:
-                os.close(fd)  # closing releases the flock
+                _close_lock_fd(fd)
                 raise
-            os.close(fd)
+            _close_lock_fd(fd)
         held.add(self.lock_path)
         try:
             yield
         finally:
             held.discard(self.lock_path)
-            os.close(fd)  # releases the lock on every path
+            _close_lock_fd(fd)  # releases the lock on every path
 
     # -- reading -----------------------------------------------------------------
     def _read_unlocked(self) -> dict[str, Any] | None:

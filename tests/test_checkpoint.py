@@ -363,3 +363,30 @@ def test_processes_and_threads_lose_no_update(tmp_path, method):
     assert counts == sorted(counts)
     assert leftover_temp_files(tmp_path) == []
     assert elapsed < 240
+
+
+def test_fork_while_a_thread_holds_the_lock_does_not_leak_it_to_the_child(tmp_path):
+    """A forked child inherits the lock descriptor; unless it is closed in the
+    child, the flock stays held after the parent releases it, as long as the
+    child lives."""
+    cp = SafeCheckpoint(tmp_path / "fork.json")
+    in_fn, release = threading.Event(), threading.Event()
+
+    def slow(s):
+        in_fn.set()
+        release.wait(10)
+        s["done"] = True
+
+    th = threading.Thread(target=cp.update, args=(slow,))
+    th.start()
+    assert in_fn.wait(10)
+    child = mp.get_context("fork").Process(target=time.sleep, args=(3,))
+    child.start()
+    try:
+        release.set()
+        th.join(10)
+        assert lock_is_free(cp.lock_path), "the child kept the parent's checkpoint lock"
+        cp.save_state("after", 1)  # and the parent is not blocked by the child
+    finally:
+        child.join(10)
+    assert cp.load_state() == {"done": True, "after": 1}
