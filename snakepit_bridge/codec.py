@@ -11,6 +11,9 @@ import math
 from typing import Any
 
 TAG = "__snakepit__"
+# One encoder for every call: json.dumps with non-default options builds a new encoder each time.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_SCALARS = (type(None), bool, int, str)
 
 
 class CodecError(ValueError):
@@ -31,8 +34,10 @@ def _numpy():
 def encode(value: Any) -> tuple[str, list[bytes]]:
     """Encode a value tree as (JSON text, blobs)."""
     blobs: list[bytes] = []
+    if type(value) in _SCALARS:
+        return _JSON_ENCODER.encode(value), blobs
     tree = _to_tree(value, blobs, "$")
-    return json.dumps(tree, ensure_ascii=False, separators=(",", ":"), allow_nan=False), blobs
+    return _JSON_ENCODER.encode(tree), blobs
 
 
 def _to_tree(value: Any, blobs: list[bytes], path: str) -> Any:
@@ -85,6 +90,8 @@ def decode(json_text: str, blobs: list[bytes] | tuple[bytes, ...] = (), *, field
     """Decode (JSON text, blobs) into Python values. Empty text decodes as None."""
     if not json_text:
         return None
+    if json_text == "{}":
+        return {}
     try:
         tree = json.loads(json_text)
     except (ValueError, RecursionError) as exc:

@@ -17,6 +17,13 @@ def current_request_id() -> str:
     return getattr(_current, "request_id", "-")
 
 
+def set_request_id(request_id: str) -> str:
+    """Make `request_id` current for this thread's log lines; returns the previous one."""
+    previous = getattr(_current, "request_id", "-")
+    _current.request_id = request_id
+    return previous
+
+
 @contextlib.contextmanager
 def request_scope(request_id: str):
     previous = getattr(_current, "request_id", "-")

@@ -6,6 +6,7 @@ structured error; the server keeps serving.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -14,7 +15,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import grpc
 
@@ -25,7 +26,7 @@ from .errors import BridgeError, FailedPrecondition, InvalidArgument, NotFound, 
 from .gate import ToolGate
 from .generated import snakepit_bridge_pb2 as pb
 from .generated import snakepit_bridge_pb2_grpc as pb_grpc
-from .logs import request_scope
+from .logs import request_scope, set_request_id
 from .sessions import Session, SessionStore
 from .stats import ServerStats
 
@@ -137,23 +138,32 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
     # tool execution
     def ExecuteTool(self, request, context):
         request_id = request.request_id or self._new_request_id()
-        with request_scope(request_id):
-            spec = None
-            with self._errors(context, count_rejection=True):
+        previous_id = set_request_id(request_id)
+        try:
+            try:
                 spec, kwargs, session = self._prepare(request.tool_name, request.args_json, request.blobs,
                                                       request.session_id, streaming=False)
+            except Exception as exc:
+                self._reject(context, request.tool_name, exc)
+            self.stats.started()
             started = time.perf_counter()
             failed = True
-            self.stats.started()
             try:
-                with self._admitted(context), self._errors(context, tool=spec.name, from_tool=True):
-                    ctx = self._context(spec, request, request_id, session, context)
-                    if ctx is not None:
-                        kwargs[spec.context_parameter] = ctx
-                    result = getattr(self.adapter, spec.method_name)(**kwargs)
-                    with self._errors(context, tool=spec.name):
+                self._admit(context)
+                try:
+                    if spec.context_parameter is not None:
+                        kwargs[spec.context_parameter] = self._context(spec, request, request_id, session, context)
+                    try:
+                        result = getattr(self.adapter, spec.method_name)(**kwargs)
+                    except Exception as exc:
+                        self._fail(context, exc, spec.name, from_tool=True)
+                    try:
                         result_json, blobs = codec.encode(result)
+                    except Exception as exc:
+                        self._fail(context, exc, spec.name)
                     failed = False
+                finally:
+                    self.gate.leave()
             finally:
                 elapsed = time.perf_counter() - started
                 self.stats.finished(spec.name, elapsed, failed)
@@ -161,25 +171,33 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                     log.debug("ExecuteTool %s %s in %.3f ms", spec.name, "failed" if failed else "ok", elapsed * 1000)
             return pb.ExecuteToolResponse(result_json=result_json, blobs=blobs, request_id=request_id,
                                           duration_ms=elapsed * 1000.0)
+        finally:
+            set_request_id(previous_id)
 
     def ExecuteStreamingTool(self, request, context) -> Iterator[pb.ToolChunk]:
         request_id = request.request_id or self._new_request_id()
-        with request_scope(request_id):
-            with self._errors(context, count_rejection=True):
+        # The response generator may be resumed between yields; set the request id around each step.
+        previous_id = set_request_id(request_id)
+        try:
+            try:
                 spec, kwargs, session = self._prepare(request.tool_name, request.args_json, request.blobs,
                                                       request.session_id, streaming=True)
+            except Exception as exc:
+                self._reject(context, request.tool_name, exc)
+            self.stats.started()
             started = time.perf_counter()
             failed = True
             chunks = 0
-            self.stats.started()
             try:
-                with self._admitted(context), self._errors(context, tool=spec.name, from_tool=True):
-                    ctx = self._context(spec, request, request_id, session, context)
-                    if ctx is not None:
-                        kwargs[spec.context_parameter] = ctx
-                    produced = getattr(self.adapter, spec.method_name)(**kwargs)
-                    iterator = iter(produced) if not hasattr(produced, "__next__") else produced
-                    final_value = None
+                self._admit(context)
+                try:
+                    if spec.context_parameter is not None:
+                        kwargs[spec.context_parameter] = self._context(spec, request, request_id, session, context)
+                    try:
+                        produced = getattr(self.adapter, spec.method_name)(**kwargs)
+                        iterator = produced if hasattr(produced, "__next__") else iter(produced)
+                    except Exception as exc:
+                        self._fail(context, exc, spec.name, from_tool=True)
                     try:
                         while True:
                             try:
@@ -187,31 +205,45 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                             except StopIteration as stop:
                                 final_value = stop.value
                                 break
+                            except Exception as exc:
+                                self._fail(context, exc, spec.name, from_tool=True)
                             if not context.is_active():
                                 log.info("stream %s cancelled by the client after %d chunks", spec.name, chunks)
                                 return
-                            data_json, blobs = codec.encode(item)
+                            try:
+                                data_json, blobs = codec.encode(item)
+                            except Exception as exc:
+                                self._fail(context, exc, spec.name)
+                            set_request_id(previous_id)
                             yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs)
+                            set_request_id(request_id)
                             chunks += 1
                     finally:
                         close = getattr(iterator, "close", None)
                         if close is not None:
                             close()  # runs the generator's finally blocks when the client went away
-                    data_json, blobs = codec.encode(final_value)
-                    yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs, is_final=True)
+                    try:
+                        data_json, blobs = codec.encode(final_value)
+                    except Exception as exc:
+                        self._fail(context, exc, spec.name)
                     failed = False
+                finally:
+                    self.gate.leave()
             finally:
                 elapsed = time.perf_counter() - started
                 self.stats.finished(spec.name, elapsed, failed)
                 log.debug("ExecuteStreamingTool %s %s after %d chunks in %.3f ms", spec.name,
                           "failed" if failed else "ok", chunks, elapsed * 1000)
+        finally:
+            set_request_id(previous_id)
+        yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs, is_final=True)
 
     def ExecuteBatch(self, request, context):
         from .batch import run_batch
 
         request_id = request.request_id or self._new_request_id()
         with request_scope(request_id):
-            with self._errors(context, count_rejection=True):
+            with self._errors(context):
                 spec = self._lookup(request.tool_name, streaming=False)
                 session = self.sessions.get(request.session_id) if request.session_id else None
             deadline = _deadline(context)
@@ -297,62 +329,50 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                 f"rate limit exceeded: {self.rate_limiter.rate:g} calls/s (burst {self.rate_limiter.burst:g}); "
                 "no token became free before the call's deadline")
 
-    def _admitted(self, context):
-        servicer = self
+    def _reject(self, context, tool_name: str, exc: Exception) -> NoReturn:
+        """A call refused before it ran: counted, logged at debug level (one line per request), ended."""
+        self.stats.rejected()
+        log.debug("call to %r rejected: %s", tool_name, exc)
+        self._fail(context, exc)
 
-        class Admission:
-            def __enter__(self):
-                deadline = _deadline(context)
-                with servicer._errors(context):
-                    if servicer.rate_limiter is not None:
-                        servicer._rate_limit(deadline)
-                    servicer.gate.enter(deadline, context.is_active)
+    def _admit(self, context) -> None:
+        """Rate limit, then take a gate slot; failures end the call with their status."""
+        try:
+            deadline = _deadline(context)
+            if self.rate_limiter is not None:
+                self._rate_limit(deadline)
+            self.gate.enter(deadline, context.is_active)
+        except Exception as exc:
+            self._fail(context, exc)
 
-            def __exit__(self, *exc):
-                servicer.gate.leave()
-                return False
-
-        return Admission()
-
-    def _errors(self, context, *, tool: str = "", from_tool: bool = False, count_rejection: bool = False):
-        return _ErrorScope(self, context, tool, from_tool, count_rejection)
-
-
-class _ErrorScope:
-    """Turns exceptions into gRPC statuses. BridgeErrors keep their code; anything else raised by a
-    tool is UNKNOWN with a ToolError (type, message, traceback) in the trailer."""
-
-    __slots__ = ("servicer", "context", "tool", "from_tool", "count_rejection")
-
-    def __init__(self, servicer, context, tool, from_tool, count_rejection):
-        self.servicer = servicer
-        self.context = context
-        self.tool = tool
-        self.from_tool = from_tool
-        self.count_rejection = count_rejection
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None or not isinstance(exc, Exception) or isinstance(exc, AbortedCall):
-            return False
-        if self.count_rejection:
-            self.servicer.stats.rejected()
-        if isinstance(exc, BridgeError) and not (self.from_tool and isinstance(exc, ToolError)):
-            abort(self.context, exc.code, exc.message)
+    def _fail(self, context, exc: Exception, tool: str = "", *, from_tool: bool = False) -> NoReturn:
+        """End the call with the status for `exc` (always raises). BridgeErrors keep their code;
+        anything else a tool raised is UNKNOWN with a ToolError (type, message, traceback) trailer."""
+        if isinstance(exc, AbortedCall):
+            raise exc
+        if isinstance(exc, BridgeError) and not (from_tool and isinstance(exc, ToolError)):
+            abort(context, exc.code, exc.message)
         if isinstance(exc, codec.CodecError):
-            if self.tool:
-                abort(self.context, grpc.StatusCode.INTERNAL,
-                      f"tool '{self.tool}' returned a value that cannot be encoded: {exc}")
-            abort(self.context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if tool:
+                abort(context, grpc.StatusCode.INTERNAL, f"tool '{tool}' returned a value that cannot be encoded: {exc}")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not from_tool:
+            log.exception("internal error")
+            abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         code = exc.code if isinstance(exc, BridgeError) else grpc.StatusCode.UNKNOWN
-        formatted = "".join(traceback.format_exception(exc_type, exc, tb))
-        error = pb.ToolError(code=code.value[0], type=exc_type.__name__, message=str(exc), traceback=formatted,
-                             tool_name=self.tool)
-        log.warning("tool %s raised %s: %s", self.tool, exc_type.__name__, exc)
-        self.context.set_trailing_metadata(((ERROR_TRAILER, error.SerializeToString()),))
-        abort(self.context, code, f"tool '{self.tool}' raised {exc_type.__name__}: {exc}")
+        error = pb.ToolError(code=code.value[0], type=type(exc).__name__, message=str(exc),
+                             traceback="".join(traceback.format_exception(exc)), tool_name=tool)
+        log.warning("tool %s raised %s: %s", tool, type(exc).__name__, exc)
+        context.set_trailing_metadata(((ERROR_TRAILER, error.SerializeToString()),))
+        abort(context, code, f"tool '{tool}' raised {type(exc).__name__}: {exc}")
+
+    @contextlib.contextmanager
+    def _errors(self, context):
+        """For the cold paths (sessions, batch set-up): failures end the call with their status."""
+        try:
+            yield
+        except Exception as exc:
+            self._fail(context, exc)
 
 
 class AbortedCall(Exception):
