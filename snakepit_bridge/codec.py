@@ -74,7 +74,7 @@ def _to_tree(value: Any, blobs: list[bytes], path: str) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             raise CodecError(f"numpy arrays of dtype object cannot be encoded (at {path})", path)
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value, order="C")  # ascontiguousarray would turn 0-d arrays into shape (1,)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         blobs.append(array.tobytes())
