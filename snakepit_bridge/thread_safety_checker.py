@@ -433,6 +433,9 @@ _UNSAFE_LIBRARIES = {
                "(get_thread_local/set_thread_local), locking, or process mode.",
 }
 _UNSAFE_MODULES = {"pandas": "pandas", "matplotlib.pyplot": "matplotlib"}
+# callers whose module-level use is the libraries' own business (and the import machinery's)
+_LIBRARY_INTERNALS = frozenset({"pandas", "matplotlib", "mpl_toolkits", "importlib",
+                                "_frozen_importlib", "_frozen_importlib_external", "numpy"})
 
 
 def _unsafe_library_of(value) -> Optional[str]:
@@ -460,8 +463,7 @@ class _RecordingModule(types.ModuleType):
         frame = _getframe(1)
         lib = _UNSAFE_MODULES.get(types.ModuleType.__getattribute__(self, "__name__"))
         caller = frame.f_globals.get("__name__", "") or ""
-        if lib is None or caller.partition(".")[0] in (lib, "matplotlib", "mpl_toolkits") or \
-                caller == __name__:
+        if lib is None or caller.partition(".")[0] in _LIBRARY_INTERNALS or caller == __name__:
             return value
         if _current_tool() is None and threading.current_thread() is threading.main_thread():
             return value
