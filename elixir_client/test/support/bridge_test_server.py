@@ -105,6 +105,8 @@ def main():
                                   ("grpc.max_send_message_length", MAX_MESSAGE)])
     pb_grpc.add_BridgeServiceServicer_to_server(Servicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
+    if len(sys.argv) > 2 and sys.argv[1] == "--unix":
+        server.add_insecure_port("unix:" + sys.argv[2])
     server.start()
     print("READY port=%d pid=%d" % (port, os.getpid()), flush=True)
     sys.stdin.read()  # returns at EOF: the test VM closed the port

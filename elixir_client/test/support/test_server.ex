@@ -5,8 +5,8 @@ defmodule Snakepit.TestServer do
 
   @script Path.expand("bridge_test_server.py", __DIR__)
 
-  @spec start() :: %{port: pos_integer(), os_pid: pos_integer(), handle: port()}
-  def start do
+  @spec start([String.t()]) :: %{port: pos_integer(), os_pid: pos_integer(), handle: port()}
+  def start(extra_args \\ []) do
     python = System.find_executable("python3") || raise "python3 not found"
 
     handle =
@@ -14,7 +14,7 @@ defmodule Snakepit.TestServer do
         :binary,
         :exit_status,
         {:line, 4096},
-        args: ["-u", @script]
+        args: ["-u", @script | extra_args]
       ])
 
     wait_ready(handle, System.monotonic_time(:millisecond) + 20_000)

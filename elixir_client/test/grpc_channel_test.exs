@@ -1,0 +1,398 @@
+defmodule Snakepit.GRPC.ChannelTest do
+  # Runs against test/support/bridge_test_server.py (grpcio) on 127.0.0.1.
+  use ExUnit.Case, async: false
+
+  alias Snakepit.GRPC.{Channel, Error}
+  alias Snakepit.Proto
+
+  @svc "/snakepit.bridge.BridgeService/"
+
+  setup_all do
+    server = Snakepit.TestServer.start()
+    on_exit(fn -> Snakepit.TestServer.stop(server) end)
+    %{server: server}
+  end
+
+  setup %{server: server} do
+    {:ok, channel} =
+      Channel.start_link(
+        host: "127.0.0.1",
+        port: server.port,
+        metadata: [{"authorization", "Bearer x"}]
+      )
+
+    on_exit(fn -> Channel.close(channel) end)
+    %{channel: channel}
+  end
+
+  defp tool(channel, name, args, opts \\ []) do
+    request =
+      Proto.encode(
+        :execute_tool_request,
+        %{tool_name: name, args_json: :jiffy.encode(args)}
+        |> Map.merge(Map.new(opts[:fields] || []))
+      )
+
+    case Channel.unary(channel, @svc <> "ExecuteTool", request, Keyword.delete(opts, :fields)) do
+      {:ok, bytes, trailers} ->
+        {:ok, response} = Proto.decode(:execute_tool_response, bytes)
+        {:ok, response, trailers}
+
+      error ->
+        error
+    end
+  end
+
+  defp result(response), do: :jiffy.decode(response.result_json, [:return_maps])
+
+  defp cancelled_count(channel) do
+    {:ok, response, _} = tool(channel, "cancelled_count", %{})
+    result(response)
+  end
+
+  defp collect(ref, acc \\ []) do
+    receive do
+      {:snakepit_grpc, ^ref, {:message, bytes}} -> collect(ref, [bytes | acc])
+      {:snakepit_grpc, ^ref, :done} -> {:done, Enum.reverse(acc)}
+      {:snakepit_grpc, ^ref, {:error, error}} -> {:error, Enum.reverse(acc), error}
+    after
+      10_000 -> flunk("stream did not finish")
+    end
+  end
+
+  defp wait_until(fun, deadline_ms \\ 3000) do
+    deadline = System.monotonic_time(:millisecond) + deadline_ms
+
+    Stream.repeatedly(fn ->
+      if fun.(),
+        do: true,
+        else:
+          (
+            Process.sleep(20)
+            System.monotonic_time(:millisecond) > deadline && :timeout
+          )
+    end)
+    |> Enum.find(& &1)
+  end
+
+  test "unary Ping round trip", %{channel: channel, server: server} do
+    request = Proto.encode(:ping_request, %{message: "hello"})
+    assert {:ok, bytes, trailers} = Channel.unary(channel, @svc <> "Ping", request)
+
+    assert {:ok, %{message: "hello", pid: pid, worker_mode: "test"}} =
+             Proto.decode(:ping_response, bytes)
+
+    assert pid == server.os_pid
+    assert {"grpc-status", "0"} in trailers
+  end
+
+  test "channel and call metadata reach the server; -bin values are base64-coded", %{
+    channel: channel
+  } do
+    opts = [metadata: [{"x-call", "one"}, {"x-data-bin", <<0, 1, 2, 255>>}]]
+    assert {:ok, response, _} = tool(channel, "metadata", %{}, opts)
+    md = result(response)
+    assert md["authorization"] == "Bearer x"
+    assert md["x-call"] == "one"
+    assert md["x-data-bin"] == "000102ff"
+  end
+
+  test "the timeout is sent as grpc-timeout", %{channel: channel} do
+    assert {:ok, response, _} = tool(channel, "time_remaining", %{}, timeout: 5000)
+    remaining = result(response)
+    assert remaining > 3.0 and remaining <= 5.0
+  end
+
+  test "blobs and a request id survive the round trip", %{channel: channel} do
+    blobs = [<<>>, <<0, 255>>, :crypto.strong_rand_bytes(1000)]
+
+    assert {:ok, response, _} =
+             tool(channel, "echo", %{"a" => 1}, fields: [blobs: blobs, request_id: "r-1"])
+
+    assert response.blobs == blobs
+    assert response.request_id == "r-1"
+    assert result(response) == %{"a" => 1}
+  end
+
+  describe "errors" do
+    test "status, percent-decoded message and binary trailers", %{channel: channel} do
+      message = "bad thing: 100% ünïcode\nline2"
+
+      assert {:error, %Error{} = error} =
+               tool(channel, "fail", %{"code" => 5, "message" => message})
+
+      assert error.status == :not_found
+      assert error.code == 5
+      assert error.message == message
+      assert {"x-plain", "plain-value"} in error.trailers
+      {_, bin} = List.keyfind(error.trailers, "snakepit-error-bin", 0)
+
+      assert {:ok, %{type: "ValueError", message: ^message, code: 5, tool_name: "fail"}} =
+               Proto.decode(:tool_error, bin)
+    end
+
+    test "an unknown method is UNIMPLEMENTED (a Trailers-Only response)", %{channel: channel} do
+      assert {:error, %Error{status: :unimplemented, code: 12}} =
+               Channel.unary(channel, @svc <> "Nope", "")
+    end
+
+    test "every status code the server can raise maps to its atom", %{channel: channel} do
+      for {atom, code} <- Snakepit.GRPC.Status.all(), code != 0 do
+        assert {:error, %Error{status: ^atom, code: ^code}} =
+                 tool(channel, "fail", %{"code" => code})
+      end
+    end
+  end
+
+  describe "deadlines and cancellation" do
+    test "a call past its deadline fails with DEADLINE_EXCEEDED, locally and promptly", %{
+      channel: channel
+    } do
+      started = System.monotonic_time(:millisecond)
+
+      assert {:error, %Error{status: :deadline_exceeded}} =
+               tool(channel, "sleep", %{"ms" => 3000}, timeout: 200)
+
+      elapsed = System.monotonic_time(:millisecond) - started
+      assert elapsed >= 200 and elapsed < 1500
+      # The channel is still usable.
+      assert {:ok, _, _} = tool(channel, "echo", %{})
+    end
+
+    test "a caller that dies mid-call gets its stream cancelled on the server", %{
+      channel: channel
+    } do
+      before = cancelled_count(channel)
+      caller = spawn(fn -> tool(channel, "sleep", %{"ms" => 5000}, timeout: 20_000) end)
+      Process.sleep(200)
+      Process.exit(caller, :kill)
+      assert wait_until(fn -> cancelled_count(channel) > before end) == true
+    end
+
+    test "cancel/2 stops a server stream and no more messages arrive", %{channel: channel} do
+      before = cancelled_count(channel)
+
+      request =
+        Proto.encode(:execute_tool_request, %{
+          tool_name: "count",
+          args_json: ~s({"n": 1000, "delay_ms": 20})
+        })
+
+      assert {:ok, ref} = Channel.server_stream(channel, @svc <> "ExecuteStreamingTool", request)
+      assert_receive {:snakepit_grpc, ^ref, {:message, _}}, 5000
+      assert :ok = Channel.cancel(channel, ref)
+      refute_receive {:snakepit_grpc, ^ref, _}, 300
+      assert wait_until(fn -> cancelled_count(channel) > before end) == true
+    end
+
+    test "a server stream's deadline covers the whole stream", %{channel: channel} do
+      request =
+        Proto.encode(:execute_tool_request, %{
+          tool_name: "count",
+          args_json: ~s({"n": 1000, "delay_ms": 20})
+        })
+
+      assert {:ok, ref} =
+               Channel.server_stream(channel, @svc <> "ExecuteStreamingTool", request,
+                 timeout: 300
+               )
+
+      assert {:error, messages, %Error{status: :deadline_exceeded}} = collect(ref)
+      assert length(messages) > 0
+    end
+  end
+
+  describe "server streaming" do
+    test "N chunks then the final one, in order, then :done", %{channel: channel} do
+      request =
+        Proto.encode(:execute_tool_request, %{tool_name: "count", args_json: ~s({"n": 25})})
+
+      assert {:ok, ref} = Channel.server_stream(channel, @svc <> "ExecuteStreamingTool", request)
+      assert {:done, messages} = collect(ref)
+
+      chunks =
+        Enum.map(messages, fn m ->
+          {:ok, c} = Proto.decode(:tool_chunk, m)
+          c
+        end)
+
+      assert Enum.map(chunks, & &1.sequence) == Enum.to_list(0..25)
+      assert List.last(chunks).is_final
+      refute Enum.any?(Enum.drop(chunks, -1), & &1.is_final)
+    end
+
+    test "an error mid-stream arrives after the messages before it", %{channel: channel} do
+      request =
+        Proto.encode(:execute_tool_request, %{
+          tool_name: "fail_midway",
+          args_json: ~s({"n": 5, "fail_at": 2})
+        })
+
+      assert {:ok, ref} = Channel.server_stream(channel, @svc <> "ExecuteStreamingTool", request)
+      assert {:error, messages, %Error{status: :internal, message: "failed at 2"}} = collect(ref)
+      assert length(messages) == 2
+    end
+
+    test "a long stream of large messages does not stall on flow control", %{channel: channel} do
+      request =
+        Proto.encode(:execute_tool_request, %{
+          tool_name: "count",
+          args_json: ~s({"n": 200, "size": 100000})
+        })
+
+      assert {:ok, ref} =
+               Channel.server_stream(channel, @svc <> "ExecuteStreamingTool", request,
+                 timeout: 20_000
+               )
+
+      assert {:done, messages} = collect(ref)
+      assert length(messages) == 201
+    end
+  end
+
+  describe "flow control with large messages" do
+    test "a 5 MiB response", %{channel: channel} do
+      size = 5 * 1024 * 1024
+      assert {:ok, response, _} = tool(channel, "big", %{"size" => size}, timeout: 20_000)
+      assert [blob] = response.blobs
+      assert byte_size(blob) == size
+
+      assert blob ==
+               binary_part(
+                 :binary.copy(:binary.list_to_bin(Enum.to_list(0..255)), div(size, 256) + 1),
+                 0,
+                 size
+               )
+    end
+
+    test "a 3 MiB request", %{channel: channel} do
+      blob = :crypto.strong_rand_bytes(3 * 1024 * 1024)
+
+      assert {:ok, response, _} =
+               tool(channel, "digest", %{}, fields: [blobs: [blob, "x"]], timeout: 20_000)
+
+      digest = Base.encode16(:crypto.hash(:sha256, blob), case: :lower)
+
+      assert result(response) == [
+               [byte_size(blob), digest],
+               [1, Base.encode16(:crypto.hash(:sha256, "x"), case: :lower)]
+             ]
+    end
+
+    test "large requests and responses concurrently", %{channel: channel} do
+      tasks =
+        for i <- 1..6 do
+          Task.async(fn ->
+            blob = :crypto.strong_rand_bytes(1_500_000 + i)
+
+            {:ok, response, _} =
+              tool(channel, "echo", %{"i" => i}, fields: [blobs: [blob]], timeout: 30_000)
+
+            response.blobs == [blob] and result(response) == %{"i" => i}
+          end)
+        end
+
+      assert Task.await_many(tasks, 40_000) |> Enum.all?()
+    end
+  end
+
+  test "100 concurrent callers over one channel", %{channel: channel} do
+    results =
+      1..100
+      |> Task.async_stream(
+        fn i ->
+          payload = :crypto.strong_rand_bytes(rem(i * 997, 20_000))
+
+          {:ok, response, _} =
+            tool(channel, if(rem(i, 10) == 0, do: "sleep", else: "echo"), %{"i" => i, "ms" => 50},
+              fields: [blobs: [payload]]
+            )
+
+          if rem(i, 10) == 0,
+            do: response.result_json == ~s("slept"),
+            else: response.blobs == [payload] and result(response)["i"] == i
+        end,
+        max_concurrency: 100,
+        timeout: 30_000
+      )
+      |> Enum.map(fn {:ok, ok?} -> ok? end)
+
+    assert length(results) == 100
+    assert Enum.all?(results)
+  end
+
+  describe "connection lifecycle" do
+    test "a refused connection returns {:error, reason} without killing the caller" do
+      {:ok, listen} = :gen_tcp.listen(0, ip: {127, 0, 0, 1})
+      {:ok, port} = :inet.port(listen)
+      :gen_tcp.close(listen)
+      assert {:error, :econnrefused} = Channel.start_link(host: "127.0.0.1", port: port)
+      assert Process.alive?(self())
+    end
+
+    test "close/1 fails open calls and stops the channel", %{server: server} do
+      {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: server.port)
+      ref = Process.monitor(channel)
+      task = Task.async(fn -> tool(channel, "sleep", %{"ms" => 3000}) end)
+      Process.sleep(100)
+      assert :ok = Channel.close(channel)
+      assert {:error, %Error{status: :unavailable, message: "channel closed"}} = Task.await(task)
+      assert_receive {:DOWN, ^ref, :process, ^channel, :normal}
+      assert {:error, %Error{status: :unavailable}} = tool(channel, "echo", %{})
+      assert :ok = Channel.close(channel)
+    end
+
+    test "when the server goes away, open calls fail UNAVAILABLE and the channel stops" do
+      Process.flag(:trap_exit, true)
+      server = Snakepit.TestServer.start()
+      {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: server.port)
+      task = Task.async(fn -> tool(channel, "sleep", %{"ms" => 5000}) end)
+
+      {:ok, ref} =
+        Channel.server_stream(
+          channel,
+          @svc <> "ExecuteStreamingTool",
+          Proto.encode(:execute_tool_request, %{
+            tool_name: "count",
+            args_json: ~s({"n": 1000, "delay_ms": 50})
+          })
+        )
+
+      Process.sleep(200)
+      System.cmd("kill", ["-KILL", to_string(server.os_pid)])
+
+      assert {:error, %Error{status: :unavailable, message: message}} = Task.await(task, 5000)
+      assert message =~ "closed"
+      assert {:error, _, %Error{status: :unavailable}} = collect(ref)
+      assert_receive {:EXIT, ^channel, {:shutdown, _}}, 5000
+      Snakepit.TestServer.stop(server)
+    end
+
+    test "works over a Unix domain socket" do
+      path =
+        Path.join(
+          System.tmp_dir!(),
+          "snakepit_grpc_test_#{System.unique_integer([:positive])}.sock"
+        )
+
+      server = Snakepit.TestServer.start(["--unix", path])
+
+      try do
+        {:ok, channel} = Channel.start_link(host: {:local, path})
+
+        assert {:ok, bytes, _} =
+                 Channel.unary(
+                   channel,
+                   @svc <> "Ping",
+                   Proto.encode(:ping_request, %{message: "unix"})
+                 )
+
+        assert {:ok, %{message: "unix"}} = Proto.decode(:ping_response, bytes)
+        Channel.close(channel)
+      after
+        Snakepit.TestServer.stop(server)
+        File.rm(path)
+      end
+    end
+  end
+end
