@@ -69,7 +69,7 @@ defmodule Snakepit.PoolRecycleTest do
       start_pool!(
         worker_profile: :process,
         pool_size: 2,
-        worker_ttl: {1_500, :milliseconds},
+        worker_ttl: {1_000, :milliseconds},
         ttl_jitter: 0.3,
         queue_timeout: 20_000
       )
@@ -82,10 +82,18 @@ defmodule Snakepit.PoolRecycleTest do
     assert stats.crashes == 0
   end
 
+  test "TTL jitter staggers workers started together" do
+    pool = start_pool!(worker_profile: :process, pool_size: 3, worker_ttl: {1, :hours}, ttl_jitter: 0.1)
+    ttls = Enum.map(Snakepit.list_workers(pool), & &1.ttl_ms)
+    assert length(Enum.uniq(ttls)) == 3, "TTLs #{inspect(ttls)} should differ"
+    assert Enum.all?(ttls, &(&1 >= 3_240_000 and &1 <= 3_600_000))
+  end
+
   test "a recycled worker finishes its in-flight call before it stops" do
     pool = start_pool!(worker_profile: :process, pool_size: 1, worker_max_requests: 1, queue_timeout: 20_000)
     [w] = Snakepit.list_workers(pool)
     slow = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 1.0}) end)
+    eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)
     # the next call waits for the replacement (the old worker took its last call)
     assert {:ok, %{"pid" => new_pid}} = Snakepit.execute(pool, "ping", %{})
     assert new_pid != w.os_pid

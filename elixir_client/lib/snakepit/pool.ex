@@ -219,6 +219,7 @@ defmodule Snakepit.Pool do
           in_flight: w.in_flight,
           capacity: w.capacity,
           requests: w.requests,
+          ttl_ms: w.ttl_ms,
           sessions: MapSet.size(w.sessions),
           uptime_ms: System.monotonic_time(:millisecond) - w.started_at
         }
@@ -282,10 +283,17 @@ defmodule Snakepit.Pool do
             put_slot(s, w.slot, %{slot | failures: 0})
           end
 
-        schedule_ttl(s.config, wpid)
+        s = put_worker(s, %{s.workers[wpid] | ttl_ms: schedule_ttl(s.config, wpid)})
         Logger.info("snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})")
         s = %{s | ever_ready: true} |> notify_ready() |> dispatch()
         {:noreply, s}
+    end
+  end
+
+  def handle_info({:snakepit_worker_spawned, wpid, os_pid}, s) do
+    case s.workers[wpid] do
+      nil -> {:noreply, s}
+      w -> {:noreply, put_worker(s, %{w | os_pid: os_pid})}
     end
   end
 
@@ -419,6 +427,7 @@ defmodule Snakepit.Pool do
       in_flight: 0,
       capacity: s.config.threads_per_worker,
       requests: 0,
+      ttl_ms: nil,
       sessions: MapSet.new(),
       started_at: System.monotonic_time(:millisecond)
     }
@@ -445,11 +454,13 @@ defmodule Snakepit.Pool do
     end
   end
 
-  defp schedule_ttl(%{worker_ttl: :infinity}, _pid), do: :ok
+  # Returns the worker's jittered TTL in ms (or :infinity).
+  defp schedule_ttl(%{worker_ttl: :infinity}, _pid), do: :infinity
 
   defp schedule_ttl(config, pid) do
-    ttl = round(config.worker_ttl * (1.0 - :rand.uniform() * config.ttl_jitter))
-    Process.send_after(self(), {:ttl_expired, pid}, max(ttl, 1))
+    ttl = max(round(config.worker_ttl * (1.0 - :rand.uniform() * config.ttl_jitter)), 1)
+    Process.send_after(self(), {:ttl_expired, pid}, ttl)
+    ttl
   end
 
   # Starts the replacement (once) and stops routing to `w` (at once for :max_requests, when the

@@ -62,6 +62,7 @@ defmodule Snakepit.Worker do
       port = Port.open({:spawn_executable, exe}, port_opts)
       {:os_pid, os_pid} = Port.info(port, :os_pid)
       timer = Process.send_after(self(), :startup_timeout, config.startup_timeout)
+      send(pool, {:snakepit_worker_spawned, self(), os_pid})
       Logger.debug("snakepit worker #{id} spawned os pid #{os_pid}: #{exe} #{Enum.join(args, " ")}")
 
       {:ok,
