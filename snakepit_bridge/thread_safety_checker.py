@@ -58,6 +58,7 @@ _obj_getattr = object.__getattribute__
 _EMPTY: frozenset = frozenset()
 
 _STATE_KEY = "_sp_tsc"
+_DETACHED_KEY = "_sp_tsc_detached"
 
 
 def gil_enabled() -> bool:
@@ -87,6 +88,22 @@ class ThreadSafetyViolation(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 _tls = threading.local()
+
+
+_token_lock = threading.Lock()
+_token_next = [0]
+
+
+def _thread_token() -> int:
+    """A number for the calling thread that is never reused (thread idents are, once a thread
+    ends, and then two short-lived threads would look like one)."""
+    d = _tls.__dict__
+    t = d.get("token")
+    if t is None:
+        with _token_lock:
+            _token_next[0] += 1
+            t = d["token"] = _token_next[0]
+    return t
 
 
 def _lockset() -> frozenset:
@@ -183,7 +200,7 @@ def _touch(container, write: bool) -> None:
     st, attr = owner
     if st.detached:
         return
-    if _get_ident() == st.creator and not _tls.__dict__.get("tools"):
+    if _thread_token() == st.creator and not _tls.__dict__.get("tools"):
         return
     if not st.active:
         st.checker._activate(st)
@@ -312,7 +329,7 @@ def _tracked_class(cls: type) -> type:
                 return value
             if name in st.ignored:
                 return value
-            if _get_ident() == st.creator and not _tls.__dict__.get("tools"):
+            if _thread_token() == st.creator and not _tls.__dict__.get("tools"):
                 return value      # the thread that built it, outside tools: set-up/inspection
             if not st.active:
                 st.checker._activate(st)
@@ -333,7 +350,7 @@ def _tracked_class(cls: type) -> type:
                 return orig_setattr(self, name, value)
             if type(value) in _RECORDING and sys.getrefcount(value) <= _FRESH_REFCOUNT:
                 value = _wrap_container(value, st, name)
-            if _get_ident() != st.creator or _tls.__dict__.get("tools"):
+            if _thread_token() != st.creator or _tls.__dict__.get("tools"):
                 if not st.active:
                     st.checker._activate(st)
                 st.checker._record(st, name, "binding", True, _getframe(1))
@@ -344,7 +361,7 @@ def _tracked_class(cls: type) -> type:
                 d = _obj_getattr(self, "__dict__")
                 st = d.get(_STATE_KEY)
                 if st is not None and not st.detached and name not in st.ignored and (
-                        _get_ident() != st.creator or _tls.__dict__.get("tools")):
+                        _thread_token() != st.creator or _tls.__dict__.get("tools")):
                     if not st.active:
                         st.checker._activate(st)
                     st.checker._record(st, name, "binding", True, _getframe(1))
@@ -373,7 +390,7 @@ class _InstanceState:
         self.obj_id = id(obj)
         self.cls = cls
         self.cls_name = cls.__qualname__
-        self.creator = _get_ident()
+        self.creator = _thread_token()
         self.active = False
         self.detached = False
         self.locks: dict[int, _TrackedLock] = {}
@@ -584,6 +601,10 @@ class ThreadSafetyChecker:
         """Start tracking ``adapter``: from now on it is serving. Idempotent."""
         if not self.enabled:
             return
+        try:
+            _obj_getattr(adapter, "__dict__").pop(_DETACHED_KEY, None)
+        except AttributeError:
+            pass
         st = self._register(adapter)
         if st is None:
             return
@@ -616,6 +637,7 @@ class ThreadSafetyChecker:
                     try:
                         d = _obj_getattr(obj, "__dict__")
                         d.pop(_STATE_KEY, None)
+                        d[_DETACHED_KEY] = self      # no lazy re-attach by a later method call
                         obj.__class__ = st.cls
                     except TypeError:
                         pass
@@ -716,15 +738,19 @@ class ThreadSafetyChecker:
         if not self.enabled:
             return None
         try:
-            st = _obj_getattr(obj, "__dict__").get(_STATE_KEY)
+            d = _obj_getattr(obj, "__dict__")
         except AttributeError:
-            st = None
+            d = {}
+        st = d.get(_STATE_KEY)
         if st is None or st.detached or st.checker is not self:
+            if d.get(_DETACHED_KEY) is self:
+                return None
             st = self._register(obj)
         if st is not None and not st.active:
             self._activate(st)
         cls_name = (st.cls if st is not None else type(obj)).__qualname__
-        tid = _get_ident()
+        tid = _thread_token()
+        tname = threading.current_thread().name
         d = _tls.__dict__
         tools = d.get("tools")
         if tools is None:
@@ -735,15 +761,16 @@ class ThreadSafetyChecker:
         with self._lock:
             rec = self._methods.get(key)
             if rec is None:
-                rec = self._methods[key] = {"inside": {}, "calls": 0, "peak": 0,
+                rec = self._methods[key] = {"inside": {}, "calls": 0, "peak": 0, "names": {},
                                             "threads": set(), "peak_threads": []}
             rec["calls"] += 1
             inside = rec["inside"]
             inside[tid] = inside.get(tid, 0) + 1
-            rec["threads"].add(threading.current_thread().name)
+            rec["names"][tid] = tname
+            rec["threads"].add(tname)
             if len(inside) > rec["peak"]:
                 rec["peak"] = len(inside)
-                rec["peak_threads"] = sorted(_thread_name(t) for t in inside)
+                rec["peak_threads"] = sorted(rec["names"][t] for t in inside)
                 newly_concurrent = rec["peak"] == 2
         if newly_concurrent:
             self.log.info("THREAD SAFETY: Method '%s' accessed by %d different threads "
@@ -768,11 +795,12 @@ class ThreadSafetyChecker:
                 inside[tid] = n
             else:
                 inside.pop(tid, None)
+                rec["names"].pop(tid, None)
 
     # -- recording ------------------------------------------------------------------------------
 
     def _record(self, st: _InstanceState, attr: str, part: str, write: bool, frame) -> None:
-        tid = _get_ident()
+        tid = _thread_token()
         locks = _lockset()
         code = frame.f_code
         key = (st.obj_id, attr, part, tid, write, locks, code, frame.f_lineno)
@@ -859,7 +887,7 @@ class ThreadSafetyChecker:
                                  frame)
 
     def _record_library_use(self, key: tuple, lib: str, what: str, frame, **extra) -> None:
-        tid = _get_ident()
+        tid = _thread_token()
         locks = _lockset()
         fast = (key, tid, locks, frame.f_code, frame.f_lineno)
         if fast in self._seen:
@@ -978,10 +1006,3 @@ class ThreadSafetyChecker:
             fh.write("\n")
         os.replace(tmp, path)
         return path
-
-
-def _thread_name(ident: int) -> str:
-    for t in threading.enumerate():
-        if t.ident == ident:
-            return t.name
-    return f"thread-{ident}"
