@@ -405,3 +405,28 @@ def test_seeded_worker_processes_are_reproducible_and_distinct():
         second = pool.map(_child_seeded_draws, [(31, 2), (31, 1), (31, 0)])
     assert first == second[::-1]
     assert len({tuple(x) for x in first}) == 3
+
+
+# --- docs/concurrency-toolkit.md: every example runs as written --------------------------
+_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "concurrency-toolkit.md")
+
+
+def _doc_examples() -> list[str]:
+    import re
+
+    with open(_DOC, encoding="utf-8") as f:
+        return re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
+
+
+def test_doc_has_an_example_for_every_module():
+    blocks = "\n".join(_doc_examples())
+    for module in ("rng", "checkpoint", "ratelimit", "frozen", "batch"):
+        assert f"from snakepit_bridge.{module} import" in blocks, module
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_doc_example_runs_as_written(index, tmp_path, monkeypatch):
+    blocks = _doc_examples()
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[index], f"{_DOC}[example {index}]", "exec"), {"__name__": "__doc_example__"})
