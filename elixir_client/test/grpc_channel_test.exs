@@ -396,3 +396,268 @@ defmodule Snakepit.GRPC.ChannelTest do
     end
   end
 end
+
+defmodule Snakepit.GRPC.ChannelFailureTest do
+  # HTTP-level failures a grpcio server never produces, from a scripted HTTP/2 server.
+  use ExUnit.Case, async: true
+
+  alias Snakepit.FakeH2Server
+  alias Snakepit.GRPC.{Channel, Error, Message}
+
+  @ok_headers [{":status", "200"}, {"content-type", "application/grpc"}]
+
+  defp call(handler, opts \\ []) do
+    port = FakeH2Server.start(handler)
+    {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: port)
+    Channel.unary(channel, "/svc/Method", "request", opts)
+  end
+
+  defp framed(message), do: IO.iodata_to_binary(Message.encode(message))
+
+  test "a normal response: headers, one message, trailers; the request arrives framed" do
+    me = self()
+
+    handler = fn _sid, headers, body ->
+      send(me, {:request, headers, body})
+
+      [
+        {:headers, @ok_headers, false},
+        {:data, framed("reply"), false},
+        {:headers, [{"grpc-status", "0"}, {"x-t", "1"}], true}
+      ]
+    end
+
+    assert {:ok, "reply", trailers} = call(handler)
+    assert {"x-t", "1"} in trailers
+    assert_receive {:request, headers, body}
+    assert body == framed("request")
+    assert {":method", "POST"} in headers
+    assert {":path", "/svc/Method"} in headers
+    assert {"te", "trailers"} in headers
+    assert {"content-type", "application/grpc"} in headers
+    assert {"grpc-timeout", "30000m"} in headers
+  end
+
+  test "a message split over many DATA frames, several messages in one frame" do
+    big = :crypto.strong_rand_bytes(50_000)
+    <<a::binary-size(7), b::binary-size(30_000), c::binary>> = framed(big)
+
+    handler = fn _, _, _ ->
+      [
+        {:headers, @ok_headers, false},
+        {:data, a, false},
+        {:data, b, false},
+        {:data, c, false},
+        {:headers, [{"grpc-status", "0"}], true}
+      ]
+    end
+
+    assert {:ok, ^big, _} = call(handler)
+
+    two = fn _, _, _ ->
+      [
+        {:headers, @ok_headers, false},
+        {:data, framed("a") <> framed("b"), false},
+        {:headers, [{"grpc-status", "0"}], true}
+      ]
+    end
+
+    assert {:error,
+            %Error{status: :internal, message: "unary response carried 2 messages, expected 1"}} =
+             call(two)
+  end
+
+  test "non-200 HTTP status maps to a gRPC status with a clear message" do
+    for {http, status} <- [
+          {503, :unavailable},
+          {404, :unimplemented},
+          {401, :unauthenticated},
+          {500, :unknown},
+          {400, :internal}
+        ] do
+      handler = fn _, _, _ ->
+        [
+          {:headers, [{":status", "#{http}"}, {"content-type", "text/plain"}], false},
+          {:data, "oops", true}
+        ]
+      end
+
+      assert {:error, %Error{status: ^status, message: message}} = call(handler)
+      assert message =~ "HTTP status #{http}"
+    end
+  end
+
+  test "missing grpc-status, missing trailers, non-gRPC content type" do
+    no_status = fn _, _, _ ->
+      [
+        {:headers, @ok_headers, false},
+        {:data, framed("x"), false},
+        {:headers, [{"x", "y"}], true}
+      ]
+    end
+
+    assert {:error, %Error{status: :internal, message: "response has no grpc-status"}} =
+             call(no_status)
+
+    no_trailers = fn _, _, _ -> [{:headers, @ok_headers, false}, {:data, framed("x"), true}] end
+    assert {:error, %Error{status: :internal, message: message}} = call(no_trailers)
+    assert message =~ "without trailers"
+
+    html = fn _, _, _ ->
+      [
+        {:headers, [{":status", "200"}, {"content-type", "text/html"}], false},
+        {:data, "<html>", true}
+      ]
+    end
+
+    assert {:error, %Error{status: :unknown, message: message}} = call(html)
+    assert message =~ "content-type"
+  end
+
+  test "Trailers-Only error with a percent-encoded message and a -bin trailer" do
+    handler = fn _, _, _ ->
+      [
+        {:headers,
+         @ok_headers ++
+           [
+             {"grpc-status", "3"},
+             {"grpc-message", "bad %E2%9C%93 arg%"},
+             {"d-bin", Base.encode64(<<1, 2, 3>>, padding: false)}
+           ], true}
+      ]
+    end
+
+    assert {:error,
+            %Error{status: :invalid_argument, code: 3, message: "bad ✓ arg%", trailers: trailers}} =
+             call(handler)
+
+    assert {"d-bin", <<1, 2, 3>>} in trailers
+  end
+
+  test "compressed messages, truncated messages and resets" do
+    compressed = fn _, _, _ ->
+      [
+        {:headers, @ok_headers, false},
+        {:data, <<1, 0, 0, 0, 1, 0>>, false},
+        {:headers, [{"grpc-status", "0"}], true}
+      ]
+    end
+
+    assert {:error, %Error{status: :internal, message: message}} = call(compressed)
+    assert message =~ "compressed"
+
+    truncated = fn _, _, _ ->
+      [
+        {:headers, @ok_headers, false},
+        {:data, <<0, 0, 0, 0, 9, 1>>, false},
+        {:headers, [{"grpc-status", "0"}], true}
+      ]
+    end
+
+    assert {:error, %Error{status: :internal}} = call(truncated)
+
+    reset = fn _, _, _ -> [{:headers, @ok_headers, false}, {:rst, :cancel}] end
+    assert {:error, %Error{status: :cancelled}} = call(reset)
+
+    refused = fn _, _, _ -> [{:rst, :refused_stream}] end
+    assert {:error, %Error{status: :unavailable}} = call(refused)
+  end
+
+  test "GOAWAY fails open calls with UNAVAILABLE and stops the channel" do
+    Process.flag(:trap_exit, true)
+    port = FakeH2Server.start(fn _, _, _ -> [{:goaway, 1, :no_error}, :hold] end)
+    {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: port)
+
+    assert {:error, %Error{status: :unavailable, message: message}} =
+             Channel.unary(channel, "/svc/M", "x")
+
+    assert message =~ "GOAWAY"
+    assert_receive {:EXIT, ^channel, {:shutdown, {:goaway, :no_error}}}, 2000
+  end
+
+  test "a dropped connection fails open calls with UNAVAILABLE" do
+    Process.flag(:trap_exit, true)
+    port = FakeH2Server.start(fn _, _, _ -> [{:headers, @ok_headers, false}, :close] end)
+    {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: port)
+
+    assert {:error, %Error{status: :unavailable, message: "connection closed by the server"}} =
+             Channel.unary(channel, "/svc/M", "x")
+
+    assert_receive {:EXIT, ^channel, {:shutdown, :closed}}, 2000
+  end
+
+  test "a local deadline on a server that never answers" do
+    port = FakeH2Server.start(fn _, _, _ -> [:hold] end)
+    {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: port)
+
+    assert {:error, %Error{status: :deadline_exceeded}} =
+             Channel.unary(channel, "/svc/M", "x", timeout: 100)
+
+    assert {:error, %Error{status: :deadline_exceeded}} =
+             Channel.unary(channel, "/svc/M", "x", timeout: 0)
+
+    Channel.close(channel)
+  end
+end
+
+defmodule Snakepit.GRPC.MetadataTest do
+  use ExUnit.Case, async: true
+
+  alias Snakepit.GRPC.{Message, Metadata, Status}
+
+  test "grpc-timeout encoding keeps at most 8 digits and never shortens the deadline" do
+    assert Metadata.encode_timeout(0) == "0m"
+    assert Metadata.encode_timeout(30_000) == "30000m"
+    assert Metadata.encode_timeout(99_999_999) == "99999999m"
+    assert Metadata.encode_timeout(100_000_000) == "100000S"
+    assert Metadata.encode_timeout(100_000_001) == "100001S"
+
+    for ms <- [0, 1, 999, 99_999_999, 100_000_000, 123_456_789_012, 10_000_000_000_000] do
+      value = Metadata.encode_timeout(ms)
+      assert byte_size(value) <= 9
+      assert {:ok, decoded} = Metadata.decode_timeout(value)
+      assert decoded >= ms
+    end
+  end
+
+  test "grpc-message percent coding" do
+    assert Metadata.decode_message("a%20b%25c%E2%9C%93") == "a b%c✓"
+    assert Metadata.decode_message("50%") == "50%"
+    assert Metadata.decode_message("%zz%4") == "%zz%4"
+    assert Metadata.encode_message("a%b ✓\n") == "a%25b %E2%9C%93%0A"
+    assert Metadata.decode_message(Metadata.encode_message("ünïcode 100%")) == "ünïcode 100%"
+  end
+
+  test "-bin metadata is base64, padded or not" do
+    assert Metadata.decode_metadata([
+             {"a-bin", "AQID"},
+             {"b-bin", "AQ=="},
+             {"c-bin", "AQ"},
+             {"plain", "AQ"}
+           ]) ==
+             [{"a-bin", <<1, 2, 3>>}, {"b-bin", <<1>>}, {"c-bin", <<1>>}, {"plain", "AQ"}]
+
+    assert Metadata.encode_metadata([{"X-Key-bin", <<1>>}, {"k", "v"}]) == [
+             {"x-key-bin", "AQ"},
+             {"k", "v"}
+           ]
+  end
+
+  test "message framing" do
+    assert IO.iodata_to_binary(Message.encode("abc")) == <<0, 0, 0, 0, 3, "abc">>
+    assert {:ok, ["abc", ""], <<0, 0>>} = Message.decode(<<0, 3::32, "abc", 0, 0::32, 0, 0>>)
+    assert {:error, :compressed} = Message.decode(<<1, 3::32, "abc">>)
+    assert {:error, {:too_large, 100}} = Message.decode(<<0, 100::32>>, 10)
+  end
+
+  test "status codes map both ways" do
+    assert length(Status.all()) == 17
+
+    for {atom, code} <- Status.all() do
+      assert Status.to_atom(code) == atom
+      assert Status.to_code(atom) == code
+    end
+
+    assert Status.to_atom(99) == :unknown
+  end
+end

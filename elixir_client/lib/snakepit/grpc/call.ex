@@ -39,7 +39,12 @@ defmodule Snakepit.GRPC.Call do
 
     cond do
       status != "200" ->
-        http_status = if status, do: String.to_integer(status), else: 0
+        http_status =
+          case Integer.parse(status || "") do
+            {code, ""} -> code
+            _ -> 0
+          end
+
         message = "HTTP status #{status || "missing"} from server" <> grpc_detail(headers)
 
         done(

@@ -91,7 +91,8 @@ defmodule Snakepit.GRPC.Channel do
   @spec server_stream(server(), String.t(), iodata(), call_opts()) ::
           {:ok, reference()} | {:error, Error.t()}
   def server_stream(server, path, request, opts \\ []) do
-    GenServer.call(server, {:server_stream, path, request, opts})
+    # The channel answers as soon as the stream is open; the long timeout only guards a wedged one.
+    GenServer.call(server, {:server_stream, path, request, opts}, 60_000)
   catch
     :exit, reason ->
       {:error, Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
@@ -143,7 +144,7 @@ defmodule Snakepit.GRPC.Channel do
     case :gen_tcp.connect(
            address,
            port_for(host, port),
-           [:binary, active: false, nodelay: nodelay(host)],
+           socket_options(host),
            connect_timeout
          ) do
       {:ok, socket} ->
@@ -184,9 +185,12 @@ defmodule Snakepit.GRPC.Channel do
   defp port_for({:local, _}, _port), do: 0
   defp port_for(_host, port), do: port
 
-  # TCP_NODELAY does not apply to Unix sockets.
-  defp nodelay({:local, _}), do: false
-  defp nodelay(_), do: true
+  # A peer that stops reading must not block the channel forever: sends time out and close the
+  # socket, which fails every call with :unavailable. TCP_NODELAY does not apply to Unix sockets.
+  defp socket_options(host) do
+    base = [:binary, active: false, send_timeout: 30_000, send_timeout_close: true]
+    if match?({:local, _}, host), do: base, else: [{:nodelay, true} | base]
+  end
 
   @impl true
   def handle_call({kind, path, request, opts}, {pid, _} = from, state)
@@ -360,7 +364,7 @@ defmodule Snakepit.GRPC.Channel do
             state = finish(state, sid, entry, outcome)
 
             # A non-200 response may leave the stream open on the HTTP/2 side: reset it.
-            if sid in Conn.open_streams(state.conn) do
+            if Conn.open?(state.conn, sid) do
               {conn, out} = Conn.cancel(state.conn, sid)
               _ = :gen_tcp.send(state.socket, out)
               %{state | conn: conn}

@@ -227,6 +227,10 @@ defmodule Snakepit.HTTP2.Conn do
     {%{conn | state: :closed}, Frame.encode({:goaway, 0, code, debug})}
   end
 
+  @doc "Whether stream `stream_id` is still open in either direction."
+  @spec open?(t(), stream_id()) :: boolean()
+  def open?(%__MODULE__{} = conn, stream_id), do: Map.has_key?(conn.streams, stream_id)
+
   @doc "Ids of the streams still open (either direction)."
   @spec open_streams(t()) :: [stream_id()]
   def open_streams(%__MODULE__{} = conn), do: Map.keys(conn.streams)
