@@ -95,13 +95,25 @@ defmodule Snakepit do
             :ok
 
           {:error, :not_found} ->
-            ref = Process.monitor(pid)
-            GenServer.stop(pid, :shutdown)
+            # a pool from `config :snakepit, pools:` is a static child of the application supervisor
+            id = {Pool, pool_name(pool, pid)}
 
-            receive do
-              {:DOWN, ^ref, _, _, _} -> :ok
+            with :ok <- Supervisor.terminate_child(Snakepit.Supervisor, id),
+                 :ok <- Supervisor.delete_child(Snakepit.Supervisor, id) do
+              :ok
+            else
+              _ -> {:error, :not_found}
             end
         end
+    end
+  end
+
+  defp pool_name(pool, _pid) when is_atom(pool), do: pool
+
+  defp pool_name(_pool, pid) do
+    case Registry.keys(Snakepit.Registry, pid) do
+      [name] -> name
+      _ -> nil
     end
   end
 
@@ -306,7 +318,7 @@ defmodule Snakepit do
               {:halt, %{st | done: true}}
 
             {:snakepit_grpc, ^ref, {:error, e}} ->
-              Pool.checkin(lease, :error)
+              # the `after` function below checks the slot in
               raise transport_error(lease, e, tool)
           after
             timeout + 2_000 ->

@@ -119,4 +119,14 @@ defmodule Snakepit.GuideSnippetsTest do
     assert is_map(stats)
     assert Map.has_key?(stats, "max_workers") or Map.has_key?(stats, "total_requests")
   end
+
+  test "pools from config start with the application and stop_pool stops them" do
+    run_config_block(@recycling_config)
+    os_pids = Enum.map(Snakepit.list_workers(:hpc_pool), & &1.os_pid)
+    assert :ok = Snakepit.stop_pool(:hpc_pool)
+    assert Snakepit.Pool.whereis(:hpc_pool) == nil
+    Process.sleep(300)
+    assert Snakepit.Pool.whereis(:hpc_pool) == nil, "the application supervisor restarted the pool"
+    Snakepit.PoolHelpers.eventually(fn -> Enum.all?(os_pids, &(not Snakepit.PoolHelpers.os_alive?(&1))) end, 10_000)
+  end
 end

@@ -74,6 +74,33 @@ defmodule Snakepit.PoolFaultTest do
     assert Snakepit.Pool.whereis(:never_ready) == nil
   end
 
+  test "restart delays grow exponentially up to restart_backoff_max" do
+    assert Enum.map(1..8, &Snakepit.Pool.backoff(&1, 10_000)) == [100, 200, 400, 800, 1600, 3200, 6400, 10_000]
+    assert Snakepit.Pool.backoff(100, 2_000) == 2_000
+  end
+
+  test "a worker that keeps failing to start is restarted with backoff, not in a tight loop" do
+    pool =
+      start_pool_no_wait!(%{
+        pool_size: 1,
+        python_adapter: "snakepit_bridge.adapters.nope.Missing",
+        startup_timeout: 10_000
+      })
+
+    Process.sleep(3_500)
+    {:ok, stats} = Snakepit.get_stats(pool)
+    # each attempt fails in ~0.3-0.6 s; without backoff there would be ~6-11 attempts by now
+    assert stats.crashes >= 2, "the failing worker should be restarted: #{inspect(Map.delete(stats, :workers))}"
+    assert stats.workers_started <= 6, "too many attempts: #{stats.workers_started}"
+  end
+
+  defp start_pool_no_wait!(config) do
+    name = :"pool_#{System.unique_integer([:positive])}"
+    {:ok, _} = Snakepit.start_pool(Map.merge(config, %{name: name, queue_timeout: 100}), await: false)
+    on_exit(fn -> Snakepit.stop_pool(name) end)
+    name
+  end
+
   test "invalid pool config fails at start naming the key" do
     assert {:error, msg} = Snakepit.start_pool(name: :bad, pool_size: -1)
     assert msg =~ ":pool_size"

@@ -337,8 +337,7 @@ defmodule Snakepit.Pool do
               s = put_slot(s, w.slot, slot)
 
               if slot.pending == nil do
-                delay = min(@backoff_base * Integer.pow(2, min(slot.failures - 1, 16)), s.config.restart_backoff_max)
-                schedule_start(s, w.slot, delay)
+                schedule_start(s, w.slot, backoff(slot.failures, s.config.restart_backoff_max))
               else
                 s
               end
@@ -409,6 +408,10 @@ defmodule Snakepit.Pool do
 
     :ok
   end
+
+  @doc "Restart delay (ms) after the `failures`-th consecutive failure of a slot: 100, 200, 400, ... up to `max`."
+  @spec backoff(pos_integer, pos_integer) :: pos_integer
+  def backoff(failures, max), do: min(@backoff_base * Integer.pow(2, min(failures - 1, 16)), max)
 
   ## internals
 
