@@ -8,9 +8,11 @@ one item becomes that item's error outcome and never disturbs the others.
 not-yet-started items are cancelled.
 
 Each item runs in its own copy of the caller's :mod:`contextvars` context, so
-context variables set by one item are seen neither by other items nor by the
-caller (when run_batch makes its own threads or runs sequentially; a supplied
-executor runs ``fn`` as it sees fit).
+it sees the caller's context variables (request ids, deadlines), and what it
+sets is seen neither by other items nor by the caller.  This holds when
+run_batch runs items sequentially, on its own threads, or on a supplied
+``ThreadPoolExecutor``; other executors (process pools) run ``fn`` as they see
+fit.
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ def run_batch(
         ) as pool:
             # One context copy per item: a Context cannot be entered by two threads.
             return _drive(pool, lambda item: (contextvars.copy_context().run, fn, item), items, max_workers)
+    if isinstance(executor, cf.ThreadPoolExecutor):
+        return _drive(executor, lambda item: (contextvars.copy_context().run, fn, item), items, max_workers)
     return _drive(executor, lambda item: (fn, item), items, max_workers)
 
 

@@ -42,7 +42,7 @@ def square_or_fail(x: int) -> int:
     return x * x
 
 
-def test_order_and_error_type_are_kept_is_fixed():
+def test_completion_order_and_lost_error_type_is_fixed():
     def slow_first(x):
         time.sleep(0.2 if x == 0 else 0.0)  # item 0 finishes last
         if x == 2:
@@ -165,10 +165,11 @@ def test_items_cannot_leak_context_variables_to_each_other_or_the_caller():
         time.sleep(0.001)
         return before, var.get()
 
-    for max_workers in (1, 4):
-        outcomes = run_batch(fn, range(8), max_workers)
-        assert [o.value for o in outcomes] == [("caller", f"item{x}") for x in range(8)]
-        assert var.get() == "caller"
+    with cf.ThreadPoolExecutor(max_workers=4) as pool:
+        for max_workers, executor in ((1, None), (4, None), (4, pool)):
+            outcomes = run_batch(fn, range(8), max_workers, executor=executor)
+            assert [o.value for o in outcomes] == [("caller", f"item{x}") for x in range(8)]
+            assert var.get() == "caller"
 
 
 def test_outcomes_are_immutable_and_compare_without_the_exception_object():

@@ -65,7 +65,7 @@ class Built(Frozen, auto_freeze=False):
     pass
 
 
-def test_unfreeze_delete_and_nested_mutation_are_fixed():
+def test_unfreezable_deletable_nested_mutable_context_is_fixed():
     flawed = _FlawedDocProcessingContext({0: {"op": "blur"}})
     flawed.freeze()
     with pytest.raises(AttributeError):
