@@ -1,0 +1,224 @@
+"""Readiness, port clashes, and shutdown: SIGTERM/SIGINT drain, stdin EOF."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from snakepit_bridge.client import BridgeCallError
+from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
+from tests.servers import SHOWCASE, SPEC_ADAPTER, ServerFailedToStart, WorkerServer
+
+MODES = [("threaded", []), ("process", []), ("process", ["--processes", "2"])]
+MODE_IDS = ["threaded", "process", "preforked"]
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# --- readiness -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, flags", MODES, ids=MODE_IDS)
+def test_ready_line_names_the_port_and_pid_and_is_alone_on_stdout(mode, flags, tmp_path):
+    ready_file = tmp_path / "ready"
+    with WorkerServer(mode, "--adapter", SHOWCASE, *flags, env={"SNAKEPIT_READY_FILE": str(ready_file)}) as server:
+        assert server.stdout_lines == [f"SNAKEPIT_READY port={server.port} pid={server.process.pid}"]
+        assert server.port > 0 and server.pid == server.process.pid
+        assert ready_file.read_text() == f"{server.port}\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ready"]  # the temporary file was renamed away
+        assert server.client().execute("add", {"a": 1, "b": 2}) == 3  # ready means serving
+
+
+def test_ready_file_is_written_atomically_never_empty(tmp_path):
+    """A watcher polling the file sees either nothing or the whole port number."""
+    ready_file = tmp_path / "ready"
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                seen.append(ready_file.read_text())
+            except FileNotFoundError:
+                pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with WorkerServer("threaded", "--adapter", SHOWCASE, env={"SNAKEPIT_READY_FILE": str(ready_file)}) as server:
+            assert wait_until(lambda: bool(seen))
+            port = server.port
+    finally:
+        stop.set()
+        watcher.join()
+    assert set(seen) == {f"{port}\n"}
+
+
+def occupied_port():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock, sock.getsockname()[1]
+
+
+def start_expecting_failure(mode, *args, timeout=30):
+    """Start a server that should refuse to start: returns (exit code, stdout, stderr). One that
+    announces readiness anyway is stopped at once and reported with exit code None."""
+    server = WorkerServer(mode, *args, startup_timeout=timeout)
+    try:
+        server.start()
+    except ServerFailedToStart:
+        server.process.wait(10)
+        time.sleep(0.2)  # let the stderr reader catch the last lines
+        return server.process.returncode, "\n".join(server.stdout_lines), "\n".join(server.stderr_lines)
+    server.__exit__(None, None, None)
+    return None, "\n".join(server.stdout_lines), "\n".join(server.stderr_lines)
+
+
+@pytest.mark.parametrize("mode, flags", MODES, ids=MODE_IDS)
+def test_port_already_in_use_is_a_clear_error_and_exit_code_1(mode, flags):
+    sock, port = occupied_port()
+    try:
+        code, stdout, stderr = start_expecting_failure(mode, "--adapter", SHOWCASE, "--port", str(port), *flags)
+    finally:
+        sock.close()
+    assert code == 1, (stdout, stderr)
+    assert str(port) in stderr and ("in use" in stderr or "cannot listen" in stderr), stderr
+    assert "SNAKEPIT_READY" not in stdout
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("mode, flags", MODES, ids=MODE_IDS)
+def test_port_held_by_another_worker_server_is_a_clear_error_and_exit_code_1(mode, flags):
+    with WorkerServer(mode, "--adapter", SHOWCASE, *flags) as first:
+        code, stdout, stderr = start_expecting_failure(mode, "--adapter", SHOWCASE, "--port", str(first.port), *flags)
+        assert code == 1, f"a second server on port {first.port} exited with {code}: {stdout!r} {stderr!r}"
+        assert str(first.port) in stderr and "SNAKEPIT_READY" not in stdout
+        assert first.client().ping().pid  # the first server is untouched
+
+
+# --- shutdown ------------------------------------------------------------------------------------------
+
+def watch_health(channel):
+    """Health Watch responses of the whole server, collected in a list by a background thread."""
+    statuses: list[int] = []
+    call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+    def collect():
+        try:
+            for response in call:
+                statuses.append(response.status)
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=collect, daemon=True).start()
+    return call, statuses
+
+
+@pytest.mark.parametrize("mode, flags", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_the_in_flight_call_refuses_new_ones_and_exits_0(mode, flags, sig, tmp_path):
+    teardown_file = tmp_path / "teardown"
+    server = WorkerServer(mode, "--adapter", SPEC_ADAPTER, "--grace", "10", *flags,
+                          env={"SPEC_ADAPTER_TEARDOWN_FILE": str(teardown_file)})
+    with server:
+        client = server.client()
+        stub = server.stub()
+        pid = client.ping().pid
+        in_flight = stub.ExecuteTool.future(pb.ExecuteToolRequest(
+            tool_name="stubborn_sleep", args_json='{"seconds": 1.5}'), timeout=30)
+        assert wait_until(lambda: client.stats().requests_active == 1)  # same connection: same process
+        watch, statuses = watch_health(server.channel())
+        assert wait_until(lambda: statuses == [health_pb2.HealthCheckResponse.SERVING])
+        signalled = time.monotonic()
+        server.process.send_signal(sig)
+        if not flags:  # single process: health turns NOT_SERVING and new calls are refused at once
+            assert wait_until(lambda: health_pb2.HealthCheckResponse.NOT_SERVING in statuses, timeout=5), statuses
+            watch.cancel()
+            with pytest.raises(BridgeCallError) as caught:
+                client.execute("noop", timeout=5)
+            assert caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), caught.value
+        else:
+            watch.cancel()
+        response = in_flight.result(timeout=15)
+        assert '"slept":1.5' in response.result_json or float(response.result_json.split(":")[1].rstrip("}")) >= 1.49
+        assert server.process.wait(timeout=15) == 0
+        assert time.monotonic() - signalled < 8.0  # it did not sit out the whole --grace
+        assert not pid_alive(pid)
+    if not flags:
+        assert teardown_file.read_text() == "teardown\n"  # teardown ran after the drain
+
+
+def test_calls_still_running_when_the_grace_period_ends_are_cut_off_and_the_server_exits_0():
+    with WorkerServer("threaded", "--adapter", SPEC_ADAPTER, "--grace", "0.5") as server:
+        stub = server.stub()
+        in_flight = stub.ExecuteTool.future(pb.ExecuteToolRequest(
+            tool_name="stubborn_sleep", args_json='{"seconds": 6}'), timeout=30)
+        assert wait_until(lambda: server.client().stats().requests_active == 1)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError):
+            in_flight.result(timeout=15)
+        assert server.process.wait(timeout=15) == 0
+        exited_after = time.monotonic() - signalled
+        assert exited_after < 4.0, f"exited {exited_after:.1f} s after SIGTERM with --grace 0.5 (the call needed 6 s)"
+
+
+@pytest.mark.parametrize("mode, flags", MODES, ids=MODE_IDS)
+def test_stdin_eof_shuts_the_server_down_with_exit_0(mode, flags):
+    with WorkerServer(mode, "--adapter", SHOWCASE, "--exit-on-stdin-eof", *flags) as server:
+        pid = server.client().ping().pid
+        server.process.stdin.close()
+        assert server.process.wait(timeout=15) == 0
+        assert wait_until(lambda: not pid_alive(pid), timeout=10)
+
+
+def test_without_the_flag_stdin_eof_does_not_stop_the_server():
+    with WorkerServer("threaded", "--adapter", SHOWCASE) as server:
+        server.process.stdin.close()
+        time.sleep(1.0)
+        assert server.process.poll() is None
+        assert server.client().execute("add", {"a": 1, "b": 1}) == 2
+
+
+def test_stdin_eof_lets_the_in_flight_call_finish():
+    with WorkerServer("threaded", "--adapter", SPEC_ADAPTER, "--exit-on-stdin-eof") as server:
+        in_flight = server.stub().ExecuteTool.future(pb.ExecuteToolRequest(
+            tool_name="stubborn_sleep", args_json='{"seconds": 1.0}'), timeout=30)
+        assert wait_until(lambda: server.client().stats().requests_active == 1)
+        server.process.stdin.close()
+        assert "slept" in in_flight.result(timeout=15).result_json
+        assert server.process.wait(timeout=15) == 0
+
+
+def test_preforked_children_die_with_a_killed_parent():
+    with WorkerServer("process", "--adapter", SHOWCASE, "--processes", "2") as server:
+        children = set()
+        for _ in range(24):
+            children.add(server.stub(("grpc.use_local_subchannel_pool", 1)).Ping(pb.PingRequest(), timeout=10).pid)
+            if len(children) == 2:
+                break
+        assert children and server.pid not in children
+        server.process.kill()
+        server.process.wait(10)
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in children), timeout=15)
