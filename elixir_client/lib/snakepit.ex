@@ -176,13 +176,19 @@ defmodule Snakepit do
   @spec get_session(pool, String.t()) :: {:ok, map} | {:error, Error.t()}
   def get_session(pool \\ default_pool(), session_id) do
     with_slot(pool, "GetSession", %{}, [session_id: session_id, skip_session_init: true], fn lease, _, _ ->
-      with {:ok, r} <-
+      with :ok <- known_session(lease, session_id),
+           {:ok, r} <-
              unary(lease, "GetSession", :get_session_request, %{session_id: session_id}, :get_session_response, nil, []),
            {:ok, state} <- decode_value(r.state_json, r.blobs, nil, []) do
         {:ok, %{r | state_json: nil} |> Map.delete(:state_json) |> Map.delete(:blobs) |> Map.put(:state, state)}
       end
     end)
   end
+
+  defp known_session(%{init_session: true}, sid),
+    do: {:error, Error.new(:not_found, "session #{inspect(sid)} was never used in this pool (or its worker is gone)")}
+
+  defp known_session(_lease, _sid), do: :ok
 
   @doc "Deletes a session on its worker and forgets its pinning."
   @spec cleanup_session(pool, String.t()) :: {:ok, boolean} | {:error, Error.t()}
@@ -482,6 +488,8 @@ defmodule Snakepit do
 
           outcome =
             case result do
+              # the pool marked the session as created on this worker: undo that
+              _ when lease.init_session and opts[:skip_session_init] == true -> {:session_init_failed, sid}
               {:error, %Error{reason: :session_init_failed}} -> {:session_init_failed, sid}
               {:error, _} -> :error
               _ -> :ok

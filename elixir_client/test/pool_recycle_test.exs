@@ -100,4 +100,18 @@ defmodule Snakepit.PoolRecycleTest do
     assert {:ok, %{"cancelled" => false}} = Task.await(slow, 10_000)
     eventually(fn -> not os_alive?(w.os_pid) end, 10_000)
   end
+
+  test "a session whose worker was recycled is re-created on the new worker" do
+    pool = start_pool!(worker_profile: :process, pool_size: 1, worker_max_requests: 3, queue_timeout: 20_000)
+    [w] = Snakepit.list_workers(pool)
+    # InitializeSession does not count as a request; the 3 tool calls do
+    assert {:ok, 1} = Snakepit.execute_in_session(pool, "recycled-sess", "session_counter", %{})
+    assert {:ok, 2} = Snakepit.execute_in_session(pool, "recycled-sess", "session_counter", %{})
+    assert {:ok, 3} = Snakepit.execute_in_session(pool, "recycled-sess", "session_counter", %{})
+    # the worker reached max requests: the next call runs on its replacement, in a new session
+    assert {:ok, 1} = Snakepit.execute_in_session(pool, "recycled-sess", "session_counter", %{})
+    assert [%{os_pid: new}] = ready_workers(pool)
+    assert new != w.os_pid
+    assert {:ok, %{state: %{"count" => 1}}} = Snakepit.get_session(pool, "recycled-sess")
+  end
 end

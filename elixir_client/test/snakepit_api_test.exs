@@ -4,6 +4,7 @@ defmodule Snakepit.ApiTest do
   # Every public call against real Python workers (process and thread profiles).
   use ExUnit.Case, async: false
   import Snakepit.PoolHelpers
+  import Bitwise
   alias Snakepit.{Error, NDArray}
 
   @moduletag timeout: 120_000
@@ -66,6 +67,39 @@ defmodule Snakepit.ApiTest do
 
     for pool <- pools do
       assert {:ok, ^value} = Snakepit.execute(pool, "echo", value)
+    end
+  end
+
+  defp random_value(0), do: random_leaf()
+
+  defp random_value(depth) do
+    case :rand.uniform(4) do
+      1 -> for _ <- 1..:rand.uniform(4), do: random_value(depth - 1)
+      2 -> Map.new(1..:rand.uniform(4), fn i -> {"k#{i}_#{:rand.uniform(99)}", random_value(depth - 1)} end)
+      _ -> random_leaf()
+    end
+  end
+
+  defp random_leaf do
+    case :rand.uniform(9) do
+      1 -> :rand.uniform(1 <<< 62) - (1 <<< 61)
+      2 -> (:rand.uniform(1 <<< 100) - (1 <<< 99)) * 7
+      3 -> (:rand.uniform() - 0.5) * :math.pow(10, :rand.uniform(40) - 20)
+      4 -> Enum.random([0.0, 1.0, -2.0, 1.0e300, 1.0e-320, 2.2250738585072014e-308])
+      5 -> for(_ <- 1..:rand.uniform(12), into: "", do: <<Enum.random([?a, ?Z, ?\n, ?", 0x2713, 0x1F40D, 0xE9])::utf8>>)
+      6 -> :crypto.strong_rand_bytes(:rand.uniform(40)) |> then(&(if String.valid?(&1), do: <<255, &1::binary>>, else: &1))
+      7 -> Enum.random([nil, true, false])
+      8 -> Enum.random([:nan, :infinity, :neg_infinity])
+      9 -> NDArray.from_list(Enum.map(1..:rand.uniform(6), fn _ -> :rand.uniform(1000) - 500 end), Enum.random(["<i8", "<i4", "<f8", "<f4", "|u1"]) |> then(&(if &1 == "|u1", do: "<i2", else: &1)))
+    end
+  end
+
+  test "random value trees round-trip through the Python echo tool", %{pools: pools} do
+    :rand.seed(:exsss, {1, 2, 3})
+
+    for pool <- pools, i <- 1..60 do
+      value = %{"v" => random_value(3)}
+      assert {:ok, ^value} = Snakepit.execute(pool, "echo", value), "case #{i}: #{inspect(value)}"
     end
   end
 
@@ -172,6 +206,7 @@ defmodule Snakepit.ApiTest do
       assert {:ok, 4} = Snakepit.execute_in_session(pool, sid, :session_counter, %{}, timeout: 5_000)
       assert {:ok, %{state: %{"count" => 4}}} = Snakepit.get_session(pool, sid)
       assert {:ok, true} = Snakepit.cleanup_session(pool, sid)
+      assert {:error, %Error{reason: :not_found}} = Snakepit.get_session(pool, "never-used-#{sid}")
       # a new session with the same id starts over
       assert {:ok, 1} = Snakepit.execute_in_session(pool, sid, "session_counter", %{})
     end
