@@ -486,10 +486,12 @@ defmodule Snakepit do
                 :erlang.raise(kind, reason, __STACKTRACE__)
             end
 
+          # (when the pool marked the session as created on this worker but it was not: undo that)
+          undo? = lease.init_session and opts[:skip_session_init] == true
+
           outcome =
             case result do
-              # the pool marked the session as created on this worker: undo that
-              _ when lease.init_session and opts[:skip_session_init] == true -> {:session_init_failed, sid}
+              _ when undo? -> {:session_init_failed, sid}
               {:error, %Error{reason: :session_init_failed}} -> {:session_init_failed, sid}
               {:error, _} -> :error
               _ -> :ok
