@@ -365,6 +365,11 @@ def test_processes_and_threads_lose_no_update(tmp_path, method):
     assert elapsed < 240
 
 
+def _signal_then_sleep(event, seconds: float) -> None:
+    event.set()
+    time.sleep(seconds)
+
+
 def test_fork_while_a_thread_holds_the_lock_does_not_leak_it_to_the_child(tmp_path):
     """A forked child inherits the lock descriptor; unless it is closed in the
     child, the flock stays held after the parent releases it, as long as the
@@ -380,9 +385,12 @@ def test_fork_while_a_thread_holds_the_lock_does_not_leak_it_to_the_child(tmp_pa
     th = threading.Thread(target=cp.update, args=(slow,))
     th.start()
     assert in_fn.wait(10)
-    child = mp.get_context("fork").Process(target=time.sleep, args=(3,))
+    ctx = mp.get_context("fork")
+    child_running = ctx.Event()
+    child = ctx.Process(target=_signal_then_sleep, args=(child_running, 3))
     child.start()
     try:
+        assert child_running.wait(30)  # the child's at-fork hooks have run by now
         release.set()
         th.join(10)
         assert lock_is_free(cp.lock_path), "the child kept the parent's checkpoint lock"

@@ -184,7 +184,7 @@ def test_sleeping_under_the_lock_is_fixed():
     fixed_latency = _latency_of_try_acquire_while_another_thread_waits(fixed, fixed.acquire)
 
     assert flawed_latency > 0.5, flawed_latency  # blocked for the rest of the ~1 s sleep
-    assert fixed_latency < 0.25, fixed_latency  # generous: typically microseconds
+    assert fixed_latency < 0.4, fixed_latency  # generous: typically microseconds
 
 
 def test_a_long_waiter_does_not_delay_a_short_deadline():
@@ -194,10 +194,12 @@ def test_a_long_waiter_does_not_delay_a_short_deadline():
     assert lim.try_acquire()
     long_waiter = threading.Thread(target=lim.acquire)  # reserves the next token, sleeps ~1 s
     long_waiter.start()
-    time.sleep(0.1)
+    give_up = time.monotonic() + 10
+    while lim.available > -0.5 and time.monotonic() < give_up:  # until its reservation is made
+        time.sleep(0.005)
     t0 = time.monotonic()
     assert lim.acquire(timeout=0.2) is False
-    assert time.monotonic() - t0 < 0.25
+    assert time.monotonic() - t0 < 0.4
     assert lim.time_until_available() > 1.0  # it sees the queue: ~1.9 s
     long_waiter.join(10)
 
@@ -205,6 +207,7 @@ def test_a_long_waiter_does_not_delay_a_short_deadline():
 # --- thread stress ------------------------------------------------------------------------
 def test_threads_respect_the_rate_and_burst():
     rate, burst, total, n_threads = 50.0, 5.0, 60, 8
+    t_created = time.monotonic()
     lim = RateLimiter(rate, burst)
     stamps: list[float] = []
     stamps_lock = threading.Lock()
@@ -227,14 +230,16 @@ def test_threads_respect_the_rate_and_burst():
     # (total - burst) tokens had to be minted at `rate`: at least 1.1 s
     assert elapsed >= (total - burst) / rate * 0.95
     assert elapsed < 10  # generous bound for a loaded 2-core machine
+    # The k-th grant (0-based) cannot return before (k + 1 - burst) / rate seconds
+    # after the bucket was created.  Stamps are taken after acquire returns, so
+    # scheduling delays only make them later: this bound cannot fail spuriously.
     stamps.sort()
-    for i in range(len(stamps)):
-        for j in range(i + 1, len(stamps)):
-            window = stamps[j] - stamps[i]
-            assert j - i + 1 <= burst + rate * (window + 0.05) + 2, (i, j, window)
+    for k, stamp in enumerate(stamps):
+        assert stamp - t_created >= (k + 1 - burst) / rate - 0.005, (k, stamp - t_created)
 
 
 def test_try_acquire_from_many_threads_never_over_grants():
+    t0 = time.monotonic()
     lim = RateLimiter(rate=200, burst=10)
     granted = [0] * 8
     stop = time.monotonic() + 1.0
@@ -244,7 +249,6 @@ def test_try_acquire_from_many_threads_never_over_grants():
             if lim.try_acquire():
                 granted[i] += 1
 
-    t0 = time.monotonic()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for th in threads:
         th.start()
@@ -252,7 +256,7 @@ def test_try_acquire_from_many_threads_never_over_grants():
         th.join(10)
     elapsed = time.monotonic() - t0
     assert sum(granted) <= 10 + 200 * elapsed + 1
-    assert sum(granted) >= 100  # and it does grant (half the rate, generous)
+    assert sum(granted) >= 50  # and it does grant (a quarter of the rate: generous)
 
 
 # --- process stress -------------------------------------------------------------------------
