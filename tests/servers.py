@@ -111,9 +111,10 @@ class WorkerServer:
 
         return pb_grpc.BridgeServiceStub(self.channel(*options))
 
-    def grpcurl(self, *args: str, data: str | None = None, headers: dict | None = None, timeout: float = 30.0):
+    def grpcurl(self, *args: str, data: str | None = None, headers: dict | None = None, flags: tuple | list = (),
+                timeout: float = 30.0):
         """Run the real grpcurl binary against the server (plaintext, reflection): returns CompletedProcess."""
-        return run_grpcurl(self.address, *args, data=data, headers=headers, timeout=timeout)
+        return run_grpcurl(self.address, *args, data=data, headers=headers, flags=flags, timeout=timeout)
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send `sig` and wait for the exit code."""
@@ -146,16 +147,14 @@ class WorkerServer:
 
 
 def run_grpcurl(address: str, *args: str, data: str | None = None, headers: dict | None = None,
-                timeout: float = 30.0) -> subprocess.CompletedProcess:
-    """`grpcurl -plaintext [-H k: v] [-d data] address args...` (args: service/method or list/describe)."""
-    command = ["grpcurl", "-plaintext", "-max-time", str(int(timeout))]
+                flags: tuple | list = (), timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """`grpcurl -plaintext [flags] [-H 'k: v'] [-d data] address args...`, e.g. args ("list",),
+    ("describe", "snakepit.bridge.BridgeService") or ("snakepit.bridge.BridgeService/Ping",). A failed
+    call exits with 64 + the gRPC status code."""
+    command = ["grpcurl", "-plaintext", "-max-time", str(int(timeout)), *flags]
     for key, value in (headers or {}).items():
         command += ["-H", f"{key}: {value}"]
     if data is not None:
         command += ["-d", data]
-    head, tail = list(args[:1]), list(args[1:])
-    if head and head[0] in ("list", "describe"):
-        command += [address, *head, *tail]
-    else:
-        command += [address, *args]
+    command += [address, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout + 10)
