@@ -101,6 +101,21 @@ defmodule Snakepit.PoolFaultTest do
     name
   end
 
+  test "a worker whose executable vanished cannot be spawned: the pool survives and keeps retrying" do
+    dir = Path.join(System.tmp_dir!(), "snakepit_vanish_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+    exe = Path.join(dir, "python")
+    File.write!(exe, "#!/bin/sh\nexit 3\n")
+    File.chmod!(exe, 0o755)
+    pool = start_pool_no_wait!(%{pool_size: 1, python_executable: exe})
+    pool_pid = Snakepit.Pool.whereis(pool)
+    File.rm_rf!(dir)
+    Process.sleep(1_500)
+    assert Snakepit.Pool.whereis(pool) == pool_pid
+    assert {:ok, %{crashes: crashes}} = Snakepit.get_stats(pool)
+    assert crashes >= 2
+  end
+
   test "invalid pool config fails at start naming the key" do
     assert {:error, msg} = Snakepit.start_pool(name: :bad, pool_size: -1)
     assert msg =~ ":pool_size"

@@ -300,9 +300,8 @@ defmodule Snakepit.Pool do
   def handle_info({:EXIT, wpid, reason}, s) do
     case Map.pop(s.workers, wpid) do
       {nil, _} ->
-        if reason in [:normal, :shutdown] or match?({:shutdown, _}, reason),
-          do: {:noreply, s},
-          else: {:stop, reason, s}
+        # not a worker of ours (e.g. one whose init failed: start_worker handled it already)
+        {:noreply, s}
 
       {w, workers} ->
         s = %{s | workers: workers}
@@ -417,7 +416,21 @@ defmodule Snakepit.Pool do
 
   defp start_worker(s, slot_id) do
     id = s.next_id
-    {:ok, pid} = Worker.start_link(config: s.config, pool: self(), id: id)
+
+    case Worker.start_link(config: s.config, pool: self(), id: id) do
+      {:ok, pid} ->
+        add_worker(s, slot_id, id, pid)
+
+      {:error, reason} ->
+        Logger.error("snakepit pool #{inspect(s.name)}: cannot start worker #{id}: #{inspect(reason)}")
+        slot = s.slots[slot_id]
+        slot = %{slot | failures: slot.failures + 1}
+        s = %{s | next_id: id + 1} |> put_slot(slot_id, slot) |> bump(:crashes)
+        schedule_start(s, slot_id, backoff(slot.failures, s.config.restart_backoff_max))
+    end
+  end
+
+  defp add_worker(s, slot_id, id, pid) do
 
     w = %{
       pid: pid,
