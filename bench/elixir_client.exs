@@ -13,7 +13,12 @@ Logger.configure(level: :warning)
 
 calls = String.to_integer(System.get_env("BENCH_CALLS", "5000"))
 tool = System.get_env("BENCH_TOOL", "ping")
-levels = System.get_env("BENCH_CONCURRENCY", "1,32") |> String.split(",") |> Enum.map(&String.to_integer/1)
+
+levels =
+  System.get_env("BENCH_CONCURRENCY", "1,32")
+  |> String.split(",")
+  |> Enum.map(&String.to_integer/1)
+
 max_level = Enum.max(levels)
 
 {:ok, _} =
@@ -34,7 +39,10 @@ defmodule Bench do
   end
 
   def run(tool, calls, concurrency) do
-    per = for i <- 0..(concurrency - 1), do: div(calls, concurrency) + if(i < rem(calls, concurrency), do: 1, else: 0)
+    per =
+      for i <- 0..(concurrency - 1),
+          do: div(calls, concurrency) + if(i < rem(calls, concurrency), do: 1, else: 0)
+
     t0 = System.monotonic_time()
 
     lat =

@@ -74,7 +74,9 @@ defmodule Snakepit do
 
           {:error, _} ->
             DynamicSupervisor.terminate_child(Snakepit.PoolSupervisor, pid)
-            {:error, "pool #{inspect(c.name)}: workers not ready within startup_timeout (#{c.startup_timeout} ms)"}
+
+            {:error,
+             "pool #{inspect(c.name)}: workers not ready within startup_timeout (#{c.startup_timeout} ms)"}
         end
       else
         {:ok, pid}
@@ -142,7 +144,15 @@ defmodule Snakepit do
       req = tool_request(tool, json, blobs, opts)
 
       with {:ok, resp} <-
-             unary(lease, "ExecuteTool", :execute_tool_request, req, :execute_tool_response, tool, opts) do
+             unary(
+               lease,
+               "ExecuteTool",
+               :execute_tool_request,
+               req,
+               :execute_tool_response,
+               tool,
+               opts
+             ) do
         decode_value(resp.result_json, resp.blobs, tool, opts)
       end
     end)
@@ -158,9 +168,11 @@ defmodule Snakepit do
   opts)` on the default pool, `execute_in_session(pool, session_id, tool, args)` and `/5`.
   """
   @spec execute_in_session(String.t(), tool, args) :: result
-  def execute_in_session(session_id, tool, args), do: execute_in_session(default_pool(), session_id, tool, args, [])
+  def execute_in_session(session_id, tool, args),
+    do: execute_in_session(default_pool(), session_id, tool, args, [])
 
-  @spec execute_in_session(pool | String.t(), String.t() | tool, tool | args, args | keyword) :: result
+  @spec execute_in_session(pool | String.t(), String.t() | tool, tool | args, args | keyword) ::
+          result
   def execute_in_session(pool, session_id, tool, args) when is_map(args),
     do: execute_in_session(pool, session_id, tool, args, [])
 
@@ -175,18 +187,41 @@ defmodule Snakepit do
   @doc "The server-side state of a session (GetSession on its worker)."
   @spec get_session(pool, String.t()) :: {:ok, map} | {:error, Error.t()}
   def get_session(pool \\ default_pool(), session_id) do
-    with_slot(pool, "GetSession", %{}, [session_id: session_id, skip_session_init: true], fn lease, _, _ ->
-      with :ok <- known_session(lease, session_id),
-           {:ok, r} <-
-             unary(lease, "GetSession", :get_session_request, %{session_id: session_id}, :get_session_response, nil, []),
-           {:ok, state} <- decode_value(r.state_json, r.blobs, nil, []) do
-        {:ok, %{r | state_json: nil} |> Map.delete(:state_json) |> Map.delete(:blobs) |> Map.put(:state, state)}
+    with_slot(
+      pool,
+      "GetSession",
+      %{},
+      [session_id: session_id, skip_session_init: true],
+      fn lease, _, _ ->
+        with :ok <- known_session(lease, session_id),
+             {:ok, r} <-
+               unary(
+                 lease,
+                 "GetSession",
+                 :get_session_request,
+                 %{session_id: session_id},
+                 :get_session_response,
+                 nil,
+                 []
+               ),
+             {:ok, state} <- decode_value(r.state_json, r.blobs, nil, []) do
+          {:ok,
+           %{r | state_json: nil}
+           |> Map.delete(:state_json)
+           |> Map.delete(:blobs)
+           |> Map.put(:state, state)}
+        end
       end
-    end)
+    )
   end
 
   defp known_session(%{init_session: true}, sid),
-    do: {:error, Error.new(:not_found, "session #{inspect(sid)} was never used in this pool (or its worker is gone)")}
+    do:
+      {:error,
+       Error.new(
+         :not_found,
+         "session #{inspect(sid)} was never used in this pool (or its worker is gone)"
+       )}
 
   defp known_session(_lease, _sid), do: :ok
 
@@ -232,7 +267,8 @@ defmodule Snakepit do
   def execute_stream(pool, tool, args, callback) when is_function(callback, 1),
     do: execute_stream(pool, tool, args, callback, [])
 
-  def execute_stream(pool, tool, args, opts) when is_list(opts), do: lazy_stream(pool, to_string(tool), args, opts)
+  def execute_stream(pool, tool, args, opts) when is_list(opts),
+    do: lazy_stream(pool, to_string(tool), args, opts)
 
   @spec execute_stream(pool, tool, args, (term -> any), keyword) :: result
   def execute_stream(pool, tool, args, callback, opts) when is_function(callback, 1) do
@@ -283,7 +319,9 @@ defmodule Snakepit do
     after
       timeout + 2_000 ->
         cancel(lease.channel, ref)
-        {:error, Error.new(:timeout, "stream of #{tool} got no message within #{timeout} ms", tool: tool)}
+
+        {:error,
+         Error.new(:timeout, "stream of #{tool} got no message within #{timeout} ms", tool: tool)}
     end
   end
 
@@ -328,7 +366,9 @@ defmodule Snakepit do
               raise transport_error(lease, e, tool)
           after
             timeout + 2_000 ->
-              raise Error.new(:timeout, "stream of #{tool} got no message within #{timeout} ms", tool: tool)
+              raise Error.new(:timeout, "stream of #{tool} got no message within #{timeout} ms",
+                      tool: tool
+                    )
           end
       end,
       fn st ->
@@ -352,7 +392,12 @@ defmodule Snakepit do
           {:error, e} -> {:error, transport_error(lease, e, tool)}
         end
       catch
-        :exit, reason -> {:error, crashed_or(lease, Error.new(:unavailable, "channel down: #{inspect(reason)}", tool: tool))}
+        :exit, reason ->
+          {:error,
+           crashed_or(
+             lease,
+             Error.new(:unavailable, "channel down: #{inspect(reason)}", tool: tool)
+           )}
       end
     end
   end
@@ -394,7 +439,16 @@ defmodule Snakepit do
           max_parallelism: opts[:max_parallelism] || 0
         }
 
-        with {:ok, resp} <- unary(lease, "ExecuteBatch", :execute_batch_request, req, :execute_batch_response, tool, opts) do
+        with {:ok, resp} <-
+               unary(
+                 lease,
+                 "ExecuteBatch",
+                 :execute_batch_request,
+                 req,
+                 :execute_batch_response,
+                 tool,
+                 opts
+               ) do
           {:ok,
            Enum.map(resp.results, fn
              %{ok: true} = r -> decode_value(r.result_json, r.blobs, tool, opts)
@@ -421,7 +475,10 @@ defmodule Snakepit do
 
     workers =
       stats.workers
-      |> Task.async_stream(fn w -> Map.put(w, :python, worker_stats(w)) end, timeout: 15_000, ordered: true)
+      |> Task.async_stream(fn w -> Map.put(w, :python, worker_stats(w)) end,
+        timeout: 15_000,
+        ordered: true
+      )
       |> Enum.map(fn {:ok, w} -> w end)
 
     {:ok, %{stats | workers: workers}}
@@ -431,10 +488,13 @@ defmodule Snakepit do
     :exit, reason -> {:error, Error.new(:unavailable, "get_stats: #{inspect(reason)}")}
   end
 
-  defp worker_stats(%{channel: nil}), do: {:error, Error.new(:unavailable, "worker not connected")}
+  defp worker_stats(%{channel: nil}),
+    do: {:error, Error.new(:unavailable, "worker not connected")}
 
   defp worker_stats(%{channel: ch}) do
-    case Channel.unary(ch, @service <> "GetStats", Proto.encode(:get_stats_request, %{}), timeout: 10_000) do
+    case Channel.unary(ch, @service <> "GetStats", Proto.encode(:get_stats_request, %{}),
+           timeout: 10_000
+         ) do
       {:ok, bin, _} ->
         with {:ok, r} <- decode_msg(:get_stats_response, bin) do
           r
@@ -498,9 +558,14 @@ defmodule Snakepit do
             end
 
           Pool.checkin(lease, outcome)
-          ms = System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1000
 
-          Logger.debug(fn -> "snakepit #{tool} #{if match?({:error, _}, result), do: "failed", else: "ok"}" end,
+          ms =
+            System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1000
+
+          Logger.debug(
+            fn ->
+              "snakepit #{tool} #{if match?({:error, _}, result), do: "failed", else: "ok"}"
+            end,
             pool: lease.pool_name,
             worker: lease.worker_id,
             tool: tool,
@@ -524,21 +589,35 @@ defmodule Snakepit do
         st -> Codec.encode(st)
       end
 
-    req = %{
-      session_id: sid,
-      state_json: elem(state, 0),
-      blobs: elem(state, 1),
-      ttl_seconds: opts[:session_ttl] || 0,
-      metadata: %{}
-    }
-    |> put_present(:seed, opts[:session_seed])
+    req =
+      %{
+        session_id: sid,
+        state_json: elem(state, 0),
+        blobs: elem(state, 1),
+        ttl_seconds: opts[:session_ttl] || 0,
+        metadata: %{}
+      }
+      |> put_present(:seed, opts[:session_seed])
 
-    case unary(lease, "InitializeSession", :initialize_session_request, req, :initialize_session_response, nil, []) do
+    case unary(
+           lease,
+           "InitializeSession",
+           :initialize_session_request,
+           req,
+           :initialize_session_response,
+           nil,
+           []
+         ) do
       {:ok, _} ->
         :ok
 
       {:error, e} ->
-        {:error, %{e | reason: :session_init_failed, message: "InitializeSession #{sid}: #{e.message} (#{e.reason})"}}
+        {:error,
+         %{
+           e
+           | reason: :session_init_failed,
+             message: "InitializeSession #{sid}: #{e.message} (#{e.reason})"
+         }}
     end
   end
 
@@ -562,13 +641,16 @@ defmodule Snakepit do
   defp unary(lease, method, req_type, req, resp_type, tool, opts) do
     timeout = Keyword.get(opts, :timeout, lease.call_timeout)
 
-    case Channel.unary(lease.channel, @service <> method, Proto.encode(req_type, req), timeout: timeout) do
+    case Channel.unary(lease.channel, @service <> method, Proto.encode(req_type, req),
+           timeout: timeout
+         ) do
       {:ok, bin, _trailers} -> decode_msg(resp_type, bin)
       {:error, e} -> {:error, transport_error(lease, e, tool)}
     end
   catch
     :exit, reason ->
-      {:error, crashed_or(lease, Error.new(:unavailable, "channel down: #{inspect(reason)}", tool: tool))}
+      {:error,
+       crashed_or(lease, Error.new(:unavailable, "channel down: #{inspect(reason)}", tool: tool))}
   end
 
   defp transport_error(lease, e, tool) do
@@ -582,7 +664,11 @@ defmodule Snakepit do
 
     receive do
       {:DOWN, ^ref, :process, _, _} ->
-        %{err | reason: :worker_crashed, message: "worker #{lease.worker_id} crashed during the call (#{err.message})"}
+        %{
+          err
+          | reason: :worker_crashed,
+            message: "worker #{lease.worker_id} crashed during the call (#{err.message})"
+        }
     after
       2_000 ->
         Process.demonitor(ref, [:flush])
@@ -592,8 +678,11 @@ defmodule Snakepit do
 
   defp decode_msg(type, bin) do
     case Proto.decode(type, bin) do
-      {:ok, m} -> {:ok, m}
-      {:error, r} -> {:error, Error.new(:invalid_response, "cannot decode #{type}: #{inspect(r)}")}
+      {:ok, m} ->
+        {:ok, m}
+
+      {:error, r} ->
+        {:error, Error.new(:invalid_response, "cannot decode #{type}: #{inspect(r)}")}
     end
   end
 

@@ -15,7 +15,14 @@ defmodule Snakepit.AuthAndErrorsTest do
   end
 
   test "a pool with auth_token calls a server that requires it" do
-    pool = start_pool!(worker_profile: :thread, pool_size: 1, threads_per_worker: 2, auth_token: "s3cret-token")
+    pool =
+      start_pool!(
+        worker_profile: :thread,
+        pool_size: 1,
+        threads_per_worker: 2,
+        auth_token: "s3cret-token"
+      )
+
     assert {:ok, 3} = Snakepit.execute(pool, "add", %{a: 1, b: 2})
     assert {:ok, %{workers: [%{python: %{worker_mode: "threaded"}}]}} = Snakepit.get_stats(pool)
   end
@@ -37,7 +44,10 @@ defmodule Snakepit.AuthAndErrorsTest do
 
   test "streaming tool through execute, and a unary tool through execute_stream, are :failed_precondition" do
     pool = start_pool!(worker_profile: :process, pool_size: 1)
-    assert {:error, %Error{reason: :failed_precondition, message: m1}} = Snakepit.execute(pool, "progress", %{steps: 1})
+
+    assert {:error, %Error{reason: :failed_precondition, message: m1}} =
+             Snakepit.execute(pool, "progress", %{steps: 1})
+
     assert m1 =~ "progress"
 
     assert {:error, %Error{reason: :failed_precondition}} =
@@ -54,7 +64,9 @@ defmodule Snakepit.AuthAndErrorsTest do
 
     log =
       try do
-        capture_log([level: :debug], fn -> {:ok, _} = Snakepit.execute(pool, "add", %{a: 1, b: 2}) end)
+        capture_log([level: :debug], fn ->
+          {:ok, _} = Snakepit.execute(pool, "add", %{a: 1, b: 2})
+        end)
       after
         Logger.configure_backend(:console, metadata: old || [])
         Logger.configure(level: :warning)

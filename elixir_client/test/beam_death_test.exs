@@ -9,7 +9,11 @@ defmodule Snakepit.BeamDeathTest do
   @moduletag timeout: 120_000
 
   test "Python workers exit when their BEAM is killed with SIGKILL" do
-    ebins = [Application.app_dir(:snakepit, "ebin")] ++ (:code.get_path() |> Enum.map(&to_string/1) |> Enum.filter(&String.contains?(&1, "jiffy")))
+    ebins =
+      [Application.app_dir(:snakepit, "ebin")] ++
+        (:code.get_path()
+         |> Enum.map(&to_string/1)
+         |> Enum.filter(&String.contains?(&1, "jiffy")))
 
     script = """
     {:ok, _} = Application.ensure_all_started(:snakepit)
@@ -21,7 +25,15 @@ defmodule Snakepit.BeamDeathTest do
 
     elixir = System.find_executable("elixir")
     args = Enum.flat_map(ebins, &["-pa", &1]) ++ ["-e", script]
-    port = Port.open({:spawn_executable, elixir}, [:binary, :exit_status, :stderr_to_stdout, {:line, 4096}, args: args])
+
+    port =
+      Port.open({:spawn_executable, elixir}, [
+        :binary,
+        :exit_status,
+        :stderr_to_stdout,
+        {:line, 4096},
+        args: args
+      ])
 
     {beam_pid, py_pids} = read_pids(port, System.monotonic_time(:millisecond) + 60_000)
     assert length(py_pids) == 2
@@ -43,7 +55,8 @@ defmodule Snakepit.BeamDeathTest do
       {^port, {:exit_status, s}} ->
         flunk("child BEAM exited with #{s}")
     after
-      max(deadline - System.monotonic_time(:millisecond), 0) -> flunk("child BEAM did not report its pids")
+      max(deadline - System.monotonic_time(:millisecond), 0) ->
+        flunk("child BEAM did not report its pids")
     end
   end
 end

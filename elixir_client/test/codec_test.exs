@@ -22,7 +22,10 @@ defmodule Snakepit.CodecTest do
 
     test "binaries that are not valid UTF-8 become bytes blobs" do
       assert {json, [<<255, 0, 1>>]} = Codec.encode(%{"data" => <<255, 0, 1>>})
-      assert :jiffy.decode(json, [:return_maps]) == %{"data" => %{"__snakepit__" => "bytes", "blob" => 0}}
+
+      assert :jiffy.decode(json, [:return_maps]) == %{
+               "data" => %{"__snakepit__" => "bytes", "blob" => 0}
+             }
     end
 
     test "{:bytes, bin} forces a blob even for valid UTF-8" do
@@ -48,7 +51,12 @@ defmodule Snakepit.CodecTest do
       assert byte_size(buf) == 48
 
       assert :jiffy.decode(json, [:return_maps]) == %{
-               "m" => %{"__snakepit__" => "ndarray", "blob" => 0, "dtype" => "<f8", "shape" => [2, 3]}
+               "m" => %{
+                 "__snakepit__" => "ndarray",
+                 "blob" => 0,
+                 "dtype" => "<f8",
+                 "shape" => [2, 3]
+               }
              }
     end
 
@@ -116,7 +124,8 @@ defmodule Snakepit.CodecTest do
     end
 
     test "non-finite floats and object wrappers" do
-      j = ~s([{"__snakepit__": "float", "value": "-inf"},
+      j =
+        ~s([{"__snakepit__": "float", "value": "-inf"},
               {"__snakepit__": "object", "value": {"__snakepit__": "x", "v": {"__snakepit__": "float", "value": "nan"}}}])
 
       assert Codec.decode(j, []) == {:ok, [:neg_infinity, %{"__snakepit__" => "x", "v" => :nan}]}
@@ -127,7 +136,13 @@ defmodule Snakepit.CodecTest do
       assert msg =~ "blob index 2 out of range"
       assert {:error, msg} = Codec.decode(~s({"__snakepit__": "weird"}), [])
       assert msg =~ "unknown __snakepit__ tag \"weird\""
-      assert {:error, msg} = Codec.decode(~s({"__snakepit__": "ndarray", "blob": 0, "dtype": "<f8", "shape": [3]}), ["12345678"])
+
+      assert {:error, msg} =
+               Codec.decode(
+                 ~s({"__snakepit__": "ndarray", "blob": 0, "dtype": "<f8", "shape": [3]}),
+                 ["12345678"]
+               )
+
       assert msg =~ "disagrees"
       assert {:error, "invalid JSON" <> _} = Codec.decode("{nope", [])
     end

@@ -16,12 +16,19 @@ defmodule Snakepit.ConfigTest do
 
   test "the guide's recycling config is accepted as a map" do
     assert {:ok, c} =
-             Config.new(%{name: :hpc_pool, worker_profile: :thread, worker_ttl: {3600, :seconds}, worker_max_requests: 1000})
+             Config.new(%{
+               name: :hpc_pool,
+               worker_profile: :thread,
+               worker_ttl: {3600, :seconds},
+               worker_max_requests: 1000
+             })
 
     assert c.worker_ttl == 3_600_000
     assert c.worker_max_requests == 1000
     assert c.threads_per_worker == 8
-    assert c.python_adapter == "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
+
+    assert c.python_adapter ==
+             "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
   end
 
   test "ttl units" do
@@ -31,8 +38,11 @@ defmodule Snakepit.ConfigTest do
   end
 
   test "process workers always get one slot" do
-    assert Config.new!(name: :p, worker_profile: :process, threads_per_worker: 8).threads_per_worker == 1
-    assert Config.new!(name: :p, worker_profile: :thread, threads_per_worker: 8).threads_per_worker == 8
+    assert Config.new!(name: :p, worker_profile: :process, threads_per_worker: 8).threads_per_worker ==
+             1
+
+    assert Config.new!(name: :p, worker_profile: :thread, threads_per_worker: 8).threads_per_worker ==
+             8
   end
 
   test "invalid values fail with a message naming the key" do
@@ -65,7 +75,9 @@ defmodule Snakepit.ConfigTest do
       expected = if File.exists?(venv), do: venv, else: "python3"
       assert Config.new!(name: :p).python_executable == expected
     after
-      if old, do: System.put_env("SNAKEPIT_PYTHON", old), else: System.delete_env("SNAKEPIT_PYTHON")
+      if old,
+        do: System.put_env("SNAKEPIT_PYTHON", old),
+        else: System.delete_env("SNAKEPIT_PYTHON")
     end
   end
 
@@ -76,12 +88,22 @@ defmodule Snakepit.ConfigTest do
   end
 
   test "the adapter builds the server command line" do
-    c = Config.new!(name: :p, worker_profile: :thread, threads_per_worker: 4, adapter_args: ["--mode", "threaded"])
+    c =
+      Config.new!(
+        name: :p,
+        worker_profile: :thread,
+        threads_per_worker: 4,
+        adapter_args: ["--mode", "threaded"]
+      )
+
     {_exe, args, env} = Snakepit.Adapters.GRPCPython.command(c, [])
     assert hd(args) =~ "grpc_server_threaded.py"
     assert ["--port", "0"] == Enum.slice(args, Enum.find_index(args, &(&1 == "--port")), 2)
     assert "--exit-on-stdin-eof" in args
-    assert ["--max-workers", "4"] == Enum.slice(args, Enum.find_index(args, &(&1 == "--max-workers")), 2)
+
+    assert ["--max-workers", "4"] ==
+             Enum.slice(args, Enum.find_index(args, &(&1 == "--max-workers")), 2)
+
     assert List.last(args) == "threaded"
     assert {"PYTHONUNBUFFERED", "1"} in env
 

@@ -59,7 +59,9 @@ defmodule Snakepit.GuideSnippetsTest do
   ]
 
   defp run_config_block(block) do
-    path = Path.join(System.tmp_dir!(), "snakepit_guide_#{System.unique_integer([:positive])}.exs")
+    path =
+      Path.join(System.tmp_dir!(), "snakepit_guide_#{System.unique_integer([:positive])}.exs")
+
     File.write!(path, "import Config\n" <> block)
     config = Config.Reader.read!(path)
     File.rm(path)
@@ -79,7 +81,11 @@ defmodule Snakepit.GuideSnippetsTest do
 
     on_exit(fn ->
       Application.stop(:snakepit)
-      if old, do: Application.put_env(:snakepit, :pools, old), else: Application.delete_env(:snakepit, :pools)
+
+      if old,
+        do: Application.put_env(:snakepit, :pools, old),
+        else: Application.delete_env(:snakepit, :pools)
+
       Application.ensure_all_started(:snakepit)
     end)
   end
@@ -126,7 +132,13 @@ defmodule Snakepit.GuideSnippetsTest do
     assert :ok = Snakepit.stop_pool(:hpc_pool)
     assert Snakepit.Pool.whereis(:hpc_pool) == nil
     Process.sleep(300)
-    assert Snakepit.Pool.whereis(:hpc_pool) == nil, "the application supervisor restarted the pool"
-    Snakepit.PoolHelpers.eventually(fn -> Enum.all?(os_pids, &(not Snakepit.PoolHelpers.os_alive?(&1))) end, 10_000)
+
+    assert Snakepit.Pool.whereis(:hpc_pool) == nil,
+           "the application supervisor restarted the pool"
+
+    Snakepit.PoolHelpers.eventually(
+      fn -> Enum.all?(os_pids, &(not Snakepit.PoolHelpers.os_alive?(&1))) end,
+      10_000
+    )
   end
 end

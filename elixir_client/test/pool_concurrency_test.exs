@@ -16,7 +16,9 @@ defmodule Snakepit.PoolConcurrencyTest do
 
   defp sleep_calls(pool, n, seconds, opts \\ []) do
     1..n
-    |> Enum.map(fn _ -> Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: seconds}, opts) end) end)
+    |> Enum.map(fn _ ->
+      Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: seconds}, opts) end)
+    end)
     |> Task.await_many(30_000)
   end
 
@@ -39,7 +41,11 @@ defmodule Snakepit.PoolConcurrencyTest do
 
     pids =
       1..4
-      |> Enum.map(fn _ -> Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 0.2}) && Snakepit.execute(pool, "ping", %{}) end) end)
+      |> Enum.map(fn _ ->
+        Task.async(fn ->
+          Snakepit.execute(pool, "sleep", %{seconds: 0.2}) && Snakepit.execute(pool, "ping", %{})
+        end)
+      end)
       |> Task.await_many(10_000)
       |> Enum.map(fn {:ok, %{"pid" => p}} -> p end)
 
@@ -47,7 +53,9 @@ defmodule Snakepit.PoolConcurrencyTest do
   end
 
   test "callers beyond capacity + queue_size get :queue_full" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_size: 2, queue_timeout: 10_000)
+    pool =
+      start_pool!(worker_profile: :process, pool_size: 1, queue_size: 2, queue_timeout: 10_000)
+
     results = sleep_calls(pool, 5, 0.4)
     {ok, err} = Enum.split_with(results, &match?({:ok, _}, &1))
     assert length(ok) == 3
@@ -75,7 +83,12 @@ defmodule Snakepit.PoolConcurrencyTest do
 
     tasks =
       for i <- 1..5 do
-        t = Task.async(fn -> {:ok, _} = Snakepit.execute(pool, "ping", %{}); send(parent, {:done, i}) end)
+        t =
+          Task.async(fn ->
+            {:ok, _} = Snakepit.execute(pool, "ping", %{})
+            send(parent, {:done, i})
+          end)
+
         Process.sleep(20)
         t
       end
@@ -114,7 +127,10 @@ defmodule Snakepit.PoolConcurrencyTest do
 
     results =
       1..400
-      |> Task.async_stream(fn i -> Snakepit.execute(pool, "add", %{a: i, b: 1}) end, max_concurrency: 64, timeout: 30_000)
+      |> Task.async_stream(fn i -> Snakepit.execute(pool, "add", %{a: i, b: 1}) end,
+        max_concurrency: 64,
+        timeout: 30_000
+      )
       |> Enum.map(fn {:ok, r} -> r end)
 
     assert results == Enum.map(1..400, &{:ok, &1 + 1})

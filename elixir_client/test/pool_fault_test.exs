@@ -39,7 +39,10 @@ defmodule Snakepit.PoolFaultTest do
     [w] = Snakepit.list_workers(pool)
     busy = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 10}) end)
     eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)
-    waiting = for i <- 1..3, do: Task.async(fn -> Snakepit.execute(pool, "add", %{a: i, b: 0}) end)
+
+    waiting =
+      for i <- 1..3, do: Task.async(fn -> Snakepit.execute(pool, "add", %{a: i, b: 0}) end)
+
     eventually(fn -> match?({:ok, %{queued: 3}}, Snakepit.get_stats(pool)) end)
     kill9(w.os_pid)
     assert {:error, %Error{reason: :worker_crashed}} = Task.await(busy, 5_000)
@@ -75,7 +78,17 @@ defmodule Snakepit.PoolFaultTest do
   end
 
   test "restart delays grow exponentially up to restart_backoff_max" do
-    assert Enum.map(1..8, &Snakepit.Pool.backoff(&1, 10_000)) == [100, 200, 400, 800, 1600, 3200, 6400, 10_000]
+    assert Enum.map(1..8, &Snakepit.Pool.backoff(&1, 10_000)) == [
+             100,
+             200,
+             400,
+             800,
+             1600,
+             3200,
+             6400,
+             10_000
+           ]
+
     assert Snakepit.Pool.backoff(100, 2_000) == 2_000
   end
 
@@ -90,13 +103,18 @@ defmodule Snakepit.PoolFaultTest do
     Process.sleep(3_500)
     {:ok, stats} = Snakepit.get_stats(pool)
     # each attempt fails in ~0.3-0.6 s; without backoff there would be ~6-11 attempts by now
-    assert stats.crashes >= 2, "the failing worker should be restarted: #{inspect(Map.delete(stats, :workers))}"
+    assert stats.crashes >= 2,
+           "the failing worker should be restarted: #{inspect(Map.delete(stats, :workers))}"
+
     assert stats.workers_started <= 6, "too many attempts: #{stats.workers_started}"
   end
 
   defp start_pool_no_wait!(config) do
     name = :"pool_#{System.unique_integer([:positive])}"
-    {:ok, _} = Snakepit.start_pool(Map.merge(config, %{name: name, queue_timeout: 100}), await: false)
+
+    {:ok, _} =
+      Snakepit.start_pool(Map.merge(config, %{name: name, queue_timeout: 100}), await: false)
+
     on_exit(fn -> Snakepit.stop_pool(name) end)
     name
   end

@@ -25,7 +25,8 @@ defmodule Snakepit.PoolHelpers do
     end
   end
 
-  def kill9(os_pid), do: System.cmd("kill", ["-9", Integer.to_string(os_pid)], stderr_to_stdout: true)
+  def kill9(os_pid),
+    do: System.cmd("kill", ["-9", Integer.to_string(os_pid)], stderr_to_stdout: true)
 
   @doc "Polls `fun` until it returns truthy, at most `timeout` ms."
   def eventually(fun, timeout \\ 10_000, step \\ 50) do
@@ -48,7 +49,8 @@ defmodule Snakepit.PoolHelpers do
     end
   end
 
-  def ready_workers(pool), do: pool |> Snakepit.list_workers() |> Enum.filter(&(&1.status == :ready))
+  def ready_workers(pool),
+    do: pool |> Snakepit.list_workers() |> Enum.filter(&(&1.status == :ready))
 
   def timed(fun) do
     t0 = System.monotonic_time(:millisecond)

@@ -51,10 +51,15 @@ defmodule Snakepit.PoolRecycleTest do
     first = Enum.map(Snakepit.list_workers(pool), & &1.os_pid)
     results = load(pool, 8, 6_000)
     failures = Enum.reject(results, &match?({:ok, _}, &1))
-    assert failures == [], "#{length(failures)} of #{length(results)} calls failed: #{inspect(Enum.take(failures, 3))}"
+
+    assert failures == [],
+           "#{length(failures)} of #{length(results)} calls failed: #{inspect(Enum.take(failures, 3))}"
 
     {:ok, stats} = Snakepit.get_stats(pool)
-    assert stats.recycles >= 3, "expected several recycles, got #{stats.recycles} for #{length(results)} calls"
+
+    assert stats.recycles >= 3,
+           "expected several recycles, got #{stats.recycles} for #{length(results)} calls"
+
     assert stats.crashes == 0
     assert stats.failures == 0
     # no worker ever served more than max_requests
@@ -76,21 +81,38 @@ defmodule Snakepit.PoolRecycleTest do
 
     results = load(pool, 4, 6_000)
     failures = Enum.reject(results, &match?({:ok, _}, &1))
-    assert failures == [], "#{length(failures)} of #{length(results)} calls failed: #{inspect(Enum.take(failures, 3))}"
+
+    assert failures == [],
+           "#{length(failures)} of #{length(results)} calls failed: #{inspect(Enum.take(failures, 3))}"
+
     {:ok, stats} = Snakepit.get_stats(pool)
     assert stats.recycles >= 3
     assert stats.crashes == 0
   end
 
   test "TTL jitter staggers workers started together" do
-    pool = start_pool!(worker_profile: :process, pool_size: 3, worker_ttl: {1, :hours}, ttl_jitter: 0.1)
+    pool =
+      start_pool!(
+        worker_profile: :process,
+        pool_size: 3,
+        worker_ttl: {1, :hours},
+        ttl_jitter: 0.1
+      )
+
     ttls = Enum.map(Snakepit.list_workers(pool), & &1.ttl_ms)
     assert length(Enum.uniq(ttls)) == 3, "TTLs #{inspect(ttls)} should differ"
     assert Enum.all?(ttls, &(&1 >= 3_240_000 and &1 <= 3_600_000))
   end
 
   test "a recycled worker finishes its in-flight call before it stops" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1, worker_max_requests: 1, queue_timeout: 20_000)
+    pool =
+      start_pool!(
+        worker_profile: :process,
+        pool_size: 1,
+        worker_max_requests: 1,
+        queue_timeout: 20_000
+      )
+
     [w] = Snakepit.list_workers(pool)
     slow = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 1.0}) end)
     eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)
@@ -102,7 +124,14 @@ defmodule Snakepit.PoolRecycleTest do
   end
 
   test "a session whose worker was recycled is re-created on the new worker" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1, worker_max_requests: 3, queue_timeout: 20_000)
+    pool =
+      start_pool!(
+        worker_profile: :process,
+        pool_size: 1,
+        worker_max_requests: 3,
+        queue_timeout: 20_000
+      )
+
     [w] = Snakepit.list_workers(pool)
     # InitializeSession does not count as a request; the 3 tool calls do
     assert {:ok, 1} = Snakepit.execute_in_session(pool, "recycled-sess", "session_counter", %{})

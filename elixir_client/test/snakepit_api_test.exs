@@ -14,7 +14,9 @@ defmodule Snakepit.ApiTest do
     proc = :"api_process_#{System.unique_integer([:positive])}"
     thr = :"api_thread_#{System.unique_integer([:positive])}"
     {:ok, _} = Snakepit.start_pool(name: proc, worker_profile: :process, pool_size: 2)
-    {:ok, _} = Snakepit.start_pool(name: thr, worker_profile: :thread, pool_size: 1, threads_per_worker: 4)
+
+    {:ok, _} =
+      Snakepit.start_pool(name: thr, worker_profile: :thread, pool_size: 1, threads_per_worker: 4)
 
     on_exit(fn ->
       Snakepit.stop_pool(proc)
@@ -28,7 +30,10 @@ defmodule Snakepit.ApiTest do
     for pool <- pools do
       assert {:ok, 5} = Snakepit.execute(pool, "add", %{a: 2, b: 3})
       assert {:ok, 2.5} = Snakepit.execute(pool, :add, %{"a" => 1.0, "b" => 1.5})
-      assert {:ok, %{"message" => "hi", "pid" => pid}} = Snakepit.execute(pool, "ping", %{message: "hi"}, [])
+
+      assert {:ok, %{"message" => "hi", "pid" => pid}} =
+               Snakepit.execute(pool, "ping", %{message: "hi"}, [])
+
       assert is_integer(pid)
     end
   end
@@ -74,23 +79,56 @@ defmodule Snakepit.ApiTest do
 
   defp random_value(depth) do
     case :rand.uniform(4) do
-      1 -> for _ <- 1..:rand.uniform(4), do: random_value(depth - 1)
-      2 -> Map.new(1..:rand.uniform(4), fn i -> {"k#{i}_#{:rand.uniform(99)}", random_value(depth - 1)} end)
-      _ -> random_leaf()
+      1 ->
+        for _ <- 1..:rand.uniform(4), do: random_value(depth - 1)
+
+      2 ->
+        Map.new(1..:rand.uniform(4), fn i ->
+          {"k#{i}_#{:rand.uniform(99)}", random_value(depth - 1)}
+        end)
+
+      _ ->
+        random_leaf()
     end
   end
 
   defp random_leaf do
     case :rand.uniform(9) do
-      1 -> :rand.uniform(1 <<< 62) - (1 <<< 61)
-      2 -> (:rand.uniform(1 <<< 100) - (1 <<< 99)) * 7
-      3 -> (:rand.uniform() - 0.5) * :math.pow(10, :rand.uniform(40) - 20)
-      4 -> Enum.random([0.0, 1.0, -2.0, 1.0e300, 1.0e-320, 2.2250738585072014e-308])
-      5 -> for(_ <- 1..:rand.uniform(12), into: "", do: <<Enum.random([?a, ?Z, ?\n, ?", 0x2713, 0x1F40D, 0xE9])::utf8>>)
-      6 -> :crypto.strong_rand_bytes(:rand.uniform(40)) |> then(&(if String.valid?(&1), do: <<255, &1::binary>>, else: &1))
-      7 -> Enum.random([nil, true, false])
-      8 -> Enum.random([:nan, :infinity, :neg_infinity])
-      9 -> NDArray.from_list(Enum.map(1..:rand.uniform(6), fn _ -> :rand.uniform(1000) - 500 end), Enum.random(["<i8", "<i4", "<f8", "<f4", "|u1"]) |> then(&(if &1 == "|u1", do: "<i2", else: &1)))
+      1 ->
+        :rand.uniform(1 <<< 62) - (1 <<< 61)
+
+      2 ->
+        (:rand.uniform(1 <<< 100) - (1 <<< 99)) * 7
+
+      3 ->
+        (:rand.uniform() - 0.5) * :math.pow(10, :rand.uniform(40) - 20)
+
+      4 ->
+        Enum.random([0.0, 1.0, -2.0, 1.0e300, 1.0e-320, 2.2250738585072014e-308])
+
+      5 ->
+        for(
+          _ <- 1..:rand.uniform(12),
+          into: "",
+          do: <<Enum.random([?a, ?Z, ?\n, ?", 0x2713, 0x1F40D, 0xE9])::utf8>>
+        )
+
+      6 ->
+        :crypto.strong_rand_bytes(:rand.uniform(40))
+        |> then(&if String.valid?(&1), do: <<255, &1::binary>>, else: &1)
+
+      7 ->
+        Enum.random([nil, true, false])
+
+      8 ->
+        Enum.random([:nan, :infinity, :neg_infinity])
+
+      9 ->
+        NDArray.from_list(
+          Enum.map(1..:rand.uniform(6), fn _ -> :rand.uniform(1000) - 500 end),
+          Enum.random(["<i8", "<i4", "<f8", "<f4", "|u1"])
+          |> then(&if &1 == "|u1", do: "<i2", else: &1)
+        )
     end
   end
 
@@ -105,18 +143,26 @@ defmodule Snakepit.ApiTest do
 
   test "{:bytes, bin} sends valid UTF-8 as Python bytes", %{proc: proc} do
     assert {:ok, %{"b" => "abc"}} = Snakepit.execute(proc, "echo", %{b: {:bytes, "abc"}})
-    assert {:ok, %{"b" => {:bytes, "abc"}}} = Snakepit.execute(proc, "echo", %{b: {:bytes, "abc"}}, bytes: :tagged)
+
+    assert {:ok, %{"b" => {:bytes, "abc"}}} =
+             Snakepit.execute(proc, "echo", %{b: {:bytes, "abc"}}, bytes: :tagged)
+
     assert {:ok, %{"s" => "abc"}} = Snakepit.execute(proc, "echo", %{s: "abc"}, bytes: :tagged)
   end
 
   test "numpy array results decode to NDArray", %{thr: thr} do
     a = NDArray.from_list([[1.0, 2.0], [3.0, 4.0]])
     b = NDArray.from_list([[1.0, 0.0], [0.0, 1.0]])
-    assert {:ok, %NDArray{dtype: "<f8", shape: [2, 2]} = m} = Snakepit.execute(thr, "matmul", %{a: a, b: b})
+
+    assert {:ok, %NDArray{dtype: "<f8", shape: [2, 2]} = m} =
+             Snakepit.execute(thr, "matmul", %{a: a, b: b})
+
     assert NDArray.to_list(m) == [[1.0, 2.0], [3.0, 4.0]]
 
     assert {:ok, %{"mean" => 2.5, "normalized" => %NDArray{shape: [4]}}} =
-             Snakepit.execute(thr, "array_stats", %{values: NDArray.from_list([1.0, 2.0, 3.0, 4.0])})
+             Snakepit.execute(thr, "array_stats", %{
+               values: NDArray.from_list([1.0, 2.0, 3.0, 4.0])
+             })
   end
 
   test "unknown tool is :not_found", %{pools: pools} do
@@ -130,21 +176,30 @@ defmodule Snakepit.ApiTest do
 
   test "bad arguments are :invalid_argument naming the parameter", %{pools: pools} do
     for pool <- pools do
-      assert {:error, %Error{reason: :invalid_argument, message: msg}} = Snakepit.execute(pool, "add", %{a: 1})
+      assert {:error, %Error{reason: :invalid_argument, message: msg}} =
+               Snakepit.execute(pool, "add", %{a: 1})
+
       assert msg =~ "'b'"
-      assert {:error, %Error{reason: :invalid_argument, message: msg2}} = Snakepit.execute(pool, "add", %{a: 1, b: 2, c: 3})
+
+      assert {:error, %Error{reason: :invalid_argument, message: msg2}} =
+               Snakepit.execute(pool, "add", %{a: 1, b: 2, c: 3})
+
       assert msg2 =~ "c"
     end
   end
 
   test "arguments with no wire form are :invalid_argument before any call", %{proc: proc} do
-    assert {:error, %Error{reason: :invalid_argument, message: msg}} = Snakepit.execute(proc, "echo", %{p: self()})
+    assert {:error, %Error{reason: :invalid_argument, message: msg}} =
+             Snakepit.execute(proc, "echo", %{p: self()})
+
     assert msg =~ "cannot encode"
   end
 
   test "a raising tool is :tool_error with python type and traceback", %{pools: pools} do
     for pool <- pools do
-      assert {:error, %Error{} = e} = Snakepit.execute(pool, "fail", %{message: "boom", kind: "RuntimeError"})
+      assert {:error, %Error{} = e} =
+               Snakepit.execute(pool, "fail", %{message: "boom", kind: "RuntimeError"})
+
       assert e.reason == :tool_error
       assert e.python_type == "RuntimeError"
       assert e.message =~ "boom"
@@ -155,15 +210,22 @@ defmodule Snakepit.ApiTest do
   end
 
   test "a call past its timeout is :timeout", %{thr: thr} do
-    assert {:error, %Error{reason: :timeout}} = Snakepit.execute(thr, "sleep", %{seconds: 2}, timeout: 200)
+    assert {:error, %Error{reason: :timeout}} =
+             Snakepit.execute(thr, "sleep", %{seconds: 2}, timeout: 200)
+
     # the slot is released: the pool still serves
     assert {:ok, 2} = Snakepit.execute(thr, "add", %{a: 1, b: 1})
   end
 
-  test "execute_stream with a callback delivers chunks in order and returns the final value", %{pools: pools} do
+  test "execute_stream with a callback delivers chunks in order and returns the final value", %{
+    pools: pools
+  } do
     for pool <- pools do
       parent = self()
-      assert {:ok, final} = Snakepit.execute_stream(pool, "progress", %{steps: 3}, &send(parent, {:chunk, &1}))
+
+      assert {:ok, final} =
+               Snakepit.execute_stream(pool, "progress", %{steps: 3}, &send(parent, {:chunk, &1}))
+
       assert final == %{"completed" => 3, "cancelled" => false}
 
       for step <- 1..3 do
@@ -176,12 +238,17 @@ defmodule Snakepit.ApiTest do
     stream = Snakepit.execute_stream(thr, "progress", %{steps: 4})
     assert Enum.map(stream, & &1["step"]) == [1, 2, 3, 4]
     # halting early cancels the call and frees the slot
-    assert [%{"step" => 1}] = thr |> Snakepit.execute_stream(:progress, %{steps: 50, delay: 0.05}) |> Enum.take(1)
+    assert [%{"step" => 1}] =
+             thr |> Snakepit.execute_stream(:progress, %{steps: 50, delay: 0.05}) |> Enum.take(1)
+
     eventually(fn -> Snakepit.get_stats(thr) |> elem(1) |> Map.get(:in_flight) == 0 end, 5_000)
   end
 
   test "a failing stream raises Snakepit.Error when enumerated", %{thr: thr} do
-    assert_raise Error, ~r/not_found/, fn -> thr |> Snakepit.execute_stream("nope", %{}) |> Enum.to_list() end
+    assert_raise Error, ~r/not_found/, fn ->
+      thr |> Snakepit.execute_stream("nope", %{}) |> Enum.to_list()
+    end
+
     assert {:error, %Error{reason: :tool_error, python_type: "ValueError"}} =
              Snakepit.execute_stream(thr, "progress", %{steps: -1}, fn _ -> :ok end)
   end
@@ -193,6 +260,7 @@ defmodule Snakepit.ApiTest do
 
       assert e.reason in [:invalid_argument]
       assert e.message =~ "b"
+
       assert {:ok, [{:error, %Error{reason: :tool_error, python_type: "ValueError"}}]} =
                Snakepit.execute_batch(pool, "fail", [%{message: "x"}])
     end
@@ -203,10 +271,16 @@ defmodule Snakepit.ApiTest do
       sid = "sess-#{System.unique_integer([:positive])}"
       assert {:ok, 1} = Snakepit.execute_in_session(pool, sid, "session_counter", %{})
       assert {:ok, 3} = Snakepit.execute_in_session(pool, sid, "session_counter", %{increment: 2})
-      assert {:ok, 4} = Snakepit.execute_in_session(pool, sid, :session_counter, %{}, timeout: 5_000)
+
+      assert {:ok, 4} =
+               Snakepit.execute_in_session(pool, sid, :session_counter, %{}, timeout: 5_000)
+
       assert {:ok, %{state: %{"count" => 4}}} = Snakepit.get_session(pool, sid)
       assert {:ok, true} = Snakepit.cleanup_session(pool, sid)
-      assert {:error, %Error{reason: :not_found}} = Snakepit.get_session(pool, "never-used-#{sid}")
+
+      assert {:error, %Error{reason: :not_found}} =
+               Snakepit.get_session(pool, "never-used-#{sid}")
+
       # a new session with the same id starts over
       assert {:ok, 1} = Snakepit.execute_in_session(pool, sid, "session_counter", %{})
     end
@@ -255,6 +329,7 @@ defmodule Snakepit.ApiTest do
   end
 
   test "unknown pool is :pool_not_found" do
-    assert {:error, %Error{reason: :pool_not_found}} = Snakepit.execute(:no_such_pool, "ping", %{})
+    assert {:error, %Error{reason: :pool_not_found}} =
+             Snakepit.execute(:no_such_pool, "ping", %{})
   end
 end

@@ -28,7 +28,10 @@ defmodule Snakepit.Application do
       with {:ok, c} <- Snakepit.Config.new(pool),
            :ok <- adapter_validate(c) do
         if Enum.any?(acc, &(&1.name == c.name)),
-          do: {:halt, {:error, "invalid pool config key :name: pool #{inspect(c.name)} is configured twice"}},
+          do:
+            {:halt,
+             {:error,
+              "invalid pool config key :name: pool #{inspect(c.name)} is configured twice"}},
           else: {:cont, {:ok, acc ++ [c]}}
       else
         {:error, msg} -> {:halt, {:error, msg}}
@@ -36,10 +39,13 @@ defmodule Snakepit.Application do
     end)
   end
 
-  def validate_all(other), do: {:error, "config :snakepit, :pools must be a list, got #{inspect(other)}"}
+  def validate_all(other),
+    do: {:error, "config :snakepit, :pools must be a list, got #{inspect(other)}"}
 
   @doc false
   def adapter_validate(c) do
-    if function_exported?(c.adapter_module, :validate, 1), do: c.adapter_module.validate(c), else: :ok
+    if function_exported?(c.adapter_module, :validate, 1),
+      do: c.adapter_module.validate(c),
+      else: :ok
   end
 end

@@ -120,7 +120,10 @@ defmodule Snakepit.NDArray do
 
   defp unpack(c, <<o, ?i, s::binary>>) do
     bits = String.to_integer(s) * 8
-    if o == ?>, do: (<<x::signed-big-size(bits)>> = c) && x, else: (<<x::signed-little-size(bits)>> = c) && x
+
+    if o == ?>,
+      do: (<<x::signed-big-size(bits)>> = c) && x,
+      else: (<<x::signed-little-size(bits)>> = c) && x
   end
 
   defp unpack(c, <<o, ?u, s::binary>>) do
@@ -199,7 +202,8 @@ defmodule Snakepit.Codec do
   end
 
   def encode_args(other),
-    do: raise(ArgumentError, "tool arguments must be a map or keyword list, got #{inspect(other)}")
+    do:
+      raise(ArgumentError, "tool arguments must be a map or keyword list, got #{inspect(other)}")
 
   @doc "Decodes `json` (empty means `nil`) with its `blobs`. Options: `bytes: :binary | :tagged`."
   @spec decode(binary, blobs, keyword) :: {:ok, term} | {:error, String.t()}
@@ -260,7 +264,8 @@ defmodule Snakepit.Codec do
     end
   end
 
-  defp enc(%s{}, _acc), do: raise(ArgumentError, "cannot encode struct #{inspect(s)} for the bridge")
+  defp enc(%s{}, _acc),
+    do: raise(ArgumentError, "cannot encode struct #{inspect(s)} for the bridge")
 
   defp enc(map, acc) when is_map(map) do
     {pairs, acc} =
@@ -272,7 +277,8 @@ defmodule Snakepit.Codec do
     obj = Map.new(pairs)
 
     if map_size(obj) != map_size(map) do
-      raise ArgumentError, "map has keys that collide once converted to strings: #{inspect(Map.keys(map))}"
+      raise ArgumentError,
+            "map has keys that collide once converted to strings: #{inspect(Map.keys(map))}"
     end
 
     if Map.has_key?(obj, @tag),
@@ -282,7 +288,9 @@ defmodule Snakepit.Codec do
 
   defp enc(list, acc) when is_list(list), do: Enum.map_reduce(list, acc, &enc/2)
   defp enc(t, acc) when is_tuple(t), do: enc(Tuple.to_list(t), acc)
-  defp enc(other, _acc), do: raise(ArgumentError, "cannot encode #{inspect(other)} for the bridge")
+
+  defp enc(other, _acc),
+    do: raise(ArgumentError, "cannot encode #{inspect(other)} for the bridge")
 
   defp blob(bin, acc) do
     {ref, acc} = blob_ref(bin, acc)
@@ -292,7 +300,9 @@ defmodule Snakepit.Codec do
   defp blob_ref(bin, {n, rev}), do: {%{"blob" => n}, {n + 1, [bin | rev]}}
 
   defp key(k) when is_binary(k) do
-    if String.valid?(k), do: k, else: raise(ArgumentError, "map key #{inspect(k)} is not valid UTF-8")
+    if String.valid?(k),
+      do: k,
+      else: raise(ArgumentError, "map key #{inspect(k)} is not valid UTF-8")
   end
 
   defp key(k) when is_atom(k), do: Atom.to_string(k)
@@ -302,7 +312,10 @@ defmodule Snakepit.Codec do
   ## decoding
 
   defp dec(%{@tag => tag} = obj, blobs, mode), do: dec_tagged(tag, obj, blobs, mode)
-  defp dec(map, blobs, mode) when is_map(map), do: Map.new(map, fn {k, v} -> {k, dec(v, blobs, mode)} end)
+
+  defp dec(map, blobs, mode) when is_map(map),
+    do: Map.new(map, fn {k, v} -> {k, dec(v, blobs, mode)} end)
+
   defp dec(list, blobs, mode) when is_list(list), do: Enum.map(list, &dec(&1, blobs, mode))
   defp dec(other, _blobs, _mode), do: other
 
@@ -312,7 +325,11 @@ defmodule Snakepit.Codec do
   end
 
   defp dec_tagged("ndarray", obj, blobs, _mode) do
-    nd = %NDArray{data: fetch_blob(obj, blobs, "ndarray"), dtype: obj["dtype"], shape: obj["shape"]}
+    nd = %NDArray{
+      data: fetch_blob(obj, blobs, "ndarray"),
+      dtype: obj["dtype"],
+      shape: obj["shape"]
+    }
 
     case NDArray.validate(nd) do
       :ok -> nd
@@ -333,8 +350,9 @@ defmodule Snakepit.Codec do
   defp dec_tagged(tag, _obj, _blobs, _mode),
     do: throw({:snakepit_codec, "unknown __snakepit__ tag #{inspect(tag)}"})
 
-  defp fetch_blob(%{"blob" => i}, blobs, _kind) when is_integer(i) and i >= 0 and i < tuple_size(blobs),
-    do: elem(blobs, i)
+  defp fetch_blob(%{"blob" => i}, blobs, _kind)
+       when is_integer(i) and i >= 0 and i < tuple_size(blobs),
+       do: elem(blobs, i)
 
   defp fetch_blob(obj, blobs, kind),
     do:

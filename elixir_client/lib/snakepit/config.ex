@@ -126,15 +126,30 @@ defmodule Snakepit.Config do
 
   defp build(c) do
     case Map.keys(c) -- @keys do
-      [] -> :ok
-      [k | _] -> throw({:invalid, k, "unknown key (known keys: #{Enum.map_join(@keys, ", ", &inspect/1)})"})
+      [] ->
+        :ok
+
+      [k | _] ->
+        throw(
+          {:invalid, k, "unknown key (known keys: #{Enum.map_join(@keys, ", ", &inspect/1)})"}
+        )
     end
 
     name = fetch(c, :name, nil, &(is_atom(&1) and &1 != nil), "must be an atom (required)")
-    profile = fetch(c, :worker_profile, :process, &(&1 in [:process, :thread]), "must be :process or :thread")
+
+    profile =
+      fetch(
+        c,
+        :worker_profile,
+        :process,
+        &(&1 in [:process, :thread]),
+        "must be :process or :thread"
+      )
 
     default_size =
-      if profile == :thread, do: max(1, div(System.schedulers_online(), 4)), else: System.schedulers_online()
+      if profile == :thread,
+        do: max(1, div(System.schedulers_online(), 4)),
+        else: System.schedulers_online()
 
     pool_size = fetch(c, :pool_size, default_size, &pos_int?/1, "must be a positive integer")
 
@@ -145,26 +160,50 @@ defmodule Snakepit.Config do
     adapter_module =
       fetch(c, :adapter_module, Snakepit.Adapters.GRPCPython, &is_atom/1, "must be a module")
 
-    if not (Code.ensure_loaded?(adapter_module) and function_exported?(adapter_module, :command, 2)) do
-      throw({:invalid, :adapter_module, "#{inspect(adapter_module)} does not implement Snakepit.Adapter"})
+    if not (Code.ensure_loaded?(adapter_module) and
+              function_exported?(adapter_module, :command, 2)) do
+      throw(
+        {:invalid, :adapter_module,
+         "#{inspect(adapter_module)} does not implement Snakepit.Adapter"}
+      )
     end
 
     adapter_args =
-      fetch(c, :adapter_args, [], &(is_list(&1) and Enum.all?(&1, fn a -> is_binary(a) end)), "must be a list of strings")
+      fetch(
+        c,
+        :adapter_args,
+        [],
+        &(is_list(&1) and Enum.all?(&1, fn a -> is_binary(a) end)),
+        "must be a list of strings"
+      )
 
     adapter_env =
       fetch(
         c,
         :adapter_env,
         [],
-        &(is_list(&1) and Enum.all?(&1, fn e -> match?({k, v} when is_binary(k) and is_binary(v), e) end)),
+        &(is_list(&1) and
+            Enum.all?(&1, fn e -> match?({k, v} when is_binary(k) and is_binary(v), e) end)),
         "must be a list of {\"NAME\", \"value\"} string tuples"
       )
 
-    ttl = fetch(c, :worker_ttl, :infinity, &ttl?/1, "must be :infinity or {n, :seconds | :minutes | :hours | :milliseconds}")
+    ttl =
+      fetch(
+        c,
+        :worker_ttl,
+        :infinity,
+        &ttl?/1,
+        "must be :infinity or {n, :seconds | :minutes | :hours | :milliseconds}"
+      )
 
     max_req =
-      fetch(c, :worker_max_requests, :infinity, &(&1 == :infinity or pos_int?(&1)), "must be a positive integer or :infinity")
+      fetch(
+        c,
+        :worker_max_requests,
+        :infinity,
+        &(&1 == :infinity or pos_int?(&1)),
+        "must be a positive integer or :infinity"
+      )
 
     %__MODULE__{
       name: name,
@@ -177,22 +216,57 @@ defmodule Snakepit.Config do
       worker_ttl: ttl_ms(ttl),
       worker_max_requests: max_req,
       queue_size: fetch(c, :queue_size, 1000, &non_neg_int?/1, "must be a non-negative integer"),
-      queue_timeout: fetch(c, :queue_timeout, 5_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
-      call_timeout: fetch(c, :call_timeout, 60_000, &pos_int?/1, "must be a positive integer (ms)"),
-      startup_timeout: fetch(c, :startup_timeout, 30_000, &pos_int?/1, "must be a positive integer (ms)"),
-      python_executable: fetch(c, :python_executable, default_python(), &nonempty_string?/1, "must be a non-empty string"),
-      script_dir: fetch(c, :script_dir, @repo_root, &nonempty_string?/1, "must be a non-empty string"),
+      queue_timeout:
+        fetch(c, :queue_timeout, 5_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
+      call_timeout:
+        fetch(c, :call_timeout, 60_000, &pos_int?/1, "must be a positive integer (ms)"),
+      startup_timeout:
+        fetch(c, :startup_timeout, 30_000, &pos_int?/1, "must be a positive integer (ms)"),
+      python_executable:
+        fetch(
+          c,
+          :python_executable,
+          default_python(),
+          &nonempty_string?/1,
+          "must be a non-empty string"
+        ),
+      script_dir:
+        fetch(c, :script_dir, @repo_root, &nonempty_string?/1, "must be a non-empty string"),
       python_adapter:
-        fetch(c, :python_adapter, default_python_adapter(profile), &nonempty_string?/1, "must be a module.Class string"),
-      auth_token: fetch(c, :auth_token, nil, &(is_nil(&1) or nonempty_string?(&1)), "must be nil or a non-empty string"),
-      shutdown_grace: fetch(c, :shutdown_grace, 5_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
-      ttl_jitter: fetch(c, :ttl_jitter, 0.1, &(is_number(&1) and &1 >= 0 and &1 < 1), "must be a number in [0, 1)") * 1.0,
-      restart_backoff_max: fetch(c, :restart_backoff_max, 10_000, &pos_int?/1, "must be a positive integer (ms)")
+        fetch(
+          c,
+          :python_adapter,
+          default_python_adapter(profile),
+          &nonempty_string?/1,
+          "must be a module.Class string"
+        ),
+      auth_token:
+        fetch(
+          c,
+          :auth_token,
+          nil,
+          &(is_nil(&1) or nonempty_string?(&1)),
+          "must be nil or a non-empty string"
+        ),
+      shutdown_grace:
+        fetch(c, :shutdown_grace, 5_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
+      ttl_jitter:
+        fetch(
+          c,
+          :ttl_jitter,
+          0.1,
+          &(is_number(&1) and &1 >= 0 and &1 < 1),
+          "must be a number in [0, 1)"
+        ) * 1.0,
+      restart_backoff_max:
+        fetch(c, :restart_backoff_max, 10_000, &pos_int?/1, "must be a positive integer (ms)")
     }
   end
 
   @doc "The Python adapter class a profile runs by default."
-  def default_python_adapter(:thread), do: "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
+  def default_python_adapter(:thread),
+    do: "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
+
   def default_python_adapter(:process), do: "snakepit_bridge.adapters.showcase.ShowcaseAdapter"
 
   defp fetch(c, key, default, valid?, msg) do
@@ -208,7 +282,10 @@ defmodule Snakepit.Config do
   defp nonempty_string?(v), do: is_binary(v) and v != ""
 
   defp ttl?(:infinity), do: true
-  defp ttl?({n, unit}) when is_integer(n) and n > 0, do: unit in [:milliseconds, :seconds, :minutes, :hours]
+
+  defp ttl?({n, unit}) when is_integer(n) and n > 0,
+    do: unit in [:milliseconds, :seconds, :minutes, :hours]
+
   defp ttl?(_), do: false
 
   defp ttl_ms(:infinity), do: :infinity

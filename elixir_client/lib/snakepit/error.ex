@@ -105,7 +105,9 @@ defmodule Snakepit.Error do
     base = Map.get(@status_reasons, status, :unknown)
 
     reason =
-      if te.traceback not in [nil, ""] or status in [:unknown, :internal, :ok], do: :tool_error, else: base
+      if te.traceback not in [nil, ""] or status in [:unknown, :internal, :ok],
+        do: :tool_error,
+        else: base
 
     %__MODULE__{
       reason: reason,
@@ -137,7 +139,9 @@ defmodule Snakepit.Error do
             unimplemented internal unavailable data_loss unauthenticated)a
 
   @doc false
-  def code_to_status(code) when is_integer(code) and code >= 0 and code < 17, do: Enum.at(@codes, code)
+  def code_to_status(code) when is_integer(code) and code >= 0 and code < 17,
+    do: Enum.at(@codes, code)
+
   def code_to_status(_), do: :unknown
 
   defp nonempty(""), do: nil

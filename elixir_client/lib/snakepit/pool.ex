@@ -45,7 +45,12 @@ defmodule Snakepit.Pool do
 
   @doc false
   def child_spec(config) do
-    %{id: {__MODULE__, config.name}, start: {__MODULE__, :start_link, [config]}, type: :worker, shutdown: 15_000}
+    %{
+      id: {__MODULE__, config.name},
+      start: {__MODULE__, :start_link, [config]},
+      type: :worker,
+      shutdown: 15_000
+    }
   end
 
   @doc "Starts a pool from a validated `Snakepit.Config`."
@@ -92,7 +97,8 @@ defmodule Snakepit.Pool do
           GenServer.call(pid, {:checkout, self(), Keyword.get(opts, :session_id)}, :infinity)
         catch
           :exit, reason ->
-            {:error, Error.new(:unavailable, "pool #{inspect(pool)} is not running: #{inspect(reason)}")}
+            {:error,
+             Error.new(:unavailable, "pool #{inspect(pool)} is not running: #{inspect(reason)}")}
         end
     end
   end
@@ -114,10 +120,12 @@ defmodule Snakepit.Pool do
   end
 
   @doc "Pool counters and worker table (no Python calls)."
-  def stats(pool), do: GenServer.call(whereis(pool) || raise(ArgumentError, "no pool #{inspect(pool)}"), :stats)
+  def stats(pool),
+    do: GenServer.call(whereis(pool) || raise(ArgumentError, "no pool #{inspect(pool)}"), :stats)
 
   @doc "Forgets a session's worker pinning; returns the worker channel it was on, if any."
-  def forget_session(pool, session_id), do: GenServer.call(whereis(pool), {:forget_session, session_id})
+  def forget_session(pool, session_id),
+    do: GenServer.call(whereis(pool), {:forget_session, session_id})
 
   ## server
 
@@ -126,7 +134,10 @@ defmodule Snakepit.Pool do
     Process.flag(:trap_exit, true)
     Logger.metadata(pool: config.name)
 
-    slots = Map.new(1..config.pool_size, fn i -> {i, %{current: nil, pending: nil, failures: 0, scheduled: false}} end)
+    slots =
+      Map.new(1..config.pool_size, fn i ->
+        {i, %{current: nil, pending: nil, failures: 0, scheduled: false}}
+      end)
 
     state = %{
       config: config,
@@ -175,15 +186,26 @@ defmodule Snakepit.Pool do
 
             {:reply,
              {:error,
-              Error.new(:queue_full, "pool #{inspect(s.name)}: all slots busy and #{s.queue_len} callers queued")},
-             s}
+              Error.new(
+                :queue_full,
+                "pool #{inspect(s.name)}: all slots busy and #{s.queue_len} callers queued"
+              )}, s}
 
           true ->
             wait =
-              if s.ever_ready, do: s.config.queue_timeout, else: max(s.config.queue_timeout, s.config.startup_timeout)
+              if s.ever_ready,
+                do: s.config.queue_timeout,
+                else: max(s.config.queue_timeout, s.config.startup_timeout)
 
             timer = Process.send_after(self(), {:queue_timeout, mref}, wait)
-            waiter = %{from: from, caller: caller, session_id: session_id, timer: timer, wait: wait}
+
+            waiter = %{
+              from: from,
+              caller: caller,
+              session_id: session_id,
+              timer: timer,
+              wait: wait
+            }
 
             s = %{
               s
@@ -233,7 +255,12 @@ defmodule Snakepit.Pool do
         pool_size: s.config.pool_size,
         queued: s.queue_len,
         in_flight: Enum.sum(Enum.map(workers, & &1.in_flight)),
-        capacity: s.workers |> Map.values() |> Enum.filter(&(&1.status in [:ready, :retiring])) |> Enum.map(& &1.capacity) |> Enum.sum(),
+        capacity:
+          s.workers
+          |> Map.values()
+          |> Enum.filter(&(&1.status in [:ready, :retiring]))
+          |> Enum.map(& &1.capacity)
+          |> Enum.sum(),
         sessions: map_size(s.sessions),
         workers: workers
       })
@@ -284,7 +311,11 @@ defmodule Snakepit.Pool do
           end
 
         s = put_worker(s, %{s.workers[wpid] | ttl_ms: schedule_ttl(s.config, wpid)})
-        Logger.info("snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})")
+
+        Logger.info(
+          "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})"
+        )
+
         s = %{s | ever_ready: true} |> notify_ready() |> dispatch()
         {:noreply, s}
     end
@@ -316,7 +347,10 @@ defmodule Snakepit.Pool do
               Logger.debug("snakepit pool #{inspect(s.name)}: worker #{w.id} recycled")
               slot = if slot.current == wpid, do: %{slot | current: nil}, else: slot
               s = put_slot(s, w.slot, slot)
-              if slot.current == nil and slot.pending == nil, do: schedule_start(s, w.slot, 0), else: s
+
+              if slot.current == nil and slot.pending == nil,
+                do: schedule_start(s, w.slot, 0),
+                else: s
 
             true ->
               Logger.warning(
@@ -368,10 +402,20 @@ defmodule Snakepit.Pool do
 
         GenServer.reply(
           waiter.from,
-          {:error, Error.new(:queue_timeout, "pool #{inspect(s.name)}: no free slot within #{waiter.wait} ms")}
+          {:error,
+           Error.new(
+             :queue_timeout,
+             "pool #{inspect(s.name)}: no free slot within #{waiter.wait} ms"
+           )}
         )
 
-        s = %{s | waiters: waiters, queue: :queue.delete(mref, s.queue), queue_len: s.queue_len - 1}
+        s = %{
+          s
+          | waiters: waiters,
+            queue: :queue.delete(mref, s.queue),
+            queue_len: s.queue_len - 1
+        }
+
         {:noreply, bump(s, :queue_timeouts)}
     end
   end
@@ -384,7 +428,9 @@ defmodule Snakepit.Pool do
       Map.has_key?(s.waiters, mref) ->
         {waiter, waiters} = Map.pop(s.waiters, mref)
         Process.cancel_timer(waiter.timer)
-        {:noreply, %{s | waiters: waiters, queue: :queue.delete(mref, s.queue), queue_len: s.queue_len - 1}}
+
+        {:noreply,
+         %{s | waiters: waiters, queue: :queue.delete(mref, s.queue), queue_len: s.queue_len - 1}}
 
       true ->
         {:noreply, s}
@@ -422,7 +468,10 @@ defmodule Snakepit.Pool do
         add_worker(s, slot_id, id, pid)
 
       {:error, reason} ->
-        Logger.error("snakepit pool #{inspect(s.name)}: cannot start worker #{id}: #{inspect(reason)}")
+        Logger.error(
+          "snakepit pool #{inspect(s.name)}: cannot start worker #{id}: #{inspect(reason)}"
+        )
+
         slot = s.slots[slot_id]
         slot = %{slot | failures: slot.failures + 1}
         s = %{s | next_id: id + 1} |> put_slot(slot_id, slot) |> bump(:crashes)
@@ -431,7 +480,6 @@ defmodule Snakepit.Pool do
   end
 
   defp add_worker(s, slot_id, id, pid) do
-
     w = %{
       pid: pid,
       id: id,
@@ -487,7 +535,10 @@ defmodule Snakepit.Pool do
     s = if already?, do: s, else: bump(s, :recycles)
 
     if not already?,
-      do: Logger.info("snakepit pool #{inspect(s.name)}: recycling worker #{w.id} (#{why}, #{w.requests} requests)")
+      do:
+        Logger.info(
+          "snakepit pool #{inspect(s.name)}: recycling worker #{w.id} (#{why}, #{w.requests} requests)"
+        )
 
     s =
       if slot.pending == nil and not slot.scheduled and slot.current == w.pid,
@@ -590,7 +641,9 @@ defmodule Snakepit.Pool do
                 _ -> w.sessions
               end
 
-            s |> put_worker(%{w | in_flight: w.in_flight - 1, sessions: sessions}) |> maybe_stop(wpid)
+            s
+            |> put_worker(%{w | in_flight: w.in_flight - 1, sessions: sessions})
+            |> maybe_stop(wpid)
         end
     end
   end

@@ -43,7 +43,9 @@ defmodule Snakepit.Worker do
       end
 
     {exe, args, env} = config.adapter_module.command(config, token_opts)
-    env = Enum.map(env ++ token_env, fn {k, v} -> {String.to_charlist(k), String.to_charlist(v)} end)
+
+    env =
+      Enum.map(env ++ token_env, fn {k, v} -> {String.to_charlist(k), String.to_charlist(v)} end)
 
     port_opts = [
       :binary,
@@ -63,7 +65,10 @@ defmodule Snakepit.Worker do
       {:os_pid, os_pid} = Port.info(port, :os_pid)
       timer = Process.send_after(self(), :startup_timeout, config.startup_timeout)
       send(pool, {:snakepit_worker_spawned, self(), os_pid})
-      Logger.debug("snakepit worker #{id} spawned os pid #{os_pid}: #{exe} #{Enum.join(args, " ")}")
+
+      Logger.debug(
+        "snakepit worker #{id} spawned os pid #{os_pid}: #{exe} #{Enum.join(args, " ")}"
+      )
 
       {:ok,
        %{
@@ -135,7 +140,11 @@ defmodule Snakepit.Worker do
 
   def handle_info(:startup_timeout, %{status: :starting} = s) do
     tail = s.lines |> Enum.reverse() |> Enum.join("\n")
-    Logger.error("snakepit worker #{s.id} not ready after #{s.config.startup_timeout} ms\n#{tail}")
+
+    Logger.error(
+      "snakepit worker #{s.id} not ready after #{s.config.startup_timeout} ms\n#{tail}"
+    )
+
     {:stop, {:shutdown, :startup_timeout}, s}
   end
 
@@ -185,7 +194,11 @@ defmodule Snakepit.Worker do
         tok -> [{"authorization", "Bearer " <> tok}]
       end
 
-    case Snakepit.GRPC.Channel.start_link(host: "127.0.0.1", port: listen_port, metadata: metadata) do
+    case Snakepit.GRPC.Channel.start_link(
+           host: "127.0.0.1",
+           port: listen_port,
+           metadata: metadata
+         ) do
       {:ok, ch} ->
         info = %{channel: ch, os_pid: s.os_pid, port: listen_port}
         send(s.pool, {:snakepit_worker_ready, self(), info})

@@ -30,7 +30,15 @@ defmodule Snakepit.Adapters.GRPCPython do
     grace = :erlang.float_to_binary(config.shutdown_grace / 1000, decimals: 3)
 
     args =
-      [script_path(config), "--adapter", config.python_adapter, "--host", "127.0.0.1", "--port", "0"] ++
+      [
+        script_path(config),
+        "--adapter",
+        config.python_adapter,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0"
+      ] ++
         ["--exit-on-stdin-eof", "--grace", grace] ++ threads ++ auth ++ config.adapter_args
 
     {exe, args, [{"PYTHONUNBUFFERED", "1"} | config.adapter_env]}
@@ -53,8 +61,11 @@ defmodule Snakepit.Adapters.GRPCPython do
   end
 
   @doc "The server script for the config's worker profile."
-  def script_path(%{worker_profile: :thread, script_dir: dir}), do: Path.join(dir, "grpc_server_threaded.py")
-  def script_path(%{worker_profile: :process, script_dir: dir}), do: Path.join(dir, "grpc_server_process.py")
+  def script_path(%{worker_profile: :thread, script_dir: dir}),
+    do: Path.join(dir, "grpc_server_threaded.py")
+
+  def script_path(%{worker_profile: :process, script_dir: dir}),
+    do: Path.join(dir, "grpc_server_process.py")
 
   defp resolve_executable(exe) do
     if String.contains?(exe, "/") do
