@@ -45,10 +45,13 @@ defmodule Snakepit.GRPC.ChannelTest do
 
   defp result(response), do: :jiffy.decode(response.result_json, [:return_maps])
 
-  defp cancelled_count(channel) do
-    {:ok, response, _} = tool(channel, "cancelled_count", %{})
+  # Whether the server saw the call with this request id end before its handler finished.
+  defp cancelled?(channel, request_id) do
+    {:ok, response, _} = tool(channel, "was_cancelled", %{"request_id" => request_id})
     result(response)
   end
+
+  defp request_id, do: "req-#{System.unique_integer([:positive])}"
 
   defp collect(ref, acc \\ []) do
     receive do
@@ -162,27 +165,41 @@ defmodule Snakepit.GRPC.ChannelTest do
     test "a caller that dies mid-call gets its stream cancelled on the server", %{
       channel: channel
     } do
-      before = cancelled_count(channel)
-      caller = spawn(fn -> tool(channel, "sleep", %{"ms" => 5000}, timeout: 20_000) end)
+      id = request_id()
+
+      caller =
+        spawn(fn ->
+          tool(channel, "sleep", %{"ms" => 5000}, timeout: 20_000, fields: [request_id: id])
+        end)
+
       Process.sleep(200)
+      refute cancelled?(channel, id)
       Process.exit(caller, :kill)
-      assert wait_until(fn -> cancelled_count(channel) > before end) == true
+      assert wait_until(fn -> cancelled?(channel, id) end) == true
+    end
+
+    test "a call that completes is not seen as cancelled (control)", %{channel: channel} do
+      id = request_id()
+      assert {:ok, _, _} = tool(channel, "sleep", %{"ms" => 10}, fields: [request_id: id])
+      Process.sleep(100)
+      refute cancelled?(channel, id)
     end
 
     test "cancel/2 stops a server stream and no more messages arrive", %{channel: channel} do
-      before = cancelled_count(channel)
+      id = request_id()
 
       request =
         Proto.encode(:execute_tool_request, %{
           tool_name: "count",
-          args_json: ~s({"n": 1000, "delay_ms": 20})
+          args_json: ~s({"n": 1000, "delay_ms": 20}),
+          request_id: id
         })
 
       assert {:ok, ref} = Channel.server_stream(channel, @svc <> "ExecuteStreamingTool", request)
       assert_receive {:snakepit_grpc, ^ref, {:message, _}}, 5000
       assert :ok = Channel.cancel(channel, ref)
       refute_receive {:snakepit_grpc, ^ref, _}, 300
-      assert wait_until(fn -> cancelled_count(channel) > before end) == true
+      assert wait_until(fn -> cancelled?(channel, id) end) == true
     end
 
     test "a server stream's deadline covers the whole stream", %{channel: channel} do

@@ -19,13 +19,22 @@ from snakepit_bridge.generated import snakepit_bridge_pb2 as pb  # noqa: E402
 from snakepit_bridge.generated import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
 
 MAX_MESSAGE = 64 * 1024 * 1024
-cancelled = {"count": 0}
+cancelled_ids = set()
 lock = threading.Lock()
 
 
-def note_cancel():
-    with lock:
-        cancelled["count"] += 1
+def watch_cancel(request, context):
+    """Records request.request_id if the RPC ends before the handler finished (client RST_STREAM,
+    deadline, disconnect). Returns a dict whose "ok" the handler sets when it finishes normally."""
+    done = {"ok": False}
+
+    def on_end():
+        if not done["ok"]:
+            with lock:
+                cancelled_ids.add(request.request_id)
+
+    context.add_callback(on_end)
+    return done
 
 
 class Servicer(pb_grpc.BridgeServiceServicer):
@@ -45,17 +54,15 @@ class Servicer(pb_grpc.BridgeServiceServicer):
         if name == "time_remaining":
             return pb.ExecuteToolResponse(result_json=json.dumps(context.time_remaining()))
         if name == "sleep":
-            context.add_callback(lambda: None)
+            done = watch_cancel(request, context)
             deadline = time.monotonic() + args.get("ms", 1000) / 1000.0
-            while time.monotonic() < deadline:
-                if not context.is_active():
-                    note_cancel()
-                    return pb.ExecuteToolResponse()
+            while time.monotonic() < deadline and context.is_active():
                 time.sleep(0.005)
+            done["ok"] = context.is_active()
             return pb.ExecuteToolResponse(result_json='"slept"')
-        if name == "cancelled_count":
+        if name == "was_cancelled":
             with lock:
-                return pb.ExecuteToolResponse(result_json=json.dumps(cancelled["count"]))
+                return pb.ExecuteToolResponse(result_json=json.dumps(args["request_id"] in cancelled_ids))
         if name == "fail":
             err = pb.ToolError(code=args.get("code", 2), type="ValueError", message=args.get("message", "boom"),
                                traceback="Traceback (most recent call last): ...", tool_name=name)
@@ -76,15 +83,14 @@ class Servicer(pb_grpc.BridgeServiceServicer):
         n = args.get("n", 3)
         delay = args.get("delay_ms", 0) / 1000.0
         size = args.get("size", 0)
+        done = watch_cancel(request, context)
         for i in range(n):
-            if not context.is_active():
-                note_cancel()
-                return
             if request.tool_name == "fail_midway" and i == args.get("fail_at", 2):
                 context.abort(grpc.StatusCode.INTERNAL, "failed at %d" % i)
             yield pb.ToolChunk(sequence=i, data_json=json.dumps(i), blobs=[b"x" * size] if size else [])
             if delay:
                 time.sleep(delay)
+        done["ok"] = True
         yield pb.ToolChunk(sequence=n, data_json='"end"', is_final=True)
 
     def GetStats(self, request, context):
