@@ -181,6 +181,8 @@ class SafeCheckpoint:
             CheckpointError: the file exists but is empty, corrupt, truncated or
                 not a JSON object.
         """
+        if not os.path.isdir(os.path.dirname(self.lock_path)) and not os.path.exists(self.path):
+            return {}  # nothing stored yet: do not create directories just to read
         with self._locked(exclusive=False):
             state = self._read_unlocked()
         return {} if state is None else state

@@ -77,7 +77,7 @@ def leftover_temp_files(directory) -> list[str]:
 def test_round_trip_and_node_preservation(tmp_path):
     cp = SafeCheckpoint(tmp_path / "sub" / "run.json")
     assert cp.load_state() == {}  # no file -> {}
-    assert not cp.exists()
+    assert not cp.exists() and not (tmp_path / "sub").exists()  # reading created nothing
     cp.save_state("a", {"x": 1})
     cp.save_state("b", [1, 2, 3])
     assert cp.load_state() == {"a": {"x": 1}, "b": [1, 2, 3]}
