@@ -652,32 +652,39 @@ defmodule Snakepit.Pool do
   defp dispatch(%{queue_len: 0} = s), do: s
 
   defp dispatch(s) do
-    if pick_any(s) == :none do
-      s
-    else
-      {s, kept, _full?} =
-        Enum.reduce(:queue.to_list(s.queue), {s, [], false}, fn
-          mref, {s, kept, true} ->
-            {s, [mref | kept], true}
+    if pick_any(s) == :none, do: s, else: dispatch_loop(s, s.queue, [])
+  end
 
-          mref, {s, kept, false} ->
-            waiter = s.waiters[mref]
+  # Pops waiters from the front while there is free capacity; waiters that cannot be served now
+  # (a session pinned to a busy worker) are skipped and keep their place. O(served + skipped).
+  defp dispatch_loop(s, queue, skipped) do
+    case :queue.out(queue) do
+      {:empty, _} ->
+        finish_dispatch(s, queue, skipped)
 
-            case pick(s, waiter.session_id) do
-              {:ok, wpid} ->
-                Process.cancel_timer(waiter.timer)
-                {reply, s} = lease(s, wpid, mref, waiter.caller, waiter.session_id)
-                GenServer.reply(waiter.from, {:ok, reply})
-                {%{s | waiters: Map.delete(s.waiters, mref)}, kept, pick_any(s) == :none}
+      {{:value, mref}, rest} ->
+        waiter = s.waiters[mref]
 
-              :none ->
-                {s, [mref | kept], pick_any(s) == :none}
-            end
-        end)
+        case pick(s, waiter.session_id) do
+          {:ok, wpid} ->
+            Process.cancel_timer(waiter.timer)
+            {reply, s} = lease(s, wpid, mref, waiter.caller, waiter.session_id)
+            GenServer.reply(waiter.from, {:ok, reply})
+            s = %{s | waiters: Map.delete(s.waiters, mref)}
 
-      kept = Enum.reverse(kept)
-      %{s | queue: :queue.from_list(kept), queue_len: length(kept)}
+            if pick_any(s) == :none,
+              do: finish_dispatch(s, rest, skipped),
+              else: dispatch_loop(s, rest, skipped)
+
+          :none ->
+            dispatch_loop(s, rest, [mref | skipped])
+        end
     end
+  end
+
+  defp finish_dispatch(s, rest, skipped) do
+    queue = :queue.join(:queue.from_list(Enum.reverse(skipped)), rest)
+    %{s | queue: queue, queue_len: :queue.len(queue)}
   end
 
   defp ready_count(s), do: Enum.count(s.workers, fn {_, w} -> w.status in [:ready, :retiring] end)
