@@ -92,113 +92,172 @@ def require_thread_safe_declaration(adapter_cls: type, *, allow_unsafe: bool = F
 # Call statistics
 # ---------------------------------------------------------------------------------------------
 
-class _MethodStats:
-    __slots__ = ("calls", "errors", "total_s", "max_s", "peak", "inside", "threads")
+class _ThreadRecord:
+    """One thread's counters for one adapter. Only its own thread writes them (no lock)."""
+
+    __slots__ = ("token", "name", "depth", "started", "requests", "errors", "busy", "methods")
+
+    def __init__(self, token: int, name: str) -> None:
+        self.token = token
+        self.name = name
+        self.depth = 0            # nesting of tracked calls in this thread
+        self.started = 0          # requests (outermost tracked calls) started
+        self.requests = 0         # ... and finished
+        self.errors = 0
+        self.busy = 0.0
+        self.methods: dict[str, list] = {}   # name -> [calls, errors, total_s, max_s]
+
+
+_token_lock = threading.Lock()
+_token_next = [0]
+
+
+class _MethodState:
+    __slots__ = ("inside", "peak")
 
     def __init__(self) -> None:
-        self.calls = 0
-        self.errors = 0
-        self.total_s = 0.0
-        self.max_s = 0.0
-        self.peak = 0            # most distinct threads inside the method at the same time
-        self.inside: dict[int, int] = {}   # thread ident -> nesting depth, for threads inside now
-        self.threads: dict[str, int] = {}  # thread name -> calls
+        self.inside: set[int] = set()   # tokens of the threads inside the method now
+        self.peak = 0                   # most threads inside it at the same time
 
 
 class _CallStats:
-    """Counters of one adapter instance. One plain lock, held for a few dict updates per call."""
+    """Counters of one adapter instance.
 
-    __slots__ = ("lock", "started", "total", "active", "peak", "errors", "methods", "depth",
-                 "threads")
+    The hot path takes no lock: each thread counts in its own record, and the threads inside the
+    adapter (and inside each method) are kept in sets, whose add/discard are atomic. A lock is
+    taken only for a thread's first call, a method's first call and a new peak."""
+
+    __slots__ = ("lock", "started", "local", "records", "active", "peak", "methods")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.started = time.time()
-        self.total = 0            # requests: outermost tracked calls of a thread
-        self.active = 0
+        self.local = threading.local()
+        self.records: list[_ThreadRecord] = []
+        self.active: set[int] = set()
         self.peak = 0
-        self.errors = 0
-        self.methods: dict[str, _MethodStats] = {}
-        self.depth: dict[int, int] = {}    # thread ident -> nesting depth of tracked calls
-        self.threads: dict[str, list] = {}  # thread name -> [requests, busy seconds]
+        self.methods: dict[str, _MethodState] = {}
 
-    def enter(self, name: str, tid: int) -> None:
+    def record(self) -> _ThreadRecord:
+        try:
+            return self.local.rec
+        except AttributeError:
+            pass
+        with _token_lock:
+            _token_next[0] += 1
+            token = _token_next[0]
+        rec = _ThreadRecord(token, _current_thread().name)
+        self.local.rec = rec
         with self.lock:
-            m = self.methods.get(name)
+            self.records.append(rec)
+        return rec
+
+    def method(self, name: str) -> _MethodState:
+        m = self.methods.get(name)
+        if m is None:
+            with self.lock:
+                m = self.methods.setdefault(name, _MethodState())
+        return m
+
+    def new_peak(self, m: Optional[_MethodState], n: int) -> None:
+        with self.lock:
             if m is None:
-                m = self.methods[name] = _MethodStats()
-            m.calls += 1
-            inside = m.inside
-            inside[tid] = inside.get(tid, 0) + 1
-            if len(inside) > m.peak:
-                m.peak = len(inside)
-            d = self.depth.get(tid, 0)
-            self.depth[tid] = d + 1
-            if d == 0:
-                self.total += 1
-                self.active += 1
-                if self.active > self.peak:
-                    self.peak = self.active
+                if n > self.peak:
+                    self.peak = n
+            elif n > m.peak:
+                m.peak = n
 
-    def exit(self, name: str, tid: int, elapsed: float, failed: bool) -> None:
-        tname = _current_thread().name
-        with self.lock:
-            m = self.methods[name]
-            m.total_s += elapsed
-            if elapsed > m.max_s:
-                m.max_s = elapsed
-            m.threads[tname] = m.threads.get(tname, 0) + 1
-            inside = m.inside
-            n = inside[tid] - 1
-            if n:
-                inside[tid] = n
-            else:
-                del inside[tid]
+    def enter(self, name: str):
+        """Start of a tracked call in this thread; returns what exit() needs."""
+        try:
+            rec = self.local.rec
+        except AttributeError:
+            rec = self.record()
+        token = rec.token
+        outer = rec.depth == 0
+        rec.depth += 1
+        if outer:
+            rec.started += 1
+            active = self.active
+            active.add(token)
+            if len(active) > self.peak:
+                self.new_peak(None, len(active))
+        m = self.methods.get(name)
+        if m is None:
+            m = self.method(name)
+        inside = m.inside
+        first_in_method = token not in inside
+        if first_in_method:
+            inside.add(token)
+            if len(inside) > m.peak:
+                self.new_peak(m, len(inside))
+        return rec, m, outer, first_in_method
+
+    def exit(self, entered, name: str, elapsed: float, failed: bool) -> None:
+        rec, m, outer, first_in_method = entered
+        c = rec.methods.get(name)
+        if c is None:
+            c = rec.methods[name] = [0, 0, 0.0, 0.0]
+        c[0] += 1
+        c[2] += elapsed
+        if elapsed > c[3]:
+            c[3] = elapsed
+        if failed:
+            c[1] += 1
+        if first_in_method:
+            m.inside.discard(rec.token)
+        rec.depth -= 1
+        if outer:
+            self.active.discard(rec.token)
+            rec.requests += 1
+            rec.busy += elapsed
             if failed:
-                m.errors += 1
-            d = self.depth[tid] - 1
-            if d:
-                self.depth[tid] = d
-            else:
-                del self.depth[tid]
-                self.active -= 1
-                if failed:
-                    self.errors += 1
-                t = self.threads.get(tname)
-                if t is None:
-                    self.threads[tname] = [1, elapsed]
-                else:
-                    t[0] += 1
-                    t[1] += elapsed
+                rec.errors += 1
 
     def snapshot(self) -> dict:
         with self.lock:
-            uptime = max(time.time() - self.started, 1e-9)
-            methods = {
-                name: {
-                    "calls": m.calls,
-                    "errors": m.errors,
-                    "active": sum(m.inside.values()),
-                    "peak_concurrency": m.peak,
-                    "mean_ms": (m.total_s / m.calls * 1000.0) if m.calls else 0.0,
-                    "max_ms": m.max_s * 1000.0,
-                    "threads": dict(m.threads),
-                }
-                for name, m in self.methods.items()
+            records = list(self.records)
+            states = {name: (len(m.inside), m.peak) for name, m in self.methods.items()}
+            peak = self.peak
+        uptime = max(time.time() - self.started, 1e-9)
+        threads: dict[str, dict] = {}
+        methods: dict[str, dict] = {name: {"calls": 0, "errors": 0, "total_s": 0.0, "max_s": 0.0, "threads": {}}
+                                    for name in states}
+        for rec in records:
+            t = threads.setdefault(rec.name, {"requests": 0, "busy_seconds": 0.0})
+            t["requests"] += rec.requests
+            t["busy_seconds"] += rec.busy
+            for name, (calls, errors, total_s, max_s) in list(rec.methods.items()):
+                m = methods.setdefault(name, {"calls": 0, "errors": 0, "total_s": 0.0, "max_s": 0.0,
+                                              "threads": {}})
+                m["calls"] += calls
+                m["errors"] += errors
+                m["total_s"] += total_s
+                m["max_s"] = max(m["max_s"], max_s)
+                m["threads"][rec.name] = m["threads"].get(rec.name, 0) + calls
+        for t in threads.values():
+            t["busy_fraction"] = t["busy_seconds"] / uptime
+        out_methods = {}
+        for name, m in methods.items():
+            active, mpeak = states.get(name, (0, 0))
+            out_methods[name] = {
+                "calls": m["calls"],
+                "errors": m["errors"],
+                "active": active,
+                "peak_concurrency": mpeak,
+                "mean_ms": m["total_s"] / m["calls"] * 1000.0 if m["calls"] else 0.0,
+                "max_ms": m["max_s"] * 1000.0,
+                "threads": m["threads"],
             }
-            threads = {
-                tname: {"requests": n, "busy_seconds": busy, "busy_fraction": busy / uptime}
-                for tname, (n, busy) in self.threads.items()
-            }
-            return {
-                "total_requests": self.total,
-                "active_requests": self.active,
-                "peak_concurrency": self.peak,
-                "errors": self.errors,
-                "thread_utilization": threads,
-                "methods": methods,
-                "uptime_seconds": uptime,
-            }
+        return {
+            "total_requests": sum(r.started for r in records),
+            "active_requests": len(self.active),
+            "peak_concurrency": peak,
+            "errors": sum(r.errors for r in records),
+            "thread_utilization": threads,
+            "methods": out_methods,
+            "uptime_seconds": uptime,
+        }
 
 
 _fallback_stats_lock = threading.Lock()
@@ -232,10 +291,9 @@ def thread_safe_method(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def gen_wrapper(self, *args, **kwargs):
             stats = _stats_of(self)
-            tid = _get_ident()
             checker = _tsc._ACTIVE
             token = checker._method_enter(self, name) if checker is not None else None
-            stats.enter(name, tid)
+            rec = stats.enter(name)
             t0 = _perf()
             failed = True
             try:
@@ -243,7 +301,7 @@ def thread_safe_method(fn: Callable) -> Callable:
                 failed = False
                 return result
             finally:
-                stats.exit(name, tid, _perf() - t0, failed)
+                stats.exit(rec, name, _perf() - t0, failed)
                 if token is not None:
                     checker._method_exit(token)
         wrapper = gen_wrapper
@@ -251,10 +309,9 @@ def thread_safe_method(fn: Callable) -> Callable:
         @functools.wraps(fn)
         async def async_wrapper(self, *args, **kwargs):
             stats = _stats_of(self)
-            tid = _get_ident()
             checker = _tsc._ACTIVE
             token = checker._method_enter(self, name) if checker is not None else None
-            stats.enter(name, tid)
+            rec = stats.enter(name)
             t0 = _perf()
             failed = True
             try:
@@ -262,7 +319,7 @@ def thread_safe_method(fn: Callable) -> Callable:
                 failed = False
                 return result
             finally:
-                stats.exit(name, tid, _perf() - t0, failed)
+                stats.exit(rec, name, _perf() - t0, failed)
                 if token is not None:
                     checker._method_exit(token)
         wrapper = async_wrapper
@@ -273,10 +330,19 @@ def thread_safe_method(fn: Callable) -> Callable:
                 stats = self._sp_stats
             except AttributeError:
                 stats = _stats_of(self)
-            tid = _get_ident()
             checker = _tsc._ACTIVE
-            token = checker._method_enter(self, name) if checker is not None else None
-            stats.enter(name, tid)
+            if checker is None:
+                rec = stats.enter(name)
+                t0 = _perf()
+                try:
+                    result = fn(self, *args, **kwargs)
+                except BaseException:
+                    stats.exit(rec, name, _perf() - t0, True)
+                    raise
+                stats.exit(rec, name, _perf() - t0, False)
+                return result
+            token = checker._method_enter(self, name)
+            rec = stats.enter(name)
             t0 = _perf()
             failed = True
             try:
@@ -284,9 +350,8 @@ def thread_safe_method(fn: Callable) -> Callable:
                 failed = False
                 return result
             finally:
-                stats.exit(name, tid, _perf() - t0, failed)
-                if token is not None:
-                    checker._method_exit(token)
+                stats.exit(rec, name, _perf() - t0, failed)
+                checker._method_exit(token)
 
     wrapper.__snakepit_thread_safe__ = True
     return wrapper

@@ -650,9 +650,13 @@ def test_pitfall_4_missing_declaration(checker, caplog):
 
 
 def test_pytorch_example(tmp_path, monkeypatch, checker):
+    """The guide's `torch.load("model.pt")` loads a whole pickled model. PyTorch 2.6 made
+    `weights_only=True` the default, which refuses that; its documented switch back is the
+    environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (only for model files you trust)."""
     torch = pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
-    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 2)), "model.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)), "model.pt")
     ns = run(PYTORCH, namespace(), "pytorch")
     adapter = ns["PyTorchAdapter"]()
     outputs = []

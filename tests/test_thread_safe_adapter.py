@@ -363,3 +363,17 @@ def test_torch_tool_without_torch_fails_with_a_clear_error():
         with pytest.raises(BridgeCallError) as info:
             server.client().execute("torch_inference", {"input_tensor": [0.0] * 16})
     assert "TorchUnavailableError" in str(info.value) and "PyTorch" in str(info.value)
+
+
+def test_torch_tool_with_torch_builds_one_shared_model_and_serves_threads():
+    pytest.importorskip("torch")
+    from snakepit_bridge.adapters.threaded_showcase import ThreadedShowcaseAdapter
+
+    adapter = ThreadedShowcaseAdapter()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: adapter.torch_inference([[float(i)] * 16]), range(12)))
+    assert all(len(o["output"]) == 1 and len(o["output"][0]) == 4 for o in outs)
+    assert outs[3]["output"] == adapter.torch_inference([[3.0] * 16])["output"]
+    model = adapter._torch_model
+    adapter.torch_inference([0.0] * 16)
+    assert adapter._torch_model is model
