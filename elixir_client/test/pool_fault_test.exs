@@ -34,6 +34,30 @@ defmodule Snakepit.PoolFaultTest do
     end
   end
 
+  test "a stream whose worker is killed mid-stream ends with :worker_crashed after the chunks so far" do
+    pool = start_pool!(worker_profile: :thread, pool_size: 1, threads_per_worker: 2)
+    [w] = Snakepit.list_workers(pool)
+    parent = self()
+
+    task =
+      Task.async(fn ->
+        Snakepit.execute_stream(
+          pool,
+          "progress",
+          %{steps: 100, delay: 0.05},
+          &send(parent, {:chunk, &1})
+        )
+      end)
+
+    assert_receive {:chunk, %{"step" => 2}}, 5_000
+    kill9(w.os_pid)
+    assert {:error, %Error{reason: :worker_crashed}} = Task.await(task, 5_000)
+    eventually(fn -> match?([_], ready_workers(pool)) end, 20_000)
+
+    assert {:ok, %{"completed" => 2}} =
+             Snakepit.execute_stream(pool, "progress", %{steps: 2}, fn _ -> :ok end)
+  end
+
   test "callers queued while the only worker crashes are served by its replacement" do
     pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 20_000)
     [w] = Snakepit.list_workers(pool)
