@@ -218,6 +218,13 @@ defmodule Snakepit.HTTP2.ConnTest do
                Conn.handle_data(conn, enc([{:continuation, 1, block, %{end_headers: true}}]))
     end
 
+    test "an endless CONTINUATION run is cut off", %{conn: conn} do
+      piece = :binary.copy(<<0>>, 16_000)
+      frames = [{:headers, 1, piece, %{}} | List.duplicate({:continuation, 1, piece, %{}}, 200)]
+      assert {:error, _, {:enhance_your_calm, _}, out} = Conn.handle_data(conn, enc(frames))
+      assert [{:goaway, _, :enhance_your_calm, _}] = frames(out)
+    end
+
     test "an HPACK failure is a COMPRESSION_ERROR", %{conn: conn} do
       assert {:error, _, {:compression_error, _}, out} =
                Conn.handle_data(

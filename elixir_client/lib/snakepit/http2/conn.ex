@@ -285,15 +285,23 @@ defmodule Snakepit.HTTP2.Conn do
        ) do
     fragments = [fragments | fragment]
 
-    if flags.end_headers do
-      header_block_done(
-        %{conn | header_block: nil},
-        sid,
-        IO.iodata_to_binary(fragments),
-        end_stream
-      )
-    else
-      {:ok, %{conn | header_block: {sid, fragments, end_stream}}, [], []}
+    cond do
+      # An endless CONTINUATION run would grow memory without bound; HPACK output is never much
+      # smaller than its input, so twice the header list limit is a safe ceiling.
+      IO.iodata_length(fragments) > header_block_limit(conn) ->
+        {:error, :enhance_your_calm,
+         "header block on stream #{sid} exceeds the header list limit"}
+
+      flags.end_headers ->
+        header_block_done(
+          %{conn | header_block: nil},
+          sid,
+          IO.iodata_to_binary(fragments),
+          end_stream
+        )
+
+      true ->
+        {:ok, %{conn | header_block: {sid, fragments, end_stream}}, [], []}
     end
   end
 
@@ -447,6 +455,9 @@ defmodule Snakepit.HTTP2.Conn do
       {stream, []}
     end
   end
+
+  defp header_block_limit(%{decoder: %{max_header_list_size: :infinity}}), do: 16 * 1024 * 1024
+  defp header_block_limit(%{decoder: %{max_header_list_size: limit}}), do: 2 * limit
 
   defp header_block_done(conn, sid, block, end_stream) do
     # Decode even for closed streams: the HPACK table must stay in sync with the peer's.
