@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""What the bridge costs per call: a no-op tool via ExecuteTool against a bare grpcio servicer.
+
+    python3 bench/server_overhead.py                 # ~1 minute, prints the table
+    python3 bench/server_overhead.py --write-docs    # and replaces its section of docs/benchmarks.md
+    python3 bench/server_overhead.py --profile       # and samples the bridge server with py-spy
+
+Fairness:
+  * Both servers are subprocesses started the same way: the same grpcio version, the same handler
+    thread pool size (--max-workers + --max-queue + 8, as snakepit_bridge.server builds it) and the same
+    channel options (64 MiB messages, no SO_REUSEPORT). The bare server answers ExecuteTool with the
+    message our server sends for the no-op tool (result_json "null", a generated request id, a
+    duration): protobuf (de)serialisation and grpcio's dispatch, nothing else.
+  * The load generator is h2load (nghttp2's C load generator) in its own process, sending one prebuilt
+    gRPC request body (`-d`) with gRPC headers, for a bounded time (--duration after a warm-up), at 1 and
+    32 requests in flight over one HTTP/2 connection. Every response is checked to have carried a
+    message (a failed gRPC call has no DATA frame), and each server is called once with a real client
+    first.
+  * The two servers are measured alternately, round after round; the table shows the median QPS of
+    the rounds and p50/p99 over all requests (from h2load's per-request log).
+  * ExecuteBatch of 100 no-op items is compared with 100 single ExecuteTool calls (one in flight) from
+    a Python grpc client in this process (the servers run in their own processes).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from snakepit_bridge import BaseAdapter, tool  # noqa: E402
+
+METHOD = "/snakepit.bridge.BridgeService/ExecuteTool"
+DOCS = ROOT / "docs" / "benchmarks.md"
+SECTION_BEGIN = "<!-- BEGIN server_overhead (bench/server_overhead.py --write-docs) -->"
+SECTION_END = "<!-- END server_overhead -->"
+CONTROL_THREADS = 8  # as snakepit_bridge.server.CONTROL_THREADS
+
+
+class NoopAdapter(BaseAdapter):
+    """The benchmark's adapter: one tool that does nothing."""
+
+    __thread_safe__ = True
+
+    @tool(description="Do nothing")
+    def noop(self) -> None:
+        return None
+
+
+# --- the bare servicer (runs in its own process: `server_overhead.py --serve-bare`) -----------------
+
+def serve_bare(max_workers: int, max_queue: int, max_message_mb: float) -> int:
+    import itertools
+    import signal
+    import threading
+
+    import grpc
+
+    from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
+    from snakepit_bridge.generated import snakepit_bridge_pb2_grpc as pb_grpc
+
+    class BareServicer(pb_grpc.BridgeServiceServicer):
+        def __init__(self):
+            self.ids = itertools.count(1)
+            self.prefix = f"{os.getpid():x}-"
+
+        def ExecuteTool(self, request, context):
+            started = time.perf_counter()
+            return pb.ExecuteToolResponse(result_json="null", request_id=request.request_id or
+                                          self.prefix + str(next(self.ids)),
+                                          duration_ms=(time.perf_counter() - started) * 1000.0)
+
+        def Ping(self, request, context):
+            return pb.PingResponse(message=request.message, pid=os.getpid(), worker_mode="bare")
+
+    message_bytes = int(max_message_mb * 1024 * 1024)
+    options = [("grpc.max_receive_message_length", message_bytes), ("grpc.max_send_message_length", message_bytes),
+               ("grpc.so_reuseport", 0)]
+    executor = futures.ThreadPoolExecutor(max_workers + max_queue + CONTROL_THREADS,
+                                          thread_name_prefix="ThreadPoolExecutor-0")
+    server = grpc.server(executor, options=options)
+    pb_grpc.add_BridgeServiceServicer_to_server(BareServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"SNAKEPIT_READY port={port} pid={os.getpid()}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop(1).wait()
+    return 0
+
+
+# --- load generation --------------------------------------------------------------------------------
+
+def grpc_frame(message: bytes) -> bytes:
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def h2load(port: int, body: Path, in_flight: int, duration: float, warm_up: float, log: Path) -> dict:
+    command = ["h2load", "-c", "1", "-t", "1", "-m", str(in_flight), "-D", f"{max(1, round(duration))}",
+               f"--warm-up-time={max(0, round(warm_up))}", "-d", str(body), "-H", "content-type: application/grpc",
+               "-H", "te: trailers", f"--log-file={log}", f"http://127.0.0.1:{port}{METHOD}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=duration + warm_up + 60)
+    if result.returncode != 0:
+        raise RuntimeError(f"h2load failed: {result.stdout}\n{result.stderr}")
+    out = result.stdout
+    succeeded = int(re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out).group(1))
+    failed = int(re.search(r"requests: .* (\d+) failed", out).group(1))
+    data_bytes = int(re.search(r"\((\d+)\) data", out).group(1))
+    latencies_us = []
+    for line in log.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[1] == "200":
+            latencies_us.append(int(parts[2]))
+    return {"succeeded": succeeded, "failed": failed, "qps": succeeded / max(1, round(duration)), "latencies_us": latencies_us,
+            "data_bytes_per_request": data_bytes / max(1, succeeded), "raw": out}
+
+
+def percentile(values: list[int], fraction: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, int(round(fraction * len(ordered))) - 1))]
+
+
+# --- servers -----------------------------------------------------------------------------------------
+
+def start_servers(max_workers: int, max_queue: int):
+    from tests.servers import WorkerServer
+
+    class BareServer(WorkerServer):
+        def command(self):
+            return [self.python, str(Path(__file__).resolve()), "--serve-bare", "--max-workers", str(max_workers),
+                    "--max-queue", str(max_queue)]
+
+    ours = WorkerServer("threaded", "--adapter", "bench.server_overhead.NoopAdapter", "--max-workers",
+                        str(max_workers), "--max-queue", str(max_queue), "--log-level", "WARNING").start()
+    bare = BareServer("threaded").start()
+    return {"snakepit ExecuteTool": ours, "bare grpcio servicer": bare}
+
+
+def check_servers(servers) -> None:
+    """Each server answers the benchmark's request correctly before it is measured."""
+    import grpc
+
+    from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
+
+    for name, server in servers.items():
+        with grpc.insecure_channel(server.address) as channel:
+            response = channel.unary_unary(METHOD, request_serializer=pb.ExecuteToolRequest.SerializeToString,
+                                           response_deserializer=pb.ExecuteToolResponse.FromString)(
+                pb.ExecuteToolRequest(tool_name="noop", args_json="{}"), timeout=10)
+        if response.result_json != "null" or not response.request_id:
+            raise RuntimeError(f"{name} answered {response!r}")
+
+
+def batch_comparison(address: str, items: int, repetitions: int, max_seconds: float) -> dict:
+    import grpc
+
+    from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
+    from snakepit_bridge.generated import snakepit_bridge_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.BridgeServiceStub(channel)
+        single = pb.ExecuteToolRequest(tool_name="noop", args_json="{}")
+        batch = pb.ExecuteBatchRequest(tool_name="noop", items=[pb.BatchItem(args_json="{}")] * items)
+        response = stub.ExecuteBatch(batch, timeout=30)
+        if len(response.results) != items or not all(r.ok for r in response.results):
+            raise RuntimeError(f"ExecuteBatch failed: {response.results[0]}")
+        for _ in range(items):
+            stub.ExecuteTool(single, timeout=10)  # warm up
+        times = {"batch": [], "single": []}
+        deadline = time.monotonic() + max_seconds
+        for repetition in range(repetitions):
+            order = ("batch", "single") if repetition % 2 == 0 else ("single", "batch")
+            for kind in order:
+                started = time.perf_counter()
+                if kind == "batch":
+                    stub.ExecuteBatch(batch, timeout=30)
+                else:
+                    for _ in range(items):
+                        stub.ExecuteTool(single, timeout=10)
+                times[kind].append(time.perf_counter() - started)
+            if time.monotonic() > deadline:
+                break
+        return {kind: statistics.median(values) for kind, values in times.items()} | {"repetitions": len(times["batch"])}
+
+
+def profile_ours(server, body: Path, seconds: float, out_dir: Path) -> str:
+    """Sample our server with py-spy while h2load drives it at 32 in flight; returns a text summary."""
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        return "py-spy is not installed (pip install py-spy)"
+    raw = out_dir / "profile.txt"
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(server.pid), "--duration", f"{seconds:g}", "--rate", "500",
+                            "--format", "raw", "--output", str(raw), "--threads", "--nonblocking"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)
+    h2load(server.port, body, 32, seconds, 0.0, out_dir / "profile.log")
+    spy.wait(seconds + 30)
+    if not raw.exists():
+        return "py-spy produced no profile: " + (spy.stdout.read() if spy.stdout else "")
+    return summarize_profile(raw.read_text())
+
+
+def summarize_profile(raw: str, top: int = 25) -> str:
+    """Self and inclusive sample shares per function, for the request-handling threads."""
+    total = 0
+    inclusive: dict[str, int] = {}
+    self_time: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        if "ThreadPoolExecutor-0" not in stack.split(";")[0]:
+            continue  # only handler threads (the poller and idle threads are not request work)
+        frames = stack.split(";")[1:]
+        n = int(count)
+        total += n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+        if frames:
+            self_time[frames[-1]] = self_time.get(frames[-1], 0) + n
+    lines = [f"handler-thread samples: {total}", "", "inclusive %  self %  function (file:line)"]
+    for frame, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100 * n / max(1, total):10.1f}  {100 * self_time.get(frame, 0) / max(1, total):6.1f}  {frame}")
+    return "\n".join(lines)
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+def render(results, batch, args, machine) -> str:
+    lines = [
+        "## Server overhead (ExecuteTool vs a bare grpcio servicer)",
+        "",
+        f"`python3 bench/server_overhead.py` ({args.rounds} alternating rounds of {args.duration:g} s per server and "
+        f"load, after {args.warm_up:g} s warm-up; h2load, 1 connection; both servers with "
+        f"{args.max_workers + args.max_queue + CONTROL_THREADS} handler threads and the same options). {machine}",
+        "",
+        "| server | in flight | QPS (median of rounds) | p50 ms | p99 ms | vs bare |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for in_flight in args.in_flight:
+        bare_qps = results[("bare grpcio servicer", in_flight)]["qps"]
+        for name in ("bare grpcio servicer", "snakepit ExecuteTool"):
+            row = results[(name, in_flight)]
+            ratio = row["qps"] / bare_qps if bare_qps else float("nan")
+            lines.append(f"| {name} | {in_flight} | {row['qps']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+                         f"{'' if name.startswith('bare') else f'{100 * ratio:.0f}%'} |")
+    lines += ["", "Target: ExecuteTool within 15% of the bare servicer's QPS (85% or more)."]
+    verdicts = []
+    for in_flight in args.in_flight:
+        ratio = results[("snakepit ExecuteTool", in_flight)]["qps"] / results[("bare grpcio servicer", in_flight)]["qps"]
+        verdicts.append(f"{in_flight} in flight: {100 * ratio:.0f}% ({'meets' if ratio >= 0.85 else 'misses'} it)")
+    lines.append("; ".join(verdicts) + ".")
+    if batch:
+        lines += [
+            "",
+            f"ExecuteBatch of {args.batch_items} no-op items vs {args.batch_items} single ExecuteTool calls (Python grpc "
+            f"client, one call in flight, median of {batch['repetitions']} alternating repetitions):",
+            "",
+            "| call pattern | ms per 100 items | items/s |",
+            "|---|---:|---:|",
+            f"| ExecuteBatch, {args.batch_items} items | {batch['batch'] * 1000 * 100 / args.batch_items:.1f} | "
+            f"{args.batch_items / batch['batch']:,.0f} |",
+            f"| {args.batch_items} x ExecuteTool | {batch['single'] * 1000 * 100 / args.batch_items:.1f} | "
+            f"{args.batch_items / batch['single']:,.0f} |",
+            "",
+            f"The batch is {batch['single'] / batch['batch']:.1f}x faster per item.",
+        ]
+    return "\n".join(lines)
+
+
+def write_docs(section: str) -> None:
+    block = f"{SECTION_BEGIN}\n{section}\n{SECTION_END}"
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if SECTION_BEGIN in text and SECTION_END in text:
+        before, rest = text.split(SECTION_BEGIN, 1)
+        after = rest.split(SECTION_END, 1)[1]
+        text = before + block + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement (default: %(default)s)")
+    parser.add_argument("--warm-up", type=float, default=1.0, help="h2load warm-up seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--max-workers", type=int, default=16)
+    parser.add_argument("--max-queue", type=int, default=128)
+    parser.add_argument("--batch-items", type=int, default=100)
+    parser.add_argument("--batch-repetitions", type=int, default=30)
+    parser.add_argument("--write-docs", action="store_true", help=f"replace this benchmark's section of {DOCS}")
+    parser.add_argument("--profile", action="store_true", help="also sample the bridge server with py-spy")
+    parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--max-message-mb", type=float, default=64.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_bare:
+        return serve_bare(args.max_workers, args.max_queue, args.max_message_mb)
+    if shutil.which("h2load") is None:
+        print("h2load is not installed (Debian: apt-get install nghttp2-client)", file=sys.stderr)
+        return 1
+
+    from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
+
+    import grpc
+
+    machine = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs, Python "
+               f"{platform.python_version()}, grpcio {grpc.__version__}.")
+    servers = start_servers(args.max_workers, args.max_queue)
+    samples: dict[tuple[str, int], dict] = {}
+    try:
+        check_servers(servers)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            body = tmp / "request.bin"
+            body.write_bytes(grpc_frame(pb.ExecuteToolRequest(tool_name="noop", args_json="{}").SerializeToString()))
+            names = list(servers)
+            for round_index in range(args.rounds):
+                for in_flight in args.in_flight:
+                    order = names if round_index % 2 == 0 else names[::-1]
+                    for name in order:
+                        run = h2load(servers[name].port, body, in_flight, args.duration, args.warm_up,
+                                     tmp / f"log-{round_index}-{in_flight}-{len(name)}.txt")
+                        if run["failed"] or run["data_bytes_per_request"] < 10:
+                            raise RuntimeError(f"{name}: failed requests or empty responses:\n{run['raw']}")
+                        entry = samples.setdefault((name, in_flight), {"qps": [], "latencies_us": []})
+                        entry["qps"].append(run["qps"])
+                        entry["latencies_us"].extend(run["latencies_us"])
+                        print(f"round {round_index + 1}/{args.rounds}  {name:22s} in flight {in_flight:2d}: "
+                              f"{run['qps']:8,.0f} QPS", flush=True)
+            results = {key: {"qps": statistics.median(v["qps"]), "p50_ms": percentile(v["latencies_us"], 0.50) / 1000,
+                             "p99_ms": percentile(v["latencies_us"], 0.99) / 1000, "rounds": v["qps"]}
+                       for key, v in samples.items()}
+            batch = None
+            try:
+                batch = batch_comparison(servers["snakepit ExecuteTool"].address, args.batch_items,
+                                         args.batch_repetitions, max_seconds=30.0)
+            except Exception as exc:  # ExecuteBatch broken or missing: still report the QPS table
+                print(f"ExecuteBatch comparison failed: {exc}", file=sys.stderr)
+            section = render(results, batch, args, machine)
+            print()
+            print(section)
+            if args.profile:
+                print()
+                print(profile_ours(servers["snakepit ExecuteTool"], body, 8.0, tmp))
+    finally:
+        for server in servers.values():
+            server.__exit__(None, None, None)
+    if args.write_docs:
+        write_docs(section)
+        print(f"\nwrote the section to {DOCS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
