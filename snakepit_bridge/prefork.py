@@ -57,6 +57,16 @@ def _child_main(settings, index: int, port: int, conn) -> None:
 
 def _reserve_port(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # A plain bind first: it fails against any listener, SO_REUSEPORT or not, so a port already
+    # served by another pre-forked server is a clash instead of silently shared.
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:

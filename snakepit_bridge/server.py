@@ -337,6 +337,14 @@ def serve(mode: str, argv: list[str] | None = None) -> int:
     while not worker.stop_requested.wait(0.5):
         pass
     worker.shutdown()
+    if worker.servicer.stats.requests_active > 0:
+        # Calls still running after --grace were cancelled for their clients; the interpreter's normal
+        # exit would join their handler threads and wait for the tools anyway, so leave now.
+        log.warning("exiting with %d tool calls still running after the grace period",
+                    worker.servicer.stats.requests_active)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 

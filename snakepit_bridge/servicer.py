@@ -315,7 +315,8 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
     def _context(self, spec: ToolSpec, request, request_id: str, session: Session | None, context) -> RequestContext | None:
         if spec.context_parameter is None:
             return None
-        seed = request.seed if request.HasField("seed") else None
+        # ExecuteBatchRequest has no seed: batch items draw from the session's seed or OS entropy.
+        seed = request.seed if isinstance(request, pb.ExecuteToolRequest) and request.HasField("seed") else None
         return RequestContext(
             request_id=request_id, tool_name=spec.name, session_id=request.session_id,
             metadata=dict(request.metadata), deadline=_deadline(context), session=session, seed=seed,
