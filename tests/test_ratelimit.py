@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from snakepit_bridge.ratelimit import RateLimiter
 
@@ -156,6 +157,39 @@ def test_impossible_or_invalid_token_counts_are_rejected():
         lim.try_acquire(tokens=0)
     with pytest.raises(ValueError):
         lim.time_until_available(tokens=-1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.floats(0.1, 1000),
+    burst=st.floats(1, 50),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["try", "acquire", "reserve", "advance"]), st.floats(0, 2)),
+        max_size=60,
+    ),
+)
+def test_never_grants_more_than_burst_plus_rate_times_elapsed(rate, burst, ops):
+    """Whatever the interleaving of calls and clock steps, the k-th token to
+    become usable is usable no earlier than (k + 1 - burst) / rate after start."""
+    lim, ft = fake_limiter(rate, burst)
+    start = ft.now
+    usable_at: list[float] = []
+    for op, x in ops:
+        if op == "advance":
+            ft.now += x
+        elif op == "try":
+            if lim.try_acquire():
+                usable_at.append(ft.now)
+        elif op == "acquire":
+            if lim.acquire(timeout=x):  # the fake sleep advances the clock
+                usable_at.append(ft.now)
+        else:
+            wait = lim.reserve(max_wait=x)
+            if wait is not None:
+                assert wait <= x + 1e-9
+                usable_at.append(ft.now + wait)
+    for k, t in enumerate(sorted(usable_at)):
+        assert k + 1 <= burst + rate * (t - start) + 1e-6, (k, t - start)
 
 
 # --- the document's flaw, fixed --------------------------------------------------------
