@@ -170,7 +170,8 @@ def test_impossible_or_invalid_token_counts_are_rejected():
 )
 def test_never_grants_more_than_burst_plus_rate_times_elapsed(rate, burst, ops):
     """Whatever the interleaving of calls and clock steps, the k-th token to
-    become usable is usable no earlier than (k + 1 - burst) / rate after start."""
+    become usable is usable no earlier than (k + 1 - burst) / rate after start,
+    and no window holds more than burst + rate * window usable tokens."""
     lim, ft = fake_limiter(rate, burst)
     start = ft.now
     usable_at: list[float] = []
@@ -188,8 +189,13 @@ def test_never_grants_more_than_burst_plus_rate_times_elapsed(rate, burst, ops):
             if wait is not None:
                 assert wait <= x + 1e-9
                 usable_at.append(ft.now + wait)
-    for k, t in enumerate(sorted(usable_at)):
+    times = sorted(usable_at)
+    for k, t in enumerate(times):
         assert k + 1 <= burst + rate * (t - start) + 1e-6, (k, t - start)
+    # and in every window: at most burst + rate * window tokens (the bucket's cap)
+    for i in range(len(times)):
+        for j in range(i, len(times)):
+            assert j - i + 1 <= burst + rate * (times[j] - times[i]) + 1e-6, (i, j)
 
 
 # --- the document's flaw, fixed --------------------------------------------------------
