@@ -26,7 +26,7 @@ defmodule Snakepit.PoolConcurrencyTest do
     pool = start_pool!(worker_profile: :thread, pool_size: 1, threads_per_worker: 4)
     {ms, results} = timed(fn -> sleep_calls(pool, 4, 0.5) end)
     assert Enum.all?(results, &match?({:ok, %{"cancelled" => false}}, &1))
-    assert ms < 900, "4 concurrent sleeps took #{ms} ms"
+    assert ms < 950, "4 concurrent sleeps took #{ms} ms (4 slots: ~500; 3 or fewer: >= 1000)"
     # the 5th call must wait for a free thread slot
     {ms5, results5} = timed(fn -> sleep_calls(pool, 5, 0.5) end)
     assert Enum.all?(results5, &match?({:ok, _}, &1))
@@ -37,7 +37,7 @@ defmodule Snakepit.PoolConcurrencyTest do
     pool = start_pool!(worker_profile: :process, pool_size: 2)
     {ms, results} = timed(fn -> sleep_calls(pool, 4, 0.3) end)
     assert Enum.all?(results, &match?({:ok, _}, &1))
-    assert ms >= 550 and ms < 1_100, "4 calls on 2 single-slot workers took #{ms} ms"
+    assert ms >= 550 and ms < 1_150, "4 calls on 2 single-slot workers took #{ms} ms"
 
     pids =
       1..4
@@ -70,7 +70,7 @@ defmodule Snakepit.PoolConcurrencyTest do
     Process.sleep(100)
     {ms, result} = timed(fn -> Snakepit.execute(pool, "ping", %{}) end)
     assert {:error, %Error{reason: :queue_timeout}} = result
-    assert ms >= 180 and ms < 600
+    assert ms >= 180 and ms < 1_000
     assert {:ok, _} = Task.await(busy)
     assert {:ok, %{queue_timeouts: 1, queued: 0}} = Snakepit.get_stats(pool)
   end
