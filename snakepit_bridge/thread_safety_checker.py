@@ -25,7 +25,16 @@ The adapter's locks are the ones reached through the adapter: ``self.acquire_loc
 ``Condition`` objects read from its attributes (``with self._lock:``).
 
 In strict mode a finding raises :class:`ThreadSafetyViolation` in the thread whose access completed
-it, inside the call that made it; the server turns that into an error for that one call.
+it, inside the call that made it; the server turns that into an error for that one call. Each
+finding is raised once, like it is logged once.
+
+What counts as "before serving": everything before ``attach(adapter)`` (the server calls it after
+``setup()``); for a ThreadSafeAdapter built while a checker is active, whatever the thread that built
+it does outside tracked methods (its set-up, and a test's inspection afterwards). Serving starts with
+the first ``@thread_safe_method`` call or the first access from another thread.
+
+A class may list attributes whose races are deliberate (last-writer-wins bookkeeping) in
+``__thread_safety_ignore__ = ("name", ...)``.
 
 How: tracking an instance swaps its class for a generated subclass (same name) whose
 ``__getattribute__``/``__setattr__`` record accesses, and lists/dicts/sets assigned to its attributes
@@ -773,7 +782,8 @@ class ThreadSafetyChecker:
                 rec["peak_threads"] = sorted(rec["names"][t] for t in inside)
                 newly_concurrent = rec["peak"] == 2
         if newly_concurrent:
-            self.log.info("THREAD SAFETY: Method '%s' accessed by %d different threads "
+            # the guide's wording; an observation, not a finding (overlap alone is no race)
+            self.log.info("⚠️  THREAD SAFETY: Method '%s' accessed by %d different threads "
                           "concurrently.", name, 2)
         self._instrument_modules()
         return (key, tid)

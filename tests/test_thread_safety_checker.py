@@ -253,9 +253,12 @@ def test_different_threads_one_after_another_are_not_concurrent(checker):
     assert rec["peak_concurrent_threads"] == 1 and rec["concurrent"] is False
 
 
-def test_threads_inside_a_method_at_the_same_time_are_concurrent(checker):
+def test_threads_inside_a_method_at_the_same_time_are_concurrent(checker, caplog):
     adapter = Overlap(threading.Barrier(3))
-    run_threads(adapter.work, 3)
+    with caplog.at_level(logging.INFO, logger="snakepit_bridge.thread_safety"):
+        run_threads(adapter.work, 3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "⚠️  THREAD SAFETY: Method 'work' accessed by 2 different threads concurrently."]
     report = checker.get_report()
     assert report["methods"]["Overlap.work"]["peak_concurrent_threads"] == 3
     assert report["concurrent_methods"] == ["Overlap.work"]
@@ -486,3 +489,23 @@ def test_server_overlap_counts_simultaneous_callers_not_distinct_threads():
     parallel = exercise(path, [("predict", {"values": [1.0, 2.0, 3.0, 4.0]})], clients=8, rounds=40)
     rec = parallel.report["methods"]["ReadOnlySharedModel.predict"]
     assert rec["peak_concurrent_threads"] >= 2 and rec["concurrent"] is True
+
+
+def test_attributes_named_in_thread_safety_ignore_are_not_tracked(checker):
+    class Benign(ThreadSafeAdapter):
+        __thread_safe__ = True
+        __thread_safety_ignore__ = ("last_seen",)
+
+        def __init__(self):
+            super().__init__()
+            self.last_seen = None
+            self.hits = 0
+
+        @thread_safe_method
+        def touch(self, x):
+            self.last_seen = x          # deliberately racy, last writer wins
+            self.hits += 1
+
+    adapter = Benign()
+    run_threads(lambda: [adapter.touch(i) for i in range(20)])
+    assert set(races(checker.get_report())) == {"hits"}

@@ -72,7 +72,6 @@ class CheckThenActDict(CorpusAdapter):
     def __init__(self):
         super().__init__()
         self.cache = {}
-        self.computations = 0
 
     @tool
     @thread_safe_method
