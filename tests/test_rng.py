@@ -407,15 +407,18 @@ def test_seeded_worker_processes_are_reproducible_and_distinct():
     assert len({tuple(x) for x in first}) == 3
 
 
-# --- docs/concurrency-toolkit.md: every example runs as written --------------------------
-_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "concurrency-toolkit.md")
+# --- README.md, section "Concurrency toolkit": every example runs as written -------------------
+_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
 def _doc_examples() -> list[str]:
     import re
 
     with open(_DOC, encoding="utf-8") as f:
-        return re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
+        text = f.read()
+    section = text[text.index("## Concurrency toolkit"):]
+    section = section[:section.index("\n## ", 1)]
+    return re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
 
 
 def test_doc_has_an_example_for_every_module():
