@@ -16,6 +16,8 @@ defmodule Snakepit.BeamDeathTest do
          |> Enum.filter(&String.contains?(&1, "jiffy")))
 
     script = """
+    # should this test fail before its kill -9, the child halts when the test's port closes its stdin
+    spawn(fn -> IO.read(:stdio, :line); System.halt(0) end)
     {:ok, _} = Application.ensure_all_started(:snakepit)
     {:ok, _} = Snakepit.start_pool(name: :doomed, worker_profile: :thread, pool_size: 2, threads_per_worker: 2)
     pids = Enum.map(Snakepit.list_workers(:doomed), & &1.os_pid)
@@ -36,6 +38,7 @@ defmodule Snakepit.BeamDeathTest do
       ])
 
     {beam_pid, py_pids} = read_pids(port, System.monotonic_time(:millisecond) + 60_000)
+    on_exit(fn -> kill9(beam_pid) end)
     assert length(py_pids) == 2
     assert Enum.all?(py_pids, &os_alive?/1)
 
