@@ -135,19 +135,20 @@ def watch_health(channel):
     return call, statuses
 
 
-@pytest.mark.parametrize("mode, flags", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("mode, flags, sig", [(*m, signal.SIGTERM) for m in MODES] + [
+    ("threaded", [], signal.SIGINT), ("process", ["--processes", "2"], signal.SIGINT)],
+    ids=[f"SIGTERM-{i}" for i in MODE_IDS] + ["SIGINT-threaded", "SIGINT-preforked"])
 def test_signal_drains_the_in_flight_call_refuses_new_ones_and_exits_0(mode, flags, sig, tmp_path):
     teardown_file = tmp_path / "teardown"
     server = WorkerServer(mode, "--adapter", SPEC_ADAPTER, "--grace", "10", *flags,
                           env={"SPEC_ADAPTER_TEARDOWN_FILE": str(teardown_file)})
     with server:
         client = server.client()
-        stub = server.stub()
-        pid = client.ping().pid
+        stub = server.stub()  # one channel, one connection: with --processes, one worker process
+        pid = stub.Ping(pb.PingRequest(), timeout=10).pid
         in_flight = stub.ExecuteTool.future(pb.ExecuteToolRequest(
             tool_name="stubborn_sleep", args_json='{"seconds": 1.5}'), timeout=30)
-        assert wait_until(lambda: client.stats().requests_active == 1)  # same connection: same process
+        assert wait_until(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=5).requests_active == 1)
         watch, statuses = watch_health(server.channel())
         assert wait_until(lambda: statuses == [health_pb2.HealthCheckResponse.SERVING])
         signalled = time.monotonic()
