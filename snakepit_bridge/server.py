@@ -79,7 +79,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--session-dir", default=None,
         help="checkpoint sessions to this directory so they survive worker recycling and restarts")
     add("--rate-limit", type=float, default=None, metavar="N",
-        help="at most N tool calls per second; calls over it wait up to their deadline, then RESOURCE_EXHAUSTED")
+        help="at most N tool calls per second per process; a call over it waits for a token when one frees up "
+             "before its deadline, else it is RESOURCE_EXHAUSTED at once")
     add("--rate-burst", type=float, default=None, help="token bucket size for --rate-limit (default: max(1, N))")
     add("--seed", type=int, default=None, help="root seed of the process RNG streams (default: OS entropy)")
     if mode == THREADED:

@@ -326,9 +326,10 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
     def _rate_limit(self, deadline: float | None) -> None:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.rate_limiter.acquire(timeout=timeout):
+            wait = self.rate_limiter.time_until_available()
             raise ResourceExhausted(
                 f"rate limit exceeded: {self.rate_limiter.rate:g} calls/s (burst {self.rate_limiter.burst:g}); "
-                "no token became free before the call's deadline")
+                f"the next token frees up in {wait:.2f} s, after the call's deadline ({timeout or 0:.2f} s left)")
 
     def _reject(self, context, tool_name: str, exc: Exception) -> NoReturn:
         """A call refused before it ran: counted, logged at debug level (one line per request), ended."""

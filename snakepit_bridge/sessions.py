@@ -188,7 +188,7 @@ class SessionStore:
         with self._lock:
             existed = self._sessions.pop(session_id, None) is not None
         if self.session_dir:
-            existed = self._checkpoint(session_id).delete() or existed
+            existed = self._checkpoint(session_id).delete(remove_lock=True) or existed
         return existed
 
     def __len__(self) -> int:
