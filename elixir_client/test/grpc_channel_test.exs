@@ -603,6 +603,56 @@ defmodule Snakepit.GRPC.ChannelFailureTest do
     assert_receive {:EXIT, ^channel, {:shutdown, :closed}}, 2000
   end
 
+  test "calls beyond the server's MAX_CONCURRENT_STREAMS wait in order, with their deadlines running" do
+    me = self()
+
+    handler = fn sid, _headers, body ->
+      send(me, {:opened, sid, body})
+      # The "hold" call never gets an answer: it keeps the only slot until its deadline.
+      if body == IO.iodata_to_binary(Message.encode("hold")),
+        do: [:hold],
+        else: [
+          {:headers, @ok_headers, false},
+          {:data, body, false},
+          {:headers, [{"grpc-status", "0"}], true}
+        ]
+    end
+
+    port = FakeH2Server.start(handler, max_concurrent_streams: 1)
+    {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: port)
+    # The first call also lets the server's SETTINGS arrive before the rest.
+    assert {:ok, _, _} = Channel.unary(channel, "/svc/M", "warmup")
+    assert_receive {:opened, 1, _}
+
+    holder = Task.async(fn -> Channel.unary(channel, "/svc/M", "hold", timeout: 500) end)
+    assert_receive {:opened, 3, _}
+
+    # Started one after another so their arrival order at the channel is known.
+    waiters =
+      for i <- 1..5 do
+        task = Task.async(fn -> Channel.unary(channel, "/svc/M", "w#{i}", timeout: 5000) end)
+        Process.sleep(20)
+        task
+      end
+
+    # One that gives up while queued.
+    quitter = Task.async(fn -> Channel.unary(channel, "/svc/M", "quit", timeout: 100) end)
+
+    assert {:error, %Error{status: :deadline_exceeded}} = Task.await(quitter)
+    refute_received {:opened, _, _}
+    assert {:error, %Error{status: :deadline_exceeded}} = Task.await(holder)
+
+    for {task, i} <- Enum.with_index(waiters, 1) do
+      expected = "w#{i}"
+      assert {:ok, ^expected, _} = Task.await(task)
+    end
+
+    opened = for _ <- 1..5, do: assert_receive({:opened, _sid, body}) && body
+    assert opened == Enum.map(1..5, &IO.iodata_to_binary(Message.encode("w#{&1}")))
+    refute_received {:opened, _, _}
+    Channel.close(channel)
+  end
+
   test "a local deadline on a server that never answers" do
     port = FakeH2Server.start(fn _, _, _ -> [:hold] end)
     {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: port)

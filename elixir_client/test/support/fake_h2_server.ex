@@ -10,19 +10,19 @@ defmodule Snakepit.FakeH2Server do
   alias Snakepit.HPACK
   alias Snakepit.HTTP2.Frame
 
-  @spec start((pos_integer(), list(), binary() -> list())) :: pos_integer()
-  def start(handler) do
+  @spec start((pos_integer(), list(), binary() -> list()), keyword()) :: pos_integer()
+  def start(handler, settings \\ []) do
     {:ok, listen} = :gen_tcp.listen(0, [:binary, ip: {127, 0, 0, 1}, active: false])
     {:ok, port} = :inet.port(listen)
-    pid = spawn(fn -> accept(listen, handler) end)
+    pid = spawn(fn -> accept(listen, handler, settings) end)
     :ok = :gen_tcp.controlling_process(listen, pid)
     port
   end
 
-  defp accept(listen, handler) do
+  defp accept(listen, handler, settings) do
     {:ok, socket} = :gen_tcp.accept(listen, 5000)
     {:ok, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"} = :gen_tcp.recv(socket, 24, 5000)
-    :ok = :gen_tcp.send(socket, Frame.encode({:settings, []}))
+    :ok = :gen_tcp.send(socket, Frame.encode({:settings, settings}))
 
     loop(%{
       socket: socket,

@@ -12,7 +12,9 @@ defmodule Snakepit.GRPC.Channel do
 
   Deadlines (`:timeout`, default 30 s) are sent as `grpc-timeout` and enforced here: on expiry the
   stream is reset with CANCEL and the call fails with `:deadline_exceeded`. Callers are monitored;
-  a caller that dies mid-call gets its stream cancelled.
+  a caller that dies mid-call gets its stream cancelled. When the server's
+  SETTINGS_MAX_CONCURRENT_STREAMS is reached, further calls wait in a FIFO inside the channel
+  (their deadline keeps running) and start as streams finish.
 
   When the connection drops, the server sends GOAWAY, or the HTTP/2 layer sees a protocol error,
   every open call fails with `:unavailable` and the process stops with `{:shutdown, reason}`
@@ -161,10 +163,12 @@ defmodule Snakepit.GRPC.Channel do
                authority: authority,
                metadata: Keyword.get(opts, :metadata, []),
                max_message_size: Keyword.get(opts, :max_message_size, 64 * 1024 * 1024),
-               # stream id => call entry; ref => stream id; monitor ref => stream id
+               # ref => call entry; stream id => ref; monitor ref => ref
                calls: %{},
-               refs: %{},
-               monitors: %{}
+               streams: %{},
+               monitors: %{},
+               # refs of calls waiting for a stream slot (server's MAX_CONCURRENT_STREAMS), FIFO
+               waiting: :queue.new()
              }}
 
           {:error, reason} ->
@@ -197,54 +201,46 @@ defmodule Snakepit.GRPC.Channel do
       when kind in [:unary, :server_stream] do
     timeout = Keyword.get(opts, :timeout, @default_timeout)
     metadata = state.metadata ++ Keyword.get(opts, :metadata, [])
-    headers = Metadata.request_headers(state.authority, path, timeout, metadata)
+    ref = make_ref()
 
-    case Conn.request(state.conn, headers, Message.encode(request), []) do
-      {:ok, conn, sid, out} ->
-        state = %{state | conn: conn}
-        ref = make_ref()
+    entry = %{
+      kind: kind,
+      from: from,
+      pid: pid,
+      ref: ref,
+      sid: nil,
+      monitor: Process.monitor(pid),
+      timer: if(timeout != :infinity, do: Process.send_after(self(), {:deadline, ref}, timeout)),
+      timeout: timeout,
+      headers: Metadata.request_headers(state.authority, path, timeout, metadata),
+      body: Message.encode(request),
+      call: Call.new(max_message_size: state.max_message_size),
+      messages: []
+    }
 
-        timer =
-          if timeout == :infinity,
-            do: nil,
-            else: Process.send_after(self(), {:deadline, ref}, timeout)
+    state = %{
+      state
+      | calls: Map.put(state.calls, ref, entry),
+        monitors: Map.put(state.monitors, entry.monitor, ref)
+    }
 
-        entry = %{
-          kind: kind,
-          from: from,
-          pid: pid,
-          ref: ref,
-          monitor: Process.monitor(pid),
-          timer: timer,
-          timeout: timeout,
-          call: Call.new(max_message_size: state.max_message_size),
-          messages: []
-        }
+    # Calls queued earlier go first, so a new call never overtakes them.
+    result =
+      if :queue.is_empty(state.waiting),
+        do: open_stream(state, ref),
+        else: {:ok, %{state | waiting: :queue.in(ref, state.waiting)}}
 
-        state = %{
-          state
-          | calls: Map.put(state.calls, sid, entry),
-            refs: Map.put(state.refs, ref, sid),
-            monitors: Map.put(state.monitors, entry.monitor, sid)
-        }
-
-        reply = if kind == :server_stream, do: {:reply, {:ok, ref}}, else: :noreply
-
-        case send_out(state, out) do
-          {:ok, state} when reply == :noreply -> {:noreply, state}
-          {:ok, state} -> {:reply, {:ok, ref}, state}
-          {:stop, reason, state} when reply == :noreply -> {:stop, reason, state}
-          {:stop, reason, state} -> {:stop, reason, {:ok, ref}, state}
-        end
-
-      {:error, conn, reason} ->
-        {:reply, {:error, request_error(reason)}, %{state | conn: conn}}
+    case {result, kind} do
+      {{:ok, state}, :unary} -> {:noreply, state}
+      {{:ok, state}, :server_stream} -> {:reply, {:ok, ref}, state}
+      {{:stop, reason, state}, :unary} -> {:stop, reason, state}
+      {{:stop, reason, state}, :server_stream} -> {:stop, reason, {:ok, ref}, state}
     end
   end
 
   def handle_call({:cancel, ref}, _from, state) do
-    case Map.fetch(state.refs, ref) do
-      {:ok, sid} -> reply_after(cancel_stream(state, sid), :ok)
+    case Map.fetch(state.calls, ref) do
+      {:ok, entry} -> reply_after(drop_call(state, entry), :ok)
       :error -> {:reply, :ok, state}
     end
   end
@@ -260,42 +256,31 @@ defmodule Snakepit.GRPC.Channel do
   defp reply_after({:ok, state}, reply), do: {:reply, reply, state}
   defp reply_after({:stop, reason, state}, reply), do: {:stop, reason, reply, state}
 
-  defp request_error(:too_many_streams),
-    do: Error.new(:resource_exhausted, "server's MAX_CONCURRENT_STREAMS reached on this channel")
-
-  defp request_error(:goaway),
-    do: Error.new(:unavailable, "connection is going away (GOAWAY received)")
-
-  defp request_error(reason),
-    do: Error.new(:unavailable, "cannot start a stream: #{inspect(reason)}")
-
   @impl true
   def handle_info({:tcp, socket, bytes}, %{socket: socket} = state) do
     case Conn.handle_data(state.conn, bytes) do
       {:ok, conn, events, out} ->
         state = Enum.reduce(events, %{state | conn: conn}, &handle_event/2)
 
-        with {:ok, state} <- send_out(state, out) do
-          if state.conn.goaway do
-            shutdown(
-              state,
-              "server sent GOAWAY (#{inspect(elem(state.conn.goaway, 1))})",
-              {:goaway, elem(state.conn.goaway, 1)}
-            )
-          else
-            :ok = :inet.setopts(socket, active: :once)
-            {:noreply, state}
+        with {:ok, state} <- send_out(state, out),
+             {:ok, state} <- start_waiting(state) do
+          case state.conn.goaway do
+            nil ->
+              :ok = :inet.setopts(socket, active: :once)
+              {:noreply, state}
+
+            {_last, code, debug} ->
+              message =
+                "server sent GOAWAY (#{inspect(code)}#{if debug != "", do: ": " <> debug})"
+
+              shutdown(state, message, {:goaway, code})
           end
         end
 
       {:error, conn, {code, message}, out} ->
         _ = :gen_tcp.send(socket, out)
-
-        shutdown(
-          %{state | conn: conn},
-          "HTTP/2 connection error #{code}: #{message}",
-          {:http2_error, code}
-        )
+        state = %{state | conn: conn}
+        shutdown(state, "HTTP/2 connection error #{code}: #{message}", {:http2_error, code})
     end
   end
 
@@ -306,16 +291,11 @@ defmodule Snakepit.GRPC.Channel do
     do: shutdown(state, "connection error: #{inspect(reason)}", {:tcp_error, reason})
 
   def handle_info({:deadline, ref}, state) do
-    case Map.fetch(state.refs, ref) do
-      {:ok, sid} ->
-        entry = state.calls[sid]
+    case Map.fetch(state.calls, ref) do
+      {:ok, entry} ->
         error = Error.new(:deadline_exceeded, "deadline of #{entry.timeout} ms exceeded")
-        state = deliver(state, entry, {:error, error})
-
-        case cancel_stream(state, sid) do
-          {:ok, state} -> {:noreply, state}
-          {:stop, reason, state} -> {:stop, reason, state}
-        end
+        deliver(entry, {:error, error})
+        noreply(drop_call(state, entry))
 
       :error ->
         {:noreply, state}
@@ -323,15 +303,11 @@ defmodule Snakepit.GRPC.Channel do
   end
 
   def handle_info({:DOWN, monitor, :process, _pid, _reason}, state) do
-    case Map.fetch(state.monitors, monitor) do
-      {:ok, sid} ->
-        case cancel_stream(state, sid) do
-          {:ok, state} -> {:noreply, state}
-          {:stop, reason, state} -> {:stop, reason, state}
-        end
-
-      :error ->
-        {:noreply, state}
+    with {:ok, ref} <- Map.fetch(state.monitors, monitor),
+         {:ok, entry} <- Map.fetch(state.calls, ref) do
+      noreply(drop_call(state, entry))
+    else
+      :error -> {:noreply, state}
     end
   end
 
@@ -343,7 +319,67 @@ defmodule Snakepit.GRPC.Channel do
     :ok
   end
 
+  defp noreply({:ok, state}), do: {:noreply, state}
+  defp noreply({:stop, reason, state}), do: {:stop, reason, state}
+
   ## Internals
+
+  # Opens the HTTP/2 stream for a registered call, or queues the call when the server's stream
+  # limit is reached.
+  defp open_stream(state, ref) do
+    entry = Map.fetch!(state.calls, ref)
+
+    case Conn.request(state.conn, entry.headers, entry.body, []) do
+      {:ok, conn, sid, out} ->
+        # The request is on its way; drop its copy so big bodies are not kept twice.
+        entry = %{entry | sid: sid, headers: nil, body: nil}
+
+        state = %{
+          state
+          | conn: conn,
+            calls: Map.put(state.calls, ref, entry),
+            streams: Map.put(state.streams, sid, ref)
+        }
+
+        send_out(state, out)
+
+      {:error, conn, :too_many_streams} ->
+        {:ok, %{state | conn: conn, waiting: :queue.in(ref, state.waiting)}}
+
+      {:error, conn, reason} ->
+        state = %{state | conn: conn}
+        deliver(entry, {:error, request_error(reason)})
+        {:ok, forget(state, entry)}
+    end
+  end
+
+  # Starts queued calls while stream slots are free.
+  defp start_waiting(state) do
+    case :queue.out(state.waiting) do
+      {:empty, _} ->
+        {:ok, state}
+
+      {{:value, ref}, rest} ->
+        before = :queue.len(rest)
+
+        case open_stream(%{state | waiting: rest}, ref) do
+          # Put back at the end by open_stream: still no slot; restore the order and stop.
+          {:ok, %{waiting: waiting} = state} when is_tuple(waiting) ->
+            if :queue.len(waiting) > before,
+              do: {:ok, %{state | waiting: :queue.in_r(ref, rest)}},
+              else: start_waiting(state)
+
+          stop ->
+            stop
+        end
+    end
+  end
+
+  defp request_error(:goaway),
+    do: Error.new(:unavailable, "connection is going away (GOAWAY received)")
+
+  defp request_error(reason),
+    do: Error.new(:unavailable, "cannot start a stream: #{inspect(reason)}")
 
   defp handle_event({:goaway, _last, _code, _debug}, state), do: state
   defp handle_event({:pong, _}, state), do: state
@@ -351,30 +387,28 @@ defmodule Snakepit.GRPC.Channel do
   defp handle_event(event, state) do
     sid = elem(event, 1)
 
-    case Map.fetch(state.calls, sid) do
-      {:ok, entry} ->
-        case Call.handle_event(entry.call, event) do
-          {:cont, call, messages} ->
-            entry = %{entry | call: call}
-            entry = push_messages(entry, messages)
-            %{state | calls: Map.put(state.calls, sid, entry)}
+    with {:ok, ref} <- Map.fetch(state.streams, sid),
+         {:ok, entry} <- Map.fetch(state.calls, ref) do
+      case Call.handle_event(entry.call, event) do
+        {:cont, call, messages} ->
+          entry = push_messages(%{entry | call: call}, messages)
+          %{state | calls: Map.put(state.calls, ref, entry)}
 
-          {:done, _call, messages, outcome} ->
-            entry = push_messages(entry, messages)
-            state = finish(state, sid, entry, outcome)
+        {:done, _call, messages, outcome} ->
+          entry |> push_messages(messages) |> deliver(outcome)
+          state = forget(state, entry)
 
-            # A non-200 response may leave the stream open on the HTTP/2 side: reset it.
-            if Conn.open?(state.conn, sid) do
-              {conn, out} = Conn.cancel(state.conn, sid)
-              _ = :gen_tcp.send(state.socket, out)
-              %{state | conn: conn}
-            else
-              state
-            end
-        end
-
-      :error ->
-        state
+          # A non-200 response may leave the stream open on the HTTP/2 side: reset it.
+          if Conn.open?(state.conn, sid) do
+            {conn, out} = Conn.cancel(state.conn, sid)
+            _ = :gen_tcp.send(state.socket, out)
+            %{state | conn: conn}
+          else
+            state
+          end
+      end
+    else
+      :error -> state
     end
   end
 
@@ -388,12 +422,7 @@ defmodule Snakepit.GRPC.Channel do
   defp push_messages(%{kind: :unary} = entry, messages),
     do: %{entry | messages: entry.messages ++ messages}
 
-  defp finish(state, sid, entry, outcome) do
-    state = forget(state, sid, entry)
-    deliver(state, entry, outcome)
-  end
-
-  defp deliver(state, %{kind: :unary} = entry, {:ok, trailers}) do
+  defp deliver(%{kind: :unary} = entry, {:ok, trailers}) do
     reply =
       case entry.messages do
         [message] ->
@@ -409,46 +438,42 @@ defmodule Snakepit.GRPC.Channel do
       end
 
     GenServer.reply(entry.from, reply)
-    state
   end
 
-  defp deliver(state, %{kind: :unary} = entry, {:error, error}) do
-    GenServer.reply(entry.from, {:error, error})
-    state
-  end
+  defp deliver(%{kind: :unary} = entry, {:error, error}),
+    do: GenServer.reply(entry.from, {:error, error})
 
-  defp deliver(state, %{kind: :server_stream} = entry, {:ok, _trailers}) do
-    send(entry.pid, {:snakepit_grpc, entry.ref, :done})
-    state
-  end
+  defp deliver(%{kind: :server_stream} = entry, {:ok, _}),
+    do: send(entry.pid, {:snakepit_grpc, entry.ref, :done})
 
-  defp deliver(state, %{kind: :server_stream} = entry, {:error, error}) do
-    send(entry.pid, {:snakepit_grpc, entry.ref, {:error, error}})
-    state
-  end
+  defp deliver(%{kind: :server_stream} = entry, {:error, error}),
+    do: send(entry.pid, {:snakepit_grpc, entry.ref, {:error, error}})
 
-  defp forget(state, sid, entry) do
+  # Removes a call from every index (its stream, if any, is left to the caller of forget/2).
+  defp forget(state, entry) do
     if entry.timer, do: Process.cancel_timer(entry.timer)
     Process.demonitor(entry.monitor, [:flush])
 
     %{
       state
-      | calls: Map.delete(state.calls, sid),
-        refs: Map.delete(state.refs, entry.ref),
-        monitors: Map.delete(state.monitors, entry.monitor)
+      | calls: Map.delete(state.calls, entry.ref),
+        streams: if(entry.sid, do: Map.delete(state.streams, entry.sid), else: state.streams),
+        monitors: Map.delete(state.monitors, entry.monitor),
+        waiting: if(entry.sid, do: state.waiting, else: :queue.delete(entry.ref, state.waiting))
     }
   end
 
-  # Resets the stream and drops the call without delivering anything more.
-  defp cancel_stream(state, sid) do
-    state =
-      case Map.fetch(state.calls, sid) do
-        {:ok, entry} -> forget(state, sid, entry)
-        :error -> state
-      end
+  # Drops a call without delivering anything more: resets its stream, or takes it off the queue.
+  defp drop_call(state, entry) do
+    state = forget(state, entry)
 
-    {conn, out} = Conn.cancel(state.conn, sid)
-    send_out(%{state | conn: conn}, out)
+    if entry.sid do
+      {conn, out} = Conn.cancel(state.conn, entry.sid)
+
+      with {:ok, state} <- send_out(%{state | conn: conn}, out), do: start_waiting(state)
+    else
+      {:ok, state}
+    end
   end
 
   defp send_out(state, out) do
@@ -471,11 +496,19 @@ defmodule Snakepit.GRPC.Channel do
     {:stop, {:shutdown, reason}, %{state | socket: nil}}
   end
 
+  # Fails every call, open or waiting, in the order they were made (stream ids, then the queue).
   defp fail_all(state, message) do
-    state.calls
-    |> Enum.sort()
-    |> Enum.reduce(state, fn {sid, entry}, state ->
-      finish(state, sid, entry, {:error, Error.new(:unavailable, message)})
+    entries = Map.values(state.calls)
+    {open, queued} = Enum.split_with(entries, & &1.sid)
+
+    order =
+      Enum.sort_by(open, & &1.sid) ++ Enum.sort_by(queued, &queue_position(state.waiting, &1.ref))
+
+    Enum.reduce(order, state, fn entry, state ->
+      deliver(entry, {:error, Error.new(:unavailable, message)})
+      forget(state, entry)
     end)
   end
+
+  defp queue_position(queue, ref), do: Enum.find_index(:queue.to_list(queue), &(&1 == ref))
 end
