@@ -12,10 +12,11 @@ Fairness:
     message our server sends for the no-op tool (result_json "null", a generated request id, a
     duration): protobuf (de)serialisation and grpcio's dispatch, nothing else.
   * The load generator is h2load (nghttp2's C load generator) in its own process, sending one prebuilt
-    gRPC request body (`-d`) with gRPC headers, for a bounded time (--duration after a warm-up), at 1 and
+    gRPC request body (`-d`) with gRPC headers, for a bounded time (--duration, after one unmeasured warm-up run), at 1 and
     32 requests in flight over one HTTP/2 connection. Every response is checked to have carried a
     message (a failed gRPC call has no DATA frame), and each server is called once with a real client
-    first.
+    first. Besides QPS, the server process's CPU time per call (/proc/PID/stat) is reported: on a
+    shared machine it is steadier than wall-clock throughput.
   * The two servers are measured alternately, round after round; the table shows the median QPS of
     the rounds and p50/p99 over all requests (from h2load's per-request log).
   * ExecuteBatch of 100 no-op items is compared with 100 single ExecuteTool calls (one in flight) from
@@ -48,6 +49,7 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION_BEGIN = "<!-- BEGIN server_overhead (bench/server_overhead.py --write-docs) -->"
 SECTION_END = "<!-- END server_overhead -->"
 CONTROL_THREADS = 8  # as snakepit_bridge.server.CONTROL_THREADS
+OURS, BARE = "snakepit ExecuteTool", "bare grpcio servicer"
 
 
 class NoopAdapter(BaseAdapter):
@@ -107,15 +109,28 @@ def serve_bare(max_workers: int, max_queue: int, max_message_mb: float) -> int:
 
 # --- load generation --------------------------------------------------------------------------------
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-def h2load(port: int, body: Path, in_flight: int, duration: float, warm_up: float, log: Path) -> dict:
+def h2load(port: int, body: Path, in_flight: int, duration: float, log: Path, pid: int | None = None) -> dict:
+    """One bounded h2load run; with `pid`, also the server's CPU seconds per successful call."""
     command = ["h2load", "-c", "1", "-t", "1", "-m", str(in_flight), "-D", f"{max(1, round(duration))}",
-               f"--warm-up-time={max(0, round(warm_up))}", "-d", str(body), "-H", "content-type: application/grpc",
+               "-d", str(body), "-H", "content-type: application/grpc",
                "-H", "te: trailers", f"--log-file={log}", f"http://127.0.0.1:{port}{METHOD}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=duration + warm_up + 60)
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+    result = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
+    cpu_used = cpu_seconds(pid) - cpu_before if pid else float("nan")
     if result.returncode != 0:
         raise RuntimeError(f"h2load failed: {result.stdout}\n{result.stderr}")
     out = result.stdout
@@ -128,7 +143,8 @@ def h2load(port: int, body: Path, in_flight: int, duration: float, warm_up: floa
         if len(parts) >= 3 and parts[1] == "200":
             latencies_us.append(int(parts[2]))
     return {"succeeded": succeeded, "failed": failed, "qps": succeeded / max(1, round(duration)), "latencies_us": latencies_us,
-            "data_bytes_per_request": data_bytes / max(1, succeeded), "raw": out}
+            "data_bytes_per_request": data_bytes / max(1, succeeded), "raw": out,
+            "cpu_us_per_call": cpu_used / max(1, succeeded) * 1e6}
 
 
 def percentile(values: list[int], fraction: float) -> float:
@@ -151,7 +167,7 @@ def start_servers(max_workers: int, max_queue: int):
     ours = WorkerServer("threaded", "--adapter", "bench.server_overhead.NoopAdapter", "--max-workers",
                         str(max_workers), "--max-queue", str(max_queue), "--log-level", "WARNING").start()
     bare = BareServer("threaded").start()
-    return {"snakepit ExecuteTool": ours, "bare grpcio servicer": bare}
+    return {OURS: ours, BARE: bare}
 
 
 def check_servers(servers) -> None:
@@ -211,7 +227,7 @@ def profile_ours(server, body: Path, seconds: float, out_dir: Path) -> str:
                             "--format", "raw", "--output", str(raw), "--threads", "--nonblocking"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(0.5)
-    h2load(server.port, body, 32, seconds, 0.0, out_dir / "profile.log")
+    h2load(server.port, body, 32, seconds, out_dir / "profile.log")
     spy.wait(seconds + 30)
     if not raw.exists():
         return "py-spy produced no profile: " + (spy.stdout.read() if spy.stdout else "")
@@ -249,24 +265,29 @@ def render(results, batch, args, machine) -> str:
         "## Server overhead (ExecuteTool vs a bare grpcio servicer)",
         "",
         f"`python3 bench/server_overhead.py` ({args.rounds} alternating rounds of {args.duration:g} s per server and "
-        f"load, after {args.warm_up:g} s warm-up; h2load, 1 connection; both servers with "
+        f"load after a {args.warm_up:g} s warm-up run; h2load, 1 connection; both servers with "
         f"{args.max_workers + args.max_queue + CONTROL_THREADS} handler threads and the same options). {machine}",
         "",
-        "| server | in flight | QPS (median of rounds) | p50 ms | p99 ms | vs bare |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| server | in flight | QPS (median of rounds) | p50 ms | p99 ms | server CPU µs/call | "
+        "QPS vs bare (median, range of round pairs) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for in_flight in args.in_flight:
-        bare_qps = results[("bare grpcio servicer", in_flight)]["qps"]
-        for name in ("bare grpcio servicer", "snakepit ExecuteTool"):
+        for name in (BARE, OURS):
             row = results[(name, in_flight)]
-            ratio = row["qps"] / bare_qps if bare_qps else float("nan")
+            ratio = ""
+            if name == OURS:
+                pairs = row["paired_ratios"]
+                ratio = f"{100 * statistics.median(pairs):.0f}% ({100 * min(pairs):.0f}-{100 * max(pairs):.0f}%)"
             lines.append(f"| {name} | {in_flight} | {row['qps']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
-                         f"{'' if name.startswith('bare') else f'{100 * ratio:.0f}%'} |")
+                         f"{row['cpu_us']:.0f} | {ratio} |")
     lines += ["", "Target: ExecuteTool within 15% of the bare servicer's QPS (85% or more)."]
     verdicts = []
     for in_flight in args.in_flight:
-        ratio = results[("snakepit ExecuteTool", in_flight)]["qps"] / results[("bare grpcio servicer", in_flight)]["qps"]
-        verdicts.append(f"{in_flight} in flight: {100 * ratio:.0f}% ({'meets' if ratio >= 0.85 else 'misses'} it)")
+        ratio = statistics.median(results[(OURS, in_flight)]["paired_ratios"])
+        cpu_extra = results[(OURS, in_flight)]["cpu_us"] - results[(BARE, in_flight)]["cpu_us"]
+        verdicts.append(f"{in_flight} in flight: {100 * ratio:.0f}% ({'meets' if ratio >= 0.85 else 'misses'} it; "
+                        f"{cpu_extra:+.0f} µs of server CPU per call)")
     lines.append("; ".join(verdicts) + ".")
     if batch:
         lines += [
@@ -301,7 +322,7 @@ def write_docs(section: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement (default: %(default)s)")
-    parser.add_argument("--warm-up", type=float, default=1.0, help="h2load warm-up seconds per measurement")
+    parser.add_argument("--warm-up", type=float, default=2.0, help="seconds of unmeasured load per server and load first")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--max-workers", type=int, default=16)
@@ -334,25 +355,35 @@ def main(argv=None) -> int:
             body = tmp / "request.bin"
             body.write_bytes(grpc_frame(pb.ExecuteToolRequest(tool_name="noop", args_json="{}").SerializeToString()))
             names = list(servers)
+            for name in names:  # warm both up (not measured): connections, caches, thread pools
+                for in_flight in args.in_flight:
+                    h2load(servers[name].port, body, in_flight, args.warm_up, tmp / "warm-up.txt")
             for round_index in range(args.rounds):
                 for in_flight in args.in_flight:
                     order = names if round_index % 2 == 0 else names[::-1]
                     for name in order:
-                        run = h2load(servers[name].port, body, in_flight, args.duration, args.warm_up,
-                                     tmp / f"log-{round_index}-{in_flight}-{len(name)}.txt")
+                        run = h2load(servers[name].port, body, in_flight, args.duration,
+                                     tmp / f"log-{round_index}-{in_flight}-{len(name)}.txt", pid=servers[name].pid)
                         if run["failed"] or run["data_bytes_per_request"] < 10:
                             raise RuntimeError(f"{name}: failed requests or empty responses:\n{run['raw']}")
-                        entry = samples.setdefault((name, in_flight), {"qps": [], "latencies_us": []})
+                        entry = samples.setdefault((name, in_flight), {"qps": [], "latencies_us": [], "cpu_us": []})
                         entry["qps"].append(run["qps"])
+                        entry["cpu_us"].append(run["cpu_us_per_call"])
                         entry["latencies_us"].extend(run["latencies_us"])
                         print(f"round {round_index + 1}/{args.rounds}  {name:22s} in flight {in_flight:2d}: "
-                              f"{run['qps']:8,.0f} QPS", flush=True)
+                              f"{run['qps']:8,.0f} QPS  {run['cpu_us_per_call']:6.0f} us server CPU per call",
+                              flush=True)
             results = {key: {"qps": statistics.median(v["qps"]), "p50_ms": percentile(v["latencies_us"], 0.50) / 1000,
-                             "p99_ms": percentile(v["latencies_us"], 0.99) / 1000, "rounds": v["qps"]}
+                             "p99_ms": percentile(v["latencies_us"], 0.99) / 1000, "rounds": v["qps"],
+                             "cpu_us": statistics.median(v["cpu_us"])}
                        for key, v in samples.items()}
+            for in_flight in args.in_flight:  # the ratio of each round's back-to-back pair
+                pairs = [ours / bare for ours, bare in zip(samples[(OURS, in_flight)]["qps"],
+                                                           samples[(BARE, in_flight)]["qps"])]
+                results[(OURS, in_flight)]["paired_ratios"] = pairs
             batch = None
             try:
-                batch = batch_comparison(servers["snakepit ExecuteTool"].address, args.batch_items,
+                batch = batch_comparison(servers[OURS].address, args.batch_items,
                                          args.batch_repetitions, max_seconds=30.0)
             except Exception as exc:  # ExecuteBatch broken or missing: still report the QPS table
                 print(f"ExecuteBatch comparison failed: {exc}", file=sys.stderr)
@@ -361,7 +392,7 @@ def main(argv=None) -> int:
             print(section)
             if args.profile:
                 print()
-                print(profile_ours(servers["snakepit ExecuteTool"], body, 8.0, tmp))
+                print(profile_ours(servers[OURS], body, 8.0, tmp))
     finally:
         for server in servers.values():
             server.__exit__(None, None, None)
