@@ -5,13 +5,19 @@
 # Starts one threaded worker (a pool of 1, 32 threads) and measures calls/s, p50 and p99 latency of
 # `ping` through Snakepit.execute/4 at 1 and 32 concurrent callers; then runs
 # bench/elixir_vs_python_client.py (grpc.insecure_channel + generated stubs, 32 threads) against the
-# same server and prints both with the Elixir/Python ratio. Environment knobs: BENCH_CALLS (default
-# 5000), BENCH_TOOL (default "ping"), BENCH_CONCURRENCY (default "1,32").
+# same server and prints both with the Elixir/Python ratio. Rounds alternate Elixir and Python and
+# each figure is the median of BENCH_ROUNDS rounds (default 3) of BENCH_CALLS calls (default 3000).
+# Other knobs: BENCH_TOOL (default "ping"), BENCH_CONCURRENCY (default "1,32").
+#
+# On a machine where the Python workers share few cores with the BEAM, the BEAM's scheduler
+# busy-waiting takes CPU from them; compare with
+#     ELIXIR_ERL_OPTIONS="+sbwt none +sbwtdcpu none +sbwtdio none" mix run ../bench/elixir_client.exs
 
 Logger.configure(level: :warning)
 {:ok, _} = Application.ensure_all_started(:snakepit)
 
-calls = String.to_integer(System.get_env("BENCH_CALLS", "5000"))
+calls = String.to_integer(System.get_env("BENCH_CALLS", "3000"))
+rounds = String.to_integer(System.get_env("BENCH_ROUNDS", "3"))
 tool = System.get_env("BENCH_TOOL", "ping")
 
 levels =
@@ -77,37 +83,74 @@ end
 # warm-up
 for _ <- 1..500, do: {:ok, _} = Snakepit.execute(:bench, tool, %{})
 
-elixir = Enum.map(levels, &Bench.run(tool, calls, &1))
-
 python = Snakepit.Config.default_python()
 script = Path.join(Snakepit.Config.repo_root(), "bench/elixir_vs_python_client.py")
 
-{out, 0} =
-  System.cmd(python, [
-    script,
-    "--port",
-    Integer.to_string(worker.port),
-    "--tool",
-    tool,
-    "--calls",
-    Integer.to_string(calls),
-    "--concurrency",
-    Enum.join(levels, ",")
-  ])
+python_run = fn level ->
+  {out, 0} =
+    System.cmd(python, [
+      script,
+      "--port",
+      Integer.to_string(worker.port),
+      "--tool",
+      tool,
+      "--calls",
+      Integer.to_string(calls),
+      "--concurrency",
+      Integer.to_string(level)
+    ])
 
-py =
-  out
-  |> String.split("\n", trim: true)
-  |> Enum.map(&:jiffy.decode(&1, [:return_maps]))
+  out |> String.split("\n", trim: true) |> List.last() |> :jiffy.decode([:return_maps])
+end
+
+# Rounds alternate Elixir and Python so that load from other processes hits both alike; each
+# metric is the median over the rounds.
+median = fn runs, key ->
+  sorted = runs |> Enum.map(& &1[key]) |> Enum.sort()
+  Enum.at(sorted, div(length(sorted), 2))
+end
+
+summarize = fn runs, level ->
+  %{
+    "concurrency" => level,
+    "calls_per_s" => median.(runs, "calls_per_s"),
+    "p50_ms" => median.(runs, "p50_ms"),
+    "p99_ms" => median.(runs, "p99_ms")
+  }
+end
+
+{elixir, py} =
+  levels
+  |> Enum.map(fn level ->
+    runs = for _ <- 1..rounds, do: {Bench.run(tool, calls, level), python_run.(level)}
+
+    {summarize.(Enum.map(runs, &elem(&1, 0)), level),
+     summarize.(Enum.map(runs, &elem(&1, 1)), level)}
+  end)
+  |> Enum.unzip()
 
 {:ok, stats} = Snakepit.get_stats(:bench)
+
+busy_wait =
+  case System.get_env("ELIXIR_ERL_OPTIONS", "") do
+    "" -> "default"
+    opts -> opts
+  end
+
+load =
+  case File.read("/proc/loadavg") do
+    {:ok, l} -> l |> String.split(" ") |> Enum.take(3) |> Enum.join(" ")
+    _ -> "n/a"
+  end
+
 [%{python: pystats}] = stats.workers
 
 IO.puts("""
 
-snakepit client benchmark: tool #{inspect(tool)}, #{calls} calls per level, one threaded worker \
+snakepit client benchmark: tool #{inspect(tool)}, median of #{rounds} rounds of #{calls} calls per level, one threaded worker \
 (#{pystats.max_workers} threads, Python #{pystats.python_version}, GIL #{if pystats.gil_enabled, do: "on", else: "off"}), \
-#{System.schedulers_online()} schedulers
+#{System.schedulers_online()} schedulers, ELIXIR_ERL_OPTIONS: #{busy_wait}, \
+load average #{load}
 """)
 
 header = ["client", "conc", "calls/s", "p50 ms", "p99 ms"]
