@@ -3,7 +3,7 @@
 
     python3 bench/server_overhead.py                 # ~1 minute, prints the table
     python3 bench/server_overhead.py --write-docs    # and replaces its section of docs/benchmarks.md
-    python3 bench/server_overhead.py --profile       # and samples the bridge server with py-spy
+    python3 bench/server_overhead.py --profile       # and profiles ExecuteTool in-process (cProfile)
 
 Fairness:
   * Both servers are subprocesses started the same way: the same grpcio version, the same handler
@@ -64,12 +64,10 @@ class NoopAdapter(BaseAdapter):
 
 # --- the bare servicer (runs in its own process: `server_overhead.py --serve-bare`) -----------------
 
-def serve_bare(max_workers: int, max_queue: int, max_message_mb: float) -> int:
+def make_bare_servicer():
+    """A BridgeServiceServicer whose ExecuteTool answers what ours answers for the no-op tool, doing
+    nothing else."""
     import itertools
-    import signal
-    import threading
-
-    import grpc
 
     from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
     from snakepit_bridge.generated import snakepit_bridge_pb2_grpc as pb_grpc
@@ -88,13 +86,24 @@ def serve_bare(max_workers: int, max_queue: int, max_message_mb: float) -> int:
         def Ping(self, request, context):
             return pb.PingResponse(message=request.message, pid=os.getpid(), worker_mode="bare")
 
+    return BareServicer()
+
+
+def serve_bare(max_workers: int, max_queue: int, max_message_mb: float) -> int:
+    import signal
+    import threading
+
+    import grpc
+
+    from snakepit_bridge.generated import snakepit_bridge_pb2_grpc as pb_grpc
+
     message_bytes = int(max_message_mb * 1024 * 1024)
     options = [("grpc.max_receive_message_length", message_bytes), ("grpc.max_send_message_length", message_bytes),
                ("grpc.so_reuseport", 0)]
     executor = futures.ThreadPoolExecutor(max_workers + max_queue + CONTROL_THREADS,
                                           thread_name_prefix="ThreadPoolExecutor-0")
     server = grpc.server(executor, options=options)
-    pb_grpc.add_BridgeServiceServicer_to_server(BareServicer(), server)
+    pb_grpc.add_BridgeServiceServicer_to_server(make_bare_servicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     stop = threading.Event()
@@ -217,45 +226,69 @@ def batch_comparison(address: str, items: int, repetitions: int, max_seconds: fl
         return {kind: statistics.median(values) for kind, values in times.items()} | {"repetitions": len(times["batch"])}
 
 
-def profile_ours(server, body: Path, seconds: float, out_dir: Path) -> str:
-    """Sample our server with py-spy while h2load drives it at 32 in flight; returns a text summary."""
-    py_spy = shutil.which("py-spy")
-    if py_spy is None:
-        return "py-spy is not installed (pip install py-spy)"
-    raw = out_dir / "profile.txt"
-    spy = subprocess.Popen([py_spy, "record", "--pid", str(server.pid), "--duration", f"{seconds:g}", "--rate", "500",
-                            "--format", "raw", "--output", str(raw), "--threads", "--nonblocking"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(0.5)
-    h2load(server.port, body, 32, seconds, out_dir / "profile.log")
-    spy.wait(seconds + 30)
-    if not raw.exists():
-        return "py-spy produced no profile: " + (spy.stdout.read() if spy.stdout else "")
-    return summarize_profile(raw.read_text())
+class _FakeContext:
+    """Just enough of grpc.ServicerContext for the success path of ExecuteTool."""
+
+    def time_remaining(self):
+        return None
+
+    def is_active(self):
+        return True
+
+    def abort(self, code, details):
+        raise RuntimeError(f"{code}: {details}")
+
+    def set_trailing_metadata(self, metadata):
+        pass
+
+    def invocation_metadata(self):
+        return ()
 
 
-def summarize_profile(raw: str, top: int = 25) -> str:
-    """Self and inclusive sample shares per function, for the request-handling threads."""
-    total = 0
-    inclusive: dict[str, int] = {}
-    self_time: dict[str, int] = {}
-    for line in raw.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        if "ThreadPoolExecutor-0" not in stack.split(";")[0]:
-            continue  # only handler threads (the poller and idle threads are not request work)
-        frames = stack.split(";")[1:]
-        n = int(count)
-        total += n
-        for frame in set(frames):
-            inclusive[frame] = inclusive.get(frame, 0) + n
-        if frames:
-            self_time[frames[-1]] = self_time.get(frames[-1], 0) + n
-    lines = [f"handler-thread samples: {total}", "", "inclusive %  self %  function (file:line)"]
-    for frame, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"{100 * n / max(1, total):10.1f}  {100 * self_time.get(frame, 0) / max(1, total):6.1f}  {frame}")
-    return "\n".join(lines)
+def profile_servicer(calls: int = 20000, top: int = 18) -> str:
+    """Where a no-op ExecuteTool spends its time inside snakepit_bridge, without gRPC around it:
+    µs per call of our servicer and of the bare one (both including request parsing and response
+    serialisation, as grpcio does them), then cProfile of ours by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    from snakepit_bridge.gate import ToolGate
+    from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
+    from snakepit_bridge.servicer import BridgeServicer, ServerInfo
+    from snakepit_bridge.sessions import SessionStore
+    from snakepit_bridge.stats import ServerStats
+
+    stats = ServerStats()
+    ours = BridgeServicer(NoopAdapter(), info=ServerInfo("threaded", 16), gate=ToolGate(16, 128),
+                          sessions=SessionStore(), stats=stats, adapter_name="bench.server_overhead.NoopAdapter")
+    bare = make_bare_servicer()
+    wire = pb.ExecuteToolRequest(tool_name="noop", args_json="{}").SerializeToString()
+    context = _FakeContext()
+
+    def loop(servicer, n):
+        parse, execute = pb.ExecuteToolRequest.FromString, servicer.ExecuteTool
+        for _ in range(n):
+            execute(parse(wire), context).SerializeToString()
+
+    per_call = {}
+    for name, servicer in (("ours", ours), ("bare", bare), ("ours", ours), ("bare", bare)):
+        loop(servicer, 2000)
+        started = time.perf_counter()
+        loop(servicer, calls)
+        per_call.setdefault(name, []).append((time.perf_counter() - started) / calls * 1e6)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    loop(ours, calls)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    report = out.getvalue()
+    report = report[report.index("ncalls"):] if "ncalls" in report else report
+    ours_us, bare_us = min(per_call["ours"]), min(per_call["bare"])
+    return (f"In-process, no gRPC ({calls} calls, best of 2): our ExecuteTool {ours_us:.1f} µs per call, the bare "
+            f"servicer {bare_us:.1f} µs (parse + handler + serialise); the bridge adds {ours_us - bare_us:.1f} µs.\n"
+            f"cProfile of ours, by own time (the profiler inflates each function call):\n{report}")
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -330,12 +363,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-items", type=int, default=100)
     parser.add_argument("--batch-repetitions", type=int, default=30)
     parser.add_argument("--write-docs", action="store_true", help=f"replace this benchmark's section of {DOCS}")
-    parser.add_argument("--profile", action="store_true", help="also sample the bridge server with py-spy")
+    parser.add_argument("--profile", action="store_true", help="also profile our ExecuteTool in-process (cProfile)")
+    parser.add_argument("--profile-only", action="store_true", help="only the in-process profile (seconds)")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-message-mb", type=float, default=64.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare:
         return serve_bare(args.max_workers, args.max_queue, args.max_message_mb)
+    if args.profile_only:
+        print(profile_servicer())
+        return 0
     if shutil.which("h2load") is None:
         print("h2load is not installed (Debian: apt-get install nghttp2-client)", file=sys.stderr)
         return 1
@@ -392,7 +429,7 @@ def main(argv=None) -> int:
             print(section)
             if args.profile:
                 print()
-                print(profile_ours(servers[OURS], body, 8.0, tmp))
+                print(profile_servicer())
     finally:
         for server in servers.values():
             server.__exit__(None, None, None)
