@@ -717,6 +717,38 @@ defmodule Snakepit.GRPC.MetadataTest do
     assert {:error, {:too_large, 100}} = Message.decode(<<0, 100::32>>, 10)
   end
 
+  test "the incremental decoder gives the same messages for any split of the input" do
+    messages = [
+      <<>>,
+      "a",
+      :crypto.strong_rand_bytes(70_000),
+      "bc",
+      :crypto.strong_rand_bytes(300)
+    ]
+
+    stream = IO.iodata_to_binary(Enum.map(messages, &Message.encode/1))
+
+    for split <- [1, 2, 5, 7, 4096, 16_384, byte_size(stream)] do
+      pieces = for <<piece::binary-size(split) <- stream>>, do: piece
+
+      tail =
+        binary_part(stream, length(pieces) * split, byte_size(stream) - length(pieces) * split)
+
+      {got, decoder} =
+        Enum.reduce(pieces ++ [tail], {[], Message.new_decoder()}, fn piece, {acc, dec} ->
+          {:ok, out, dec} = Message.feed(dec, piece)
+          {acc ++ out, dec}
+        end)
+
+      assert got == messages, "split #{split}"
+      assert Message.buffered(decoder) == 0
+    end
+
+    assert {:ok, [], dec} = Message.feed(Message.new_decoder(10), <<0, 0, 0>>)
+    assert {:error, {:too_large, 11}} = Message.feed(dec, <<0, 11>>)
+    assert {:error, :compressed} = Message.feed(Message.new_decoder(), <<1, 0, 0, 0, 0>>)
+  end
+
   test "status codes map both ways" do
     assert length(Status.all()) == 17
 

@@ -10,11 +10,11 @@ defmodule Snakepit.GRPC.Call do
 
   alias Snakepit.GRPC.{Error, Message, Metadata, Status}
 
-  defstruct stage: :headers, buffer: <<>>, max_message_size: 64 * 1024 * 1024
+  defstruct stage: :headers, decoder: nil, max_message_size: 64 * 1024 * 1024
 
   @type t :: %__MODULE__{
           stage: :headers | :messages | :done,
-          buffer: binary(),
+          decoder: Message.decoder() | nil,
           max_message_size: pos_integer()
         }
   @type outcome :: {:ok, [{String.t(), binary()}]} | {:error, Error.t()}
@@ -22,8 +22,10 @@ defmodule Snakepit.GRPC.Call do
 
   @doc "A call waiting for its response headers."
   @spec new(keyword()) :: t()
-  def new(opts \\ []),
-    do: %__MODULE__{max_message_size: Keyword.get(opts, :max_message_size, 64 * 1024 * 1024)}
+  def new(opts \\ []) do
+    max = Keyword.get(opts, :max_message_size, 64 * 1024 * 1024)
+    %__MODULE__{max_message_size: max, decoder: Message.new_decoder(max)}
+  end
 
   @doc """
   Advances the call with one HTTP/2 event of its stream (`{:headers, ...}`, `{:data, ...}` or
@@ -70,17 +72,17 @@ defmodule Snakepit.GRPC.Call do
   end
 
   def handle_event(%__MODULE__{stage: :messages} = call, {:data, _sid, data, end_stream}) do
-    case Message.decode(call.buffer <> data, call.max_message_size) do
-      {:ok, messages, rest} when end_stream ->
+    case Message.feed(call.decoder, data) do
+      {:ok, messages, decoder} when end_stream ->
         done(
-          %{call | buffer: rest},
+          %{call | decoder: decoder},
           messages,
           {:error,
            Error.new(:internal, "server ended the stream without trailers (no grpc-status)")}
         )
 
-      {:ok, messages, rest} ->
-        {:cont, %{call | buffer: rest}, messages}
+      {:ok, messages, decoder} ->
+        {:cont, %{call | decoder: decoder}, messages}
 
       {:error, :compressed} ->
         done(
@@ -118,14 +120,14 @@ defmodule Snakepit.GRPC.Call do
       not end_stream ->
         done(call, [], {:error, Error.new(:internal, "trailers without END_STREAM")})
 
-      call.buffer != <<>> ->
+      Message.buffered(call.decoder) > 0 ->
         done(
           call,
           [],
           {:error,
            Error.new(
              :internal,
-             "stream ended inside a message (#{byte_size(call.buffer)} bytes left over)"
+             "stream ended inside a message (#{Message.buffered(call.decoder)} bytes left over)"
            )}
         )
 

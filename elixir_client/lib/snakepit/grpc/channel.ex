@@ -192,7 +192,18 @@ defmodule Snakepit.GRPC.Channel do
   # A peer that stops reading must not block the channel forever: sends time out and close the
   # socket, which fails every call with :unavailable. TCP_NODELAY does not apply to Unix sockets.
   defp socket_options(host) do
-    base = [:binary, active: false, send_timeout: 30_000, send_timeout_close: true]
+    # A large user-level buffer lets one {:tcp, ...} message carry many frames (the default, about
+    # one MTU, costs a message and a setopts per 1.4 KB on big responses).
+    base = [
+      :binary,
+      active: false,
+      send_timeout: 30_000,
+      send_timeout_close: true,
+      buffer: 256 * 1024,
+      recbuf: 256 * 1024,
+      sndbuf: 256 * 1024
+    ]
+
     if match?({:local, _}, host), do: base, else: [{:nodelay, true} | base]
   end
 
