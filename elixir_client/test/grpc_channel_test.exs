@@ -313,6 +313,51 @@ defmodule Snakepit.GRPC.ChannelTest do
     end
   end
 
+  @tag :bench
+  @tag timeout: 300_000
+  test "throughput (mix test --only bench)", %{channel: channel} do
+    ping = Proto.encode(:ping_request, %{message: "x"})
+    for _ <- 1..200, do: {:ok, _, _} = Channel.unary(channel, @svc <> "Ping", ping)
+
+    {us, _} =
+      :timer.tc(fn ->
+        for _ <- 1..2000, do: {:ok, _, _} = Channel.unary(channel, @svc <> "Ping", ping)
+      end)
+
+    IO.puts("\nsequential Ping: #{Float.round(us / 2000, 1)} us/call")
+
+    {us, _} =
+      :timer.tc(fn ->
+        1..5000
+        |> Task.async_stream(
+          fn _ -> {:ok, _, _} = Channel.unary(channel, @svc <> "Ping", ping) end,
+          max_concurrency: 50
+        )
+        |> Stream.run()
+      end)
+
+    IO.puts("Ping with 50 concurrent callers: #{round(5000 / (us / 1_000_000))} calls/s")
+
+    {us, _} =
+      :timer.tc(fn ->
+        for _ <- 1..5,
+            do: {:ok, _, _} = tool(channel, "big", %{"size" => 20_000_000}, timeout: 60_000)
+      end)
+
+    IO.puts("20 MB responses: #{round(100 / (us / 1_000_000))} MB/s")
+
+    blob = :crypto.strong_rand_bytes(20_000_000)
+
+    {us, _} =
+      :timer.tc(fn ->
+        for _ <- 1..5,
+            do:
+              {:ok, _, _} = tool(channel, "digest", %{}, fields: [blobs: [blob]], timeout: 60_000)
+      end)
+
+    IO.puts("20 MB requests: #{round(100 / (us / 1_000_000))} MB/s")
+  end
+
   test "100 concurrent callers over one channel", %{channel: channel} do
     results =
       1..100
@@ -743,6 +788,22 @@ defmodule Snakepit.GRPC.MetadataTest do
       assert got == messages, "split #{split}"
       assert Message.buffered(decoder) == 0
     end
+
+    # A big message in many small pieces is joined once (this was quadratic once: minutes, not ms).
+    big = IO.iodata_to_binary(Message.encode(:binary.copy(<<1>>, 32 * 1024 * 1024)))
+    pieces = for <<piece::binary-size(16_384) <- big>>, do: piece
+    rest = binary_part(big, length(pieces) * 16_384, byte_size(big) - length(pieces) * 16_384)
+
+    {micros, {[message], _}} =
+      :timer.tc(fn ->
+        Enum.reduce(pieces ++ [rest], {[], Message.new_decoder()}, fn piece, {acc, dec} ->
+          {:ok, out, dec} = Message.feed(dec, piece)
+          {acc ++ out, dec}
+        end)
+      end)
+
+    assert byte_size(message) == 32 * 1024 * 1024
+    assert micros < 3_000_000
 
     assert {:ok, [], dec} = Message.feed(Message.new_decoder(10), <<0, 0, 0>>)
     assert {:error, {:too_large, 11}} = Message.feed(dec, <<0, 11>>)
