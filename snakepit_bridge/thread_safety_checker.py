@@ -534,6 +534,19 @@ class _Access:
         }
 
 
+class _Overlap:
+    """Per (class, method): who is inside now, and the most threads inside at the same time."""
+
+    __slots__ = ("inside", "peak", "peak_threads", "calls", "names")
+
+    def __init__(self) -> None:
+        self.inside: set[int] = set()
+        self.peak = 0
+        self.peak_threads: list[str] = []
+        self.calls: dict[int, int] = {}    # thread token -> calls (each thread writes its own)
+        self.names: dict[int, str] = {}    # thread token -> thread name
+
+
 class _Variable:
     __slots__ = ("summaries", "accesses")
 
@@ -572,7 +585,8 @@ class ThreadSafetyChecker:
         self._reported: set = set()
         self._findings: list[dict] = []
         self._lock_names: dict[int, str] = {}
-        self._methods: dict[tuple, dict] = {}        # (class, method) -> overlap record
+        self._methods: dict[tuple, _Overlap] = {}    # (class, method) -> overlap record
+        self._module_count = -1
         self._libs: dict[tuple, dict] = {}           # (lib, object key) -> use record
         self._declarations: dict[str, bool] = {}
         self._instrumented: list[types.ModuleType] = []
@@ -731,6 +745,7 @@ class ThreadSafetyChecker:
         self._instrument_modules()
 
     def _instrument_modules(self) -> None:
+        self._module_count = len(sys.modules)
         for modname in _UNSAFE_MODULES:
             mod = sys.modules.get(modname)
             if mod is not None and type(mod) is types.ModuleType:
@@ -757,55 +772,55 @@ class ThreadSafetyChecker:
             st = self._register(obj)
         if st is not None and not st.active:
             self._activate(st)
-        cls_name = (st.cls if st is not None else type(obj)).__qualname__
-        tid = _thread_token()
-        tname = threading.current_thread().name
-        d = _tls.__dict__
-        tools = d.get("tools")
+        cls_name = st.cls_name if st is not None else type(obj).__qualname__
+        tl = _tls.__dict__
+        tok = tl.get("token") or _thread_token()
+        tools = tl.get("tools")
         if tools is None:
-            tools = d["tools"] = []
+            tools = tl["tools"] = []
         tools.append(name)
         key = (cls_name, name)
-        newly_concurrent = False
+        rec = self._methods.get(key)
+        if rec is None:
+            with self._lock:
+                rec = self._methods.setdefault(key, _Overlap())
+        # No lock on the common path: only this thread writes its own entries; set add/discard
+        # and dict item assignment are atomic.
+        rec.calls[tok] = rec.calls.get(tok, 0) + 1
+        if tok not in rec.names:
+            rec.names[tok] = threading.current_thread().name
+        inside = rec.inside
+        first = tok not in inside
+        if first:
+            inside.add(tok)
+            if len(inside) > rec.peak:
+                self._new_overlap_peak(rec, name)
+        if len(sys.modules) != self._module_count:
+            self._instrument_modules()
+        return (rec, tok, first)
+
+    def _new_overlap_peak(self, rec: "_Overlap", name: str) -> None:
         with self._lock:
-            rec = self._methods.get(key)
-            if rec is None:
-                rec = self._methods[key] = {"inside": {}, "calls": 0, "peak": 0, "names": {},
-                                            "threads": set(), "peak_threads": []}
-            rec["calls"] += 1
-            inside = rec["inside"]
-            inside[tid] = inside.get(tid, 0) + 1
-            rec["names"][tid] = tname
-            rec["threads"].add(tname)
-            if len(inside) > rec["peak"]:
-                rec["peak"] = len(inside)
-                rec["peak_threads"] = sorted(rec["names"][t] for t in inside)
-                newly_concurrent = rec["peak"] == 2
+            inside = list(rec.inside)
+            if len(inside) <= rec.peak:
+                return
+            newly_concurrent = rec.peak < 2 <= len(inside)
+            rec.peak = len(inside)
+            rec.peak_threads = sorted(rec.names.get(t, "?") for t in inside)
         if newly_concurrent:
             # the guide's wording; an observation, not a finding (overlap alone is no race)
             self.log.info("⚠️  THREAD SAFETY: Method '%s' accessed by %d different threads "
                           "concurrently.", name, 2)
-        self._instrument_modules()
-        return (key, tid)
 
     def _method_exit(self, token) -> None:
         if token is None:
             return
-        key, tid = token
+        rec, tok, first = token
         tools = _tls.__dict__.get("tools")
         if tools:
             tools.pop()
-        with self._lock:
-            rec = self._methods.get(key)
-            if rec is None:
-                return
-            inside = rec["inside"]
-            n = inside.get(tid, 0) - 1
-            if n > 0:
-                inside[tid] = n
-            else:
-                inside.pop(tid, None)
-                rec["names"].pop(tid, None)
+        if first:
+            rec.inside.discard(tok)
 
     # -- recording ------------------------------------------------------------------------------
 
@@ -860,10 +875,10 @@ class ThreadSafetyChecker:
                     f"({_short(a.file)}:{a.line}, holding {held})")
 
         concurrent = [m for m in methods
-                      if (self._methods.get((st.cls_name, m)) or {}).get("peak", 0) >= 2]
+                      if getattr(self._methods.get((st.cls_name, m)), "peak", 0) >= 2]
         overlap = ""
         if concurrent:
-            peak = max(self._methods[(st.cls_name, m)]["peak"] for m in concurrent)
+            peak = max(self._methods[(st.cls_name, m)].peak for m in concurrent)
             overlap = (f" Method '{concurrent[0]}' accessed by {peak} different threads "
                        f"concurrently.")
         message = (f"THREAD SAFETY: Unprotected shared state: attribute '{attr}' of "
@@ -977,12 +992,12 @@ class ThreadSafetyChecker:
                 methods[f"{cls_name}.{name}"] = {
                     "class": cls_name,
                     "method": name,
-                    "calls": rec["calls"],
-                    "threads_seen": len(rec["threads"]),
-                    "peak_concurrent_threads": rec["peak"],
-                    "peak_threads": rec["peak_threads"],
-                    "concurrent": rec["peak"] >= 2,
-                    "active_now": sum(rec["inside"].values()),
+                    "calls": sum(list(rec.calls.values())),
+                    "threads_seen": len(rec.calls),
+                    "peak_concurrent_threads": rec.peak,
+                    "peak_threads": list(rec.peak_threads),
+                    "concurrent": rec.peak >= 2,
+                    "active_now": len(rec.inside),
                 }
             tracked = sorted({f"{st.cls.__module__}.{st.cls.__qualname__}"
                               for st in self._states.values()})
