@@ -245,50 +245,114 @@ class _FakeContext:
         return ()
 
 
-def profile_servicer(calls: int = 20000, top: int = 18) -> str:
-    """Where a no-op ExecuteTool spends its time inside snakepit_bridge, without gRPC around it:
-    µs per call of our servicer and of the bare one (both including request parsing and response
-    serialisation, as grpcio does them), then cProfile of ours by own time."""
+def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 14) -> str:
+    """Where a no-op ExecuteTool spends its time inside snakepit_bridge, without gRPC around it.
+
+    1. µs per call (best of `repeats`) of our servicer and of the bare one, both including request
+       parsing and response serialisation as grpcio does them.
+    2. Ablation: the same with one piece of the hot path replaced by a do-nothing stand-in, so the
+       difference is what that piece costs (robust on a busy machine, unlike a sampling profile).
+    3. cProfile of ours by own time (cProfile adds ~1 µs per profiled call to the caller, so read it
+       for call counts and relative weight, not absolute time).
+    """
     import cProfile
     import io
     import pstats
+    import timeit
 
+    from snakepit_bridge import codec
+    from snakepit_bridge import servicer as servicer_module
     from snakepit_bridge.gate import ToolGate
     from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
     from snakepit_bridge.servicer import BridgeServicer, ServerInfo
     from snakepit_bridge.sessions import SessionStore
     from snakepit_bridge.stats import ServerStats
 
-    stats = ServerStats()
-    ours = BridgeServicer(NoopAdapter(), info=ServerInfo("threaded", 16), gate=ToolGate(16, 128),
-                          sessions=SessionStore(), stats=stats, adapter_name="bench.server_overhead.NoopAdapter")
-    bare = make_bare_servicer()
+    def build():
+        return BridgeServicer(NoopAdapter(), info=ServerInfo("threaded", 16), gate=ToolGate(16, 128),
+                              sessions=SessionStore(), stats=ServerStats(),
+                              adapter_name="bench.server_overhead.NoopAdapter")
+
     wire = pb.ExecuteToolRequest(tool_name="noop", args_json="{}").SerializeToString()
     context = _FakeContext()
 
-    def loop(servicer, n):
+    def timer(servicer):
         parse, execute = pb.ExecuteToolRequest.FromString, servicer.ExecuteTool
-        for _ in range(n):
-            execute(parse(wire), context).SerializeToString()
+        # thread CPU time, not wall time: on a shared machine preemption would swamp microseconds
+        return timeit.Timer(lambda: execute(parse(wire), context).SerializeToString(), timer=time.thread_time)
 
-    per_call = {}
-    for name, servicer in (("ours", ours), ("bare", bare), ("ours", ours), ("bare", bare)):
-        loop(servicer, 2000)
-        started = time.perf_counter()
-        loop(servicer, calls)
-        per_call.setdefault(name, []).append((time.perf_counter() - started) / calls * 1e6)
+    class NoStats:
+        def started(self):
+            pass
+
+        def finished(self, *args):
+            pass
+
+        def rejected(self):
+            pass
+
+    class NoGate:
+        def enter(self, *args, **kwargs):
+            pass
+
+        def leave(self):
+            pass
+
+    class FixedCodec:
+        decode = staticmethod(codec.decode)
+        CodecError = codec.CodecError
+
+        @staticmethod
+        def encode(value):
+            return "null", []
+
+    variants = {"ours": build(), "bare": make_bare_servicer()}
+    labels = {
+        "stats": "ServerStats.started/finished (stats.py: lock, log2 histogram bucket)",
+        "gate": "ToolGate.enter/leave (gate.py: Condition lock, notify) + _admit/_deadline",
+        "encode": "codec.encode of the result (codec.py: json.dumps with non-default options)",
+        "prepare": "_prepare: _lookup + _decode_args('{}') + ToolSpec.bind (servicer.py, codec.py, adapter.py)",
+    }
+    variants["stats"] = build()
+    variants["stats"].stats = NoStats()
+    variants["gate"] = build()
+    variants["gate"].gate = NoGate()
+    variants["encode"] = build()  # runs with servicer_module.codec swapped, below
+    variants["prepare"] = build()
+    spec = variants["prepare"].tools["noop"]
+    variants["prepare"]._prepare = lambda *args, **kwargs: (spec, {}, None)
+    timers = {name: timer(servicer) for name, servicer in variants.items()}
+    best = {name: float("inf") for name in variants}
+    original_codec = servicer_module.codec
+    for _ in range(repeats):  # interleaved, so that every variant sees the same machine
+        for name, measure in timers.items():
+            if name == "encode":
+                servicer_module.codec = FixedCodec
+            try:
+                best[name] = min(best[name], measure.timeit(calls) / calls * 1e6)
+            finally:
+                servicer_module.codec = original_codec
+    ours_us, bare_us = best["ours"], best["bare"]
+    rows = [(labels[name], best[name]) for name in labels]
+
     profiler = cProfile.Profile()
+    servicer = build()
+    parse = pb.ExecuteToolRequest.FromString
     profiler.enable()
-    loop(ours, calls)
+    for _ in range(calls):
+        servicer.ExecuteTool(parse(wire), context).SerializeToString()
     profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
     report = out.getvalue()
     report = report[report.index("ncalls"):] if "ncalls" in report else report
-    ours_us, bare_us = min(per_call["ours"]), min(per_call["bare"])
-    return (f"In-process, no gRPC ({calls} calls, best of 2): our ExecuteTool {ours_us:.1f} µs per call, the bare "
-            f"servicer {bare_us:.1f} µs (parse + handler + serialise); the bridge adds {ours_us - bare_us:.1f} µs.\n"
-            f"cProfile of ours, by own time (the profiler inflates each function call):\n{report}")
+    lines = [f"In-process, no gRPC (thread CPU time, best of {repeats} x {calls} calls): our ExecuteTool {ours_us:.1f} µs per call, "
+             f"the bare servicer {bare_us:.1f} µs (parse + handler + serialise): the bridge adds "
+             f"{ours_us - bare_us:.1f} µs per call.", "", "Ablation (µs per call saved when the piece does nothing):"]
+    for label, us in rows:
+        lines.append(f"  {ours_us - us:6.1f} µs  {label}")
+    lines += ["", "cProfile of ours, by own time:", report]
+    return "\n".join(lines)
 
 
 # --- report ------------------------------------------------------------------------------------------
