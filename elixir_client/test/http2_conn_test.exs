@@ -319,6 +319,22 @@ defmodule Snakepit.HTTP2.ConnTest do
       assert conn.send_window == 65_535 + 10_000 + 1_000_000 - 100_000
     end
 
+    test "a response that ends before the body is sent drops the rest and resets the stream" do
+      conn = connected()
+      {:ok, conn, 1, _} = Conn.request(conn, @req_headers, :binary.copy("a", 100_000), [])
+      {block, _} = response_block(HPACK.new_encoder(), [{":status", "200"}, {"grpc-status", "0"}])
+
+      assert {:ok, conn, [{:headers, 1, _, true}], out} =
+               Conn.handle_data(
+                 conn,
+                 enc([{:headers, 1, block, %{end_headers: true, end_stream: true}}])
+               )
+
+      assert frames(out) == [{:rst_stream, 1, :cancel}]
+      assert {:ok, _, [], out} = Conn.handle_data(conn, enc([{:window_update, 0, 100_000}]))
+      assert frames(out) == []
+    end
+
     test "a larger SETTINGS_INITIAL_WINDOW_SIZE and max frame size release buffered body" do
       conn = connected()
       {:ok, conn, 1, _} = Conn.request(conn, @req_headers, :binary.copy("a", 70_000), [])

@@ -23,8 +23,6 @@ defmodule Snakepit.GRPC.Channel do
 
   use GenServer
 
-  require Logger
-
   alias Snakepit.GRPC.{Call, Error, Message, Metadata}
   alias Snakepit.HTTP2.Conn
 

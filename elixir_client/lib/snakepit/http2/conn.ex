@@ -425,7 +425,8 @@ defmodule Snakepit.HTTP2.Conn do
       event = {:data, stream.id, data, end_stream}
 
       if end_stream do
-        {:ok, close_remote(conn, stream), [event], out}
+        {conn, rst} = close_remote(conn, stream)
+        {:ok, conn, [event], [out, rst]}
       else
         {stream, credit} = credit_stream(conn, stream)
         {:ok, put_stream(conn, stream), [event], [out, credit]}
@@ -468,8 +469,8 @@ defmodule Snakepit.HTTP2.Conn do
         case conn.streams do
           %{^sid => stream} ->
             event = {:headers, sid, headers, end_stream}
-            conn = if end_stream, do: close_remote(conn, stream), else: conn
-            {:ok, conn, [event], []}
+            {conn, rst} = if end_stream, do: close_remote(conn, stream), else: {conn, []}
+            {:ok, conn, [event], rst}
 
           _ ->
             {:ok, conn, [], []}
@@ -480,9 +481,15 @@ defmodule Snakepit.HTTP2.Conn do
     end
   end
 
-  # The response is complete. A server may answer before reading our whole body (§8.1); any body
-  # still buffered is then dropped, as nobody will read it.
-  defp close_remote(conn, stream), do: %{conn | streams: Map.delete(conn.streams, stream.id)}
+  # The response is complete. A server may answer before reading our whole body (§8.1): the rest
+  # is dropped and the stream reset (CANCEL), so neither side keeps a half-open stream around.
+  defp close_remote(conn, %Stream{local: :closed} = stream),
+    do: {%{conn | streams: Map.delete(conn.streams, stream.id)}, []}
+
+  defp close_remote(conn, stream) do
+    {%{conn | streams: Map.delete(conn.streams, stream.id)},
+     Frame.encode({:rst_stream, stream.id, :cancel})}
+  end
 
   defp reset_stream(conn, stream, code) do
     conn = %{conn | streams: Map.delete(conn.streams, stream.id)}
