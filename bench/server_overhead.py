@@ -245,7 +245,7 @@ class _FakeContext:
         return ()
 
 
-def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 14) -> str:
+def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 10) -> str:
     """Where a no-op ExecuteTool spends its time inside snakepit_bridge, without gRPC around it.
 
     1. µs per call (best of `repeats`) of our servicer and of the bare one, both including request
@@ -346,6 +346,7 @@ def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 14) -> str:
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
     report = out.getvalue()
     report = report[report.index("ncalls"):] if "ncalls" in report else report
+    report = report.replace(str(ROOT) + "/", "").replace(os.path.dirname(os.__file__) + "/", "")
     lines = [f"In-process, no gRPC (thread CPU time, best of {repeats} x {calls} calls): our ExecuteTool {ours_us:.1f} µs per call, "
              f"the bare servicer {bare_us:.1f} µs (parse + handler + serialise): the bridge adds "
              f"{ours_us - bare_us:.1f} µs per call.", "", "Ablation (µs per call saved when the piece does nothing):"]
@@ -357,7 +358,7 @@ def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 14) -> str:
 
 # --- report ------------------------------------------------------------------------------------------
 
-def render(results, batch, args, machine) -> str:
+def render(results, batch, args, machine, profile: str = "") -> str:
     lines = [
         "## Server overhead (ExecuteTool vs a bare grpcio servicer)",
         "",
@@ -401,6 +402,8 @@ def render(results, batch, args, machine) -> str:
             "",
             f"The batch is {batch['single'] / batch['batch']:.1f}x faster per item.",
         ]
+    if profile:
+        lines += ["", "Where the bridge's own time goes (`--profile`):", "", "```", profile.rstrip(), "```"]
     return "\n".join(lines)
 
 
@@ -488,12 +491,12 @@ def main(argv=None) -> int:
                                          args.batch_repetitions, max_seconds=30.0)
             except Exception as exc:  # ExecuteBatch broken or missing: still report the QPS table
                 print(f"ExecuteBatch comparison failed: {exc}", file=sys.stderr)
-            section = render(results, batch, args, machine)
+            profile = ""
+            if args.profile:
+                profile = profile_servicer()
+            section = render(results, batch, args, machine, profile)
             print()
             print(section)
-            if args.profile:
-                print()
-                print(profile_servicer())
     finally:
         for server in servers.values():
             server.__exit__(None, None, None)

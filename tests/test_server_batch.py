@@ -9,7 +9,7 @@ import pytest
 
 from snakepit_bridge.client import BridgeCallError
 from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
-from tests.servers import SHOWCASE, SPEC_ADAPTER, WorkerServer
+from tests.servers import SHOWCASE, WorkerServer
 
 
 @pytest.fixture(scope="module", params=["threaded", "process"])

@@ -112,7 +112,8 @@ def test_wrongly_typed_argument_is_invalid_argument_naming_the_parameter(server,
 
 def test_invalid_argument_carries_no_traceback_and_the_tool_did_not_run(server):
     before = {t.name: t.calls for t in server.client().stats().tools}.get("typed", 0)
-    call_error(server, "typed", {**GOOD_TYPED, "i": "x"})
+    error = call_error(server, "typed", {**GOOD_TYPED, "i": "x"})
+    assert error.tool_error is None or error.tool_error.traceback == ""
     after = {t.name: t.calls for t in server.client().stats().tools}.get("typed", 0)
     assert after == before
 

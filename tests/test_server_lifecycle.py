@@ -1,7 +1,7 @@
 """Readiness, port clashes, and shutdown: SIGTERM/SIGINT drain, stdin EOF."""
 from __future__ import annotations
 
-import os
+import json
 import signal
 import socket
 import threading
@@ -61,6 +61,7 @@ def test_ready_file_is_written_atomically_never_empty(tmp_path):
                 seen.append(ready_file.read_text())
             except FileNotFoundError:
                 pass
+            time.sleep(0.0005)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -162,7 +163,7 @@ def test_signal_drains_the_in_flight_call_refuses_new_ones_and_exits_0(mode, fla
         else:
             watch.cancel()
         response = in_flight.result(timeout=15)
-        assert '"slept":1.5' in response.result_json or float(response.result_json.split(":")[1].rstrip("}")) >= 1.49
+        assert json.loads(response.result_json)["slept"] >= 1.49  # it ran to the end
         assert server.process.wait(timeout=15) == 0
         assert time.monotonic() - signalled < 8.0  # it did not sit out the whole --grace
         assert not pid_alive(pid)

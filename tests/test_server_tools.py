@@ -46,7 +46,7 @@ def test_threaded_server_runs_tools_on_its_handler_threads(spec_threaded):
     assert all(name.startswith("ThreadPoolExecutor-0") for name in threads), threads
 
 
-def test_failing_setup_stops_start_up_with_the_error(tmp_path):
+def test_failing_setup_stops_start_up_with_the_error():
     for mode in ("threaded", "process"):
         server = WorkerServer(mode, "--adapter", "tests.adapters_for_tests.FailingSetupAdapter", startup_timeout=30)
         with pytest.raises(ServerFailedToStart):
