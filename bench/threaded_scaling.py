@@ -126,6 +126,38 @@ def in_process(tool: str, args: dict, threads: int, seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - started)
 
 
+_SOLO = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from snakepit_bridge.adapters.threaded_showcase import ThreadedShowcaseAdapter
+adapter = ThreadedShowcaseAdapter()
+method = getattr(adapter, sys.argv[2]); args = json.loads(sys.argv[3]); seconds = float(sys.argv[4])
+method(**args)
+sys.stdout.write("ready\n"); sys.stdout.flush(); sys.stdin.readline()
+n, end = 0, time.perf_counter() + seconds
+while time.perf_counter() < end:
+    method(**args); n += 1
+print(n)
+"""
+
+
+def in_processes(tool: str, args: dict, processes: int, seconds: float) -> float:
+    """Calls/s of the adapter method in `processes` separate single-threaded processes at once:
+    what the machine itself allows (no GIL shared, no gRPC)."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, "-c", _SOLO, ROOT, tool, json.dumps(args), str(seconds)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **PINNED})
+             for _ in range(processes)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:   # start together
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    total = sum(int(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
+    return total / seconds
+
+
 def best(results: list[dict]) -> dict:
     """The round with the highest throughput (the least disturbed by other load on the machine),
     plus the median throughput over rounds."""
@@ -159,6 +191,8 @@ def main() -> int:
             for threads in (1, 2, 4):
                 r = in_process(tool, targs, threads, seconds)
                 local_runs.setdefault((workload, threads), []).append({"per_second": r, "calls": 0})
+            r = in_processes(tool, targs, 2, seconds)
+            local_runs.setdefault((workload, "2 processes"), []).append({"per_second": r, "calls": 0})
             for mode, label, flags in configs:
                 with serve(mode, *flags) as server:
                     r = load(server, tool, targs, args.clients, seconds)
@@ -197,17 +231,19 @@ def main() -> int:
             print(f"| {workload} | {mode} {label} | {b['per_second']:.1f} ({b['median_per_second']:.1f}) | "
                   f"{b['per_second'] / base:.2f}x | {b['p50_ms']:.1f} |")
     print()
-    print("In process, the adapter method called from plain threads (no gRPC):")
+    print("Without gRPC, the adapter method called from plain threads of one process, and from two")
+    print("single-threaded processes at once (what the machine allows):")
     print()
-    print("| workload | threads | calls/s | speed-up vs 1 thread |")
-    print("|---|---:|---:|---:|")
+    print("| workload | callers | calls/s | speed-up vs 1 thread |")
+    print("|---|---|---:|---:|")
     local_rows = []
     for workload in ("numpy (releases the GIL)", "pure Python (holds the GIL)"):
         base = best(local_runs[(workload, 1)])["per_second"]
-        for threads in (1, 2, 4):
+        for threads in (1, 2, 4, "2 processes"):
             b = best(local_runs[(workload, threads)])
             local_rows.append({"workload": workload, "threads": threads, **b})
-            print(f"| {workload} | {threads} | {b['per_second']:.1f} | {b['per_second'] / base:.2f}x |")
+            label = threads if isinstance(threads, str) else f"{threads} thread{'s' if threads > 1 else ''}"
+            print(f"| {workload} | {label} | {b['per_second']:.1f} | {b['per_second'] / base:.2f}x |")
     print()
     print("| workload | threaded, 4 workers | calls/s | relative to checker off |")
     print("|---|---|---:|---:|")
