@@ -387,6 +387,15 @@ def render(results, batch, args, machine, profile: str = "") -> str:
         verdicts.append(f"{in_flight} in flight: {100 * ratio:.0f}% ({'meets' if ratio >= 0.85 else 'misses'} it; "
                         f"{cpu_extra:+.0f} µs of server CPU per call)")
     lines.append("; ".join(verdicts) + ".")
+    lines += [
+        "",
+        "Reading: the QPS ratio is the median of back-to-back pairs (the two servers measured alternately), "
+        "with the range over rounds; on a small VM shared with other jobs single rounds swing by tens of "
+        "percent, so quote the median and the server CPU per call (the server process's user+system time "
+        "over the successful calls of a run). grpcio's own per-call work (HTTP/2 framing, the completion "
+        "queue, handing the call to a pool thread) is several hundred µs of CPU per call in Python; the "
+        "bridge's own code is the in-process difference shown under `--profile` below.",
+    ]
     if batch:
         lines += [
             "",
