@@ -163,3 +163,26 @@ def test_default_limit_carries_messages_beyond_grpcs_own_4_mib_default():
         got = server.client().execute("typed", {"i": 1, "f": 1.0, "flag": True, "s": "", "raw": payload, "ints": [],
                                                 "mapping": {}, "arr": []})
         assert got["values"]["raw"] == payload
+
+
+def test_thread_safety_check_flag_turns_the_checker_report_on():
+    import json
+
+    with WorkerServer("threaded", "--adapter", SHOWCASE, "--thread-safety-check") as server:
+        client = server.client()
+        assert client.execute("add", {"a": 1, "b": 2}) == 3
+        report = json.loads(client.stats().thread_safety_json)
+        assert report["enabled"] is True and SHOWCASE in report["tracked_adapters"]
+    with WorkerServer("threaded", "--adapter", SHOWCASE) as server:
+        assert server.client().stats().thread_safety_json == ""  # off unless asked for
+
+
+def test_explicit_port_is_the_port_served():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with WorkerServer("threaded", "--adapter", SHOWCASE, "--port", str(port)) as server:
+        assert server.port == port
+        assert server.client().ping().pid == server.pid

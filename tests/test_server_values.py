@@ -213,3 +213,27 @@ def test_streamed_chunks_carry_values_of_every_type(server):
     assert chunks == [{"step": 1, "total": 3, "percent": 33.3}, {"step": 2, "total": 3, "percent": 66.7},
                       {"step": 3, "total": 3, "percent": 100.0}]
     assert_identical({"completed": 3, "cancelled": False}, final)
+
+
+# --- property: any value tree comes back identical ----------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+ARRAY_DTYPES = ["<i8", "<i4", "|i1", "|u1", "<u8", "<f8", "<f4", "<f2", "|b1", "<c16"]
+arrays = st.sampled_from(ARRAY_DTYPES).flatmap(
+    lambda dtype: hnp.arrays(np.dtype(dtype), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)))
+leaves = (st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
+          | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20) | st.binary(max_size=40) | arrays)
+trees = st.recursive(leaves, lambda children: st.lists(children, max_size=4)
+                     | st.dictionaries(st.text(max_size=12) | st.just("__snakepit__"), children, max_size=4),
+                     max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=trees)
+def test_any_value_tree_round_trips_unchanged(spec_threaded, value):
+    got = spec_threaded.client().execute("typed", {"i": 0, "f": 0.0, "flag": False, "s": "", "raw": b"", "ints": [],
+                                                   "mapping": {"v": value}, "arr": []})
+    assert_identical({"v": value}, got["values"]["mapping"])
