@@ -268,3 +268,21 @@ def test_unencodable_array_dtype_in_request_json_is_refused_without_running_the_
                                                             "shape": [3]}}),
                       [b"r", array.tobytes()])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "arr" in error.details()
+
+
+def test_unpaired_surrogate_escape_round_trips_or_is_invalid_argument_never_an_unhandled_exception(server):
+    """`"\\ud800"` is valid JSON text (and the wire bytes are valid UTF-8), but the string it decodes to
+    cannot be written back as UTF-8: the server must either return it escaped or refuse it up front."""
+    stub = server.stub()
+    try:
+        args = {**GOOD_TYPED, "raw": {"__snakepit__": "bytes", "blob": 0}, "s": "\ud800"}
+        args_json = json.dumps(args)  # ensure_ascii: the surrogate travels as the escape \ud800
+        assert "\\ud800" in args_json
+        response = stub.ExecuteTool(pb.ExecuteToolRequest(tool_name="typed", args_json=args_json, blobs=[b"r"]),
+                                    timeout=30)
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+        assert "args_json" in error.details() or "'s'" in error.details()
+    else:
+        assert json.loads(response.result_json)["values"]["s"] == "\ud800"
+    assert_still_serving(server)
