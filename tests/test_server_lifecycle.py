@@ -224,3 +224,18 @@ def test_preforked_children_die_with_a_killed_parent():
         server.process.kill()
         server.process.wait(10)
         assert wait_until(lambda: not any(pid_alive(pid) for pid in children), timeout=15)
+
+
+def test_open_health_watch_stream_does_not_hold_shutdown_for_the_whole_grace_period():
+    """gRPC clients with client-side health checking keep a Health/Watch stream open for good; with no tool
+    call in flight, SIGTERM should not wait the whole --grace for that stream to end."""
+    with WorkerServer("threaded", "--adapter", SHOWCASE, "--grace", "8") as server:
+        watch, statuses = watch_health(server.channel())
+        assert wait_until(lambda: statuses == [health_pb2.HealthCheckResponse.SERVING])
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: health_pb2.HealthCheckResponse.NOT_SERVING in statuses, timeout=5), statuses
+        assert server.process.wait(timeout=20) == 0
+        exited_after = time.monotonic() - signalled
+        watch.cancel()
+        assert exited_after < 4.0, f"exited {exited_after:.1f} s after SIGTERM: the idle Watch stream held the drain"
