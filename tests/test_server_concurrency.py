@@ -191,3 +191,22 @@ def test_preforked_processes_share_the_port_and_each_serve_calls():
             elapsed = time.monotonic() - started
         assert 0.95 <= elapsed < 1.7, f"four 0.5 s calls over two processes took {elapsed:.2f} s (serial: 2 s)"
         assert os.getpid() != server.pid
+
+
+def test_cancelled_queued_call_gives_its_queue_place_back(process_server):
+    client = process_server.client()
+    stub = process_server.stub()
+    running = stub.ExecuteTool.future(pb.ExecuteToolRequest(tool_name="sleep", args_json='{"seconds": 1.0}'),
+                                      timeout=30)
+    assert wait_until(lambda: client.stats().requests_active == 1)
+    queued = stub.ExecuteTool.future(pb.ExecuteToolRequest(tool_name="sleep", args_json='{"seconds": 0.0}'),
+                                     timeout=30)
+    assert wait_until(lambda: client.stats().requests_queued == 1)
+    queued.cancel()
+    assert wait_until(lambda: client.stats().requests_queued == 0, timeout=5)
+    # the place is free again: with --max-queue 1, another call may wait while the first still runs
+    waiting = stub.ExecuteTool.future(pb.ExecuteToolRequest(tool_name="add", args_json='{"a": 1, "b": 2}'),
+                                      timeout=30)
+    assert waiting.result(timeout=15).result_json == "3"
+    assert not running.result(timeout=15).result_json.endswith('"cancelled":true}')
+    assert wait_until(lambda: client.stats().requests_active == 0)
