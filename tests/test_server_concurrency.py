@@ -210,3 +210,28 @@ def test_cancelled_queued_call_gives_its_queue_place_back(process_server):
     assert waiting.result(timeout=15).result_json == "3"
     assert not running.result(timeout=15).result_json.endswith('"cancelled":true}')
     assert wait_until(lambda: client.stats().requests_active == 0)
+
+
+def test_preforked_server_replaces_a_worker_process_that_dies():
+    import signal
+
+    with WorkerServer("process", "--adapter", SHOWCASE, "--processes", "2") as server:
+        def pids_seen(tries=30):
+            seen = set()
+            for _ in range(tries):
+                try:
+                    seen.add(server.stub(OWN_CONNECTION).Ping(pb.PingRequest(), timeout=5).pid)
+                except grpc.RpcError:
+                    pass
+                if len(seen) == 2:
+                    break
+            return seen
+
+        before = pids_seen()
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: len(pids_seen(10) - before) == 1, timeout=15)  # a new pid serves
+        after = pids_seen()
+        assert victim not in after and len(after) == 2
+        assert server.process.poll() is None
