@@ -13,6 +13,8 @@ from typing import Any
 TAG = "__snakepit__"
 # One encoder for every call: json.dumps with non-default options builds a new encoder each time.
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# For text with lone surrogates ("\ud800" arrived as a JSON escape): escaped, it is valid UTF-8 again.
+_ASCII_JSON_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 _SCALARS = (type(None), bool, int, str)
 
 
@@ -34,10 +36,14 @@ def _numpy():
 def encode(value: Any) -> tuple[str, list[bytes]]:
     """Encode a value tree as (JSON text, blobs)."""
     blobs: list[bytes] = []
-    if type(value) in _SCALARS:
-        return _JSON_ENCODER.encode(value), blobs
-    tree = _to_tree(value, blobs, "$")
-    return _JSON_ENCODER.encode(tree), blobs
+    tree = value if type(value) in _SCALARS else _to_tree(value, blobs, "$")
+    text = _JSON_ENCODER.encode(tree)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = _ASCII_JSON_ENCODER.encode(tree)
+    return text, blobs
 
 
 def _to_tree(value: Any, blobs: list[bytes], path: str) -> Any:

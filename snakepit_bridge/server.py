@@ -265,7 +265,13 @@ class Worker:
     def shutdown(self) -> None:
         self.health.enter_graceful_shutdown()
         self.servicer.stopping.set()
-        self.server.stop(self.args.grace).wait()
+        stopped = self.server.stop(self.args.grace)
+        # Tool calls get the whole grace period; once none is left, streams that never end by
+        # themselves (a client's health Watch) must not hold the exit back, so stop at once.
+        while not stopped.wait(0.05):
+            if self.servicer.stats.requests_active == 0:
+                self.server.stop(0).wait()
+                break
         if self.batch_executor is not None:
             self.batch_executor.shutdown(wait=False)
         self.sessions.close()
