@@ -580,7 +580,8 @@ class ThreadSafetyChecker:
         self._started = time.time()
         self._states: dict[int, _InstanceState] = {}
         self._objects: dict[int, Any] = {}           # keeps tracked instances comparable by id
-        self._seen: set = set()
+        # access keys already judged; a dict, whose lookups take no lock on free-threaded builds
+        self._seen: dict = {}
         self._vars: dict[tuple, _Variable] = {}
         self._reported: set = set()
         self._findings: list[dict] = []
@@ -837,7 +838,7 @@ class ThreadSafetyChecker:
             if key in seen or st.detached:
                 return
             if len(seen) < _MAX_SEEN:
-                seen.add(key)
+                seen[key] = None
             acc = _Access(tid, write, locks, frame, part)
             vkey = (st.obj_id, attr, part)
             var = self._vars.get(vkey)
@@ -922,7 +923,7 @@ class ThreadSafetyChecker:
             if fast in self._seen:
                 return
             if len(self._seen) < _MAX_SEEN:
-                self._seen.add(fast)
+                self._seen[fast] = None
             rec = self._libs.get(key)
             if rec is None:
                 rec = self._libs[key] = {"summaries": {}, "accesses": [], "reported": False}
