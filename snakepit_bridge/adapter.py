@@ -92,9 +92,15 @@ class ToolSpec:
     context_parameter: str | None
     accepts_any_keyword: bool
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {p.name: p for p in self.parameters})
+        object.__setattr__(self, "_has_required", any(p.required for p in self.parameters))
+
     def bind(self, args: dict[str, Any]) -> dict[str, Any]:
         """Check `args` against the parameters; returns keyword arguments for the method."""
-        by_name = {p.name: p for p in self.parameters}
+        if not args and not self._has_required:
+            return {}
+        by_name = self._by_name
         if not self.accepts_any_keyword:
             unknown = [key for key in args if key not in by_name]
             if unknown:

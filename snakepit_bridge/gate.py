@@ -59,4 +59,5 @@ class ToolGate:
     def leave(self) -> None:
         with self._cond:
             self.running -= 1
-            self._cond.notify()
+            if self.waiting:
+                self._cond.notify()

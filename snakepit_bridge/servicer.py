@@ -169,8 +169,11 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                 self.stats.finished(spec.name, elapsed, failed)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("ExecuteTool %s %s in %.3f ms", spec.name, "failed" if failed else "ok", elapsed * 1000)
-            return pb.ExecuteToolResponse(result_json=result_json, blobs=blobs, request_id=request_id,
-                                          duration_ms=elapsed * 1000.0)
+            response = pb.ExecuteToolResponse(result_json=result_json, request_id=request_id,
+                                              duration_ms=elapsed * 1000.0)
+            if blobs:
+                response.blobs.extend(blobs)
+            return response
         finally:
             set_request_id(previous_id)
 
