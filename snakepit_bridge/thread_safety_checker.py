@@ -61,7 +61,6 @@ logger = logging.getLogger("snakepit_bridge.thread_safety")
 
 _ACTIVE: Optional["ThreadSafetyChecker"] = None
 
-_get_ident = threading.get_ident
 _getframe = sys._getframe
 _obj_getattr = object.__getattribute__
 _EMPTY: frozenset = frozenset()

@@ -14,12 +14,10 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ tests/thread_safety_corpus with the real threaded server and many concurrent gRP
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import linecache
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from snakepit_bridge import thread_safety_checker as tsc
-from snakepit_bridge.base_adapter_threaded import ThreadSafeAdapter, thread_safe_method, tool
+from snakepit_bridge.base_adapter_threaded import ThreadSafeAdapter, thread_safe_method
 from snakepit_bridge.thread_safety_checker import ThreadSafetyChecker, ThreadSafetyViolation
 from tests.thread_safety_corpus import racy, safe
 from tests.thread_safety_corpus.harness import exercise
