@@ -310,7 +310,7 @@ def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 10) -> str:
     labels = {
         "stats": "ServerStats.started/finished (stats.py: lock, log2 histogram bucket)",
         "gate": "ToolGate.enter/leave (gate.py: Condition lock, notify) + _admit/_deadline",
-        "encode": "codec.encode of the result (codec.py: json.dumps with non-default options)",
+        "encode": "codec.encode of the result (codec.py: one reused JSON encoder)",
         "prepare": "_prepare: _lookup + _decode_args('{}') + ToolSpec.bind (servicer.py, codec.py, adapter.py)",
     }
     variants["stats"] = build()
