@@ -8,7 +8,7 @@ defmodule Snakepit.Config do
 
   @repo_root Path.expand("../../..", __DIR__)
 
-  defstruct [
+  @keys [
     :name,
     :worker_profile,
     :pool_size,
@@ -30,6 +30,8 @@ defmodule Snakepit.Config do
     :ttl_jitter,
     :restart_backoff_max
   ]
+
+  defstruct @keys
 
   @type ttl :: {pos_integer, :seconds | :minutes | :hours | :milliseconds} | :infinity
   @type t :: %__MODULE__{
@@ -54,29 +56,6 @@ defmodule Snakepit.Config do
           ttl_jitter: float,
           restart_backoff_max: pos_integer
         }
-
-  @keys [
-    :name,
-    :worker_profile,
-    :pool_size,
-    :threads_per_worker,
-    :adapter_module,
-    :adapter_args,
-    :adapter_env,
-    :worker_ttl,
-    :worker_max_requests,
-    :queue_size,
-    :queue_timeout,
-    :call_timeout,
-    :startup_timeout,
-    :python_executable,
-    :script_dir,
-    :python_adapter,
-    :auth_token,
-    :shutdown_grace,
-    :ttl_jitter,
-    :restart_backoff_max
-  ]
 
   @doc "The keys a pool config accepts."
   def keys, do: @keys
