@@ -232,6 +232,19 @@ def _accept(value, where):
     return value
 
 
+# Types taken as they are, no conversion: bool is not an int here, and an int is not a string.
+_EXACT_TYPES = {int: "an integer", bool: "a boolean", str: "a string"}
+
+
+def _exact_type_checker(expected_type: type, expected: str) -> Callable[[Any, str], Any]:
+    def check_exact(value, where):
+        if type(value) is expected_type:
+            return value
+        raise _type_error(where, expected, value)
+
+    return check_exact
+
+
 def checker_for(hint: Any) -> tuple[Callable[[Any, str], Any], str]:
     """A checker (value, where) -> value for a type hint, and the hint's readable name."""
     if hint is inspect.Parameter.empty or hint is Any or hint is object or isinstance(hint, (str, typing.TypeVar)):
@@ -263,13 +276,8 @@ def checker_for(hint: Any) -> tuple[Callable[[Any, str], Any], str]:
             raise _type_error(where, "one of " + ", ".join(map(repr, allowed)), value)
 
         return check_literal, "one of " + ", ".join(map(repr, allowed))
-    if hint is int:
-        def check_int(value, where):
-            if type(value) is int:
-                return value
-            raise _type_error(where, "an integer", value)
-
-        return check_int, "int"
+    if isinstance(hint, type) and hint in _EXACT_TYPES:
+        return _exact_type_checker(hint, _EXACT_TYPES[hint]), hint.__name__
     if hint is float:
         def check_float(value, where):
             if type(value) is float:
@@ -279,20 +287,6 @@ def checker_for(hint: Any) -> tuple[Callable[[Any, str], Any], str]:
             raise _type_error(where, "a number", value)
 
         return check_float, "float"
-    if hint is bool:
-        def check_bool(value, where):
-            if type(value) is bool:
-                return value
-            raise _type_error(where, "a boolean", value)
-
-        return check_bool, "bool"
-    if hint is str:
-        def check_str(value, where):
-            if type(value) is str:
-                return value
-            raise _type_error(where, "a string", value)
-
-        return check_str, "str"
     if hint in (bytes, bytearray):
         def check_bytes(value, where):
             if type(value) is bytes:
