@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from snakepit_bridge import thread_safety_checker as tsc  # noqa: E402
 from snakepit_bridge.base_adapter_threaded import ThreadSafeAdapter, thread_safe_method  # noqa: E402
+from snakepit_bridge.interpreter import gil_enabled  # noqa: E402
 from snakepit_bridge.thread_safety_checker import ThreadSafetyChecker  # noqa: E402
 
 
@@ -108,9 +109,8 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = measure(args.calls)
-    probe = getattr(sys, "_is_gil_enabled", None)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"Python {platform.python_version()} ({'GIL enabled' if probe is None or probe() else 'GIL disabled'}), "
+    print(f"Python {platform.python_version()} ({'GIL enabled' if gil_enabled() else 'GIL disabled'}), "
           f"{os.cpu_count()} CPUs, {platform.machine()}, load average {load:.1f} (best of 5 runs each)")
     print()
     print("| checker | threads | method | plain µs/call | @thread_safe_method µs/call | overhead µs |")

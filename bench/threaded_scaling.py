@@ -30,6 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from snakepit_bridge.interpreter import gil_enabled  # noqa: E402
 from tests.servers import WorkerServer  # noqa: E402
 
 PINNED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -211,8 +212,7 @@ def main() -> int:
                 print(f"  round {rnd + 1} {workload:32s} checker {'on ' if checked else 'off'} "
                       f"{r['per_second']:8.1f} calls/s", file=sys.stderr)
 
-    probe = getattr(sys, "_is_gil_enabled", None)
-    gil = "GIL enabled" if probe is None or probe() else "GIL disabled"
+    gil = "GIL enabled" if gil_enabled() else "GIL disabled"
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"Python {platform.python_version()} ({gil}), {os.cpu_count()} CPUs, {platform.machine()}, "
           f"{args.clients} closed-loop clients, {rounds} round(s) of {seconds:.0f} s per configuration, "

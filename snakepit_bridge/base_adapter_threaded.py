@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from snakepit_bridge import thread_safety_checker as _tsc
 from snakepit_bridge.adapter import BaseAdapter, tool
+from snakepit_bridge.interpreter import gil_enabled
 
 __all__ = [
     "ThreadSafeAdapter",
@@ -485,5 +486,5 @@ class ThreadSafeAdapter(BaseAdapter):
         info = getattr(self, "server_info", None)
         stats["max_workers"] = getattr(info, "max_workers", None)
         stats["worker_mode"] = getattr(info, "worker_mode", None)
-        stats["gil_enabled"] = _tsc.gil_enabled()
+        stats["gil_enabled"] = gil_enabled()
         return stats

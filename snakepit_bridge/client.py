@@ -7,17 +7,16 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import grpc
 
 from . import codec
+from .errors import ERROR_TRAILER
 from .generated import snakepit_bridge_pb2 as pb
 from .generated import snakepit_bridge_pb2_grpc as pb_grpc
 
-ERROR_TRAILER = "snakepit-error-bin"
 
 
 class BridgeCallError(Exception):
@@ -138,7 +137,3 @@ class BridgeClient:
 
     def heartbeat(self, session_id: str = "") -> pb.HeartbeatResponse:
         return self._call(self.stub.Heartbeat, pb.HeartbeatRequest(session_id=session_id), None)
-
-
-def parse_json_field(text: str) -> Any:
-    return json.loads(text) if text else None

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import grpc
 
+# Trailing metadata key of a failed tool call: a serialized ToolError (type, message, traceback).
+ERROR_TRAILER = "snakepit-error-bin"
+
 
 class BridgeError(Exception):
     """An error with a gRPC status code and a message meant for the caller."""

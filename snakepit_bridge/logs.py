@@ -26,17 +26,16 @@ def set_request_id(request_id: str) -> str:
 
 @contextlib.contextmanager
 def request_scope(request_id: str):
-    previous = getattr(_current, "request_id", "-")
-    _current.request_id = request_id
+    previous = set_request_id(request_id)
     try:
         yield
     finally:
-        _current.request_id = previous
+        set_request_id(previous)
 
 
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = getattr(_current, "request_id", "-")
+        record.request_id = current_request_id()
         return True
 
 

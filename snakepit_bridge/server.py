@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -29,7 +28,8 @@ from . import logs
 from .gate import ToolGate
 from .generated import snakepit_bridge_pb2 as pb
 from .generated import snakepit_bridge_pb2_grpc as pb_grpc
-from .servicer import BridgeServicer, ServerInfo, gil_enabled
+from .interpreter import gil_enabled
+from .servicer import BridgeServicer, ServerInfo
 from .sessions import SessionStore
 from .stats import ServerStats
 

@@ -22,8 +22,9 @@ import grpc
 from . import codec
 from .adapter import BaseAdapter, ToolSpec
 from .context import RequestContext
-from .errors import BridgeError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ToolError, Unavailable
+from .errors import ERROR_TRAILER, BridgeError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ToolError, Unavailable
 from .gate import ToolGate
+from .interpreter import gil_enabled
 from .generated import snakepit_bridge_pb2 as pb
 from .generated import snakepit_bridge_pb2_grpc as pb_grpc
 from .logs import request_scope, set_request_id
@@ -31,7 +32,6 @@ from .sessions import Session, SessionStore
 from .stats import ServerStats
 
 log = logging.getLogger("snakepit_bridge.server")
-ERROR_TRAILER = "snakepit-error-bin"
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,6 @@ class ServerInfo:
     worker_mode: str
     max_workers: int
     worker_index: int = 0
-
-
-def gil_enabled() -> bool:
-    """False only on a free-threaded build running without the GIL."""
-    probe = getattr(sys, "_is_gil_enabled", None)
-    return True if probe is None else bool(probe())
 
 
 class BridgeServicer(pb_grpc.BridgeServiceServicer):
@@ -140,19 +134,13 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
         request_id = request.request_id or self._new_request_id()
         previous_id = set_request_id(request_id)
         try:
-            try:
-                spec, kwargs, session = self._prepare(request.tool_name, request.args_json, request.blobs,
-                                                      request.session_id, streaming=False)
-            except Exception as exc:
-                self._reject(context, request.tool_name, exc)
-            self.stats.started()
+            spec, kwargs, session = self._prepare(request, context, streaming=False)
             started = time.perf_counter()
             failed = True
             try:
                 self._admit(context)
                 try:
-                    if spec.context_parameter is not None:
-                        kwargs[spec.context_parameter] = self._context(spec, request, request_id, session, context)
+                    self._add_context(kwargs, spec, request, request_id, session, context)
                     try:
                         result = getattr(self.adapter, spec.method_name)(**kwargs)
                     except Exception as exc:
@@ -182,20 +170,14 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
         # The response generator may be resumed between yields; set the request id around each step.
         previous_id = set_request_id(request_id)
         try:
-            try:
-                spec, kwargs, session = self._prepare(request.tool_name, request.args_json, request.blobs,
-                                                      request.session_id, streaming=True)
-            except Exception as exc:
-                self._reject(context, request.tool_name, exc)
-            self.stats.started()
+            spec, kwargs, session = self._prepare(request, context, streaming=True)
             started = time.perf_counter()
             failed = True
             chunks = 0
             try:
                 self._admit(context)
                 try:
-                    if spec.context_parameter is not None:
-                        kwargs[spec.context_parameter] = self._context(spec, request, request_id, session, context)
+                    self._add_context(kwargs, spec, request, request_id, session, context)
                     try:
                         produced = getattr(self.adapter, spec.method_name)(**kwargs)
                         iterator = produced if hasattr(produced, "__next__") else iter(produced)
@@ -261,8 +243,7 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                     try:
                         if self.rate_limiter is not None:
                             self._rate_limit(deadline)
-                        if spec.context_parameter:
-                            kwargs[spec.context_parameter] = self._context(spec, request, request_id, session, context)
+                        self._add_context(kwargs, spec, request, request_id, session, context)
                         value = getattr(self.adapter, spec.method_name)(**kwargs)
                         encoded = codec.encode(value)
                         failed = False
@@ -307,20 +288,28 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
             raise FailedPrecondition(f"tool '{tool_name}' does not stream; call it with ExecuteTool", field="tool_name")
         return spec
 
-    def _prepare(self, tool_name, args_json, blobs, session_id, *, streaming):
-        if self.stopping.is_set():
-            raise Unavailable("server is shutting down")
-        spec = self._lookup(tool_name, streaming=streaming)
-        kwargs = spec.bind(_decode_args(args_json, blobs))
-        session = self.sessions.get(session_id) if session_id else None
+    def _prepare(self, request: pb.ExecuteToolRequest, context, *, streaming: bool):
+        """Look the tool up and check its arguments and session, then count the call as started;
+        a refusal ends the call with its status. Returns (spec, kwargs, session)."""
+        try:
+            if self.stopping.is_set():
+                raise Unavailable("server is shutting down")
+            spec = self._lookup(request.tool_name, streaming=streaming)
+            kwargs = spec.bind(_decode_args(request.args_json, request.blobs))
+            session = self.sessions.get(request.session_id) if request.session_id else None
+        except Exception as exc:
+            self._reject(context, request.tool_name, exc)
+        self.stats.started()
         return spec, kwargs, session
 
-    def _context(self, spec: ToolSpec, request, request_id: str, session: Session | None, context) -> RequestContext | None:
+    def _add_context(self, kwargs: dict, spec: ToolSpec, request, request_id: str, session: Session | None,
+                     context) -> None:
+        """Pass the frozen request context to tools that take one."""
         if spec.context_parameter is None:
-            return None
+            return
         # ExecuteBatchRequest has no seed: batch items draw from the session's seed or OS entropy.
         seed = request.seed if isinstance(request, pb.ExecuteToolRequest) and request.HasField("seed") else None
-        return RequestContext(
+        kwargs[spec.context_parameter] = RequestContext(
             request_id=request_id, tool_name=spec.name, session_id=request.session_id,
             metadata=dict(request.metadata), deadline=_deadline(context), session=session, seed=seed,
             worker_mode=self.info.worker_mode, is_active=lambda: context.is_active() and not self.stopping.is_set(),

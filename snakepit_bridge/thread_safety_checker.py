@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import sys
-import sysconfig
 import threading
 import time
 import types
@@ -56,6 +55,8 @@ from typing import Any, Optional
 
 __all__ = ["ThreadSafetyChecker", "ThreadSafetyViolation", "get_active_checker", "gil_enabled",
            "free_threaded_build"]
+
+from .interpreter import free_threaded_build, gil_enabled  # re-exported: part of this module's API
 
 logger = logging.getLogger("snakepit_bridge.thread_safety")
 
@@ -67,16 +68,6 @@ _EMPTY: frozenset = frozenset()
 
 _STATE_KEY = "_sp_tsc"
 _DETACHED_KEY = "_sp_tsc_detached"
-
-
-def gil_enabled() -> bool:
-    """False only on a free-threaded interpreter that is running without the GIL."""
-    fn = getattr(sys, "_is_gil_enabled", None)
-    return True if fn is None else bool(fn())
-
-
-def free_threaded_build() -> bool:
-    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 
 def get_active_checker() -> Optional["ThreadSafetyChecker"]:
