@@ -1,4 +1,11 @@
-"""Bearer-token authentication for every RPC except the health service."""
+"""Bearer-token authentication for every RPC except the health service.
+
+The token is checked from the call's headers before the request message is read: a refused call
+answers with a handler that never reads its request, so an unauthenticated client cannot make the
+server receive and parse a large message. What remains: gRPC core still accepts the bytes that its
+HTTP/2 flow-control window lets the client send before the refusal arrives (64 KiB at first; grpc's
+BDP probing can widen it), and the message-size limit (--max-message-mb) applies as always.
+"""
 from __future__ import annotations
 
 import hmac
@@ -28,14 +35,9 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
 
 def _deny(handler, message: str):
-    def refuse(request_or_iterator, context):
+    # A request-streaming handler whatever the method: grpc hands it an iterator that reads messages only
+    # when asked, and this one never asks (a unary handler would get the whole message, parsed, first).
+    def refuse(request_iterator, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(refuse, response_serializer=handler.response_serializer)

@@ -1,12 +1,30 @@
 """Logging: every line carries the thread name and the current request id.
 
     2025-10-11 10:30:45,123 - [ThreadPoolExecutor-0_0] - INFO - [a1b-7] Request #7 starting
+
+Text that a client chose (request ids, names, messages passed as log arguments) is made printable
+and bounded before it reaches a line: a newline in it cannot forge a log line, and a megabyte of it
+cannot make a megabyte line. Tracebacks (`exc_info`) keep their lines.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
+
+REQUEST_ID_CHARS = 128
+LOG_ARGUMENT_CHARS = 1024
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` with control characters escaped (`\\n`), cut to `limit` characters."""
+    if len(text) > limit:
+        text = f"{text[:limit]}...({len(text) - limit} more)"
+    if _UNPRINTABLE.search(text):
+        text = _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+    return text
 
 LOG_FORMAT = "%(asctime)s - [%(threadName)s] - %(levelname)s - [%(request_id)s] %(message)s"
 
@@ -34,8 +52,14 @@ def request_scope(request_id: str):
 
 
 class RequestIdFilter(logging.Filter):
+    """Adds the request id; makes string and exception arguments printable and bounded."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = current_request_id()
+        args = record.args
+        if isinstance(args, tuple) and args:
+            record.args = tuple(printable(str(arg), LOG_ARGUMENT_CHARS) if isinstance(arg, (str, BaseException)) else arg
+                                for arg in args)
         return True
 
 

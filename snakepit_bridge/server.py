@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -27,9 +28,9 @@ from grpc_reflection.v1alpha import reflection
 from . import logs
 from .gate import ToolGate
 from .generated import snakepit_bridge_pb2 as pb
-from .generated import snakepit_bridge_pb2_grpc as pb_grpc
 from .interpreter import gil_enabled
-from .servicer import BridgeServicer, ServerInfo
+from .calls import CallTracker
+from .servicer import BridgeServicer, ServerInfo, add_servicer_to_server
 from .sessions import SessionStore
 from .stats import ServerStats
 
@@ -76,6 +77,17 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--exit-on-stdin-eof", action="store_true",
         help="shut down when stdin closes (how a BEAM port parent is watched: no orphan outlives it)")
     add("--session-ttl", type=float, default=3600.0, help="idle seconds before a session expires (default: %(default)s)")
+    add("--max-session-ttl", type=float, default=86400.0,
+        help="largest ttl_seconds a client may ask for; more is RESOURCE_EXHAUSTED (default: %(default)s)")
+    add("--max-sessions", type=int, default=10000,
+        help="sessions alive at once in this process; a new one past it is RESOURCE_EXHAUSTED (default: %(default)s)")
+    add("--send-timeout", type=float, default=120.0,
+        help="seconds a response (or a stream's next chunk) may wait for the client to read it before the call "
+             "is cancelled; 0 waits forever (default: %(default)s)")
+    add("--max-calls-per-connection", type=int, default=None,
+        help="tool calls one client connection may have in flight; more are RESOURCE_EXHAUSTED "
+             "(default: twice the calls the server admits, "
+             + ("2 x (--max-workers + --max-queue))" if mode == THREADED else "2 x (1 + --max-queue))"))
     add("--session-dir", default=None,
         help="checkpoint sessions to this directory so they survive worker recycling and restarts")
     add("--rate-limit", type=float, default=None, metavar="N",
@@ -108,6 +120,20 @@ class Settings:
     def max_workers(self) -> int:
         return self.args.max_workers if self.mode == THREADED else 1
 
+    @property
+    def max_calls_per_connection(self) -> int:
+        # Twice what the gate admits: a client that fills every slot and queue place is refused by the
+        # gate first (server busy); the cap binds on calls whose responses wait for a slow reader.
+        if self.args.max_calls_per_connection is not None:
+            return self.args.max_calls_per_connection
+        return 2 * (self.max_workers + self.args.max_queue)
+
+    @property
+    def handler_threads(self) -> int:
+        # One connection at its cap still leaves every other client a thread per slot and queue place,
+        # and the control RPCs theirs. The pool starts threads only as calls need them.
+        return self.max_workers + self.args.max_queue + self.max_calls_per_connection + CONTROL_THREADS
+
 
 def parse_settings(mode: str, argv: list[str] | None) -> Settings:
     parser = build_parser(mode)
@@ -123,6 +149,16 @@ def parse_settings(mode: str, argv: list[str] | None) -> Settings:
         parser.error("--max-queue must be 0 or more")
     if args.grace < 0:
         parser.error("--grace must be 0 or more")
+    if args.max_sessions < 1:
+        parser.error("--max-sessions must be at least 1")
+    if args.max_session_ttl <= 0:
+        parser.error("--max-session-ttl must be positive")
+    if not 0 < args.session_ttl <= args.max_session_ttl:
+        parser.error(f"--session-ttl must be positive and at most --max-session-ttl ({args.max_session_ttl:g})")
+    if args.send_timeout < 0:
+        parser.error("--send-timeout must be 0 (no limit) or more")
+    if args.max_calls_per_connection is not None and args.max_calls_per_connection < 1:
+        parser.error("--max-calls-per-connection must be at least 1")
     if args.rate_limit is not None and args.rate_limit <= 0:
         parser.error("--rate-limit must be positive")
     if mode == THREADED:
@@ -199,7 +235,9 @@ class Worker:
 
         stats = ServerStats()
         self.gate = ToolGate(self.settings.max_workers, args.max_queue, on_queue_change=stats.queue_changed)
-        self.sessions = SessionStore(default_ttl_seconds=args.session_ttl, session_dir=args.session_dir)
+        self.sessions = SessionStore(default_ttl_seconds=args.session_ttl, session_dir=args.session_dir,
+                                     max_sessions=args.max_sessions, max_ttl_seconds=args.max_session_ttl)
+        self.calls = CallTracker(self.settings.max_calls_per_connection, args.send_timeout)
         rate_limiter = None
         if args.rate_limit is not None:
             from .ratelimit import RateLimiter
@@ -211,7 +249,7 @@ class Worker:
                                                              thread_name_prefix="snakepit-batch")
         self.servicer = BridgeServicer(adapter, info=info, gate=self.gate, sessions=self.sessions, stats=stats,
                                        batch_executor=self.batch_executor, rate_limiter=rate_limiter,
-                                       checker=self.checker, adapter_name=args.adapter)
+                                       checker=self.checker, adapter_name=args.adapter, calls=self.calls)
 
         message_bytes = int(args.max_message_mb * 1024 * 1024)
         options = [
@@ -227,11 +265,10 @@ class Worker:
             if not token:
                 raise StartupError(f"--auth-token-env {args.auth_token_env}: that environment variable is empty or unset")
             interceptors.append(BearerTokenInterceptor(token))
-        handler_threads = self.settings.max_workers + args.max_queue + CONTROL_THREADS
         # Thread names match the guide's logs: ThreadPoolExecutor-0_0, ThreadPoolExecutor-0_1, ...
-        executor = futures.ThreadPoolExecutor(handler_threads, thread_name_prefix="ThreadPoolExecutor-0")
+        executor = futures.ThreadPoolExecutor(self.settings.handler_threads, thread_name_prefix="ThreadPoolExecutor-0")
         server = grpc.server(executor, interceptors=interceptors, options=options)
-        pb_grpc.add_BridgeServiceServicer_to_server(self.servicer, server)
+        add_servicer_to_server(self.servicer, server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -265,13 +302,16 @@ class Worker:
     def shutdown(self) -> None:
         self.health.enter_graceful_shutdown()
         self.servicer.stopping.set()
+        grace_ends = time.monotonic() + self.args.grace
         stopped = self.server.stop(self.args.grace)
-        # Tool calls get the whole grace period; once none is left, streams that never end by
-        # themselves (a client's health Watch) must not hold the exit back, so stop at once.
-        while not stopped.wait(0.05):
-            if self.servicer.stats.requests_active == 0:
-                self.server.stop(0).wait()
-                break
+        # Tool calls get the whole grace period, counted by the tools themselves and not by their RPCs:
+        # a call whose client left is a finished RPC to grpc while its tool still runs. Once no tool call
+        # is left, streams that never end by themselves (a client's health Watch) must not hold the exit.
+        while self.servicer.stats.requests_active > 0 and time.monotonic() < grace_ends:
+            time.sleep(0.05)
+        if not stopped.is_set():
+            self.server.stop(0).wait()
+        self.calls.close()
         if self.batch_executor is not None:
             self.batch_executor.shutdown(wait=False)
         self.sessions.close()

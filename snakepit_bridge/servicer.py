@@ -7,27 +7,29 @@ structured error; the server keeps serving.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import grpc
 
 from . import codec
 from .adapter import BaseAdapter, ToolSpec
+from .calls import CallTracker
 from .context import RequestContext
-from .errors import ERROR_TRAILER, BridgeError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ToolError, Unavailable
+from .errors import ERROR_TRAILER, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from .failures import CallFailure, Stage, failure_for, safe_text, short_name
 from .gate import ToolGate
 from .interpreter import gil_enabled
 from .generated import snakepit_bridge_pb2 as pb
 from .generated import snakepit_bridge_pb2_grpc as pb_grpc
-from .logs import request_scope, set_request_id
+from .logs import REQUEST_ID_CHARS, printable, request_scope, set_request_id
 from .sessions import Session, SessionStore
 from .stats import ServerStats
 
@@ -46,7 +48,7 @@ class ServerInfo:
 class BridgeServicer(pb_grpc.BridgeServiceServicer):
     def __init__(self, adapter: BaseAdapter, *, info: ServerInfo, gate: ToolGate, sessions: SessionStore,
                  stats: ServerStats, batch_executor=None, rate_limiter=None, checker=None,
-                 adapter_name: str = "") -> None:
+                 adapter_name: str = "", calls: CallTracker | None = None) -> None:
         self.adapter = adapter
         self.info = info
         self.gate = gate
@@ -55,6 +57,8 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
         self.batch_executor = batch_executor
         self.rate_limiter = rate_limiter
         self.checker = checker
+        # Without limits of its own (in-process use): no per-connection cap, no send watchdog.
+        self.calls = calls if calls is not None else CallTracker(max_per_connection=2 ** 31, send_timeout=None)
         self.adapter_name = adapter_name or f"{type(adapter).__module__}.{type(adapter).__qualname__}"
         self.tools: dict[str, ToolSpec] = type(adapter).tool_specs()
         self.stopping = threading.Event()
@@ -131,125 +135,144 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
     # ---------------------------------------------------------------------------------------------
     # tool execution
     def ExecuteTool(self, request, context):
-        request_id = request.request_id or self._new_request_id()
+        request_id = self._request_id(request)
         previous_id = set_request_id(request_id)
         try:
-            spec, kwargs, session = self._prepare(request, context, streaming=False)
+            call = self._begin(context, "ExecuteTool")
+            spec, kwargs, session = self._prepare(request, streaming=False)
+            self.stats.started()
             started = time.perf_counter()
             failed = True
             try:
                 self._admit(context)
                 try:
                     self._add_context(kwargs, spec, request, request_id, session, context)
-                    try:
-                        result = getattr(self.adapter, spec.method_name)(**kwargs)
-                    except Exception as exc:
-                        self._fail(context, exc, spec.name, from_tool=True)
-                    try:
-                        result_json, blobs = codec.encode(result)
-                    except Exception as exc:
-                        self._fail(context, exc, spec.name)
-                    failed = False
+                    result_json, blobs = self._invoke(spec, kwargs)
                 finally:
                     self.gate.leave()
+                failed = False
             finally:
                 elapsed = time.perf_counter() - started
                 self.stats.finished(spec.name, elapsed, failed)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("ExecuteTool %s %s in %.3f ms", spec.name, "failed" if failed else "ok", elapsed * 1000)
-            response = pb.ExecuteToolResponse(result_json=result_json, request_id=request_id,
-                                              duration_ms=elapsed * 1000.0)
-            if blobs:
-                response.blobs.extend(blobs)
-            return response
+        except CallFailure as failure:
+            end_call(context, failure)
         finally:
             set_request_id(previous_id)
+        response = pb.ExecuteToolResponse(result_json=result_json, request_id=request_id, duration_ms=elapsed * 1000.0)
+        if blobs:
+            response.blobs.extend(blobs)
+        call.sending()  # from here grpc sends; the send watchdog ends the call if the client never reads
+        return response
 
     def ExecuteStreamingTool(self, request, context) -> Iterator[pb.ToolChunk]:
-        request_id = request.request_id or self._new_request_id()
-        # The response generator may be resumed between yields; set the request id around each step.
+        request_id = self._request_id(request)
+        # The response generator may be resumed in another handler thread between yields; the request
+        # id is set around each step.
         previous_id = set_request_id(request_id)
+        failure = None
         try:
-            spec, kwargs, session = self._prepare(request, context, streaming=True)
-            started = time.perf_counter()
-            failed = True
-            chunks = 0
-            try:
-                self._admit(context)
-                try:
-                    self._add_context(kwargs, spec, request, request_id, session, context)
-                    try:
-                        produced = getattr(self.adapter, spec.method_name)(**kwargs)
-                        iterator = produced if hasattr(produced, "__next__") else iter(produced)
-                    except Exception as exc:
-                        self._fail(context, exc, spec.name, from_tool=True)
-                    try:
-                        while True:
-                            try:
-                                item = next(iterator)
-                            except StopIteration as stop:
-                                final_value = stop.value
-                                break
-                            except Exception as exc:
-                                self._fail(context, exc, spec.name, from_tool=True)
-                            if not context.is_active():
-                                log.info("stream %s cancelled by the client after %d chunks", spec.name, chunks)
-                                return
-                            try:
-                                data_json, blobs = codec.encode(item)
-                            except Exception as exc:
-                                self._fail(context, exc, spec.name)
-                            set_request_id(previous_id)
-                            yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs)
-                            set_request_id(request_id)
-                            chunks += 1
-                    finally:
-                        close = getattr(iterator, "close", None)
-                        if close is not None:
-                            close()  # runs the generator's finally blocks when the client went away
-                    try:
-                        data_json, blobs = codec.encode(final_value)
-                    except Exception as exc:
-                        self._fail(context, exc, spec.name)
-                    failed = False
-                finally:
-                    self.gate.leave()
-            finally:
-                elapsed = time.perf_counter() - started
-                self.stats.finished(spec.name, elapsed, failed)
-                log.debug("ExecuteStreamingTool %s %s after %d chunks in %.3f ms", spec.name,
-                          "failed" if failed else "ok", chunks, elapsed * 1000)
-        finally:
+            call = self._begin(context, "ExecuteStreamingTool")
+            spec, kwargs, session = self._prepare(request, streaming=True)
+        except CallFailure as refused:
             set_request_id(previous_id)
-        yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs, is_final=True)
+            end_call(context, refused)
+        self.stats.started()
+        started = time.perf_counter()
+        failed = True
+        chunks = 0
+        iterator = None
+        try:
+            deadline = self._admit(context)
+            holding_slot = True
+            try:
+                self._add_context(kwargs, spec, request, request_id, session, context)
+                iterator = self._start_stream(spec, kwargs)
+                while True:
+                    done, item = self._next_chunk(iterator, spec.name)
+                    if done:
+                        break
+                    if not context.is_active():
+                        log.info("stream %s cancelled by the client after %d chunks", spec.name, chunks)
+                        return
+                    data_json, blobs = _encode_result(item, spec.name)
+                    # While a chunk travels the tool is suspended: its slot goes back to the gate, so a
+                    # client that reads slowly (or never) holds no slot another call could use.
+                    self.gate.leave()
+                    holding_slot = False
+                    call.sending()
+                    set_request_id(previous_id)
+                    yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs)
+                    set_request_id(request_id)
+                    call.sent()
+                    chunks += 1
+                    self._reenter(deadline, context)
+                    holding_slot = True
+                final_json, final_blobs = _encode_result(item, spec.name)
+                failed = False
+            finally:
+                if iterator is not None:
+                    close = getattr(iterator, "close", None)
+                    if close is not None:
+                        close()  # runs the generator's finally blocks when the client went away
+                if holding_slot:
+                    self.gate.leave()
+        except CallFailure as raised:
+            failure = raised
+        finally:
+            elapsed = time.perf_counter() - started
+            self.stats.finished(spec.name, elapsed, failed)
+            log.debug("ExecuteStreamingTool %s %s after %d chunks in %.3f ms", spec.name,
+                      "failed" if failed else "ok", chunks, elapsed * 1000)
+            set_request_id(previous_id)
+        if failure is not None:
+            end_call(context, failure)
+        call.sending()
+        yield pb.ToolChunk(sequence=chunks, data_json=final_json, blobs=final_blobs, is_final=True)
 
     def ExecuteBatch(self, request, context):
         from .batch import run_batch
 
-        request_id = request.request_id or self._new_request_id()
+        request_id = self._request_id(request)
         with request_scope(request_id):
-            with self._errors(context):
-                spec = self._lookup(request.tool_name, streaming=False)
-                session = self.sessions.get(request.session_id) if request.session_id else None
+            try:
+                call = self._begin(context, "ExecuteBatch")
+                try:
+                    if self.stopping.is_set():
+                        raise Unavailable("server is shutting down")
+                    spec = self._lookup(request.tool_name, streaming=False)
+                    session = self.sessions.get(request.session_id) if request.session_id else None
+                except Exception as exc:
+                    raise self._refusal(request.tool_name, exc) from None
+            except CallFailure as failure:
+                end_call(context, failure)
             deadline = _deadline(context)
 
             def run_item(item: pb.BatchItem):
                 with request_scope(request_id):
-                    kwargs = spec.bind(_decode_args(item.args_json, item.blobs))
+                    try:
+                        kwargs = spec.bind(_decode_args(item.args_json, item.blobs))
+                    except Exception as exc:
+                        raise self._refusal(spec.name, exc) from None
                     self.stats.started()
                     started = time.perf_counter()
                     failed = True
-                    self.gate.enter(deadline, context.is_active, bypass_queue_limit=True)
                     try:
-                        if self.rate_limiter is not None:
-                            self._rate_limit(deadline)
-                        self._add_context(kwargs, spec, request, request_id, session, context)
-                        value = getattr(self.adapter, spec.method_name)(**kwargs)
-                        encoded = codec.encode(value)
+                        try:
+                            self.gate.enter(deadline, context.is_active, bypass_queue_limit=True)
+                        except Exception as exc:
+                            raise failure_for(exc, spec.name, Stage.REQUEST) from None
+                        try:
+                            if self.rate_limiter is not None:
+                                self._rate_limit(deadline)
+                            self._add_context(kwargs, spec, request, request_id, session, context)
+                            encoded = self._invoke(spec, kwargs)
+                        finally:
+                            self.gate.leave()
                         failed = False
                         return encoded
                     finally:
-                        self.gate.leave()
                         self.stats.finished(spec.name, time.perf_counter() - started, failed)
 
             parallelism = self.info.max_workers
@@ -262,35 +285,43 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                     result_json, blobs = outcome.value
                     results.append(pb.BatchResult(ok=True, result_json=result_json, blobs=blobs))
                 else:
-                    exc = outcome.error.exception
-                    code = exc.code if isinstance(exc, BridgeError) else grpc.StatusCode.UNKNOWN
-                    results.append(pb.BatchResult(ok=False, error=pb.ToolError(
-                        code=code.value[0], type=outcome.error.type, message=outcome.error.message,
-                        traceback="" if isinstance(exc, BridgeError) and not isinstance(exc, ToolError)
-                        else outcome.error.traceback, tool_name=spec.name)))
+                    failure = failure_for(outcome.error.exception, spec.name, Stage.REQUEST)
+                    results.append(pb.BatchResult(ok=False, error=failure.as_tool_error(spec.name)))
+            call.sending()
             return pb.ExecuteBatchResponse(results=results, request_id=request_id)
 
     # ---------------------------------------------------------------------------------------------
     # helpers
-    def _new_request_id(self) -> str:
+    def _request_id(self, request) -> str:
+        """The client's request id, made safe for log lines (printable, bounded), or a new one."""
+        if request.request_id:
+            return printable(request.request_id, REQUEST_ID_CHARS)
         return self._id_prefix + str(next(self._request_ids))
+
+    def _begin(self, context, method: str):
+        try:
+            return self.calls.begin(context, method)
+        except ResourceExhausted as exc:
+            self.stats.rejected()
+            raise failure_for(exc, "", Stage.REQUEST) from None
 
     def _lookup(self, tool_name: str, *, streaming: bool) -> ToolSpec:
         spec = self.tools.get(tool_name)
         if spec is None:
             if not tool_name:
                 raise InvalidArgument("tool_name is empty", field="tool_name")
-            raise NotFound(f"tool '{tool_name}' not found on adapter {self.adapter_name} "
-                           f"(tools: {', '.join(sorted(self.tools)) or 'none'})", field="tool_name")
+            known = ", ".join(sorted(self.tools)) or "none"
+            raise NotFound(f"tool '{short_name(tool_name)}' not found on adapter {self.adapter_name} "
+                           f"(tools: {safe_text(known, 512)})", field="tool_name")
         if spec.streaming and not streaming:
             raise FailedPrecondition(f"tool '{tool_name}' streams; call it with ExecuteStreamingTool", field="tool_name")
         if streaming and not spec.streaming:
             raise FailedPrecondition(f"tool '{tool_name}' does not stream; call it with ExecuteTool", field="tool_name")
         return spec
 
-    def _prepare(self, request: pb.ExecuteToolRequest, context, *, streaming: bool):
-        """Look the tool up and check its arguments and session, then count the call as started;
-        a refusal ends the call with its status. Returns (spec, kwargs, session)."""
+    def _prepare(self, request: pb.ExecuteToolRequest, *, streaming: bool):
+        """Look the tool up and check its arguments and session; returns (spec, kwargs, session) or
+        raises the CallFailure of a refused call."""
         try:
             if self.stopping.is_set():
                 raise Unavailable("server is shutting down")
@@ -298,9 +329,39 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
             kwargs = spec.bind(_decode_args(request.args_json, request.blobs))
             session = self.sessions.get(request.session_id) if request.session_id else None
         except Exception as exc:
-            self._reject(context, request.tool_name, exc)
-        self.stats.started()
+            raise self._refusal(request.tool_name, exc) from None
         return spec, kwargs, session
+
+    def _refusal(self, tool_name: str, exc: Exception) -> CallFailure:
+        """A call refused before it ran: counted, logged at debug level (one line per request)."""
+        self.stats.rejected()
+        log.debug("call to %r rejected: %s", tool_name, exc)
+        return failure_for(exc, "", Stage.REQUEST)
+
+    def _invoke(self, spec: ToolSpec, kwargs: dict) -> tuple[str, list[bytes]]:
+        """Run the tool and encode its result; whatever the tool raises becomes its CallFailure."""
+        try:
+            result = getattr(self.adapter, spec.method_name)(**kwargs)
+        except BaseException as exc:  # KeyboardInterrupt or SystemExit from a tool must not end a handler thread
+            raise failure_for(exc, spec.name, Stage.TOOL) from None
+        return _encode_result(result, spec.name)
+
+    def _start_stream(self, spec: ToolSpec, kwargs: dict):
+        try:
+            produced = getattr(self.adapter, spec.method_name)(**kwargs)
+            return produced if hasattr(produced, "__next__") else iter(produced)
+        except BaseException as exc:
+            raise failure_for(exc, spec.name, Stage.TOOL) from None
+
+    @staticmethod
+    def _next_chunk(iterator, tool: str) -> tuple[bool, Any]:
+        """(False, chunk), or (True, the generator's return value) once it is exhausted."""
+        try:
+            return False, next(iterator)
+        except StopIteration as stop:
+            return True, stop.value
+        except BaseException as exc:
+            raise failure_for(exc, tool, Stage.TOOL) from None
 
     def _add_context(self, kwargs: dict, spec: ToolSpec, request, request_id: str, session: Session | None,
                      context) -> None:
@@ -323,63 +384,46 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                 f"rate limit exceeded: {self.rate_limiter.rate:g} calls/s (burst {self.rate_limiter.burst:g}); "
                 f"the next token frees up in {wait:.2f} s, after the call's deadline ({timeout or 0:.2f} s left)")
 
-    def _reject(self, context, tool_name: str, exc: Exception) -> NoReturn:
-        """A call refused before it ran: counted, logged at debug level (one line per request), ended."""
-        self.stats.rejected()
-        log.debug("call to %r rejected: %s", tool_name, exc)
-        self._fail(context, exc)
-
-    def _admit(self, context) -> None:
-        """Rate limit, then take a gate slot; failures end the call with their status."""
+    def _admit(self, context) -> float | None:
+        """Rate limit, then take a gate slot; returns the call's deadline, or raises its CallFailure."""
         try:
             deadline = _deadline(context)
             if self.rate_limiter is not None:
                 self._rate_limit(deadline)
             self.gate.enter(deadline, context.is_active)
+            return deadline
         except Exception as exc:
-            self._fail(context, exc)
+            raise failure_for(exc, "", Stage.REQUEST) from None
 
-    def _fail(self, context, exc: Exception, tool: str = "", *, from_tool: bool = False) -> NoReturn:
-        """End the call with the status for `exc` (always raises). BridgeErrors keep their code;
-        anything else a tool raised is UNKNOWN with a ToolError (type, message, traceback) trailer."""
-        if isinstance(exc, AbortedCall):
-            raise exc
-        if isinstance(exc, BridgeError) and not (from_tool and isinstance(exc, ToolError)):
-            abort(context, exc.code, exc.message)
-        if isinstance(exc, codec.CodecError):
-            if tool:
-                abort(context, grpc.StatusCode.INTERNAL, f"tool '{tool}' returned a value that cannot be encoded: {exc}")
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if not from_tool:
-            log.exception("internal error")
-            abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-        code = exc.code if isinstance(exc, BridgeError) else grpc.StatusCode.UNKNOWN
-        error = pb.ToolError(code=code.value[0], type=type(exc).__name__, message=str(exc),
-                             traceback="".join(traceback.format_exception(exc)), tool_name=tool)
-        log.warning("tool %s raised %s: %s", tool, type(exc).__name__, exc)
-        context.set_trailing_metadata(((ERROR_TRAILER, error.SerializeToString()),))
-        abort(context, code, f"tool '{tool}' raised {type(exc).__name__}: {exc}")
+    def _reenter(self, deadline: float | None, context) -> None:
+        """A stream's slot again after its chunk was taken (it already passed the queue limit once)."""
+        try:
+            self.gate.enter(deadline, context.is_active, bypass_queue_limit=True)
+        except Exception as exc:
+            raise failure_for(exc, "", Stage.REQUEST) from None
 
     @contextlib.contextmanager
     def _errors(self, context):
-        """For the cold paths (sessions, batch set-up): failures end the call with their status."""
+        """For the cold paths (sessions): failures end the call with their status."""
         try:
             yield
         except Exception as exc:
-            self._fail(context, exc)
+            end_call(context, failure_for(exc, "", Stage.REQUEST))
 
 
-class AbortedCall(Exception):
-    """Raised after context.abort() so that enclosing error scopes let it pass untouched (grpc's own
-    abort raises a bare Exception that cannot be told apart from a tool's)."""
+def end_call(context, failure: CallFailure) -> NoReturn:
+    """End the RPC with `failure`'s status (and its ToolError in the trailing metadata). Raises."""
+    if failure.tool_error is not None:
+        context.set_trailing_metadata(((ERROR_TRAILER, failure.tool_error.SerializeToString()),))
+    context.abort(failure.code, failure.message)
+    raise AssertionError("unreachable: context.abort raises")
 
 
-def abort(context, code: grpc.StatusCode, message: str):
+def _encode_result(value: Any, tool: str) -> tuple[str, list[bytes]]:
     try:
-        context.abort(code, message)
-    except Exception:
-        pass  # grpc marked the call aborted with our code; the exception type is all that changes
-    raise AbortedCall(message)
+        return codec.encode(value)
+    except Exception as exc:
+        raise failure_for(exc, tool, Stage.RESULT) from None
 
 
 def _decode_args(args_json: str, blobs) -> dict[str, Any]:
@@ -419,3 +463,67 @@ def _json_or_error(fn) -> str:
         return json.dumps(fn(), default=str)
     except Exception as exc:  # stats must never break GetStats
         return json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+
+
+class UndecodableRequest:
+    """What the lenient deserializer hands the handler instead of raising: grpcio would turn a
+    deserializer's exception into INTERNAL, but bytes that are not the request message are the
+    client's error."""
+
+    __slots__ = ("message_type", "error")
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.message_type = message_type
+        self.error = error
+
+
+def _lenient(message_class) -> Callable[[bytes], Any]:
+    parse = message_class.FromString
+    name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError, or invalid UTF-8 in a string field
+            return UndecodableRequest(name, exc)
+
+    return deserialize
+
+
+def _refuse_undecodable(behaviour: Callable, streaming: bool) -> Callable:
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"request is not a valid {request.message_type} message: {safe_text(str(request.error), 256)}")
+
+    if streaming:
+        @functools.wraps(behaviour)
+        def checked_stream(request, context):
+            if type(request) is UndecodableRequest:
+                refuse(request, context)
+            return behaviour(request, context)
+
+        return checked_stream
+
+    @functools.wraps(behaviour)
+    def checked(request, context):
+        if type(request) is UndecodableRequest:
+            refuse(request, context)
+        return behaviour(request, context)
+
+    return checked
+
+
+def add_servicer_to_server(servicer: BridgeServicer, server: grpc.Server) -> None:
+    """Register BridgeService like the generated `add_BridgeServiceServicer_to_server`, with request
+    bytes that do not parse answered INVALID_ARGUMENT (naming the message type) instead of INTERNAL."""
+    service = pb.DESCRIPTOR.services_by_name["BridgeService"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        behaviour = _refuse_undecodable(getattr(servicer, method.name), method.server_streaming)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(behaviour, request_deserializer=_lenient(request_class),
+                                     response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

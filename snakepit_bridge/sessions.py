@@ -17,9 +17,12 @@ import uuid
 from typing import Any, Callable
 
 from . import codec
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, ResourceExhausted
+from .failures import short_name
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# The documented charset: also a safe file name under --session-dir. fullmatch, because `$` would
+# also match before a trailing newline.
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 def _now_ms() -> int:
@@ -121,9 +124,12 @@ class SessionStore:
     """All sessions of a worker process, optionally checkpointed to a directory."""
 
     def __init__(self, *, default_ttl_seconds: float = 3600.0, session_dir: str | None = None,
-                 sweep_interval_seconds: float = 5.0) -> None:
+                 sweep_interval_seconds: float = 5.0, max_sessions: int = 10000,
+                 max_ttl_seconds: float = 86400.0) -> None:
         self.default_ttl_seconds = default_ttl_seconds
         self.session_dir = session_dir
+        self.max_sessions = max_sessions
+        self.max_ttl_seconds = max_ttl_seconds
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -135,15 +141,20 @@ class SessionStore:
 
     @staticmethod
     def validate_id(session_id: str) -> str:
-        if not SESSION_ID_PATTERN.match(session_id):
+        if not SESSION_ID_PATTERN.fullmatch(session_id):
             raise InvalidArgument(
-                f"session_id {session_id[:64]!r} is invalid: use 1-128 characters of letters, digits, '_', '.', ':' or '-'",
-                field="session_id")
+                f"session_id {short_name(session_id)!r} is invalid: use 1-128 characters of letters, digits, "
+                "'_', '.', ':' or '-'", field="session_id")
         return session_id
 
     def create(self, session_id: str = "", *, state: dict | None = None, ttl_seconds: float = 0,
                seed: int | None = None, metadata: dict[str, str] | None = None) -> tuple[Session, bool]:
         session_id = self.validate_id(session_id) if session_id else uuid.uuid4().hex
+        if ttl_seconds > self.max_ttl_seconds:
+            raise ResourceExhausted(f"ttl_seconds {ttl_seconds:g} is over this server's maximum of "
+                                    f"{self.max_ttl_seconds:g} s (--max-session-ttl)", field="ttl_seconds")
+        if len(self) >= self.max_sessions:
+            self.sweep()  # expired sessions the sweeper has not reached yet do not count
         with self._lock:
             existing = self._sessions.get(session_id)
         if existing is None:
@@ -156,7 +167,13 @@ class SessionStore:
         session = Session(session_id, state=state, ttl_seconds=ttl_seconds or self.default_ttl_seconds, seed=seed,
                           metadata=metadata, on_change=self._persist if self.session_dir else None)
         with self._lock:
-            raced = self._sessions.setdefault(session_id, session)
+            raced = self._sessions.get(session_id)
+            if raced is None:
+                if len(self._sessions) >= self.max_sessions:
+                    raise ResourceExhausted(
+                        f"{len(self._sessions)} sessions are alive, this server's maximum (--max-sessions "
+                        f"{self.max_sessions}); clean up sessions that are no longer used", field="session_id")
+                raced = self._sessions[session_id] = session
         if raced is not session:
             return raced, False
         self._persist(session)

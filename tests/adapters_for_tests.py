@@ -119,6 +119,35 @@ class SpecAdapter(BaseAdapter):
             raise ToolError("needs a session", code=grpc.StatusCode.FAILED_PRECONDITION)
         return ctx.session.get(key)
 
+    @tool(description="Return the arguments unchanged")
+    def echo(self, **values: Any) -> dict:
+        return values
+
+    @tool(description="Raise a BaseException that is not an Exception (KeyboardInterrupt, SystemExit, ...)")
+    def raise_base(self, kind: str = "KeyboardInterrupt") -> None:
+        raise _BASE_EXCEPTIONS[kind]("raised by raise_base")
+
+    @tool(description="Stream `before` chunks, then raise a BaseException that is not an Exception")
+    def stream_then_raise_base(self, before: int = 1, kind: str = "SystemExit"):
+        for i in range(before):
+            yield i
+        raise _BASE_EXCEPTIONS[kind]("raised by stream_then_raise_base")
+
+    @tool(description="Return 10**digits: an integer of digits+1 decimal digits")
+    def big_int(self, digits: int) -> int:
+        return 10 ** digits
+
+    @tool(description="Return a map with one key of `key_length` characters above a list of `width` zeros")
+    def wide_under_long_key(self, key_length: int, width: int) -> dict:
+        return {"k" * key_length: [0] * width}
+
+    @tool(description="Return a list nested `depth` levels deep")
+    def deep_list(self, depth: int) -> list:
+        value: list = []
+        for _ in range(depth - 1):
+            value = [value]
+        return value
+
     # --- not tools ----------------------------------------------------------------------------------
     @tool(description="Marked, but private: must never be callable")
     def _private_tool(self) -> str:
@@ -127,6 +156,14 @@ class SpecAdapter(BaseAdapter):
     def unmarked(self) -> str:
         """Public but not marked with @tool: must never be callable."""
         return "unmarked method ran"
+
+
+class CustomBaseException(BaseException):
+    """A BaseException subclass of the adapter's own."""
+
+
+_BASE_EXCEPTIONS = {"KeyboardInterrupt": KeyboardInterrupt, "SystemExit": SystemExit, "GeneratorExit": GeneratorExit,
+                    "CustomBaseException": CustomBaseException}
 
 
 class FailingSetupAdapter(BaseAdapter):

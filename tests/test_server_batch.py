@@ -42,13 +42,19 @@ def test_bad_item_fails_alone_with_invalid_argument_naming_the_parameter(server)
 
 
 def test_item_whose_tool_raises_carries_type_message_and_traceback(server):
-    results = server.client().batch("sleep", [{"seconds": 0.0}, {"seconds": -1.0}])
-    assert results[0].ok, results[0].error
-    assert results[0].value["cancelled"] is False
+    results = server.client().batch("fail", [{"kind": "KeyError", "message": "k"}, {"message": "item -1 broke"}])
+    assert [r.error.type for r in results] == ["KeyError", "ValueError"]
     error = results[1].error
-    assert not results[1].ok and error.type == "ValueError" and "-1" in error.message
+    assert not results[1].ok and "-1" in error.message
     assert error.code == grpc.StatusCode.UNKNOWN.value[0]
-    assert "Traceback" in error.traceback and "in sleep" in error.traceback
+    assert "Traceback" in error.traceback and "in fail" in error.traceback
+
+
+def test_item_with_an_argument_out_of_range_is_invalid_argument_naming_it(server):
+    results = server.client().batch("sleep", [{"seconds": 0.0}, {"seconds": -1.0}])
+    assert results[0].ok and results[0].value["cancelled"] is False, results[0].error
+    error = results[1].error
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "seconds" in error.message and "-1" in error.message
 
 
 def test_items_carry_values_of_every_type(server):

@@ -249,8 +249,11 @@ defmodule Snakepit.ApiTest do
       thr |> Snakepit.execute_stream("nope", %{}) |> Enum.to_list()
     end
 
-    assert {:error, %Error{reason: :tool_error, python_type: "ValueError"}} =
+    # The showcase refuses bad input with a ToolError of code INVALID_ARGUMENT (3) naming the argument.
+    assert {:error, %Error{reason: :tool_error, python_type: "ToolError", message: message}} =
              Snakepit.execute_stream(thr, "progress", %{steps: -1}, fn _ -> :ok end)
+
+    assert message =~ "steps"
   end
 
   test "execute_batch returns one result per item, in order", %{pools: pools} do

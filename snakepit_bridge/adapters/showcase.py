@@ -9,10 +9,31 @@ import os
 import time
 from typing import Any
 
+import grpc
 import numpy as np
 
 from ..adapter import BaseAdapter, tool
 from ..context import RequestContext
+from ..errors import ToolError
+
+MAX_STEPS = 100_000
+MAX_STEP_DELAY = 60.0  # seconds
+
+
+def check_range(name: str, value: float, low: float, high: float) -> None:
+    """Bad input is the caller's error: INVALID_ARGUMENT naming the argument, not a tool crash."""
+    if not low <= value <= high:
+        raise ToolError(f"{name} must be within {low:g}..{high:g}, got {value:g}", code=grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def sleep_unless_cancelled(seconds: float, ctx: RequestContext | None) -> bool:
+    """Sleep up to `seconds` in short slices, stopping as soon as the call is cancelled; True if it was."""
+    end = time.monotonic() + seconds
+    while (remaining := end - time.monotonic()) > 0:
+        if ctx is not None and ctx.cancelled:
+            return True
+        time.sleep(min(remaining, 0.01))
+    return ctx is not None and ctx.cancelled
 
 
 class ShowcaseAdapter(BaseAdapter):
@@ -33,15 +54,10 @@ class ShowcaseAdapter(BaseAdapter):
 
     @tool(description="Sleep, then report how long; returns early with cancelled=true if the call is cancelled")
     def sleep(self, seconds: float, ctx: RequestContext) -> dict:
-        if not 0 <= seconds <= 3600:
-            raise ValueError(f"seconds must be within 0..3600, got {seconds}")
+        check_range("seconds", seconds, 0, 3600)
         started = time.monotonic()
-        end = started + seconds
-        while (remaining := end - time.monotonic()) > 0:
-            if ctx.cancelled:
-                return {"slept": time.monotonic() - started, "cancelled": True}
-            time.sleep(min(remaining, 0.01))
-        return {"slept": time.monotonic() - started, "cancelled": False}
+        cancelled = sleep_unless_cancelled(seconds, ctx)
+        return {"slept": time.monotonic() - started, "cancelled": cancelled}
 
     @tool(description="Raise an exception of the given kind: shows structured errors")
     def fail(self, message: str = "requested failure", kind: str = "ValueError") -> None:
@@ -53,13 +69,11 @@ class ShowcaseAdapter(BaseAdapter):
 
     @tool(description="Stream progress: one chunk per step, then a summary as the final chunk")
     def progress(self, steps: int = 5, delay: float = 0.0, ctx: RequestContext = None):
-        if steps < 0:
-            raise ValueError(f"steps must be 0 or more, got {steps}")
+        check_range("steps", steps, 0, MAX_STEPS)
+        check_range("delay", delay, 0, MAX_STEP_DELAY)
         for step in range(1, steps + 1):
-            if ctx is not None and ctx.cancelled:
+            if (delay and sleep_unless_cancelled(delay, ctx)) or (ctx is not None and ctx.cancelled):
                 return {"completed": step - 1, "cancelled": True}
-            if delay:
-                time.sleep(delay)
             yield {"step": step, "total": steps, "percent": round(100.0 * step / steps, 1)}
         return {"completed": steps, "cancelled": False}
 
@@ -82,8 +96,7 @@ class ShowcaseAdapter(BaseAdapter):
 
     @tool(description="Random numbers from the request's RNG: reproducible for a given seed")
     def random_numbers(self, count: int = 5, ctx: RequestContext = None) -> list[float]:
-        if not 0 <= count <= 1_000_000:
-            raise ValueError(f"count must be within 0..1000000, got {count}")
+        check_range("count", count, 0, 1_000_000)
         rng = ctx.rng
         return [rng.uniform(0.0, 1.0) for _ in range(count)]
 

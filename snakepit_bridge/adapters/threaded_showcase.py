@@ -22,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import grpc
 import numpy as np
 
 from ..base_adapter_threaded import ThreadSafeAdapter, thread_safe_method, tool
-from .showcase import ShowcaseAdapter
+from ..context import RequestContext
+from ..errors import ToolError
+from .showcase import ShowcaseAdapter, check_range
 
 _LOG_LIMIT = 1000  # prediction_log keeps the most recent entries
 
@@ -106,8 +109,7 @@ class ThreadedShowcaseAdapter(ThreadSafeAdapter, ShowcaseAdapter):
     @thread_safe_method
     @tool(description="The most recent predictions (the shared log, read under the lock)")
     def recent_predictions(self, limit: int = 10) -> dict:
-        if limit < 0:
-            raise ValueError(f"limit must be 0 or more, got {limit}")
+        check_range("limit", limit, 0, _LOG_LIMIT)
         with self.acquire_lock():
             entries = list(self.prediction_log[-limit:]) if limit else []
             total = self.total_predictions
@@ -150,18 +152,19 @@ class ThreadedShowcaseAdapter(ThreadSafeAdapter, ShowcaseAdapter):
 
     @thread_safe_method
     @tool(description="CPU-heavy numpy work that releases the GIL: repeated matrix products seeded by data")
-    def compute_intensive(self, data: list[float], size: int = 128, iterations: int = 8) -> dict:
+    def compute_intensive(self, data: list[float], size: int = 128, iterations: int = 8,
+                          ctx: RequestContext = None) -> dict:
         if not data:
-            raise ValueError("data must not be empty")
-        if not 1 <= size <= 2048:
-            raise ValueError(f"size must be within 1..2048, got {size}")
-        if not 0 <= iterations <= 1000:
-            raise ValueError(f"iterations must be within 0..1000, got {iterations}")
+            raise ToolError("data must not be empty", code=grpc.StatusCode.INVALID_ARGUMENT)
+        check_range("size", size, 1, 2048)
+        check_range("iterations", iterations, 0, 1000)
         started = time.perf_counter()
         values = np.asarray(data, dtype=np.float64)
         matrix = np.resize(values, (size, size)) / max(1.0, float(np.abs(values).max()) * size)
         state = np.eye(size) + matrix
         for _ in range(iterations):
+            if ctx is not None and ctx.cancelled:
+                raise ToolError("cancelled", code=grpc.StatusCode.CANCELLED)
             state = np.tanh((state @ state.T) / size + matrix)  # BLAS + ufuncs: the GIL is released
         result = {
             "input_size": int(values.size),
@@ -176,13 +179,15 @@ class ThreadedShowcaseAdapter(ThreadSafeAdapter, ShowcaseAdapter):
 
     @thread_safe_method
     @tool(description="CPU-heavy pure-Python work (holds the GIL): sum of i*i mod 7 for i < n")
-    def python_intensive(self, n: int = 200_000) -> dict:
-        if not 0 <= n <= 50_000_000:
-            raise ValueError(f"n must be within 0..50000000, got {n}")
+    def python_intensive(self, n: int = 200_000, ctx: RequestContext = None) -> dict:
+        check_range("n", n, 0, 50_000_000)
         started = time.perf_counter()
         total = 0
-        for i in range(n):
-            total += (i * i) % 7
+        for chunk_start in range(0, n, 100_000):  # look at cancellation between chunks of ~5 ms
+            if ctx is not None and ctx.cancelled:
+                raise ToolError("cancelled", code=grpc.StatusCode.CANCELLED)
+            for i in range(chunk_start, min(n, chunk_start + 100_000)):
+                total += (i * i) % 7
         return {"n": n, "result": total, "thread": threading.current_thread().name,
                 "elapsed_ms": (time.perf_counter() - started) * 1000.0}
 
