@@ -112,7 +112,12 @@ class ToolSpec:
         kwargs = {}
         for param in self.parameters:
             if param.name in args:
-                kwargs[param.name] = param.check(args[param.name], f"argument '{param.name}' of tool '{self.name}'")
+                where = f"argument '{param.name}' of tool '{self.name}'"
+                try:
+                    kwargs[param.name] = param.check(args[param.name], where)
+                except (ValueError, TypeError, OverflowError) as exc:  # a conversion the checks did not foresee
+                    raise InvalidArgument(f"{where} cannot be used: {type(exc).__name__}: {exc}",
+                                          field=param.name) from None
             elif param.required:
                 raise InvalidArgument(
                     f"missing required argument '{param.name}' ({param.type_name}) for tool '{self.name}'",
@@ -283,7 +288,10 @@ def checker_for(hint: Any) -> tuple[Callable[[Any, str], Any], str]:
             if type(value) is float:
                 return value
             if type(value) is int:
-                return float(value)
+                try:
+                    return float(value)
+                except OverflowError:
+                    raise _type_error(where, "a number within the float range", value) from None
             raise _type_error(where, "a number", value)
 
         return check_float, "float"

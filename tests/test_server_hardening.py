@@ -166,6 +166,13 @@ def test_malformed_values_are_invalid_argument_naming_the_field(server, case, ar
     assert took < QUICK
 
 
+def test_an_integer_too_large_for_a_float_parameter_is_invalid_argument_naming_it(server):
+    # Found by bench/fuzz.py: float(10**400) raised OverflowError inside the argument check (INTERNAL).
+    code, details, _ = execute_raw(server, "typed", json.dumps({"i": 1, "f": 10 ** 400, "flag": True, "s": "", "raw": None,
+                                                                 "ints": [], "mapping": {}, "arr": []}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "'f'" in details, (code, details)
+
+
 def test_a_result_integer_over_the_digit_limit_is_a_clear_error_naming_the_tool(server):
     code, details, _ = execute_raw(server, "big_int", '{"digits": 5000}')
     assert code == grpc.StatusCode.INTERNAL
