@@ -244,6 +244,13 @@ class _FakeContext:
     def invocation_metadata(self):
         return ()
 
+    def peer(self):
+        return "ipv4:127.0.0.1:40000"
+
+    def add_callback(self, callback):
+        callback()  # as if the RPC ended as soon as its response was sent: the tracker's full round
+        return True
+
 
 def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 10) -> str:
     """Where a no-op ExecuteTool spends its time inside snakepit_bridge, without gRPC around it.
@@ -298,6 +305,17 @@ def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 10) -> str:
         def leave(self):
             pass
 
+    class NoCall:
+        def sending(self):
+            pass
+
+        def sent(self):
+            pass
+
+    class NoCalls:
+        def begin(self, context, method):
+            return NoCall()
+
     class FixedCodec:
         decode = staticmethod(codec.decode)
         CodecError = codec.CodecError
@@ -312,11 +330,14 @@ def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 10) -> str:
         "gate": "ToolGate.enter/leave (gate.py: Condition lock, notify) + _admit/_deadline",
         "encode": "codec.encode of the result (codec.py: one reused JSON encoder)",
         "prepare": "_prepare: _lookup + _decode_args('{}') + ToolSpec.bind (servicer.py, codec.py, adapter.py)",
+        "calls": "CallTracker.begin/end (calls.py: peer, per-connection count, done callback)",
     }
     variants["stats"] = build()
     variants["stats"].stats = NoStats()
     variants["gate"] = build()
     variants["gate"].gate = NoGate()
+    variants["calls"] = build()
+    variants["calls"].calls = NoCalls()
     variants["encode"] = build()  # runs with servicer_module.codec swapped, below
     variants["prepare"] = build()
     spec = variants["prepare"].tools["noop"]
