@@ -145,9 +145,9 @@ defmodule Snakepit.HTTP2.Conn do
   Options:
 
     * `:end_stream` (default `true`): `false` keeps the request body open for `send_data/4`.
-    * `:receive_window` - the stream's receive window in bytes (default: the connection's
-      `:initial_window_size`, which is also the smallest possible: a window cannot start lower).
-      A larger one is granted with a WINDOW_UPDATE right after the HEADERS.
+    * `:receive_window` - the stream's receive window in bytes, from the connection's
+      `:initial_window_size` (the default, and the smallest: a stream cannot start lower) to
+      2^31-1. One above the initial window is granted with a WINDOW_UPDATE right after the HEADERS.
     * `:credit` - `:auto` (default): received DATA is credited back as it arrives; `:manual`: only
       what the owner passes to `return_credit/3` is, so the peer can be at most one window ahead
       of the owner's consumption.
@@ -157,7 +157,13 @@ defmodule Snakepit.HTTP2.Conn do
           | {:error, t(), :closed | :goaway | :too_many_streams | :stream_ids_exhausted}
   def request(%__MODULE__{} = conn, headers, body, opts \\ []) do
     end_stream = Keyword.get(opts, :end_stream, true)
-    window = max(Keyword.get(opts, :receive_window, conn.stream_window), conn.stream_window)
+
+    window =
+      opts
+      |> Keyword.get(:receive_window, conn.stream_window)
+      |> max(conn.stream_window)
+      |> min(@max_window)
+
     credit = Keyword.get(opts, :credit, :auto)
     body = IO.iodata_to_binary(body)
 
