@@ -22,6 +22,8 @@ defmodule Snakepit do
     * `:metadata` - a `%{String.t() => String.t()}` sent in the request
     * `:request_id` - echoed by the server in its logs and response
     * `:seed` - seeds the request's RNG on the server
+    * `:window` - `execute_stream` only: how many bytes of chunks the worker may be ahead of the
+      consumer (default 262_144; see `execute_stream/4`)
 
   Each call logs at `:debug` with `:logger` metadata `pool`, `worker`, `tool`, `duration_ms`.
   """
@@ -31,6 +33,8 @@ defmodule Snakepit do
   alias Snakepit.GRPC.Channel
 
   @service "/snakepit.bridge.BridgeService/"
+  # Bytes of chunks a stream may run ahead of its consumer (execute_stream's :window).
+  @stream_window 256 * 1024
 
   @type pool :: atom | pid
   @type tool :: String.t() | atom
@@ -260,6 +264,16 @@ defmodule Snakepit do
       halting early cancels the call.
 
   `execute_stream/5` takes a callback and options.
+
+  Backpressure: chunks come only as fast as they are consumed. The worker may be at most
+  `:window` bytes of chunks ahead of the consumer (option `:window`, default 262_144, at least
+  65_535: HTTP/2 flow-control credit for the stream is given back only as the consumer takes
+  chunks); beyond that the Python generator blocks until the consumer catches up, so the BEAM
+  buffers at most about one window per stream. A chunk larger than the window still comes through.
+  Other calls on the same worker are not held up by a stalled stream, but it keeps its pool slot
+  until it ends; the `:timeout` covers the whole stream, however slowly it is consumed. Halting
+  early, the consumer's death and the deadline reset the stream (RST_STREAM CANCEL), and no chunk
+  of it is left in the caller's mailbox.
   """
   @spec execute_stream(pool, tool, args, (term -> any) | keyword) :: result | Enumerable.t()
   def execute_stream(pool, tool, args, callback_or_opts \\ [])
@@ -267,11 +281,14 @@ defmodule Snakepit do
   def execute_stream(pool, tool, args, callback) when is_function(callback, 1),
     do: execute_stream(pool, tool, args, callback, [])
 
-  def execute_stream(pool, tool, args, opts) when is_list(opts),
-    do: lazy_stream(pool, to_string(tool), args, opts)
+  def execute_stream(pool, tool, args, opts) when is_list(opts) do
+    check_window!(opts)
+    lazy_stream(pool, to_string(tool), args, opts)
+  end
 
   @spec execute_stream(pool, tool, args, (term -> any), keyword) :: result
   def execute_stream(pool, tool, args, callback, opts) when is_function(callback, 1) do
+    check_window!(opts)
     tool = to_string(tool)
 
     with_slot(pool, tool, args, opts, fn lease, json, blobs ->
@@ -291,9 +308,22 @@ defmodule Snakepit do
     end)
   end
 
+  defp check_window!(opts) do
+    case Keyword.get(opts, :window, @stream_window) do
+      window when is_integer(window) and window > 0 ->
+        :ok
+
+      other ->
+        raise ArgumentError,
+              "execute_stream option :window must be a positive integer (bytes), got #{inspect(other)}"
+    end
+  end
+
   defp stream_loop(lease, ref, tool, opts, timeout, callback, final) do
     receive do
       {:snakepit_grpc, ^ref, {:message, bin}} ->
+        Channel.ack(lease.channel, ref)
+
         with {:ok, chunk} <- decode_msg(:tool_chunk, bin),
              {:ok, value} <- decode_value(chunk.data_json, chunk.blobs, tool, opts) do
           if chunk.is_final do
@@ -351,6 +381,8 @@ defmodule Snakepit do
 
           receive do
             {:snakepit_grpc, ^ref, {:message, bin}} ->
+              Channel.ack(lease.channel, ref)
+
               with {:ok, chunk} <- decode_msg(:tool_chunk, bin),
                    {:ok, value} <- decode_value(chunk.data_json, chunk.blobs, tool, opts) do
                 if chunk.is_final, do: {[], st}, else: {[value], st}
@@ -386,7 +418,8 @@ defmodule Snakepit do
       try do
         case Channel.server_stream(lease.channel, @service <> "ExecuteStreamingTool", req,
                timeout: timeout,
-               metadata: []
+               metadata: [],
+               window: Keyword.get(opts, :window, @stream_window)
              ) do
           {:ok, ref} -> {:ok, ref, timeout}
           {:error, e} -> {:error, transport_error(lease, e, tool)}

@@ -267,6 +267,77 @@ defmodule Snakepit.GRPC.ChannelTest do
     end
   end
 
+  describe "server streams with a window (backpressure)" do
+    defp count_request(args),
+      do:
+        Proto.encode(:execute_tool_request, %{tool_name: "count", args_json: :jiffy.encode(args)})
+
+    # Takes the stream's messages, acknowledging each one.
+    defp collect_acking(channel, ref, acc \\ []) do
+      receive do
+        {:snakepit_grpc, ^ref, {:message, bytes}} ->
+          Channel.ack(channel, ref)
+          collect_acking(channel, ref, [bytes | acc])
+
+        {:snakepit_grpc, ^ref, :done} ->
+          {:done, Enum.reverse(acc)}
+
+        {:snakepit_grpc, ^ref, {:error, error}} ->
+          {:error, Enum.reverse(acc), error}
+      after
+        10_000 -> flunk("stream did not finish")
+      end
+    end
+
+    defp stream_id(channel, ref), do: :sys.get_state(channel).calls[ref].sid
+
+    defp server_credit(channel, ref),
+      do:
+        Snakepit.HTTP2.Conn.receive_window(:sys.get_state(channel).conn, stream_id(channel, ref))
+
+    test "the server is held after a window of unacknowledged messages, and resumes on ack/3", %{
+      channel: channel
+    } do
+      request = count_request(%{"n" => 500, "size" => 10_000})
+
+      assert {:ok, ref} =
+               Channel.server_stream(channel, @svc <> "ExecuteStreamingTool", request,
+                 window: 100_000
+               )
+
+      # The server used up the window: less than one more message fits.
+      assert wait_until(fn -> server_credit(channel, ref) < 10_000 end) == true
+      {:messages, messages} = Process.info(self(), :messages)
+      held = Enum.count(messages, &match?({:snakepit_grpc, ^ref, {:message, _}}, &1))
+      assert held in 9..10
+
+      # Acknowledgements for other calls change nothing, and the connection keeps serving calls.
+      Channel.ack(channel, make_ref())
+      assert {:ok, _, _} = tool(channel, "echo", %{})
+      assert server_credit(channel, ref) < 10_000
+
+      assert {:done, messages} = collect_acking(channel, ref)
+      assert length(messages) == 501
+    end
+
+    test "a message larger than the window arrives without acknowledgements", %{
+      channel: channel
+    } do
+      request = count_request(%{"n" => 3, "size" => 300_000})
+
+      assert {:ok, ref} =
+               Channel.server_stream(channel, @svc <> "ExecuteStreamingTool", request,
+                 window: 65_535
+               )
+
+      assert_receive {:snakepit_grpc, ^ref, {:message, first}}, 5_000
+      assert byte_size(first) > 300_000
+      Channel.ack(channel, ref)
+      assert {:done, rest} = collect_acking(channel, ref)
+      assert length(rest) == 3
+    end
+  end
+
   describe "flow control with large messages" do
     test "a 5 MiB response", %{channel: channel} do
       size = 5 * 1024 * 1024

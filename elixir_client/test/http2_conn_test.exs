@@ -456,6 +456,109 @@ defmodule Snakepit.HTTP2.ConnTest do
     end
   end
 
+  describe "per-stream receive windows and manual credit" do
+    setup do
+      conn = connected(initial_window_size: 65_535, connection_window_size: 200_000)
+
+      {:ok, conn, 1, out} =
+        Conn.request(conn, @req_headers, "", receive_window: 100_000, credit: :manual)
+
+      %{conn: conn, out: out}
+    end
+
+    defp data_frames(sid, count, size, flags \\ %{}),
+      do: enc(List.duplicate({:data, sid, :binary.copy("d", size), flags}, count))
+
+    test "a window above the initial one is granted right after the HEADERS", %{out: out} do
+      assert [{:headers, 1, _, %{end_stream: true}}, {:window_update, 1, 34_465}] = frames(out)
+    end
+
+    test "a window below the initial one is raised to it (a stream cannot start lower)", %{
+      conn: conn
+    } do
+      {:ok, conn, 3, out} = Conn.request(conn, @req_headers, "", receive_window: 1_000)
+      assert [{:headers, 3, _, _}] = frames(out)
+      assert Conn.receive_window(conn, 3) == 65_535
+      assert Conn.receive_window(conn, 1) == 100_000
+      assert Conn.receive_window(conn, 5) == nil
+    end
+
+    test "a manual stream is credited only for what the owner returns, once half its window is due",
+         %{conn: conn} do
+      {:ok, conn, events, out} = Conn.handle_data(conn, data_frames(1, 4, 16_000))
+      assert length(events) == 4
+      # An :auto stream would have been credited after 50_000 bytes.
+      assert frames(out) == []
+      assert Conn.receive_window(conn, 1) == 36_000
+
+      {conn, out} = Conn.return_credit(conn, 1, 30_000)
+      assert out == []
+      {conn, out} = Conn.return_credit(conn, 1, 20_000)
+      assert frames(out) == [{:window_update, 1, 50_000}]
+      assert Conn.receive_window(conn, 1) == 86_000
+
+      # Credit beyond what was received is ignored: the peer never gets more than the window.
+      {:ok, conn, _, _} = Conn.handle_data(conn, data_frames(1, 3, 16_000))
+      {conn, out} = Conn.return_credit(conn, 1, 1_000_000)
+      assert frames(out) == [{:window_update, 1, 62_000}]
+      assert Conn.receive_window(conn, 1) == 100_000
+    end
+
+    test "a peer that sends past a withheld window gets the stream reset", %{conn: conn} do
+      {:ok, conn, _, _} = Conn.handle_data(conn, data_frames(1, 6, 16_000))
+      assert Conn.receive_window(conn, 1) == 4_000
+
+      assert {:ok, conn, [{:reset, 1, :flow_control_error}], out} =
+               Conn.handle_data(conn, data_frames(1, 1, 16_000))
+
+      assert {:rst_stream, 1, :flow_control_error} in frames(out)
+      assert Conn.open_streams(conn) == []
+    end
+
+    test "padding counts as consumed at once", %{conn: conn} do
+      # 50 frames of 1_000 data bytes + 200 padding (+ 1 pad length byte): 60_050 bytes.
+      {:ok, conn, _, out} = Conn.handle_data(conn, data_frames(1, 50, 1_000, %{padding: 200}))
+      assert frames(out) == []
+      {conn, out} = Conn.return_credit(conn, 1, 50_000)
+      assert frames(out) == [{:window_update, 1, 60_050}]
+      assert Conn.receive_window(conn, 1) == 100_000
+    end
+
+    test "while a manual stream waits, the connection window and other streams keep flowing", %{
+      conn: conn
+    } do
+      {:ok, conn, _, _} =
+        Conn.handle_data(conn, data_frames(1, 6, 16_000) <> data_frames(1, 1, 4_000))
+
+      assert Conn.receive_window(conn, 1) == 0
+      {:ok, conn, 3, _} = Conn.request(conn, @req_headers, "", [])
+
+      # 2 MB on stream 3, ten times the connection window, in 20_000-byte frames.
+      {conn, updates} =
+        Enum.reduce(1..100, {conn, []}, fn _, {conn, updates} ->
+          {:ok, conn, [{:data, 3, _, false}], out} =
+            Conn.handle_data(conn, data_frames(3, 1, 16_000))
+
+          {conn, updates ++ frames(out)}
+        end)
+
+      connection_credit = for {:window_update, 0, n} <- updates, do: n
+      assert Enum.sum(connection_credit) >= 1_600_000 - 100_000
+      refute Enum.any?(updates, &match?({:window_update, 1, _}, &1))
+      assert Conn.receive_window(conn, 1) == 0
+      assert Conn.open_streams(conn) == [1, 3]
+    end
+
+    test "return_credit/3 is a no-op for :auto, closed and unknown streams", %{conn: conn} do
+      {:ok, conn, 3, _} = Conn.request(conn, @req_headers, "", [])
+      {:ok, conn, _, _} = Conn.handle_data(conn, data_frames(3, 1, 16_000))
+      assert {^conn, []} = Conn.return_credit(conn, 3, 16_000)
+      assert {^conn, []} = Conn.return_credit(conn, 99, 16_000)
+      {conn, _} = Conn.cancel(conn, 1)
+      assert {^conn, []} = Conn.return_credit(conn, 1, 16_000)
+    end
+  end
+
   test "close/3 sends GOAWAY and closes" do
     conn = connected()
     {conn, out} = Conn.close(conn)

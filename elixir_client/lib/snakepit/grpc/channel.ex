@@ -10,6 +10,13 @@ defmodule Snakepit.GRPC.Channel do
       {:snakepit_grpc, ref, :done}                # or
       {:snakepit_grpc, ref, {:error, %Snakepit.GRPC.Error{}}}
 
+  A server stream opened with `:window` has backpressure: the caller acknowledges each message it
+  takes with `ack/3`, and the server may be at most `:window` bytes of messages ahead of those
+  acknowledgements (HTTP/2 stream credit is withheld until then), so a slow consumer slows the
+  server instead of filling its mailbox. Other calls on the connection are not held up by it:
+  connection-level credit is always returned as data arrives, and what a stream may buffer is
+  bounded by its own window.
+
   Deadlines (`:timeout`, default 30 s) are sent as `grpc-timeout` and enforced here: on expiry the
   stream is reset with CANCEL and the call fails with `:deadline_exceeded`. Callers are monitored;
   a caller that dies mid-call gets its stream cancelled. When the server's
@@ -27,11 +34,21 @@ defmodule Snakepit.GRPC.Channel do
   alias Snakepit.HTTP2.Conn
 
   @default_timeout 30_000
+  # Every stream starts at HTTP/2's default window (so it is the smallest `:window`); calls
+  # without backpressure get a large one at once, so big responses flow at full speed.
+  @initial_window 65_535
+  @auto_window 4 * 1024 * 1024
+  # On the wire each gRPC message follows a flag byte and a 4-byte length.
+  @message_prefix 5
   # Extra time a blocked unary caller waits beyond its deadline for the channel's own reply.
   @reply_grace 5_000
 
   @type server :: GenServer.server()
-  @type call_opts :: [timeout: non_neg_integer() | :infinity, metadata: [{String.t(), iodata()}]]
+  @type call_opts :: [
+          timeout: non_neg_integer() | :infinity,
+          metadata: [{String.t(), iodata()}],
+          window: pos_integer() | nil
+        ]
 
   ## API
 
@@ -87,16 +104,39 @@ defmodule Snakepit.GRPC.Channel do
   @doc """
   Starts a server-streaming call; messages are sent to the calling process (see the moduledoc).
   Same options as `unary/4`; the deadline covers the whole stream.
+
+  `:window` (bytes, at least 65_535; default `nil`, no backpressure) turns on backpressure: the
+  caller must `ack/3` every message it takes, and the server is held once `:window` bytes of
+  messages (5 bytes of gRPC framing each included) are unacknowledged. A message larger than the
+  window is still let through whole. Without `:window` credit is returned as data arrives and
+  messages queue in the caller's mailbox as fast as the server sends them.
   """
   @spec server_stream(server(), String.t(), iodata(), call_opts()) ::
           {:ok, reference()} | {:error, Error.t()}
   def server_stream(server, path, request, opts \\ []) do
+    case Keyword.get(opts, :window) do
+      window when is_nil(window) or (is_integer(window) and window > 0) ->
+        :ok
+
+      other ->
+        raise ArgumentError, ":window must be nil or a positive integer, got #{inspect(other)}"
+    end
+
     # The channel answers as soon as the stream is open; the long timeout only guards a wedged one.
     GenServer.call(server, {:server_stream, path, request, opts}, 60_000)
   catch
     :exit, reason ->
       {:error, Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
   end
+
+  @doc """
+  Tells the channel that the caller took `count` more messages of the `:window` server stream
+  `ref`, so the server may send as many bytes more. Asynchronous; ignored for other calls and for
+  calls that are over.
+  """
+  @spec ack(server(), reference(), pos_integer()) :: :ok
+  def ack(server, ref, count \\ 1) when is_integer(count) and count > 0,
+    do: GenServer.cast(server, {:ack, ref, count})
 
   @doc """
   Cancels a server stream (RST_STREAM CANCEL). No further messages for `ref` are delivered, and
@@ -148,7 +188,7 @@ defmodule Snakepit.GRPC.Channel do
            connect_timeout
          ) do
       {:ok, socket} ->
-        {conn, preface} = Conn.new()
+        {conn, preface} = Conn.new(initial_window_size: @initial_window)
 
         case :gen_tcp.send(socket, preface) do
           :ok ->
@@ -166,7 +206,9 @@ defmodule Snakepit.GRPC.Channel do
                streams: %{},
                monitors: %{},
                # refs of calls waiting for a stream slot (server's MAX_CONCURRENT_STREAMS), FIFO
-               waiting: :queue.new()
+               waiting: :queue.new(),
+               # WINDOW_UPDATEs for backpressured streams, sent with the reply to the bytes read
+               credit_out: []
              }}
 
           {:error, reason} ->
@@ -224,7 +266,13 @@ defmodule Snakepit.GRPC.Channel do
       headers: Metadata.request_headers(state.authority, path, timeout, metadata),
       body: Message.encode(request),
       call: Call.new(max_message_size: state.max_message_size),
-      messages: []
+      messages: [],
+      # Backpressure (server streams with :window): the wire sizes of the messages delivered but
+      # not acknowledged yet, their total, and the DATA bytes received whose credit is withheld.
+      window: if(kind == :server_stream, do: Keyword.get(opts, :window)),
+      unacked: :queue.new(),
+      held: 0,
+      unreleased: 0
     }
 
     state = %{
@@ -266,12 +314,37 @@ defmodule Snakepit.GRPC.Channel do
   defp reply_after({:stop, reason, state}, reply), do: {:stop, reason, reply, state}
 
   @impl true
+  def handle_cast({:ack, ref, count}, state) do
+    case Map.fetch(state.calls, ref) do
+      {:ok, %{window: window, sid: sid} = entry} when window != nil and sid != nil ->
+        {bytes, unacked} = dequeue_sizes(entry.unacked, count, 0)
+
+        {state, out} =
+          release_credit(state, %{entry | unacked: unacked, held: entry.held - bytes})
+
+        noreply(send_out(state, out))
+
+      _ ->
+        {:noreply, state}
+    end
+  end
+
+  defp dequeue_sizes(queue, 0, bytes), do: {bytes, queue}
+
+  defp dequeue_sizes(queue, count, bytes) do
+    case :queue.out(queue) do
+      {{:value, size}, rest} -> dequeue_sizes(rest, count - 1, bytes + size)
+      {:empty, queue} -> {bytes, queue}
+    end
+  end
+
+  @impl true
   def handle_info({:tcp, socket, bytes}, %{socket: socket} = state) do
     case Conn.handle_data(state.conn, bytes) do
       {:ok, conn, events, out} ->
-        state = Enum.reduce(events, %{state | conn: conn}, &handle_event/2)
+        state = Enum.reduce(events, %{state | conn: conn, credit_out: []}, &handle_event/2)
 
-        with {:ok, state} <- send_out(state, out),
+        with {:ok, state} <- send_out(state, [out | state.credit_out]),
              {:ok, state} <- start_waiting(state) do
           case state.conn.goaway do
             nil ->
@@ -338,7 +411,12 @@ defmodule Snakepit.GRPC.Channel do
   defp open_stream(state, ref) do
     entry = Map.fetch!(state.calls, ref)
 
-    case Conn.request(state.conn, entry.headers, entry.body, []) do
+    flow =
+      if entry.window,
+        do: [receive_window: entry.window, credit: :manual],
+        else: [receive_window: @auto_window]
+
+    case Conn.request(state.conn, entry.headers, entry.body, flow) do
       {:ok, conn, sid, out} ->
         # The request is on its way; drop its copy so big bodies are not kept twice.
         entry = %{entry | sid: sid, headers: nil, body: nil}
@@ -401,7 +479,14 @@ defmodule Snakepit.GRPC.Channel do
       case Call.handle_event(entry.call, event) do
         {:cont, call, messages} ->
           entry = push_messages(%{entry | call: call}, messages)
-          %{state | calls: Map.put(state.calls, ref, entry)}
+
+          if entry.window do
+            entry = %{entry | unreleased: entry.unreleased + data_size(event)}
+            {state, out} = release_credit(state, entry)
+            %{state | credit_out: [state.credit_out | out]}
+          else
+            %{state | calls: Map.put(state.calls, ref, entry)}
+          end
 
         {:done, _call, messages, outcome} ->
           entry |> push_messages(messages) |> deliver(outcome)
@@ -425,11 +510,40 @@ defmodule Snakepit.GRPC.Channel do
 
   defp push_messages(%{kind: :server_stream} = entry, messages) do
     Enum.each(messages, &send(entry.pid, {:snakepit_grpc, entry.ref, {:message, &1}}))
-    entry
+
+    if entry.window do
+      Enum.reduce(messages, entry, fn message, entry ->
+        size = byte_size(message) + @message_prefix
+        %{entry | unacked: :queue.in(size, entry.unacked), held: entry.held + size}
+      end)
+    else
+      entry
+    end
   end
 
   defp push_messages(%{kind: :unary} = entry, messages),
     do: %{entry | messages: entry.messages ++ messages}
+
+  defp data_size({:data, _sid, data, _end_stream}), do: byte_size(data)
+  defp data_size(_event), do: 0
+
+  # Credits a backpressured stream with every received byte that is not part of a message waiting
+  # for its acknowledgement: the bytes of acknowledged messages, and those of a message still being
+  # received (so a message larger than the window can complete). Credit given early for the start
+  # of a message is made up for by withholding its end.
+  defp release_credit(state, entry) do
+    due = entry.unreleased - entry.held
+
+    {conn, out, entry} =
+      if due > 0 do
+        {conn, out} = Conn.return_credit(state.conn, entry.sid, due)
+        {conn, out, %{entry | unreleased: entry.unreleased - due}}
+      else
+        {state.conn, [], entry}
+      end
+
+    {%{state | conn: conn, calls: Map.put(state.calls, entry.ref, entry)}, out}
+  end
 
   defp deliver(%{kind: :unary} = entry, {:ok, trailers}) do
     reply =

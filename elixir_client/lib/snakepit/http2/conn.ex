@@ -25,9 +25,15 @@ defmodule Snakepit.HTTP2.Conn do
 
   Flow control: request bodies are split to the peer's max frame size and to both the connection
   and the stream send windows; what does not fit stays buffered in the stream and goes out as the
-  peer's WINDOW_UPDATEs (or a larger SETTINGS_INITIAL_WINDOW_SIZE) arrive. Received DATA is
-  counted against our windows and credited back with WINDOW_UPDATE once half a window is used, so
-  long and large responses never stall (the owner is expected to consume data as it arrives).
+  peer's WINDOW_UPDATEs (or a larger SETTINGS_INITIAL_WINDOW_SIZE) arrive.
+
+  Received DATA is counted against the connection window and the stream's window (§6.9). Credit
+  goes back in one WINDOW_UPDATE once half a window is due, so a peer whose data is consumed as it
+  arrives never waits. The connection window is always credited as DATA arrives. A stream's window
+  is credited the same way by default (`credit: :auto`); a stream opened with `credit: :manual` is
+  credited only for the bytes its owner reports consumed with `return_credit/3`, so a slow consumer
+  stops the peer after at most one window of unconsumed data (backpressure), while the connection
+  and its other streams keep flowing.
   """
 
   alias Snakepit.HPACK
@@ -73,16 +79,30 @@ defmodule Snakepit.HTTP2.Conn do
 
   # Per-stream state: `pending` is body not yet sent (flow control); `local` is :open (more body may
   # follow via send_data/4), :ending (END_STREAM goes out after `pending`) or :closed.
+  # Receiving: `recv_window` is what the peer may still send, `window` the size credit tops it back
+  # up to, `unreturned` the consumed bytes not yet credited (they go out in one WINDOW_UPDATE once
+  # they reach half the window), `credit` :auto (DATA counts as consumed on arrival) or :manual
+  # (the owner reports consumption with return_credit/3).
   defmodule Stream do
     @moduledoc false
-    defstruct [:id, :send_window, :recv_window, pending: <<>>, local: :open]
+    defstruct [
+      :id,
+      :send_window,
+      :recv_window,
+      :window,
+      credit: :auto,
+      unreturned: 0,
+      pending: <<>>,
+      local: :open
+    ]
   end
 
   @doc """
   A new connection and the bytes to send first: the client preface, our SETTINGS (push disabled,
   our stream window) and a connection WINDOW_UPDATE raising the connection window.
 
-  Options: `:initial_window_size` (per-stream receive window, default 4 MiB),
+  Options: `:initial_window_size` (SETTINGS_INITIAL_WINDOW_SIZE: every stream's receive window
+  when it opens, and the window of requests that ask for none; default 4 MiB),
   `:connection_window_size` (default 16 MiB), `:max_frame_size` (largest frame we accept,
   default 16384), `:max_header_list_size` (default 1 MiB).
   """
@@ -122,13 +142,29 @@ defmodule Snakepit.HTTP2.Conn do
   Opens a stream: HEADERS (+ CONTINUATION when the block exceeds the peer's max frame size) and
   as much of `body` as the flow-control windows allow; the rest is buffered in the connection.
 
-  Options: `:end_stream` (default `true`): `false` keeps the request body open for `send_data/4`.
+  Options:
+
+    * `:end_stream` (default `true`): `false` keeps the request body open for `send_data/4`.
+    * `:receive_window` - the stream's receive window in bytes, from the connection's
+      `:initial_window_size` (the default, and the smallest: a stream cannot start lower) to
+      2^31-1. One above the initial window is granted with a WINDOW_UPDATE right after the HEADERS.
+    * `:credit` - `:auto` (default): received DATA is credited back as it arrives; `:manual`: only
+      what the owner passes to `return_credit/3` is, so the peer can be at most one window ahead
+      of the owner's consumption.
   """
   @spec request(t(), headers(), iodata(), keyword()) ::
           {:ok, t(), stream_id(), iodata()}
           | {:error, t(), :closed | :goaway | :too_many_streams | :stream_ids_exhausted}
   def request(%__MODULE__{} = conn, headers, body, opts \\ []) do
     end_stream = Keyword.get(opts, :end_stream, true)
+
+    window =
+      opts
+      |> Keyword.get(:receive_window, conn.stream_window)
+      |> max(conn.stream_window)
+      |> min(@max_window)
+
+    credit = Keyword.get(opts, :credit, :auto)
     body = IO.iodata_to_binary(body)
 
     cond do
@@ -153,7 +189,9 @@ defmodule Snakepit.HTTP2.Conn do
         stream = %Stream{
           id: sid,
           send_window: conn.peer.initial_window_size,
-          recv_window: conn.stream_window,
+          recv_window: window,
+          window: window,
+          credit: credit,
           pending: body,
           local:
             cond do
@@ -171,6 +209,12 @@ defmodule Snakepit.HTTP2.Conn do
             conn.peer.max_frame_size
           )
 
+        # The stream is open once its HEADERS are out; the peer starts it at our initial window.
+        window_update =
+          if window > conn.stream_window,
+            do: Frame.encode({:window_update, sid, window - conn.stream_window}),
+            else: []
+
         conn = %{
           conn
           | encoder: encoder,
@@ -179,7 +223,7 @@ defmodule Snakepit.HTTP2.Conn do
         }
 
         {conn, data_out} = flush(conn)
-        {:ok, conn, sid, [header_frames | data_out]}
+        {:ok, conn, sid, [header_frames, window_update | data_out]}
     end
   end
 
@@ -214,6 +258,38 @@ defmodule Snakepit.HTTP2.Conn do
        Frame.encode({:rst_stream, sid, :cancel})}
     else
       {%{conn | streams: Map.delete(conn.streams, sid)}, []}
+    end
+  end
+
+  @doc """
+  Reports that the owner consumed `bytes` more of a `credit: :manual` stream's DATA, so the peer
+  may send that much more. Credit goes out in one WINDOW_UPDATE once half the stream's window is
+  due, which keeps the peer busy while the consumer keeps up; credit beyond what was received is
+  ignored (the peer never gets more than one window). Unknown, closed and `credit: :auto`
+  streams: no-op.
+  """
+  @spec return_credit(t(), stream_id(), non_neg_integer()) :: {t(), iodata()}
+  def return_credit(%__MODULE__{} = conn, sid, bytes) when is_integer(bytes) and bytes >= 0 do
+    case conn.streams do
+      %{^sid => %Stream{credit: :manual} = stream} when conn.state != :closed ->
+        due = min(stream.unreturned + bytes, stream.window - stream.recv_window)
+        {stream, out} = credit_stream(%{stream | unreturned: due})
+        {put_stream(conn, stream), out}
+
+      _ ->
+        {conn, []}
+    end
+  end
+
+  @doc """
+  Bytes the peer may still send on stream `stream_id` before it needs our WINDOW_UPDATE, or `nil`
+  when the stream is not open.
+  """
+  @spec receive_window(t(), stream_id()) :: non_neg_integer() | nil
+  def receive_window(%__MODULE__{} = conn, stream_id) do
+    case conn.streams do
+      %{^stream_id => stream} -> stream.recv_window
+      _ -> nil
     end
   end
 
@@ -421,14 +497,23 @@ defmodule Snakepit.HTTP2.Conn do
       with {:ok, conn, events, rst} <- reset_stream(conn, stream, :flow_control_error),
            do: {:ok, conn, events, [out, rst]}
     else
-      stream = %{stream | recv_window: stream.recv_window - length}
+      # Padding is never delivered, so it counts as consumed at once; so does all of the frame
+      # for an :auto stream.
+      consumed = if stream.credit == :auto, do: length, else: length - byte_size(data)
+
+      stream = %{
+        stream
+        | recv_window: stream.recv_window - length,
+          unreturned: stream.unreturned + consumed
+      }
+
       event = {:data, stream.id, data, end_stream}
 
       if end_stream do
         {conn, rst} = close_remote(conn, stream)
         {:ok, conn, [event], [out, rst]}
       else
-        {stream, credit} = credit_stream(conn, stream)
+        {stream, credit} = credit_stream(stream)
         {:ok, put_stream(conn, stream), [event], [out, credit]}
       end
     end
@@ -446,12 +531,10 @@ defmodule Snakepit.HTTP2.Conn do
     end
   end
 
-  defp credit_stream(conn, stream) do
-    if stream.recv_window <= div(conn.stream_window, 2) do
-      increment = conn.stream_window - stream.recv_window
-
-      {%{stream | recv_window: conn.stream_window},
-       Frame.encode({:window_update, stream.id, increment})}
+  defp credit_stream(stream) do
+    if stream.unreturned > 0 and stream.unreturned >= div(stream.window, 2) do
+      {%{stream | recv_window: stream.recv_window + stream.unreturned, unreturned: 0},
+       Frame.encode({:window_update, stream.id, stream.unreturned})}
     else
       {stream, []}
     end
