@@ -14,7 +14,8 @@ from concurrent import futures
 
 import grpc
 
-sys.path.insert(0, "/work/main")
+# The checkout this file belongs to (elixir_client/test/support/ -> the repository root).
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
 from snakepit_bridge.generated import snakepit_bridge_pb2 as pb  # noqa: E402
 from snakepit_bridge.generated import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
 
