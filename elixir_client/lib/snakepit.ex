@@ -58,11 +58,17 @@ defmodule Snakepit do
 
   @doc """
   Starts a pool under the application's supervisor (see `Snakepit.Config` / README for keys) and
-  waits until all its workers are ready (`await: false` to not wait). Returns `{:error, message}`
-  for an invalid config (the message names the key) or when no worker became ready within the
-  pool's `startup_timeout`.
+  waits until all its workers are ready (`await: false` to not wait).
+
+  Returns `{:error, message}` (a string naming the key) for an invalid config. When a worker fails
+  to start, it returns at once, without waiting for `startup_timeout`, with
+  `{:error, %Snakepit.Error{reason: :worker_start_failed}}` whose message ends with the server's
+  last line of output (e.g. `error: cannot import adapter module 'my_adapter': No module named
+  'my_adapter'`, `ModuleNotFoundError: No module named 'grpc'`); with
+  `{:error, %Snakepit.Error{reason: :startup_timeout}}` when the workers were not ready in time. The
+  pool is stopped in both cases.
   """
-  @spec start_pool(map | keyword, keyword) :: {:ok, pid} | {:error, term}
+  @spec start_pool(map | keyword, keyword) :: {:ok, pid} | {:error, String.t() | Error.t()}
   def start_pool(config, opts \\ []) do
     with {:ok, c} <- Snakepit.Config.new(config),
          :ok <- Snakepit.Application.adapter_validate(c),
@@ -72,11 +78,20 @@ defmodule Snakepit do
           :ok ->
             {:ok, pid}
 
-          {:error, _} ->
+          {:error, reason} ->
             DynamicSupervisor.terminate_child(Snakepit.PoolSupervisor, pid)
 
-            {:error,
-             "pool #{inspect(c.name)}: workers not ready within startup_timeout (#{c.startup_timeout} ms)"}
+            case reason do
+              %Error{} = e ->
+                {:error, e}
+
+              _ ->
+                {:error,
+                 Error.new(
+                   :startup_timeout,
+                   "pool #{inspect(c.name)}: workers not ready within startup_timeout (#{c.startup_timeout} ms)"
+                 )}
+            end
         end
       else
         {:ok, pid}
@@ -119,8 +134,11 @@ defmodule Snakepit do
     end
   end
 
-  @doc "Waits until `pool` has all its workers ready."
-  @spec await_ready(pool, timeout) :: :ok | {:error, term}
+  @doc """
+  Waits until `pool` has all its workers ready; `{:error, %Snakepit.Error{}}` as soon as one fails
+  to start (see `start_pool/2`), `{:error, :timeout}` after `timeout` ms.
+  """
+  @spec await_ready(pool, timeout) :: :ok | {:error, :timeout | :pool_not_found | Error.t()}
   def await_ready(pool, timeout \\ 30_000), do: Pool.await_ready(pool, timeout)
 
   ## execute

@@ -84,23 +84,6 @@ defmodule Snakepit.PoolFaultTest do
     assert {:ok, 1} = Snakepit.execute_in_session(pool, "crash-sess", "session_counter", %{})
   end
 
-  test "a worker that cannot start is retried with backoff and the pool start fails in time" do
-    {ms, result} =
-      timed(fn ->
-        Snakepit.start_pool(%{
-          name: :never_ready,
-          pool_size: 1,
-          python_adapter: "snakepit_bridge.adapters.nope.Missing",
-          startup_timeout: 3_000
-        })
-      end)
-
-    assert {:error, msg} = result
-    assert msg =~ "startup_timeout"
-    assert ms < 6_000
-    assert Snakepit.Pool.whereis(:never_ready) == nil
-  end
-
   test "restart delays grow exponentially up to restart_backoff_max" do
     assert Enum.map(1..8, &Snakepit.Pool.backoff(&1, 10_000)) == [
              100,

@@ -19,6 +19,15 @@ defmodule Snakepit.Pool do
   after an exponential backoff (100 ms doubling up to `restart_backoff_max`, reset when a worker of
   that slot becomes ready).
 
+  ## Start failures
+
+  A worker that exits before it is ready (its adapter fails to import, `setup()` raises, Python lacks
+  grpc), cannot be spawned, or passes `startup_timeout` is a *start failure*: the pool keeps its error
+  (`:worker_start_failed`, or `:startup_timeout`, with the server's last line of output, e.g.
+  `error: cannot import adapter module ...`) until a worker becomes ready. While it has that error and
+  no ready worker, queued callers, new callers and `await_ready/3` get it at once instead of waiting
+  for `queue_timeout` / `startup_timeout`; restarts with backoff go on.
+
   ## Recycling
 
   A worker is recycled when its TTL passes (each worker's TTL is shortened by a random fraction of at
@@ -109,7 +118,13 @@ defmodule Snakepit.Pool do
     GenServer.cast(pool, {:checkin, ref, outcome})
   end
 
-  @doc "Waits until the pool has at least `min` ready workers (default: all `pool_size`)."
+  @doc """
+  Waits until the pool has at least `min` ready workers (default: all `pool_size`). Returns
+  `{:error, %Snakepit.Error{}}` (`:worker_start_failed`, `:startup_timeout`) as soon as a worker
+  fails to start while fewer are ready.
+  """
+  @spec await_ready(atom | pid, timeout, pos_integer | :all) ::
+          :ok | {:error, :timeout | :pool_not_found | Error.t()}
   def await_ready(pool, timeout \\ 30_000, min \\ :all) do
     case whereis(pool) do
       nil -> {:error, :pool_not_found}
@@ -150,6 +165,8 @@ defmodule Snakepit.Pool do
       leases: %{},
       sessions: %{},
       ever_ready: false,
+      # the last start failure, while no worker has become ready since (see "Start failures")
+      start_error: nil,
       ready_waiters: [],
       next_id: 1,
       stats: %{
@@ -180,6 +197,10 @@ defmodule Snakepit.Pool do
 
       :none ->
         cond do
+          s.start_error != nil and ready_count(s) == 0 ->
+            Process.demonitor(mref, [:flush])
+            {:reply, {:error, s.start_error}, s}
+
           s.queue_len >= s.config.queue_size ->
             Process.demonitor(mref, [:flush])
             s = bump(s, :queue_full)
@@ -222,9 +243,11 @@ defmodule Snakepit.Pool do
   def handle_call({:await_ready, min}, from, s) do
     min = if min == :all, do: s.config.pool_size, else: min
 
-    if ready_count(s) >= min,
-      do: {:reply, :ok, s},
-      else: {:noreply, %{s | ready_waiters: [{from, min} | s.ready_waiters]}}
+    cond do
+      ready_count(s) >= min -> {:reply, :ok, s}
+      s.start_error != nil -> {:reply, {:error, s.start_error}, s}
+      true -> {:noreply, %{s | ready_waiters: [{from, min} | s.ready_waiters]}}
+    end
   end
 
   def handle_call(:stats, _from, s) do
@@ -316,7 +339,7 @@ defmodule Snakepit.Pool do
           "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})"
         )
 
-        s = %{s | ever_ready: true} |> notify_ready() |> dispatch()
+        s = %{s | ever_ready: true, start_error: nil} |> notify_ready() |> dispatch()
         {:noreply, s}
     end
   end
@@ -358,6 +381,7 @@ defmodule Snakepit.Pool do
               )
 
               s = bump(s, :crashes)
+              s = if w.status == :starting, do: start_failed(s, start_error(w, reason)), else: s
               slot = %{slot | failures: slot.failures + 1}
 
               slot =
@@ -472,11 +496,55 @@ defmodule Snakepit.Pool do
           "snakepit pool #{inspect(s.name)}: cannot start worker #{id}: #{inspect(reason)}"
         )
 
+        message =
+          case reason do
+            {:spawn_failed, why} ->
+              "cannot spawn worker #{id} (#{s.config.python_executable}): #{why}"
+
+            other ->
+              "cannot start worker #{id}: #{inspect(other)}"
+          end
+
         slot = s.slots[slot_id]
         slot = %{slot | failures: slot.failures + 1}
         s = %{s | next_id: id + 1} |> put_slot(slot_id, slot) |> bump(:crashes)
+        s = start_failed(s, Error.new(:worker_start_failed, message))
         schedule_start(s, slot_id, backoff(slot.failures, s.config.restart_backoff_max))
     end
+  end
+
+  defp start_error(_w, {:shutdown, {:start_failed, message}}),
+    do: Error.new(:worker_start_failed, message)
+
+  defp start_error(_w, {:shutdown, {:startup_timeout, message}}),
+    do: Error.new(:startup_timeout, message)
+
+  defp start_error(w, reason),
+    do:
+      Error.new(
+        :worker_start_failed,
+        "worker #{w.id} went down before it was ready: #{inspect(reason)}"
+      )
+
+  # Keeps the error and hands it to everyone waiting for a worker that is not there: await_ready
+  # callers always, queued callers when no worker is ready (else a ready one will serve them).
+  defp start_failed(s, %Error{} = error) do
+    error = %{error | message: "pool #{inspect(s.name)}: #{error.message}"}
+    Enum.each(s.ready_waiters, fn {from, _min} -> GenServer.reply(from, {:error, error}) end)
+    s = %{s | start_error: error, ready_waiters: []}
+
+    if ready_count(s) == 0, do: fail_waiters(s, error), else: s
+  end
+
+  # Fails every queued caller with `error`.
+  defp fail_waiters(s, error) do
+    for {mref, waiter} <- s.waiters do
+      Process.cancel_timer(waiter.timer)
+      Process.demonitor(mref, [:flush])
+      GenServer.reply(waiter.from, {:error, error})
+    end
+
+    %{s | waiters: %{}, queue: :queue.new(), queue_len: 0}
   end
 
   defp add_worker(s, slot_id, id, pid) do

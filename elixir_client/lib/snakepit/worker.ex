@@ -9,7 +9,10 @@ defmodule Snakepit.Worker do
   and tells its pool `{:snakepit_worker_ready, worker_pid, info}`. A ready line without the nonce
   (an adapter printing one during its setup) is only logged. It stops (and the pool is told
   through the link) when the Python process exits, when the channel goes down, when
-  `startup_timeout` passes before readiness, or when its pool exits.
+  `startup_timeout` passes before readiness, or when its pool exits. A worker that ends before it
+  is ready exits with `{:shutdown, {:start_failed, message}}` or `{:shutdown, {:startup_timeout,
+  message}}`; `message` ends with the server's last line of output (snakepit_bridge's `error: ...`,
+  or the last line of a Python traceback).
 
   Because the port holds the server's stdin, the server exits when this process dies, and also when
   the whole BEAM dies, even by `kill -9` (the OS closes the pipe).
@@ -165,7 +168,15 @@ defmodule Snakepit.Worker do
           "snakepit worker #{s.id} (os pid #{s.os_pid}) exited with status #{status} while #{other}\n#{tail}"
         )
 
-        {:stop, {:shutdown, {:python_exited, status}}, s}
+        if other == :starting do
+          message =
+            "worker #{s.id} (os pid #{s.os_pid}) exited with status #{status} before it was ready: " <>
+              (last_output_line(s.lines) || "it printed nothing")
+
+          {:stop, {:shutdown, {:start_failed, message}}, s}
+        else
+          {:stop, {:shutdown, {:python_exited, status}}, s}
+        end
     end
   end
 
@@ -176,7 +187,12 @@ defmodule Snakepit.Worker do
       "snakepit worker #{s.id} not ready after #{s.config.startup_timeout} ms\n#{tail}"
     )
 
-    {:stop, {:shutdown, :startup_timeout}, s}
+    message =
+      "worker #{s.id} (os pid #{s.os_pid}) printed no ready line within startup_timeout " <>
+        "(#{s.config.startup_timeout} ms); last output: " <>
+        (last_output_line(s.lines) || "none")
+
+    {:stop, {:shutdown, {:startup_timeout, message}}, s}
   end
 
   def handle_info(:startup_timeout, s), do: {:noreply, s}
@@ -238,7 +254,37 @@ defmodule Snakepit.Worker do
         {:noreply, %{s | status: :ready, channel: ch, listen_port: listen_port}}
 
       {:error, reason} ->
-        {:stop, {:shutdown, {:connect_failed, reason}}, s}
+        message =
+          "worker #{s.id} (os pid #{s.os_pid}) cannot connect to its server on port #{listen_port}: " <>
+            inspect(reason)
+
+        {:stop, {:shutdown, {:start_failed, message}}, s}
+    end
+  end
+
+  # The last non-blank line of output; of a carriage-return progress bar, its last state.
+  defp last_output_line(lines) do
+    Enum.find_value(lines, fn line ->
+      line
+      |> printable()
+      |> String.split("\r")
+      |> Enum.map(&String.trim/1)
+      |> Enum.reverse()
+      |> Enum.find(&(&1 != ""))
+    end)
+  end
+
+  # Output is bytes: keep the valid UTF-8, replace the rest (a line cut inside a character).
+  defp printable(bytes) do
+    case :unicode.characters_to_binary(bytes) do
+      text when is_binary(text) ->
+        text
+
+      {_, good, <<_bad, rest::binary>>} ->
+        good <> "\uFFFD" <> printable(rest)
+
+      {_, good, _} ->
+        good
     end
   end
 
