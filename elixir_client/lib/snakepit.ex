@@ -99,14 +99,24 @@ defmodule Snakepit do
     end
   end
 
-  @doc "Stops a pool started with `start_pool/2` (its workers are stopped)."
-  @spec stop_pool(pool) :: :ok | {:error, :not_found}
-  def stop_pool(pool) do
+  @doc """
+  Stops a pool (one from `start_pool/2` or from the application config) and its workers.
+
+  The pool takes no new call from then on: new callers and queued callers get
+  `{:error, %Snakepit.Error{reason: :pool_stopped}}` at once. Calls in flight get `grace:` ms
+  (default: the pool's `shutdown_grace`) to finish normally; `stop_pool` returns as soon as they
+  are done. A call still running after the grace fails with `:pool_stopped`; then the workers are
+  stopped (SIGTERM, SIGKILL if they outlive their own `shutdown_grace` + 2 s).
+  """
+  @spec stop_pool(pool, keyword) :: :ok | {:error, :not_found}
+  def stop_pool(pool, opts \\ []) do
     case Pool.whereis(pool) do
       nil ->
         {:error, :not_found}
 
       pid ->
+        _ = Pool.drain(pid, Keyword.get(opts, :grace))
+
         case DynamicSupervisor.terminate_child(Snakepit.PoolSupervisor, pid) do
           :ok ->
             :ok
@@ -676,8 +686,16 @@ defmodule Snakepit do
     if err.reason == :unavailable, do: crashed_or(lease, err), else: err
   end
 
-  # A transport failure on a worker that dies (within a short grace) was a worker crash.
+  # A transport failure on a worker the pool stopped on purpose has the pool's reason; on a worker
+  # that dies (within a short grace) it was a worker crash.
   defp crashed_or(lease, err) do
+    case Pool.worker_fate(lease) do
+      {reason, message} -> %{err | reason: reason, message: "#{message} (#{err.message})"}
+      nil -> crashed_or_unavailable(lease, err)
+    end
+  end
+
+  defp crashed_or_unavailable(lease, err) do
     ref = Process.monitor(lease.worker)
 
     receive do

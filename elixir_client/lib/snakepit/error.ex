@@ -16,6 +16,8 @@ defmodule Snakepit.Error do
       ready (or could not be spawned); `message` ends with the server's last line of output, e.g.
       `error: adapter setup failed: ValueError: ...` or `ModuleNotFoundError: No module named 'grpc'`
     * `:startup_timeout` - workers did not print their ready line within `startup_timeout`
+    * `:pool_stopped` - `Snakepit.stop_pool/2` was called: the call was queued or new, or it was still
+      running after the stop's grace period
     * `:unavailable` - the worker (or pool) cannot serve, e.g. shutting down or not started
     * `:unauthenticated` - missing or wrong bearer token
     * `:resource_exhausted` - the server refused (its own queue full, message too large)

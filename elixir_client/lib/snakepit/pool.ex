@@ -37,6 +37,19 @@ defmodule Snakepit.Pool do
   more than `worker_max_requests` calls). Either way, once it takes no new calls, its in-flight calls
   finish and it is stopped gracefully (SIGTERM, the server drains). No call fails because of a recycle.
 
+  ## Stopping
+
+  `drain/2` (what `Snakepit.stop_pool/2` calls) stops the pool taking calls: queued callers, new
+  callers and `await_ready/3` callers get `:pool_stopped` at once. Calls in flight get a grace period
+  (`shutdown_grace` unless given) to finish; then every worker is stopped, and a call still running
+  fails with `:pool_stopped` (its message names the grace period), not `:worker_crashed`.
+
+  ## Why a worker went away
+
+  Before the pool stops a worker on purpose while calls may still run on it, it records why (its
+  *fate*: `{reason, message}`) in a public ETS table named by the lease; a caller whose call then
+  fails on that worker's channel reports that reason (`worker_fate/1`).
+
   ## Sessions
 
   `session_id`s are pinned to the worker that first served them while it lives and serves; the
@@ -84,16 +97,18 @@ defmodule Snakepit.Pool do
           ref: reference,
           pool: pid,
           worker: pid,
+          worker_id: pos_integer,
           channel: pid,
           init_session: boolean,
           call_timeout: pos_integer,
-          pool_name: atom
+          pool_name: atom,
+          fates: :ets.tid()
         }
 
   @doc """
   Checks out one call slot. Options: `:session_id` (pin to the session's worker).
   Returns `{:ok, lease}` or `{:error, %Snakepit.Error{}}` (`:queue_full`, `:queue_timeout`,
-  `:pool_not_found`, `:unavailable`).
+  `:pool_not_found`, `:unavailable`, `:pool_stopped`, `:worker_start_failed`, `:startup_timeout`).
   """
   @spec checkout(atom | pid, keyword) :: {:ok, lease} | {:error, Error.t()}
   def checkout(pool, opts \\ []) do
@@ -134,6 +149,36 @@ defmodule Snakepit.Pool do
     :exit, {:timeout, _} -> {:error, :timeout}
   end
 
+  @doc """
+  Stops taking calls and waits for the calls in flight, at most `grace` ms (default: the pool's
+  `shutdown_grace`), then stops every worker and returns `:ok` once they are gone. See "Stopping".
+  The pool process itself is left to its supervisor to stop.
+  """
+  @spec drain(atom | pid, non_neg_integer | nil) :: :ok | {:error, :pool_not_found}
+  def drain(pool, grace \\ nil) do
+    case whereis(pool) do
+      # bounded by the pool: it answers at the latest grace + shutdown_grace + 5 s after the call
+      pid when is_pid(pid) -> GenServer.call(pid, {:drain, grace}, :infinity)
+      nil -> {:error, :pool_not_found}
+    end
+  catch
+    :exit, _ -> {:error, :pool_not_found}
+  end
+
+  @doc """
+  Why the pool stopped the lease's worker on purpose, as `{reason, message}`, or nil (it did not, or
+  the pool is gone).
+  """
+  @spec worker_fate(lease) :: {atom, String.t()} | nil
+  def worker_fate(%{fates: fates, worker: wpid}) do
+    case :ets.lookup(fates, wpid) do
+      [{^wpid, reason, message}] -> {reason, message}
+      [] -> nil
+    end
+  rescue
+    ArgumentError -> nil
+  end
+
   @doc "Pool counters and worker table (no Python calls)."
   def stats(pool),
     do: GenServer.call(whereis(pool) || raise(ArgumentError, "no pool #{inspect(pool)}"), :stats)
@@ -167,6 +212,9 @@ defmodule Snakepit.Pool do
       ever_ready: false,
       # the last start failure, while no worker has become ready since (see "Start failures")
       start_error: nil,
+      # nil, or while draining: %{grace, waiters, timer, workers_stopped}
+      stopping: nil,
+      fates: :ets.new(:snakepit_worker_fates, [:set, :public, read_concurrency: true]),
       ready_waiters: [],
       next_id: 1,
       stats: %{
@@ -187,6 +235,9 @@ defmodule Snakepit.Pool do
   end
 
   @impl true
+  def handle_call({:checkout, _caller, _session_id}, _from, %{stopping: %{}} = s),
+    do: {:reply, {:error, stopped_error(s)}, s}
+
   def handle_call({:checkout, caller, session_id}, from, s) do
     mref = Process.monitor(caller)
 
@@ -244,6 +295,7 @@ defmodule Snakepit.Pool do
     min = if min == :all, do: s.config.pool_size, else: min
 
     cond do
+      s.stopping != nil -> {:reply, {:error, stopped_error(s)}, s}
       ready_count(s) >= min -> {:reply, :ok, s}
       s.start_error != nil -> {:reply, {:error, s.start_error}, s}
       true -> {:noreply, %{s | ready_waiters: [{from, min} | s.ready_waiters]}}
@@ -291,6 +343,20 @@ defmodule Snakepit.Pool do
     {:reply, reply, s}
   end
 
+  def handle_call({:drain, _grace}, from, %{stopping: %{} = st} = s),
+    do: {:noreply, %{s | stopping: %{st | waiters: [from | st.waiters]}}}
+
+  def handle_call({:drain, grace}, from, s) do
+    grace = grace || s.config.shutdown_grace
+    Logger.info("snakepit pool #{inspect(s.name)}: stopping; in-flight calls get #{grace} ms")
+    error = stopped_error(s)
+    Enum.each(s.ready_waiters, fn {waiter, _min} -> GenServer.reply(waiter, {:error, error}) end)
+    s = fail_waiters(%{s | ready_waiters: []}, error)
+    timer = Process.send_after(self(), :drain_deadline, grace)
+    stopping = %{grace: grace, waiters: [from], timer: timer, workers_stopped: false}
+    {:noreply, maybe_end_drain(%{s | stopping: stopping})}
+  end
+
   def handle_call({:forget_session, sid}, _from, s) do
     {wpid, sessions} = Map.pop(s.sessions, sid)
 
@@ -306,10 +372,17 @@ defmodule Snakepit.Pool do
   @impl true
   def handle_cast({:checkin, mref, outcome}, s) do
     Process.demonitor(mref, [:flush])
-    {:noreply, s |> release(mref, outcome) |> dispatch()}
+    {:noreply, s |> release(mref, outcome) |> dispatch() |> maybe_end_drain()}
   end
 
   @impl true
+  def handle_info({:snakepit_worker_ready, wpid, _info}, %{stopping: %{}} = s) do
+    case s.workers[wpid] do
+      nil -> {:noreply, s}
+      w -> {:noreply, stop_worker(s, w)}
+    end
+  end
+
   def handle_info({:snakepit_worker_ready, wpid, info}, s) do
     case s.workers[wpid] do
       nil ->
@@ -349,6 +422,11 @@ defmodule Snakepit.Pool do
       nil -> {:noreply, s}
       w -> {:noreply, put_worker(s, %{w | os_pid: os_pid})}
     end
+  end
+
+  def handle_info({:EXIT, wpid, _reason}, %{stopping: %{}} = s) do
+    s = %{s | workers: Map.delete(s.workers, wpid)} |> forget_fate(wpid)
+    {:noreply, maybe_end_drain(s)}
   end
 
   def handle_info({:EXIT, wpid, reason}, s) do
@@ -400,14 +478,37 @@ defmodule Snakepit.Pool do
               end
           end
 
-        {:noreply, dispatch(s)}
+        {:noreply, s |> forget_fate(wpid) |> dispatch()}
     end
   end
+
+  def handle_info(:drain_deadline, %{stopping: %{workers_stopped: false} = st} = s) do
+    message =
+      "pool #{inspect(s.name)} was stopped: the call was still running after the #{st.grace} ms grace period"
+
+    for {wpid, %{in_flight: n}} <- s.workers, n > 0,
+        do: :ets.insert(s.fates, {wpid, :pool_stopped, message})
+
+    {:noreply, stop_all_workers(s)}
+  end
+
+  def handle_info(:drain_give_up, %{stopping: %{waiters: [_ | _]} = st} = s) do
+    Logger.error(
+      "snakepit pool #{inspect(s.name)}: #{map_size(s.workers)} workers still running after the drain"
+    )
+
+    Enum.each(st.waiters, &GenServer.reply(&1, :ok))
+    {:noreply, %{s | stopping: %{st | waiters: []}}}
+  end
+
+  def handle_info({:start_worker, _slot}, %{stopping: %{}} = s), do: {:noreply, s}
 
   def handle_info({:start_worker, slot}, s) do
     s = put_slot(s, slot, %{s.slots[slot] | scheduled: false})
     {:noreply, start_worker(s, slot)}
   end
+
+  def handle_info({:ttl_expired, _wpid}, %{stopping: %{}} = s), do: {:noreply, s}
 
   def handle_info({:ttl_expired, wpid}, s) do
     case s.workers[wpid] do
@@ -447,7 +548,7 @@ defmodule Snakepit.Pool do
   def handle_info({:DOWN, mref, :process, _pid, _reason}, s) do
     cond do
       Map.has_key?(s.leases, mref) ->
-        {:noreply, s |> release(mref, :error) |> dispatch()}
+        {:noreply, s |> release(mref, :error) |> dispatch() |> maybe_end_drain()}
 
       Map.has_key?(s.waiters, mref) ->
         {waiter, waiters} = Map.pop(s.waiters, mref)
@@ -465,6 +566,11 @@ defmodule Snakepit.Pool do
 
   @impl true
   def terminate(_reason, s) do
+    message = "pool #{inspect(s.name)} was stopped during the call"
+
+    for {wpid, %{in_flight: n}} <- s.workers, n > 0,
+        do: :ets.insert(s.fates, {wpid, :pool_stopped, message})
+
     for {pid, _w} <- s.workers, do: Process.exit(pid, :shutdown)
 
     for {pid, _w} <- s.workers do
@@ -619,6 +725,47 @@ defmodule Snakepit.Pool do
     end
   end
 
+  # Draining: once no call is in flight, stop the workers; once they are gone, answer drain/2.
+  defp maybe_end_drain(%{stopping: %{workers_stopped: false}} = s) do
+    if map_size(s.leases) == 0, do: stop_all_workers(s), else: s
+  end
+
+  defp maybe_end_drain(%{stopping: %{workers_stopped: true, waiters: [_ | _]} = st} = s) do
+    if map_size(s.workers) == 0 do
+      Enum.each(st.waiters, &GenServer.reply(&1, :ok))
+      %{s | stopping: %{st | waiters: []}}
+    else
+      s
+    end
+  end
+
+  defp maybe_end_drain(s), do: s
+
+  defp stop_all_workers(%{stopping: st} = s) do
+    Process.cancel_timer(st.timer)
+    Process.send_after(self(), :drain_give_up, s.config.shutdown_grace + 5_000)
+    s = Enum.reduce(Map.values(s.workers), s, &stop_worker(&2, &1))
+    maybe_end_drain(%{s | stopping: %{st | workers_stopped: true}})
+  end
+
+  defp stop_worker(s, %{status: :stopping}), do: s
+
+  defp stop_worker(s, w) do
+    Worker.stop_gracefully(w.pid)
+    put_worker(s, %{w | status: :stopping})
+  end
+
+  defp stopped_error(s), do: Error.new(:pool_stopped, "pool #{inspect(s.name)} is stopping")
+
+  # A fate is kept while a lease on its worker may still read it.
+  defp forget_fate(s, wpid) do
+    if not Map.has_key?(s.workers, wpid) and
+         not Enum.any?(s.leases, &match?({_, {_, ^wpid}}, &1)),
+       do: :ets.delete(s.fates, wpid)
+
+    s
+  end
+
   defp maybe_stop(s, wpid) do
     case s.workers[wpid] do
       %{status: :draining, in_flight: 0} = w ->
@@ -682,7 +829,8 @@ defmodule Snakepit.Pool do
       worker_id: w.id,
       channel: w.channel,
       init_session: init?,
-      call_timeout: s.config.call_timeout
+      call_timeout: s.config.call_timeout,
+      fates: s.fates
     }
 
     {reply, s}
@@ -700,7 +848,7 @@ defmodule Snakepit.Pool do
 
         case s.workers[wpid] do
           nil ->
-            s
+            forget_fate(s, wpid)
 
           w ->
             sessions =
