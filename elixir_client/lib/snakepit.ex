@@ -401,7 +401,8 @@ defmodule Snakepit do
       end,
       fn st ->
         unless st.done, do: cancel(st.lease.channel, st.ref)
-        Pool.checkin(st.lease, if(st.done, do: :ok, else: :error))
+        # not done: halted early or failed; cancelled here, so its tool may still run
+        Pool.checkin(st.lease, if(st.done, do: :ok, else: :abandoned))
       end
     )
   end
@@ -457,34 +458,38 @@ defmodule Snakepit do
       end)
 
     with {:ok, items} <- encoded do
-      with_slot(pool, tool, %{}, opts, fn lease, _, _ ->
-        req = %{
-          tool_name: tool,
-          items: Enum.reverse(items),
-          session_id: opts[:session_id] || "",
-          request_id: opts[:request_id] || "",
-          metadata: opts[:metadata] || %{},
-          max_parallelism: opts[:max_parallelism] || 0
-        }
+      run = fn lease, _, _ -> run_batch(lease, tool, Enum.reverse(items), opts) end
+      # the server counts each item as a tool call
+      with_slot(pool, tool, %{}, opts, run, max(length(items), 1))
+    end
+  end
 
-        with {:ok, resp} <-
-               unary(
-                 lease,
-                 "ExecuteBatch",
-                 :execute_batch_request,
-                 req,
-                 :execute_batch_response,
-                 tool,
-                 opts
-               ) do
-          {:ok,
-           Enum.map(resp.results, fn
-             %{ok: true} = r -> decode_value(r.result_json, r.blobs, tool, opts)
-             %{error: te} when is_map(te) -> {:error, Error.from_tool_error(te, tool)}
-             _ -> {:error, Error.new(:unknown, "batch item failed without an error", tool: tool)}
-           end)}
-        end
-      end)
+  defp run_batch(lease, tool, items, opts) do
+    req = %{
+      tool_name: tool,
+      items: items,
+      session_id: opts[:session_id] || "",
+      request_id: opts[:request_id] || "",
+      metadata: opts[:metadata] || %{},
+      max_parallelism: opts[:max_parallelism] || 0
+    }
+
+    with {:ok, resp} <-
+           unary(
+             lease,
+             "ExecuteBatch",
+             :execute_batch_request,
+             req,
+             :execute_batch_response,
+             tool,
+             opts
+           ) do
+      {:ok,
+       Enum.map(resp.results, fn
+         %{ok: true} = r -> decode_value(r.result_json, r.blobs, tool, opts)
+         %{error: te} when is_map(te) -> {:error, Error.from_tool_error(te, tool)}
+         _ -> {:error, Error.new(:unknown, "batch item failed without an error", tool: tool)}
+       end)}
     end
   end
 
@@ -492,8 +497,10 @@ defmodule Snakepit do
 
   @doc """
   Pool counters (`calls`, `failures`, `checkouts`, `queued` now, `queued_total`, `queue_full`,
-  `queue_timeouts`, `recycles`, `crashes`, `workers_started`, `in_flight`, `capacity`, `sessions`) and
-  `workers`: one map per worker (pid, id, status, os_pid, port, in_flight, capacity, requests) with
+  `queue_timeouts`, `recycles`, `crashes`, `workers_started`, `stuck_replacements`,
+  `unhealthy_replacements`, `in_flight`, `capacity` (free or busy slots of ready workers, less the
+  slots abandoned calls still hold), `sessions`) and `workers`: one map per worker (pid, id, status,
+  os_pid, port, in_flight, capacity, requests, `abandoned_calls`, `stuck_calls`) with
   `python`: that worker's GetStats response (adapter_stats_json / thread_safety_json decoded into
   `adapter_stats` / `thread_safety`), or `{:error, e}`.
   """
@@ -547,17 +554,23 @@ defmodule Snakepit do
     end
   end
 
-  @doc "The pool's workers: pid, id, slot, status, os_pid, port, in_flight, capacity, requests, uptime."
+  @doc """
+  The pool's workers: pid, id, slot, status (`:starting`, `:ready`, `:retiring`, `:draining`,
+  `:unhealthy`, `:stopping`), os_pid, port, in_flight, capacity, requests, `abandoned_calls` (calls
+  given up on that may still run on the server), `stuck_calls` (those confirmed still running after
+  `stuck_call_grace`), uptime_ms.
+  """
   @spec list_workers(pool) :: [map]
   def list_workers(pool \\ default_pool()), do: Pool.stats(pool).workers
 
   ## internals
 
-  defp with_slot(pool, tool, args, opts, fun) do
+  # `weight`: the tool calls the server counts for this one (a batch: its items).
+  defp with_slot(pool, tool, args, opts, fun, weight \\ 1) do
     with {:ok, {json, blobs}} <- encode(args, tool) do
       sid = opts[:session_id]
 
-      case Pool.checkout(pool, session_id: sid) do
+      case Pool.checkout(pool, session_id: sid, weight: weight) do
         {:ok, lease} ->
           t0 = System.monotonic_time()
 
@@ -569,8 +582,9 @@ defmodule Snakepit do
                 with :ok <- maybe_init_session(lease, opts), do: fun.(lease, json, blobs)
               end
             catch
+              # (a stream whose callback raised was cancelled: its tool may still run)
               kind, reason ->
-                Pool.checkin(lease, :error)
+                Pool.checkin(lease, :abandoned)
                 :erlang.raise(kind, reason, __STACKTRACE__)
             end
 
@@ -581,6 +595,8 @@ defmodule Snakepit do
             case result do
               _ when undo? -> {:session_init_failed, sid}
               {:error, %Error{reason: :session_init_failed}} -> {:session_init_failed, sid}
+              # past its deadline the call was cancelled, not ended by the server
+              {:error, %Error{reason: :timeout}} -> :abandoned
               {:error, _} -> :error
               _ -> :ok
             end

@@ -57,7 +57,10 @@ defmodule Snakepit.PoolStartFailureTest do
     assert ms < 1_000, "took #{ms} ms"
 
     assert {:error, %Error{reason: :worker_start_failed}} = Snakepit.await_ready(pool, 5_000)
-    eventually(fn -> match?({:ok, %{workers_started: n}} when n >= 3, Snakepit.get_stats(pool)) end)
+
+    eventually(fn ->
+      match?({:ok, %{workers_started: n}} when n >= 3, Snakepit.get_stats(pool))
+    end)
   end
 
   test "a pool whose Python lacks grpc fails to start at once with the ModuleNotFoundError" do

@@ -12,6 +12,9 @@ defmodule Snakepit.Error do
     * `:queue_full` - every worker slot was busy and `queue_size` callers already waited
     * `:queue_timeout` - waited `queue_timeout` ms for a free slot
     * `:worker_crashed` - the worker running the call died during it
+    * `:worker_unhealthy` - the worker running the call failed its health check (no SERVING answer
+      within `health_check_timeout`, e.g. a SIGSTOPped server) and the pool replaced it; `message`
+      says which check failed
     * `:worker_start_failed` - no worker is ready and the last one to start exited before it was
       ready (or could not be spawned); `message` ends with the server's last line of output, e.g.
       `error: adapter setup failed: ValueError: ...` or `ModuleNotFoundError: No module named 'grpc'`

@@ -37,6 +37,25 @@ defmodule Snakepit.Pool do
   more than `worker_max_requests` calls). Either way, once it takes no new calls, its in-flight calls
   finish and it is stopped gracefully (SIGTERM, the server drains). No call fails because of a recycle.
 
+  ## Sick workers
+
+  A worker whose Python process lives but does not serve is replaced like a recycled one
+  (replacement first, then the old one is stopped; SIGKILL when SIGTERM does not end it):
+
+    * **Stuck calls.** A call its caller gave up on (deadline passed, caller died, stream cancelled;
+      checked in as `:abandoned`) may still run in the server: a tool that ignores cancellation
+      keeps its server slot. Such a call keeps its slot in the pool too (a process worker with one
+      takes no call) until the server's `GetStats.requests_active`, compared with the calls the pool
+      knows to be running there, shows it ended. One still running `stuck_call_grace` ms after it was
+      given up is *stuck*; at `max_stuck_calls` stuck calls (or when every slot is stuck) the worker
+      is replaced; its other calls finish normally.
+    * **Health checks.** Every `health_check_interval` ms each ready worker gets a
+      `grpc.health.v1.Health/Check` on its channel. One that gets no SERVING answer within
+      `health_check_timeout` (a SIGSTOPped or wedged server), like a stuck-call check without an
+      answer, marks the worker unhealthy: it takes no new call, its replacement starts, and it is
+      stopped once the replacement is ready (or at once when it has no call in flight). Calls still
+      on it then fail with `:worker_unhealthy` and a message that says so.
+
   ## Stopping
 
   `drain/2` (what `Snakepit.stop_pool/2` calls) stops the pool taking calls: queued callers, new
@@ -60,6 +79,7 @@ defmodule Snakepit.Pool do
   require Logger
 
   alias Snakepit.{Config, Error, Worker}
+  alias Snakepit.Worker.Health
 
   @backoff_base 100
 
@@ -106,7 +126,8 @@ defmodule Snakepit.Pool do
         }
 
   @doc """
-  Checks out one call slot. Options: `:session_id` (pin to the session's worker).
+  Checks out one call slot. Options: `:session_id` (pin to the session's worker), `:weight` (how
+  many tool calls the server will count for this one, e.g. the items of a batch; default 1).
   Returns `{:ok, lease}` or `{:error, %Snakepit.Error{}}` (`:queue_full`, `:queue_timeout`,
   `:pool_not_found`, `:unavailable`, `:pool_stopped`, `:worker_start_failed`, `:startup_timeout`).
   """
@@ -118,7 +139,11 @@ defmodule Snakepit.Pool do
 
       pid ->
         try do
-          GenServer.call(pid, {:checkout, self(), Keyword.get(opts, :session_id)}, :infinity)
+          GenServer.call(
+            pid,
+            {:checkout, self(), Keyword.get(opts, :session_id), Keyword.get(opts, :weight, 1)},
+            :infinity
+          )
         catch
           :exit, reason ->
             {:error,
@@ -127,8 +152,12 @@ defmodule Snakepit.Pool do
     end
   end
 
-  @doc "Returns a slot. `outcome` is `:ok`, `:error` or `{:session_init_failed, session_id}`."
-  @spec checkin(lease, :ok | :error | {:session_init_failed, String.t()}) :: :ok
+  @doc """
+  Returns a slot. `outcome` is `:ok`, `:error` (the server ended the call), `:abandoned` (the caller
+  gave up before the server ended it: deadline, cancellation; the server may still be running it,
+  see "Stuck calls") or `{:session_init_failed, session_id}`.
+  """
+  @spec checkin(lease, :ok | :error | :abandoned | {:session_init_failed, String.t()}) :: :ok
   def checkin(%{pool: pool, ref: ref}, outcome) do
     GenServer.cast(pool, {:checkin, ref, outcome})
   end
@@ -226,7 +255,9 @@ defmodule Snakepit.Pool do
         queue_timeouts: 0,
         recycles: 0,
         crashes: 0,
-        workers_started: 0
+        workers_started: 0,
+        stuck_replacements: 0,
+        unhealthy_replacements: 0
       }
     }
 
@@ -235,15 +266,15 @@ defmodule Snakepit.Pool do
   end
 
   @impl true
-  def handle_call({:checkout, _caller, _session_id}, _from, %{stopping: %{}} = s),
+  def handle_call({:checkout, _caller, _session_id, _weight}, _from, %{stopping: %{}} = s),
     do: {:reply, {:error, stopped_error(s)}, s}
 
-  def handle_call({:checkout, caller, session_id}, from, s) do
+  def handle_call({:checkout, caller, session_id, weight}, from, s) do
     mref = Process.monitor(caller)
 
     case pick(s, session_id) do
       {:ok, wpid} ->
-        {reply, s} = lease(s, wpid, mref, caller, session_id)
+        {reply, s} = lease(s, wpid, mref, caller, session_id, weight)
         {:reply, {:ok, reply}, s}
 
       :none ->
@@ -275,6 +306,7 @@ defmodule Snakepit.Pool do
               from: from,
               caller: caller,
               session_id: session_id,
+              weight: weight,
               timer: timer,
               wait: wait
             }
@@ -315,6 +347,8 @@ defmodule Snakepit.Pool do
           channel: w.channel,
           in_flight: w.in_flight,
           capacity: w.capacity,
+          abandoned_calls: length(w.abandoned),
+          stuck_calls: w.stuck_calls,
           requests: w.requests,
           ttl_ms: w.ttl_ms,
           sessions: MapSet.size(w.sessions),
@@ -334,7 +368,7 @@ defmodule Snakepit.Pool do
           s.workers
           |> Map.values()
           |> Enum.filter(&(&1.status in [:ready, :retiring]))
-          |> Enum.map(& &1.capacity)
+          |> Enum.map(&(&1.capacity - length(&1.abandoned)))
           |> Enum.sum(),
         sessions: map_size(s.sessions),
         workers: workers
@@ -400,6 +434,7 @@ defmodule Snakepit.Pool do
 
             case old && s.workers[old] do
               nil -> s
+              %{status: :unhealthy} = ow -> stop_worker(s, ow)
               ow -> s |> put_worker(%{ow | status: :draining}) |> maybe_stop(old)
             end
           else
@@ -407,6 +442,7 @@ defmodule Snakepit.Pool do
           end
 
         s = put_worker(s, %{s.workers[wpid] | ttl_ms: schedule_ttl(s.config, wpid)})
+        schedule_health_check(s.config, wpid)
 
         Logger.info(
           "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})"
@@ -486,7 +522,8 @@ defmodule Snakepit.Pool do
     message =
       "pool #{inspect(s.name)} was stopped: the call was still running after the #{st.grace} ms grace period"
 
-    for {wpid, %{in_flight: n}} <- s.workers, n > 0,
+    for {wpid, %{in_flight: n}} <- s.workers,
+        n > 0,
         do: :ets.insert(s.fates, {wpid, :pool_stopped, message})
 
     {:noreply, stop_all_workers(s)}
@@ -514,6 +551,62 @@ defmodule Snakepit.Pool do
     case s.workers[wpid] do
       %{status: :ready} = w -> {:noreply, retire(s, w, :ttl)}
       _ -> {:noreply, s}
+    end
+  end
+
+  def handle_info({:health_check, _wpid}, %{stopping: %{}} = s), do: {:noreply, s}
+
+  def handle_info({:health_check, wpid}, s) do
+    case s.workers[wpid] do
+      %{status: st} = w when st in [:ready, :retiring] ->
+        schedule_health_check(s.config, wpid)
+        kind = if w.abandoned == [], do: :health, else: :active_calls
+        {:noreply, start_check(s, w, kind)}
+
+      _ ->
+        {:noreply, s}
+    end
+  end
+
+  def handle_info({:stuck_call_check, wpid}, s) do
+    case s.workers[wpid] do
+      %{status: st, abandoned: [_ | _]} = w when st in [:ready, :retiring] ->
+        {:noreply, start_check(s, w, :active_calls)}
+
+      _ ->
+        {:noreply, s}
+    end
+  end
+
+  def handle_info({:check_result, wpid, ref, result}, s) do
+    case s.workers[wpid] do
+      %{check: %{ref: ^ref} = check} = w ->
+        w = %{w | check: nil}
+        s = put_worker(s, w)
+
+        s =
+          case {w.status, result} do
+            {st, _} when st not in [:ready, :retiring] -> s
+            {_, :ok} -> s
+            {_, {:ok, active}} -> settle_abandoned(s, w, active, check)
+            {_, {:error, why}} -> unhealthy(s, w, check_failure(check.kind, why))
+          end
+
+        # a stuck-call check asked for while this one ran
+        s =
+          case s.workers[wpid] do
+            %{check_again: true, status: st} = w when st in [:ready, :retiring] ->
+              w = %{w | check_again: false}
+              start_check(put_worker(s, w), w, :active_calls)
+
+            _ ->
+              s
+          end
+
+        {:noreply, dispatch(s)}
+
+      _ ->
+        {:noreply, s}
     end
   end
 
@@ -547,8 +640,9 @@ defmodule Snakepit.Pool do
 
   def handle_info({:DOWN, mref, :process, _pid, _reason}, s) do
     cond do
+      # the channel cancels the dead caller's stream; its tool may go on running on the server
       Map.has_key?(s.leases, mref) ->
-        {:noreply, s |> release(mref, :error) |> dispatch() |> maybe_end_drain()}
+        {:noreply, s |> release(mref, :abandoned) |> dispatch() |> maybe_end_drain()}
 
       Map.has_key?(s.waiters, mref) ->
         {waiter, waiters} = Map.pop(s.waiters, mref)
@@ -568,7 +662,8 @@ defmodule Snakepit.Pool do
   def terminate(_reason, s) do
     message = "pool #{inspect(s.name)} was stopped during the call"
 
-    for {wpid, %{in_flight: n}} <- s.workers, n > 0,
+    for {wpid, %{in_flight: n}} <- s.workers,
+        n > 0,
         do: :ets.insert(s.fates, {wpid, :pool_stopped, message})
 
     for {pid, _w} <- s.workers, do: Process.exit(pid, :shutdown)
@@ -663,6 +758,15 @@ defmodule Snakepit.Pool do
       os_pid: nil,
       port: nil,
       in_flight: 0,
+      # tool calls the server counts for the leases in flight (a batch counts its items)
+      load: 0,
+      # when calls the caller gave up on were checked in (oldest first), while the server may
+      # still run them; each keeps a slot (see "Stuck calls")
+      abandoned: [],
+      stuck_calls: 0,
+      # the check in flight, %{ref, kind, load, sent_at}, and whether another is wanted after it
+      check: nil,
+      check_again: false,
       capacity: s.config.threads_per_worker,
       requests: 0,
       ttl_ms: nil,
@@ -702,11 +806,17 @@ defmodule Snakepit.Pool do
   end
 
   # Starts the replacement (once) and stops routing to `w` (at once for :max_requests, when the
-  # replacement is ready for :ttl).
+  # replacement is ready for :ttl and :stuck_calls).
   defp retire(s, w, why) do
     slot = s.slots[w.slot]
-    already? = w.status in [:retiring, :draining, :stopping]
-    s = if already?, do: s, else: bump(s, :recycles)
+    already? = w.status in [:retiring, :draining, :stopping, :unhealthy]
+
+    s =
+      cond do
+        already? -> s
+        why == :stuck_calls -> bump(s, :stuck_replacements)
+        true -> bump(s, :recycles)
+      end
 
     if not already?,
       do:
@@ -720,9 +830,97 @@ defmodule Snakepit.Pool do
         else: s
 
     case why do
-      :ttl -> put_worker(s, %{w | status: :retiring})
-      :max_requests -> s |> put_worker(%{w | status: :draining}) |> maybe_stop(w.pid)
+      :max_requests when w.status in [:ready, :retiring] ->
+        s |> put_worker(%{w | status: :draining}) |> maybe_stop(w.pid)
+
+      # :ttl, :stuck_calls: it serves what it can until its replacement is ready
+      _ when w.status == :ready ->
+        put_worker(s, %{w | status: :retiring})
+
+      _ ->
+        s
     end
+  end
+
+  defp schedule_health_check(%{health_check_interval: :infinity}, _wpid), do: :ok
+
+  defp schedule_health_check(config, wpid),
+    do: Process.send_after(self(), {:health_check, wpid}, config.health_check_interval)
+
+  # Asks the worker's server, from a short-lived process, one `Snakepit.Worker.Health` question;
+  # the answer (or, past the timeout, a failure) comes back as {:check_result, wpid, ref, result}.
+  # One check per worker at a time: one asked for meanwhile runs after it.
+  defp start_check(s, %{check: %{}} = w, :active_calls),
+    do: put_worker(s, %{w | check_again: true})
+
+  defp start_check(s, %{check: %{}}, :health), do: s
+
+  defp start_check(s, w, kind) do
+    pool = self()
+    ref = make_ref()
+    timeout = s.config.health_check_timeout
+    channel = w.channel
+
+    spawn(fn ->
+      result =
+        case kind do
+          :health -> Health.check(channel, timeout)
+          :active_calls -> Health.active_calls(channel, timeout)
+        end
+
+      send(pool, {:check_result, w.pid, ref, result})
+    end)
+
+    late = {:error, "no answer within #{timeout} ms"}
+    Process.send_after(self(), {:check_result, w.pid, ref, late}, timeout + 1_000)
+    check = %{ref: ref, kind: kind, load: w.load, sent_at: System.monotonic_time(:millisecond)}
+    put_worker(s, %{w | check: check})
+  end
+
+  defp check_failure(:health, why), do: "failed its health check (#{why})"
+  defp check_failure(:active_calls, why), do: "did not answer a stuck-call check (#{why})"
+
+  # The server runs `active` tool calls; the pool knew of at most `check.load` (leases alive when
+  # the check was sent, plus those started since). The rest are abandoned calls still running:
+  # keep that many of the abandoned calls measured (oldest first), forget the others.
+  defp settle_abandoned(s, w, active, check) do
+    grace = s.config.stuck_call_grace
+    still_running = max(active - check.load, 0)
+    {measured, later} = Enum.split_with(w.abandoned, &(&1 <= check.sent_at))
+    kept = Enum.take(measured, still_running)
+    stuck = Enum.count(kept, &(check.sent_at - &1 >= grace))
+    w = %{w | abandoned: kept ++ later, stuck_calls: stuck}
+    s = put_worker(s, w)
+
+    if stuck > 0 and stuck >= min(s.config.max_stuck_calls, w.capacity) do
+      Logger.warning(
+        "snakepit pool #{inspect(s.name)}: worker #{w.id} (os pid #{w.os_pid}) has #{stuck} calls " <>
+          "still running more than #{grace} ms after their callers gave up; replacing it"
+      )
+
+      retire(s, w, :stuck_calls)
+    else
+      s
+    end
+  end
+
+  # Takes `w` out of service: records why for its callers, starts its replacement, and stops it
+  # when the replacement is ready (at once when no call is in flight on it).
+  defp unhealthy(s, w, why) do
+    message = "worker #{w.id} (os pid #{w.os_pid}) #{why} and was replaced"
+    Logger.warning("snakepit pool #{inspect(s.name)}: #{message}")
+    :ets.insert(s.fates, {w.pid, :worker_unhealthy, message})
+    slot = s.slots[w.slot]
+
+    s =
+      if slot.pending == nil and not slot.scheduled and slot.current == w.pid,
+        do: start_worker(s, w.slot),
+        else: s
+
+    s
+    |> bump(:unhealthy_replacements)
+    |> put_worker(%{w | status: :unhealthy})
+    |> maybe_stop(w.pid)
   end
 
   # Draining: once no call is in flight, stop the workers; once they are gone, answer drain/2.
@@ -760,7 +958,7 @@ defmodule Snakepit.Pool do
   # A fate is kept while a lease on its worker may still read it.
   defp forget_fate(s, wpid) do
     if not Map.has_key?(s.workers, wpid) and
-         not Enum.any?(s.leases, &match?({_, {_, ^wpid}}, &1)),
+         not Enum.any?(s.leases, &match?({_, {_, ^wpid, _}}, &1)),
        do: :ets.delete(s.fates, wpid)
 
     s
@@ -768,21 +966,20 @@ defmodule Snakepit.Pool do
 
   defp maybe_stop(s, wpid) do
     case s.workers[wpid] do
-      %{status: :draining, in_flight: 0} = w ->
-        Worker.stop_gracefully(wpid)
-        put_worker(s, %{w | status: :stopping})
-
-      _ ->
-        s
+      %{status: st, in_flight: 0} = w when st in [:draining, :unhealthy] -> stop_worker(s, w)
+      _ -> s
     end
   end
+
+  # Slots taken: calls in flight, and abandoned calls the server may still be running.
+  defp busy(w), do: w.in_flight + length(w.abandoned)
 
   defp pick(s, session_id) do
     pinned = session_id && Map.get(s.sessions, session_id)
 
     case pinned && s.workers[pinned] do
       %{status: st} = w when st in [:ready, :retiring] ->
-        if w.in_flight < w.capacity, do: {:ok, pinned}, else: :none
+        if busy(w) < w.capacity, do: {:ok, pinned}, else: :none
 
       _ ->
         pick_any(s)
@@ -791,11 +988,10 @@ defmodule Snakepit.Pool do
 
   defp pick_any(s) do
     Enum.reduce(s.workers, nil, fn {pid, w}, best ->
-      if w.status in [:ready, :retiring] and w.in_flight < w.capacity do
+      if w.status in [:ready, :retiring] and busy(w) < w.capacity do
         case best do
-          nil -> {pid, w.in_flight}
-          {_, n} when w.in_flight < n -> {pid, w.in_flight}
-          _ -> best
+          nil -> {pid, busy(w)}
+          {_, n} -> if busy(w) < n, do: {pid, busy(w)}, else: best
         end
       else
         best
@@ -807,14 +1003,25 @@ defmodule Snakepit.Pool do
     end
   end
 
-  defp lease(s, wpid, mref, caller, session_id) do
+  defp lease(s, wpid, mref, caller, session_id, weight) do
     w = s.workers[wpid]
     init? = session_id != nil and not MapSet.member?(w.sessions, session_id)
     sessions = if init?, do: MapSet.put(w.sessions, session_id), else: w.sessions
-    w = %{w | in_flight: w.in_flight + 1, requests: w.requests + 1, sessions: sessions}
+    # a check in flight may see this call on the server: it must know of it
+    check = w.check && %{w.check | load: w.check.load + weight}
+
+    w = %{
+      w
+      | in_flight: w.in_flight + 1,
+        load: w.load + weight,
+        check: check,
+        requests: w.requests + 1,
+        sessions: sessions
+    }
+
     s = put_worker(s, w)
     s = if session_id, do: %{s | sessions: Map.put(s.sessions, session_id, wpid)}, else: s
-    s = %{s | leases: Map.put(s.leases, mref, {caller, wpid})} |> bump(:checkouts)
+    s = %{s | leases: Map.put(s.leases, mref, {caller, wpid, weight})} |> bump(:checkouts)
 
     s =
       if s.config.worker_max_requests != :infinity and w.requests >= s.config.worker_max_requests,
@@ -841,7 +1048,7 @@ defmodule Snakepit.Pool do
       {nil, _} ->
         s
 
-      {{_caller, wpid}, leases} ->
+      {{_caller, wpid, weight}, leases} ->
         s = %{s | leases: leases}
         s = bump(s, :calls)
         s = if outcome == :ok, do: s, else: bump(s, :failures)
@@ -857,11 +1064,22 @@ defmodule Snakepit.Pool do
                 _ -> w.sessions
               end
 
-            s
-            |> put_worker(%{w | in_flight: w.in_flight - 1, sessions: sessions})
-            |> maybe_stop(wpid)
+            w = %{w | in_flight: w.in_flight - 1, load: w.load - weight, sessions: sessions}
+            s = if outcome == :abandoned, do: abandon(s, w, weight), else: put_worker(s, w)
+            maybe_stop(s, wpid)
         end
     end
+  end
+
+  # The caller gave up on a call of `weight` tool calls: they keep their slots until a check of the
+  # server shows them ended; checks right away (a tool that honours cancellation ends within
+  # milliseconds) and once `stuck_call_grace` has passed.
+  defp abandon(s, w, weight) do
+    now = System.monotonic_time(:millisecond)
+    w = %{w | abandoned: w.abandoned ++ List.duplicate(now, min(weight, w.capacity))}
+    Process.send_after(self(), {:stuck_call_check, w.pid}, 50)
+    Process.send_after(self(), {:stuck_call_check, w.pid}, s.config.stuck_call_grace + 10)
+    put_worker(s, w)
   end
 
   # Hands free slots to waiters, oldest first (a session waiter whose worker is busy keeps its place).
@@ -884,7 +1102,7 @@ defmodule Snakepit.Pool do
         case pick(s, waiter.session_id) do
           {:ok, wpid} ->
             Process.cancel_timer(waiter.timer)
-            {reply, s} = lease(s, wpid, mref, waiter.caller, waiter.session_id)
+            {reply, s} = lease(s, wpid, mref, waiter.caller, waiter.session_id, waiter.weight)
             GenServer.reply(waiter.from, {:ok, reply})
             s = %{s | waiters: Map.delete(s.waiters, mref)}
 

@@ -298,7 +298,12 @@ defmodule Snakepit.Worker do
 
       room > 0 ->
         kept = binary_part(chunk, 0, room)
-        %{s | partial: s.partial <> kept, dropped_bytes: s.dropped_bytes + byte_size(chunk) - room}
+
+        %{
+          s
+          | partial: s.partial <> kept,
+            dropped_bytes: s.dropped_bytes + byte_size(chunk) - room
+        }
 
       true ->
         %{s | dropped_bytes: s.dropped_bytes + byte_size(chunk)}
