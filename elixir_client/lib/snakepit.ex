@@ -498,8 +498,8 @@ defmodule Snakepit do
   @doc """
   Pool counters (`calls`, `failures`, `checkouts`, `queued` now, `queued_total`, `queue_full`,
   `queue_timeouts`, `recycles`, `crashes`, `workers_started`, `stuck_replacements`,
-  `unhealthy_replacements`, `in_flight`, `capacity` (free or busy slots of ready workers, less the
-  slots abandoned calls still hold), `sessions`) and `workers`: one map per worker (pid, id, status,
+  `unhealthy_replacements`, `in_flight`, `capacity` (slots of ready workers, less those stuck
+  calls hold), `sessions`) and `workers`: one map per worker (pid, id, status,
   os_pid, port, in_flight, capacity, requests, `abandoned_calls`, `stuck_calls`) with
   `python`: that worker's GetStats response (adapter_stats_json / thread_safety_json decoded into
   `adapter_stats` / `thread_safety`), or `{:error, e}`.

@@ -82,6 +82,8 @@ defmodule Snakepit.Pool do
   alias Snakepit.Worker.Health
 
   @backoff_base 100
+  # ms after a call was abandoned at which the server is asked whether it still runs it
+  @stuck_check_delays [50, 150, 400]
 
   ## client API
 
@@ -368,7 +370,7 @@ defmodule Snakepit.Pool do
           s.workers
           |> Map.values()
           |> Enum.filter(&(&1.status in [:ready, :retiring]))
-          |> Enum.map(&(&1.capacity - length(&1.abandoned)))
+          |> Enum.map(&(&1.capacity - &1.stuck_calls))
           |> Enum.sum(),
         sessions: map_size(s.sessions),
         workers: workers
@@ -1072,13 +1074,17 @@ defmodule Snakepit.Pool do
   end
 
   # The caller gave up on a call of `weight` tool calls: they keep their slots until a check of the
-  # server shows them ended; checks right away (a tool that honours cancellation ends within
-  # milliseconds) and once `stuck_call_grace` has passed.
+  # server shows them ended. Checks soon and more rarely after (a tool that honours cancellation
+  # ends within milliseconds, one that polls for it within its polling period), and once
+  # `stuck_call_grace` has passed.
   defp abandon(s, w, weight) do
     now = System.monotonic_time(:millisecond)
     w = %{w | abandoned: w.abandoned ++ List.duplicate(now, min(weight, w.capacity))}
-    Process.send_after(self(), {:stuck_call_check, w.pid}, 50)
-    Process.send_after(self(), {:stuck_call_check, w.pid}, s.config.stuck_call_grace + 10)
+    grace = s.config.stuck_call_grace
+
+    for delay <- Enum.filter(@stuck_check_delays, &(&1 < grace)) ++ [grace + 10],
+        do: Process.send_after(self(), {:stuck_call_check, w.pid}, delay)
+
     put_worker(s, w)
   end
 
