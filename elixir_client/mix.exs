@@ -15,8 +15,9 @@ defmodule Snakepit.MixProject do
 
   def application do
     [
-      # jiffy comes from Debian's erlang-jiffy, installed in OTP's own code path.
-      extra_applications: [:logger, :jiffy],
+      # jiffy comes from Debian's erlang-jiffy, installed in OTP's own code path; crypto makes
+      # the workers' readiness nonces.
+      extra_applications: [:logger, :crypto, :jiffy],
       mod: {Snakepit.Application, []}
     ]
   end

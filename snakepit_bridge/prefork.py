@@ -77,7 +77,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_preforked(settings) -> int:
+def serve_preforked(settings, ready_nonce: str | None = None) -> int:
     args = settings.args
     try:
         reservation = _reserve_port(args.host, args.port)
@@ -132,7 +132,7 @@ def serve_preforked(settings) -> int:
             stop_requested.set()
 
     install_stop_triggers(request_stop, args.exit_on_stdin_eof)
-    announce_ready(port)
+    announce_ready(port, ready_nonce)
     while not stop_requested.wait(0.5):
         while receiver.poll():
             receiver.recv()  # readiness of restarted children

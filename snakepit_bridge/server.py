@@ -4,7 +4,12 @@
     python grpc_server_process.py  [flags]   # one tool call at a time per process
 
 Readiness: once serving, one stdout line `SNAKEPIT_READY port=<port> pid=<pid>`, and the port written
-atomically to $SNAKEPIT_READY_FILE when set. Shutdown (SIGTERM, SIGINT, or stdin EOF with
+atomically to $SNAKEPIT_READY_FILE when set. When $SNAKEPIT_READY_NONCE is set (the Elixir pool sets a
+fresh one per spawn), the server removes it from the environment before the adapter is imported and
+prints `SNAKEPIT_READY port=<port> pid=<pid> nonce=<nonce>` on a line of its own (a newline first ends
+any partial line the adapter left), so adapter output cannot pass for readiness. A start-up failure
+(the adapter's import or setup() raising, port in use) ends with one stderr line `error: <message>`
+and exit code 1. Shutdown (SIGTERM, SIGINT, or stdin EOF with
 --exit-on-stdin-eof): health turns NOT_SERVING, new calls are refused, in-flight calls get --grace
 seconds to finish, then exit 0.
 """
@@ -44,6 +49,7 @@ DEFAULT_ADAPTERS = {
 }
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BridgeService"].full_name
 CONTROL_THREADS = 8  # handler threads beyond tool slots + queue, so Ping/health/stats never starve
+READY_NONCE_ENV = "SNAKEPIT_READY_NONCE"
 
 
 class StartupError(Exception):
@@ -183,6 +189,9 @@ def load_adapter_class(path: str) -> type:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise StartupError(f"cannot import adapter module {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself raised: keep its traceback in the log, one line to the parent
+        log.error("importing adapter module %r failed", module_name, exc_info=True)
+        raise StartupError(f"cannot import adapter module {module_name!r}: {type(exc).__name__}: {exc}") from None
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise StartupError(f"adapter module {module_name!r} has no class {class_name!r}")
@@ -225,9 +234,13 @@ class Worker:
 
             self.checker = ThreadSafetyChecker(enabled=True, strict_mode=args.thread_safety_strict)
         info = ServerInfo(worker_mode=mode, max_workers=self.settings.max_workers, worker_index=self.worker_index)
-        adapter = adapter_cls()
-        adapter.bind_server(info)
-        adapter.setup()
+        try:
+            adapter = adapter_cls()
+            adapter.bind_server(info)
+            adapter.setup()
+        except Exception as exc:
+            log.error("adapter %s setup failed", args.adapter, exc_info=True)
+            raise StartupError(f"adapter setup failed: {type(exc).__name__}: {exc}") from None
         if self.checker is not None:
             self.checker.check_declaration(adapter_cls)
             self.checker.attach(adapter)
@@ -329,8 +342,9 @@ class Worker:
         log.info("stopped")
 
 
-def announce_ready(port: int) -> None:
-    """The readiness line on stdout, and the port in $SNAKEPIT_READY_FILE (written atomically)."""
+def announce_ready(port: int, nonce: str | None = None) -> None:
+    """The readiness line on stdout (with the spawner's nonce when it gave one), and the port in
+    $SNAKEPIT_READY_FILE (written atomically)."""
     ready_file = os.environ.get("SNAKEPIT_READY_FILE")
     if ready_file:
         tmp = f"{ready_file}.{os.getpid()}.tmp"
@@ -339,7 +353,10 @@ def announce_ready(port: int) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, ready_file)
-    sys.stdout.write(f"SNAKEPIT_READY port={port} pid={os.getpid()}\n")
+    if nonce:
+        sys.stdout.write(f"\nSNAKEPIT_READY port={port} pid={os.getpid()} nonce={nonce}\n")
+    else:
+        sys.stdout.write(f"SNAKEPIT_READY port={port} pid={os.getpid()}\n")
     sys.stdout.flush()
 
 
@@ -368,11 +385,13 @@ def serve(mode: str, argv: list[str] | None = None) -> int:
         settings = parse_settings(mode, argv)
     except SystemExit as exc:  # argparse already printed the message
         return int(exc.code or 0)
+    # Taken out before any adapter code runs, so an adapter cannot print a ready line that passes.
+    ready_nonce = os.environ.pop(READY_NONCE_ENV, None)
     logs.configure(settings.args.log_level)
     if mode == PROCESS and settings.args.processes > 1:
         from .prefork import serve_preforked
 
-        return serve_preforked(settings)
+        return serve_preforked(settings, ready_nonce)
     worker = Worker(settings)
     try:
         port = worker.start()
@@ -380,7 +399,7 @@ def serve(mode: str, argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     install_stop_triggers(worker.request_stop, settings.args.exit_on_stdin_eof)
-    announce_ready(port)
+    announce_ready(port, ready_nonce)
     while not worker.stop_requested.wait(0.5):
         pass
     worker.shutdown()

@@ -77,6 +77,10 @@ class SpecAdapter(BaseAdapter):
         with self._lock:
             return self._cancel_seen.get(token)
 
+    @tool(description="The value of an environment variable of the server process, or null")
+    def environment_variable(self, name: str) -> str | None:
+        return os.environ.get(name)
+
     @tool(description="Sleep without looking at cancellation: an in-flight call that must be drained")
     def stubborn_sleep(self, seconds: float) -> dict:
         started = time.monotonic()

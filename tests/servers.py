@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"threaded": ROOT / "grpc_server_threaded.py", "process": ROOT / "grpc_server_process.py"}
-READY = re.compile(r"^SNAKEPIT_READY port=(\d+) pid=(\d+)$")
+READY = re.compile(r"^SNAKEPIT_READY port=(\d+) pid=(\d+)(?: nonce=\S+)?$")
 SHOWCASE = "snakepit_bridge.adapters.showcase.ShowcaseAdapter"
 SPEC_ADAPTER = "tests.adapters_for_tests.SpecAdapter"
 

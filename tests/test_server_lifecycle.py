@@ -49,6 +49,30 @@ def test_ready_line_names_the_port_and_pid_and_is_alone_on_stdout(mode, flags, t
         assert server.client().execute("add", {"a": 1, "b": 2}) == 3  # ready means serving
 
 
+@pytest.mark.parametrize("mode, flags", MODES, ids=MODE_IDS)
+def test_ready_line_carries_the_spawners_nonce_on_a_line_of_its_own_and_the_adapter_never_sees_it(mode, flags):
+    nonce = "5f0c1e9a7b3d4c2e8a6b0d1f2e3c4b5a"
+    with WorkerServer(mode, "--adapter", SPEC_ADAPTER, *flags, env={"SNAKEPIT_READY_NONCE": nonce}) as server:
+        # the leading empty line ends whatever partial line the adapter's setup() left on stdout
+        assert server.stdout_lines == ["", f"SNAKEPIT_READY port={server.port} pid={server.process.pid} nonce={nonce}"]
+        assert server.client().execute("environment_variable", {"name": "SNAKEPIT_READY_NONCE"}) is None
+
+
+@pytest.mark.parametrize("mode, flags", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("adapter, last_line", [
+    ("tests.adapters_for_tests.FailingSetupAdapter", "adapter setup failed: RuntimeError: model file missing"),
+    ("tests.adapter_raising_at_import.Anything",
+     "cannot import adapter module 'tests.adapter_raising_at_import': RuntimeError: no GPU visible at import time"),
+    ("tests.no_such_module.Anything",
+     "cannot import adapter module 'tests.no_such_module': No module named 'tests.no_such_module'"),
+], ids=["setup-raises", "import-raises", "import-missing"])
+def test_adapter_that_fails_to_load_ends_start_up_with_one_error_line_and_exit_code_1(mode, flags, adapter, last_line):
+    code, stdout, stderr = start_expecting_failure(mode, "--adapter", adapter, *flags)
+    assert code == 1, (stdout, stderr)
+    assert stderr.splitlines()[-1].startswith("error: ") and stderr.splitlines()[-1].endswith(last_line), stderr
+    assert "SNAKEPIT_READY" not in stdout
+
+
 def test_ready_file_is_written_atomically_never_empty(tmp_path):
     """A watcher polling the file sees either nothing or the whole port number."""
     ready_file = tmp_path / "ready"

@@ -62,11 +62,17 @@ defmodule Snakepit do
 
   @doc """
   Starts a pool under the application's supervisor (see `Snakepit.Config` / README for keys) and
-  waits until all its workers are ready (`await: false` to not wait). Returns `{:error, message}`
-  for an invalid config (the message names the key) or when no worker became ready within the
-  pool's `startup_timeout`.
+  waits until all its workers are ready (`await: false` to not wait).
+
+  Returns `{:error, message}` (a string naming the key) for an invalid config. When a worker fails
+  to start, it returns at once, without waiting for `startup_timeout`, with
+  `{:error, %Snakepit.Error{reason: :worker_start_failed}}` whose message ends with the server's
+  last line of output (e.g. `error: cannot import adapter module 'my_adapter': No module named
+  'my_adapter'`, `ModuleNotFoundError: No module named 'grpc'`); with
+  `{:error, %Snakepit.Error{reason: :startup_timeout}}` when the workers were not ready in time. The
+  pool is stopped in both cases.
   """
-  @spec start_pool(map | keyword, keyword) :: {:ok, pid} | {:error, term}
+  @spec start_pool(map | keyword, keyword) :: {:ok, pid} | {:error, String.t() | Error.t()}
   def start_pool(config, opts \\ []) do
     with {:ok, c} <- Snakepit.Config.new(config),
          :ok <- Snakepit.Application.adapter_validate(c),
@@ -76,11 +82,20 @@ defmodule Snakepit do
           :ok ->
             {:ok, pid}
 
-          {:error, _} ->
+          {:error, reason} ->
             DynamicSupervisor.terminate_child(Snakepit.PoolSupervisor, pid)
 
-            {:error,
-             "pool #{inspect(c.name)}: workers not ready within startup_timeout (#{c.startup_timeout} ms)"}
+            case reason do
+              %Error{} = e ->
+                {:error, e}
+
+              _ ->
+                {:error,
+                 Error.new(
+                   :startup_timeout,
+                   "pool #{inspect(c.name)}: workers not ready within startup_timeout (#{c.startup_timeout} ms)"
+                 )}
+            end
         end
       else
         {:ok, pid}
@@ -88,14 +103,24 @@ defmodule Snakepit do
     end
   end
 
-  @doc "Stops a pool started with `start_pool/2` (its workers are stopped)."
-  @spec stop_pool(pool) :: :ok | {:error, :not_found}
-  def stop_pool(pool) do
+  @doc """
+  Stops a pool (one from `start_pool/2` or from the application config) and its workers.
+
+  The pool takes no new call from then on: new callers and queued callers get
+  `{:error, %Snakepit.Error{reason: :pool_stopped}}` at once. Calls in flight get `grace:` ms
+  (default: the pool's `shutdown_grace`) to finish normally; `stop_pool` returns as soon as they
+  are done. A call still running after the grace fails with `:pool_stopped`; then the workers are
+  stopped (SIGTERM, SIGKILL if they outlive their own `shutdown_grace` + 2 s).
+  """
+  @spec stop_pool(pool, keyword) :: :ok | {:error, :not_found}
+  def stop_pool(pool, opts \\ []) do
     case Pool.whereis(pool) do
       nil ->
         {:error, :not_found}
 
       pid ->
+        _ = Pool.drain(pid, Keyword.get(opts, :grace))
+
         case DynamicSupervisor.terminate_child(Snakepit.PoolSupervisor, pid) do
           :ok ->
             :ok
@@ -123,8 +148,11 @@ defmodule Snakepit do
     end
   end
 
-  @doc "Waits until `pool` has all its workers ready."
-  @spec await_ready(pool, timeout) :: :ok | {:error, term}
+  @doc """
+  Waits until `pool` has all its workers ready; `{:error, %Snakepit.Error{}}` as soon as one fails
+  to start (see `start_pool/2`), `{:error, :timeout}` after `timeout` ms.
+  """
+  @spec await_ready(pool, timeout) :: :ok | {:error, :timeout | :pool_not_found | Error.t()}
   def await_ready(pool, timeout \\ 30_000), do: Pool.await_ready(pool, timeout)
 
   ## execute
@@ -405,7 +433,8 @@ defmodule Snakepit do
       end,
       fn st ->
         unless st.done, do: cancel(st.lease.channel, st.ref)
-        Pool.checkin(st.lease, if(st.done, do: :ok, else: :error))
+        # not done: halted early or failed; cancelled here, so its tool may still run
+        Pool.checkin(st.lease, if(st.done, do: :ok, else: :abandoned))
       end
     )
   end
@@ -462,34 +491,38 @@ defmodule Snakepit do
       end)
 
     with {:ok, items} <- encoded do
-      with_slot(pool, tool, %{}, opts, fn lease, _, _ ->
-        req = %{
-          tool_name: tool,
-          items: Enum.reverse(items),
-          session_id: opts[:session_id] || "",
-          request_id: opts[:request_id] || "",
-          metadata: opts[:metadata] || %{},
-          max_parallelism: opts[:max_parallelism] || 0
-        }
+      run = fn lease, _, _ -> run_batch(lease, tool, Enum.reverse(items), opts) end
+      # the server counts each item as a tool call
+      with_slot(pool, tool, %{}, opts, run, max(length(items), 1))
+    end
+  end
 
-        with {:ok, resp} <-
-               unary(
-                 lease,
-                 "ExecuteBatch",
-                 :execute_batch_request,
-                 req,
-                 :execute_batch_response,
-                 tool,
-                 opts
-               ) do
-          {:ok,
-           Enum.map(resp.results, fn
-             %{ok: true} = r -> decode_value(r.result_json, r.blobs, tool, opts)
-             %{error: te} when is_map(te) -> {:error, Error.from_tool_error(te, tool)}
-             _ -> {:error, Error.new(:unknown, "batch item failed without an error", tool: tool)}
-           end)}
-        end
-      end)
+  defp run_batch(lease, tool, items, opts) do
+    req = %{
+      tool_name: tool,
+      items: items,
+      session_id: opts[:session_id] || "",
+      request_id: opts[:request_id] || "",
+      metadata: opts[:metadata] || %{},
+      max_parallelism: opts[:max_parallelism] || 0
+    }
+
+    with {:ok, resp} <-
+           unary(
+             lease,
+             "ExecuteBatch",
+             :execute_batch_request,
+             req,
+             :execute_batch_response,
+             tool,
+             opts
+           ) do
+      {:ok,
+       Enum.map(resp.results, fn
+         %{ok: true} = r -> decode_value(r.result_json, r.blobs, tool, opts)
+         %{error: te} when is_map(te) -> {:error, Error.from_tool_error(te, tool)}
+         _ -> {:error, Error.new(:unknown, "batch item failed without an error", tool: tool)}
+       end)}
     end
   end
 
@@ -497,8 +530,10 @@ defmodule Snakepit do
 
   @doc """
   Pool counters (`calls`, `failures`, `checkouts`, `queued` now, `queued_total`, `queue_full`,
-  `queue_timeouts`, `recycles`, `crashes`, `workers_started`, `in_flight`, `capacity`, `sessions`) and
-  `workers`: one map per worker (pid, id, status, os_pid, port, in_flight, capacity, requests) with
+  `queue_timeouts`, `recycles`, `crashes`, `workers_started`, `stuck_replacements`,
+  `unhealthy_replacements`, `in_flight`, `capacity` (slots of ready workers, less those stuck
+  calls hold), `sessions`) and `workers`: one map per worker (pid, id, status,
+  os_pid, port, in_flight, capacity, requests, `abandoned_calls`, `stuck_calls`) with
   `python`: that worker's GetStats response (adapter_stats_json / thread_safety_json decoded into
   `adapter_stats` / `thread_safety`), or `{:error, e}`.
   """
@@ -552,17 +587,23 @@ defmodule Snakepit do
     end
   end
 
-  @doc "The pool's workers: pid, id, slot, status, os_pid, port, in_flight, capacity, requests, uptime."
+  @doc """
+  The pool's workers: pid, id, slot, status (`:starting`, `:ready`, `:retiring`, `:draining`,
+  `:unhealthy`, `:stopping`), os_pid, port, in_flight, capacity, requests, `abandoned_calls` (calls
+  given up on that may still run on the server), `stuck_calls` (those confirmed still running after
+  `stuck_call_grace`), uptime_ms.
+  """
   @spec list_workers(pool) :: [map]
   def list_workers(pool \\ default_pool()), do: Pool.stats(pool).workers
 
   ## internals
 
-  defp with_slot(pool, tool, args, opts, fun) do
+  # `weight`: the tool calls the server counts for this one (a batch: its items).
+  defp with_slot(pool, tool, args, opts, fun, weight \\ 1) do
     with {:ok, {json, blobs}} <- encode(args, tool) do
       sid = opts[:session_id]
 
-      case Pool.checkout(pool, session_id: sid) do
+      case Pool.checkout(pool, session_id: sid, weight: weight) do
         {:ok, lease} ->
           t0 = System.monotonic_time()
 
@@ -574,8 +615,9 @@ defmodule Snakepit do
                 with :ok <- maybe_init_session(lease, opts), do: fun.(lease, json, blobs)
               end
             catch
+              # (a stream whose callback raised was cancelled: its tool may still run)
               kind, reason ->
-                Pool.checkin(lease, :error)
+                Pool.checkin(lease, :abandoned)
                 :erlang.raise(kind, reason, __STACKTRACE__)
             end
 
@@ -586,6 +628,8 @@ defmodule Snakepit do
             case result do
               _ when undo? -> {:session_init_failed, sid}
               {:error, %Error{reason: :session_init_failed}} -> {:session_init_failed, sid}
+              # past its deadline the call was cancelled, not ended by the server
+              {:error, %Error{reason: :timeout}} -> :abandoned
               {:error, _} -> :error
               _ -> :ok
             end
@@ -691,8 +735,16 @@ defmodule Snakepit do
     if err.reason == :unavailable, do: crashed_or(lease, err), else: err
   end
 
-  # A transport failure on a worker that dies (within a short grace) was a worker crash.
+  # A transport failure on a worker the pool stopped on purpose has the pool's reason; on a worker
+  # that dies (within a short grace) it was a worker crash.
   defp crashed_or(lease, err) do
+    case Pool.worker_fate(lease) do
+      {reason, message} -> %{err | reason: reason, message: "#{message} (#{err.message})"}
+      nil -> crashed_or_unavailable(lease, err)
+    end
+  end
+
+  defp crashed_or_unavailable(lease, err) do
     ref = Process.monitor(lease.worker)
 
     receive do

@@ -31,6 +31,15 @@ defmodule Snakepit.ConfigTest do
              "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
   end
 
+  test "sick-worker detection has defaults and can turn health checks off" do
+    c = Config.new!(name: :p)
+    assert {c.health_check_interval, c.health_check_timeout} == {10_000, 5_000}
+    assert {c.stuck_call_grace, c.max_stuck_calls} == {1_000, 1}
+
+    assert Config.new!(name: :p, health_check_interval: :infinity).health_check_interval ==
+             :infinity
+  end
+
   test "ttl units" do
     assert Config.new!(name: :p, worker_ttl: {2, :minutes}).worker_ttl == 120_000
     assert Config.new!(name: :p, worker_ttl: {250, :milliseconds}).worker_ttl == 250
@@ -56,6 +65,10 @@ defmodule Snakepit.ConfigTest do
           {[name: :p, adapter_env: [{"A", 1}]], ":adapter_env"},
           {[name: :p, adapter_module: NoSuchModule], ":adapter_module"},
           {[name: :p, queue_timeout: :soon], ":queue_timeout"},
+          {[name: :p, health_check_interval: 0], ":health_check_interval"},
+          {[name: :p, health_check_timeout: :infinity], ":health_check_timeout"},
+          {[name: :p, stuck_call_grace: -1], ":stuck_call_grace"},
+          {[name: :p, max_stuck_calls: 0], ":max_stuck_calls"},
           {[name: :p, pool_sise: 2], ":pool_sise"}
         ] do
       assert {:error, msg} = Config.new(cfg)

@@ -84,23 +84,6 @@ defmodule Snakepit.PoolFaultTest do
     assert {:ok, 1} = Snakepit.execute_in_session(pool, "crash-sess", "session_counter", %{})
   end
 
-  test "a worker that cannot start is retried with backoff and the pool start fails in time" do
-    {ms, result} =
-      timed(fn ->
-        Snakepit.start_pool(%{
-          name: :never_ready,
-          pool_size: 1,
-          python_adapter: "snakepit_bridge.adapters.nope.Missing",
-          startup_timeout: 3_000
-        })
-      end)
-
-    assert {:error, msg} = result
-    assert msg =~ "startup_timeout"
-    assert ms < 6_000
-    assert Snakepit.Pool.whereis(:never_ready) == nil
-  end
-
   test "restart delays grow exponentially up to restart_backoff_max" do
     assert Enum.map(1..8, &Snakepit.Pool.backoff(&1, 10_000)) == [
              100,
@@ -121,7 +104,8 @@ defmodule Snakepit.PoolFaultTest do
       start_pool_no_wait!(%{
         pool_size: 1,
         python_adapter: "snakepit_bridge.adapters.nope.Missing",
-        startup_timeout: 10_000
+        startup_timeout: 10_000,
+        queue_timeout: 100
       })
 
     Process.sleep(5_000)
@@ -134,23 +118,13 @@ defmodule Snakepit.PoolFaultTest do
     assert stats.workers_started <= 7, "too many attempts: #{stats.workers_started}"
   end
 
-  defp start_pool_no_wait!(config) do
-    name = :"pool_#{System.unique_integer([:positive])}"
-
-    {:ok, _} =
-      Snakepit.start_pool(Map.merge(config, %{name: name, queue_timeout: 100}), await: false)
-
-    on_exit(fn -> Snakepit.stop_pool(name) end)
-    name
-  end
-
   test "a worker whose executable vanished cannot be spawned: the pool survives and keeps retrying" do
     dir = Path.join(System.tmp_dir!(), "snakepit_vanish_#{System.unique_integer([:positive])}")
     File.mkdir_p!(dir)
     exe = Path.join(dir, "python")
     File.write!(exe, "#!/bin/sh\nexit 3\n")
     File.chmod!(exe, 0o755)
-    pool = start_pool_no_wait!(%{pool_size: 1, python_executable: exe})
+    pool = start_pool_no_wait!(%{pool_size: 1, python_executable: exe, queue_timeout: 100})
     pool_pid = Snakepit.Pool.whereis(pool)
     File.rm_rf!(dir)
     Process.sleep(1_500)

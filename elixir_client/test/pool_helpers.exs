@@ -13,6 +13,21 @@ defmodule Snakepit.PoolHelpers do
     name
   end
 
+  @support_dir Path.expand("support", __DIR__)
+
+  @doc "Config keys that run `test/support/pool_test_adapters.py`'s adapter `class`."
+  def test_adapter(class) do
+    %{python_adapter: "pool_test_adapters." <> class, adapter_env: [{"PYTHONPATH", @support_dir}]}
+  end
+
+  @doc "Starts a uniquely named pool without waiting for its workers; stops it when the test ends."
+  def start_pool_no_wait!(config) do
+    name = :"pool_#{System.unique_integer([:positive])}"
+    {:ok, _} = Snakepit.start_pool(Map.put(Map.new(config), :name, name), await: false)
+    ExUnit.Callbacks.on_exit(fn -> Snakepit.stop_pool(name) end)
+    name
+  end
+
   def os_alive?(os_pid) do
     {_, code} = System.cmd("kill", ["-0", Integer.to_string(os_pid)], stderr_to_stdout: true)
     code == 0 and not zombie?(os_pid)
@@ -27,6 +42,10 @@ defmodule Snakepit.PoolHelpers do
 
   def kill9(os_pid),
     do: System.cmd("kill", ["-9", Integer.to_string(os_pid)], stderr_to_stdout: true)
+
+  @doc "Sends `signal` (\"STOP\", \"CONT\", ...) to an OS process."
+  def signal(os_pid, signal),
+    do: System.cmd("kill", ["-" <> signal, Integer.to_string(os_pid)], stderr_to_stdout: true)
 
   @doc "Polls `fun` until it returns truthy, at most `timeout` ms."
   def eventually(fun, timeout \\ 10_000, step \\ 50) do

@@ -4,6 +4,21 @@ defmodule Snakepit.Config do
 
   A pool config is a map or keyword list. Every key except `:name` has a default; unknown keys and
   invalid values are rejected with a message naming the key. See the README for the full reference.
+
+  ## Sick workers
+
+  A worker whose Python process is alive but does not serve is found and replaced (see
+  `Snakepit.Pool`, "Sick workers"):
+
+    * `:health_check_interval` - ms between health checks of each ready worker
+      (`grpc.health.v1.Health/Check` on its channel), or `:infinity` for none. Default `10_000`.
+    * `:health_check_timeout` - ms a health check (or a stuck-call check) may take before the worker
+      counts as unhealthy and is replaced. Default `5_000`.
+    * `:stuck_call_grace` - ms after a call was given up (its deadline passed, its caller died or
+      cancelled it) within which the server should have ended it; a call still running on the
+      server after that is *stuck*. Default `1_000`.
+    * `:max_stuck_calls` - stuck calls on one worker that make the pool replace it (a worker all of
+      whose slots are stuck is replaced whatever this says). Default `1`.
   """
 
   @repo_root Path.expand("../../..", __DIR__)
@@ -28,7 +43,11 @@ defmodule Snakepit.Config do
     :auth_token,
     :shutdown_grace,
     :ttl_jitter,
-    :restart_backoff_max
+    :restart_backoff_max,
+    :health_check_interval,
+    :health_check_timeout,
+    :stuck_call_grace,
+    :max_stuck_calls
   ]
 
   defstruct @keys
@@ -54,7 +73,11 @@ defmodule Snakepit.Config do
           auth_token: String.t() | nil,
           shutdown_grace: non_neg_integer,
           ttl_jitter: float,
-          restart_backoff_max: pos_integer
+          restart_backoff_max: pos_integer,
+          health_check_interval: pos_integer | :infinity,
+          health_check_timeout: pos_integer,
+          stuck_call_grace: non_neg_integer,
+          max_stuck_calls: pos_integer
         }
 
   @doc "The keys a pool config accepts."
@@ -238,7 +261,20 @@ defmodule Snakepit.Config do
           "must be a number in [0, 1)"
         ) * 1.0,
       restart_backoff_max:
-        fetch(c, :restart_backoff_max, 10_000, &pos_int?/1, "must be a positive integer (ms)")
+        fetch(c, :restart_backoff_max, 10_000, &pos_int?/1, "must be a positive integer (ms)"),
+      health_check_interval:
+        fetch(
+          c,
+          :health_check_interval,
+          10_000,
+          &(&1 == :infinity or pos_int?(&1)),
+          "must be a positive integer (ms) or :infinity"
+        ),
+      health_check_timeout:
+        fetch(c, :health_check_timeout, 5_000, &pos_int?/1, "must be a positive integer (ms)"),
+      stuck_call_grace:
+        fetch(c, :stuck_call_grace, 1_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
+      max_stuck_calls: fetch(c, :max_stuck_calls, 1, &pos_int?/1, "must be a positive integer")
     }
   end
 

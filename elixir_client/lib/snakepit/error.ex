@@ -12,6 +12,15 @@ defmodule Snakepit.Error do
     * `:queue_full` - every worker slot was busy and `queue_size` callers already waited
     * `:queue_timeout` - waited `queue_timeout` ms for a free slot
     * `:worker_crashed` - the worker running the call died during it
+    * `:worker_unhealthy` - the worker running the call failed its health check (no SERVING answer
+      within `health_check_timeout`, e.g. a SIGSTOPped server) and the pool replaced it; `message`
+      says which check failed
+    * `:worker_start_failed` - no worker is ready and the last one to start exited before it was
+      ready (or could not be spawned); `message` ends with the server's last line of output, e.g.
+      `error: adapter setup failed: ValueError: ...` or `ModuleNotFoundError: No module named 'grpc'`
+    * `:startup_timeout` - workers did not print their ready line within `startup_timeout`
+    * `:pool_stopped` - `Snakepit.stop_pool/2` was called: the call was queued or new, or it was still
+      running after the stop's grace period
     * `:unavailable` - the worker (or pool) cannot serve, e.g. shutting down or not started
     * `:unauthenticated` - missing or wrong bearer token
     * `:resource_exhausted` - the server refused (its own queue full, message too large)

@@ -3,14 +3,24 @@ defmodule Snakepit.Worker do
   One Python worker: a process that owns the OS process (through a `Port`) and one multiplexed
   `Snakepit.GRPC.Channel` to it.
 
-  Lifecycle: the port is opened at init (the server gets `--port 0 --exit-on-stdin-eof`); the worker
-  is ready once the server prints `SNAKEPIT_READY port=<p> pid=<pid>`, then it connects the channel
-  and tells its pool `{:snakepit_worker_ready, worker_pid, info}`. It stops (and the pool is told
+  Lifecycle: the port is opened at init (the server gets `--port 0 --exit-on-stdin-eof`, and a fresh
+  random nonce in the environment variable `SNAKEPIT_READY_NONCE`); the worker is ready once the
+  server prints `SNAKEPIT_READY port=<p> pid=<pid> nonce=<that nonce>`, then it connects the channel
+  and tells its pool `{:snakepit_worker_ready, worker_pid, info}`. A ready line without the nonce
+  (an adapter printing one during its setup) is only logged. It stops (and the pool is told
   through the link) when the Python process exits, when the channel goes down, when
-  `startup_timeout` passes before readiness, or when its pool exits.
+  `startup_timeout` passes before readiness, or when its pool exits. A worker that ends before it
+  is ready exits with `{:shutdown, {:start_failed, message}}` or `{:shutdown, {:startup_timeout,
+  message}}`; `message` ends with the server's last line of output (snakepit_bridge's `error: ...`,
+  or the last line of a Python traceback).
 
   Because the port holds the server's stdin, the server exits when this process dies, and also when
   the whole BEAM dies, even by `kill -9` (the OS closes the pipe).
+
+  Output: the server's stdout and stderr (merged) are logged at `:debug`, line by line, and the last
+  lines are kept for the error report of a worker that fails. A line longer than 16384 bytes (a
+  huge dump, a carriage-return progress bar that never ends its line) keeps its first 16384 bytes;
+  the rest is dropped (logged as truncated), so no output can fill the BEAM.
 
   Calls do not go through this process: callers use the channel directly (see `Snakepit.Pool`).
   """
@@ -19,6 +29,9 @@ defmodule Snakepit.Worker do
   require Logger
 
   @log_lines 30
+  # Longest line kept of the server's output; the Port delivers longer lines in chunks of this size.
+  @max_line_bytes 16_384
+  @ready_nonce_env "SNAKEPIT_READY_NONCE"
 
   @doc false
   def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
@@ -43,16 +56,19 @@ defmodule Snakepit.Worker do
       end
 
     {exe, args, env} = config.adapter_module.command(config, token_opts)
+    nonce = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
 
     env =
-      Enum.map(env ++ token_env, fn {k, v} -> {String.to_charlist(k), String.to_charlist(v)} end)
+      Enum.map(env ++ token_env ++ [{@ready_nonce_env, nonce}], fn {k, v} ->
+        {String.to_charlist(k), String.to_charlist(v)}
+      end)
 
     port_opts = [
       :binary,
       :exit_status,
       :stderr_to_stdout,
       :hide,
-      {:line, 16_384},
+      {:line, @max_line_bytes},
       {:args, args},
       {:env, env},
       {:cd, config.script_dir}
@@ -82,7 +98,9 @@ defmodule Snakepit.Worker do
          status: :starting,
          started_at: System.monotonic_time(:millisecond),
          startup_timer: timer,
+         ready_nonce: nonce,
          partial: "",
+         dropped_bytes: 0,
          lines: [],
          kill_timer: nil
        }}
@@ -108,15 +126,31 @@ defmodule Snakepit.Worker do
 
   @impl true
   def handle_info({port, {:data, {:noeol, chunk}}}, %{port: port} = s),
-    do: {:noreply, %{s | partial: s.partial <> chunk}}
+    do: {:noreply, append_partial(s, chunk)}
 
   def handle_info({port, {:data, {:eol, chunk}}}, %{port: port} = s) do
-    line = s.partial <> chunk
-    s = %{s | partial: "", lines: Enum.take([line | s.lines], @log_lines)}
+    s = append_partial(s, chunk)
+    line = s.partial
 
-    case {s.status, parse_ready(line)} do
-      {:starting, {:ok, listen_port, _pid}} -> become_ready(s, listen_port)
-      _ -> Logger.debug("[python #{s.os_pid}] " <> line) && {:noreply, s}
+    if s.dropped_bytes > 0,
+      do:
+        Logger.warning(
+          "snakepit worker #{s.id} (os pid #{s.os_pid}): output line truncated to #{@max_line_bytes} bytes (#{s.dropped_bytes} bytes dropped)"
+        )
+
+    s = %{s | partial: "", dropped_bytes: 0}
+
+    cond do
+      line == "" ->
+        {:noreply, s}
+
+      s.status == :starting and match?({:ok, _, _}, parse_ready(line, s.ready_nonce)) ->
+        {:ok, listen_port, _pid} = parse_ready(line, s.ready_nonce)
+        become_ready(s, listen_port)
+
+      true ->
+        Logger.debug("[python #{s.os_pid}] " <> line)
+        {:noreply, %{s | lines: Enum.take([line | s.lines], @log_lines)}}
     end
   end
 
@@ -134,7 +168,15 @@ defmodule Snakepit.Worker do
           "snakepit worker #{s.id} (os pid #{s.os_pid}) exited with status #{status} while #{other}\n#{tail}"
         )
 
-        {:stop, {:shutdown, {:python_exited, status}}, s}
+        if other == :starting do
+          message =
+            "worker #{s.id} (os pid #{s.os_pid}) exited with status #{status} before it was ready: " <>
+              (last_output_line(s.lines) || "it printed nothing")
+
+          {:stop, {:shutdown, {:start_failed, message}}, s}
+        else
+          {:stop, {:shutdown, {:python_exited, status}}, s}
+        end
     end
   end
 
@@ -145,7 +187,12 @@ defmodule Snakepit.Worker do
       "snakepit worker #{s.id} not ready after #{s.config.startup_timeout} ms\n#{tail}"
     )
 
-    {:stop, {:shutdown, :startup_timeout}, s}
+    message =
+      "worker #{s.id} (os pid #{s.os_pid}) printed no ready line within startup_timeout " <>
+        "(#{s.config.startup_timeout} ms); last output: " <>
+        (last_output_line(s.lines) || "none")
+
+    {:stop, {:shutdown, {:startup_timeout, message}}, s}
   end
 
   def handle_info(:startup_timeout, s), do: {:noreply, s}
@@ -207,12 +254,68 @@ defmodule Snakepit.Worker do
         {:noreply, %{s | status: :ready, channel: ch, listen_port: listen_port}}
 
       {:error, reason} ->
-        {:stop, {:shutdown, {:connect_failed, reason}}, s}
+        message =
+          "worker #{s.id} (os pid #{s.os_pid}) cannot connect to its server on port #{listen_port}: " <>
+            inspect(reason)
+
+        {:stop, {:shutdown, {:start_failed, message}}, s}
     end
   end
 
-  @doc false
-  def parse_ready("SNAKEPIT_READY " <> rest) do
+  # The last non-blank line of output; of a carriage-return progress bar, its last state.
+  defp last_output_line(lines) do
+    Enum.find_value(lines, fn line ->
+      line
+      |> printable()
+      |> String.split("\r")
+      |> Enum.map(&String.trim/1)
+      |> Enum.reverse()
+      |> Enum.find(&(&1 != ""))
+    end)
+  end
+
+  # Output is bytes: keep the valid UTF-8, replace the rest (a line cut inside a character).
+  defp printable(bytes) do
+    case :unicode.characters_to_binary(bytes) do
+      text when is_binary(text) ->
+        text
+
+      {_, good, <<_bad, rest::binary>>} ->
+        good <> "\uFFFD" <> printable(rest)
+
+      {_, good, _} ->
+        good
+    end
+  end
+
+  # Keeps at most @max_line_bytes of the line being read; counts what it drops.
+  defp append_partial(s, chunk) do
+    room = @max_line_bytes - byte_size(s.partial)
+
+    cond do
+      byte_size(chunk) <= room ->
+        %{s | partial: s.partial <> chunk}
+
+      room > 0 ->
+        kept = binary_part(chunk, 0, room)
+
+        %{
+          s
+          | partial: s.partial <> kept,
+            dropped_bytes: s.dropped_bytes + byte_size(chunk) - room
+        }
+
+      true ->
+        %{s | dropped_bytes: s.dropped_bytes + byte_size(chunk)}
+    end
+  end
+
+  @doc """
+  Parses the server's ready line `SNAKEPIT_READY port=<port> pid=<pid> nonce=<nonce>`: `{:ok, port,
+  pid}` only when its nonce is `nonce` (the one this worker gave the server), else `:error`.
+  """
+  @spec parse_ready(String.t(), String.t()) :: {:ok, pos_integer, pos_integer} | :error
+  def parse_ready("SNAKEPIT_READY " <> rest, nonce) do
     kv =
       rest
       |> String.split(" ", trim: true)
@@ -224,7 +327,8 @@ defmodule Snakepit.Worker do
       end)
       |> Map.new()
 
-    with {p, ""} <- Integer.parse(kv["port"] || ""),
+    with true <- is_binary(nonce) and kv["nonce"] == nonce,
+         {p, ""} when p > 0 <- Integer.parse(kv["port"] || ""),
          {pid, ""} <- Integer.parse(kv["pid"] || "") do
       {:ok, p, pid}
     else
@@ -232,7 +336,7 @@ defmodule Snakepit.Worker do
     end
   end
 
-  def parse_ready(_), do: :error
+  def parse_ready(_line, _nonce), do: :error
 
   defp signal(nil, _sig), do: :ok
 

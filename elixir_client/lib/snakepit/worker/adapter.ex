@@ -3,8 +3,11 @@ defmodule Snakepit.Adapter do
   Behaviour of the module that builds a worker's command line (`adapter_module` in a pool config).
 
   The command must start a snakepit_bridge gRPC server that binds `127.0.0.1` on a free port, prints
-  one stdout line `SNAKEPIT_READY port=<port> pid=<pid>` once serving, exits when its stdin closes,
-  and drains in-flight calls on SIGTERM.
+  one stdout line `SNAKEPIT_READY port=<port> pid=<pid> nonce=<nonce>` once serving (`<nonce>` is the
+  value the worker puts in the environment variable `SNAKEPIT_READY_NONCE`; the server should remove
+  it from its environment before it runs adapter code), exits when its stdin closes, and drains
+  in-flight calls on SIGTERM. A server that cannot start should say why in its last line of output
+  (snakepit_bridge prints `error: <message>`): the pool reports that line.
   """
 
   @doc """

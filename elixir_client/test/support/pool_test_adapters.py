@@ -1,0 +1,51 @@
+"""Adapters that the Elixir pool tests load with `python_adapter: "pool_test_adapters.<Class>"`
+(the tests put this directory on PYTHONPATH through `adapter_env`).
+
+Each one misbehaves in one way a real adapter can: a tool that ignores cancellation, a setup()
+that prints a fake readiness line or floods stdout without a newline, a setup() that raises.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from snakepit_bridge.adapters.showcase import ShowcaseAdapter
+from snakepit_bridge.adapter import tool
+
+
+class HangingAdapter(ShowcaseAdapter):
+    """The showcase tools plus `hang`, which never looks at its deadline or cancellation."""
+
+    @tool(description="Sleep `seconds` in one time.sleep: deaf to deadline and cancellation")
+    def hang(self, seconds: float = 3600.0) -> dict:
+        time.sleep(seconds)
+        return {"slept": seconds}
+
+
+class FakeReadyLineAdapter(ShowcaseAdapter):
+    """setup() prints readiness lines that are not the server's, while it is still loading."""
+
+    def setup(self) -> None:
+        print("SNAKEPIT_READY port=1 pid=1", flush=True)
+        print("SNAKEPIT_READY port=1 pid=1 nonce=0123456789abcdef0123456789abcdef", flush=True)
+        time.sleep(0.5)  # still "loading" when the fake line is read
+
+
+class FloodingOutputAdapter(ShowcaseAdapter):
+    """setup() writes a 64 MiB line with no newline, then carriage-return progress bars, and leaves
+    the line unterminated when it returns."""
+
+    def setup(self) -> None:
+        chunk = "x" * (1 << 20)
+        for _ in range(64):
+            sys.stdout.write(chunk)
+        for percent in range(0, 101, 5):
+            sys.stdout.write(f"\rloading model [{'#' * (percent // 5):<20}] {percent:3d}%")
+        sys.stdout.flush()
+
+
+class BrokenSetupAdapter(ShowcaseAdapter):
+    """setup() raises, as a model load that fails does."""
+
+    def setup(self) -> None:
+        raise ValueError("model weights missing at /nonexistent/weights.bin")
