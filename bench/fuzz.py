@@ -16,21 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.fuzz_requests import run  # noqa: E402
-from tests.servers import SPEC_ADAPTER, WorkerServer  # noqa: E402
-
-
-def proc_status(pid: int, key: str) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from tests.servers import SPEC_ADAPTER, WorkerServer, cpu_seconds, proc_status_mb as proc_status  # noqa: E402
 
 
 def main() -> int:

@@ -490,24 +490,14 @@ def _lenient(message_class) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _refuse_undecodable(behaviour: Callable, streaming: bool) -> Callable:
-    def refuse(request, context):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"request is not a valid {request.message_type} message: {safe_text(str(request.error), 256)}")
-
-    if streaming:
-        @functools.wraps(behaviour)
-        def checked_stream(request, context):
-            if type(request) is UndecodableRequest:
-                refuse(request, context)
-            return behaviour(request, context)
-
-        return checked_stream
-
+def _refuse_undecodable(behaviour: Callable) -> Callable:
+    # The same wrapper serves unary and streaming methods: a streaming behaviour's generator is
+    # returned untouched.
     @functools.wraps(behaviour)
     def checked(request, context):
         if type(request) is UndecodableRequest:
-            refuse(request, context)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"request is not a valid {request.message_type} message: {safe_text(str(request.error), 256)}")
         return behaviour(request, context)
 
     return checked
@@ -521,7 +511,7 @@ def add_servicer_to_server(servicer: BridgeServicer, server: grpc.Server) -> Non
     for method in service.methods:
         request_class = getattr(pb, method.input_type.name)
         response_class = getattr(pb, method.output_type.name)
-        behaviour = _refuse_undecodable(getattr(servicer, method.name), method.server_streaming)
+        behaviour = _refuse_undecodable(getattr(servicer, method.name))
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(behaviour, request_deserializer=_lenient(request_class),
                                      response_serializer=response_class.SerializeToString)

@@ -146,6 +146,22 @@ class WorkerServer:
             self.kill()
 
 
+def proc_status_mb(pid: int, key: str) -> float:
+    """A memory figure of /proc/PID/status in MB: "VmRSS" (now) or "VmHWM" (peak)."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no {key} in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_grpcurl(address: str, *args: str, data: str | None = None, headers: dict | None = None,
                 flags: tuple | list = (), timeout: float = 30.0) -> subprocess.CompletedProcess:
     """`grpcurl -plaintext [flags] [-H 'k: v'] [-d data] address args...`, e.g. args ("list",),

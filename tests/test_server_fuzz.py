@@ -8,26 +8,18 @@ import os
 import pytest
 
 from tests.fuzz_requests import run
-from tests.servers import SPEC_ADAPTER, WorkerServer
+from tests.servers import SPEC_ADAPTER, WorkerServer, proc_status_mb
 
 FUZZ_SEED = int(os.environ.get("SNAKEPIT_FUZZ_SEED", "20261202"))
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.mark.parametrize("mode", ["threaded", "process"])
 def test_two_thousand_mutated_requests_get_client_statuses_quickly_and_the_server_serves_on(mode):
     with WorkerServer(mode, "--adapter", SPEC_ADAPTER) as server:
         run(server.address, 50, FUZZ_SEED + 1)  # warm-up: first-use allocations are not growth
-        before = rss_mb(server.pid)
+        before = proc_status_mb(server.pid, "VmRSS")
         report = run(server.address, 2000, FUZZ_SEED, deadline_s=55)
-        growth = rss_mb(server.pid) - before
+        growth = proc_status_mb(server.pid, "VmRSS") - before
         assert report.calls == 2000, f"only {report.calls} requests in 55 s"
         assert not report.server_faults, report.server_faults[:10]
         assert not report.slow, report.slow[:10]

@@ -14,7 +14,7 @@ import pytest
 from snakepit_bridge import codec
 from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
 from tests.raw_h2 import RawGrpcConnection
-from tests.servers import SHOWCASE, SPEC_ADAPTER, WorkerServer
+from tests.servers import SHOWCASE, SPEC_ADAPTER, WorkerServer, cpu_seconds, proc_status_mb
 
 SERVICE = "/snakepit.bridge.BridgeService/"
 QUICK = 2.0  # seconds: every refusal below must come back well within this
@@ -52,20 +52,6 @@ def batch_raw(server, tool: str, items_json: list[str], timeout: float = 10.0) -
 def assert_still_serving(server):
     assert server.client().execute("noop") is None
     assert server.process.poll() is None
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 # --- 1. text the server cannot encode ------------------------------------------------------------
@@ -279,14 +265,14 @@ def test_a_session_ttl_past_the_maximum_is_resource_exhausted(server):
 def test_an_unauthenticated_large_request_is_refused_before_it_is_read():
     with WorkerServer("threaded", "--auth-token-env", "TOKEN", env={"TOKEN": "s3cret"}) as server:
         assert server.client(token="s3cret").execute("add", {"a": 1, "b": 2}) == 3
-        before = peak_rss_mb(server.pid)
+        before = proc_status_mb(server.pid, "VmHWM")
         client = server.client()
         started = time.monotonic()
         with pytest.raises(Exception) as caught:
             client.execute("echo", {"payload": b"\0" * (60 * 1024 * 1024)}, timeout=30)
         assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
         took = time.monotonic() - started
-        growth = peak_rss_mb(server.pid) - before
+        growth = proc_status_mb(server.pid, "VmHWM") - before
     assert growth < 30, f"server peak RSS grew {growth:.0f} MB for a refused request"
     assert took < 5
 
