@@ -1,3 +1,14 @@
+"""Shared fixtures. The whole session (and the servers it starts) keeps matplotlib's cache and config
+in a temporary directory, so the tests write nothing under the user's home."""
+import atexit
+import os
+import shutil
+import tempfile
+
+_MPL_DIR = tempfile.mkdtemp(prefix="snakepit-tests-mpl-")
+os.environ["MPLCONFIGDIR"] = _MPL_DIR
+atexit.register(shutil.rmtree, _MPL_DIR, ignore_errors=True)
+
 import pytest
 
 from tests.servers import WorkerServer

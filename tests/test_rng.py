@@ -431,5 +431,11 @@ def test_doc_has_an_example_for_every_module():
 def test_doc_example_runs_as_written(index, tmp_path, monkeypatch):
     blocks = _doc_examples()
     assert len(blocks) == 5
+    import tempfile
+
     monkeypatch.chdir(tmp_path)
+    scratch = tmp_path / "tempdir"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     exec(compile(blocks[index], f"{_DOC}[example {index}]", "exec"), {"__name__": "__doc_example__"})
+    assert list(scratch.iterdir()) == []  # an example cleans up the temporary files it makes
