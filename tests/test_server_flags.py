@@ -2,7 +2,9 @@
 --max-message-mb."""
 from __future__ import annotations
 
+import itertools
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -60,8 +62,22 @@ def test_flag_of_the_other_server_is_refused(mode, flag):
 def test_elixir_address_with_nothing_listening_is_accepted_and_never_fatal():
     with WorkerServer("threaded", "--adapter", SHOWCASE, "--elixir-address", "127.0.0.1:1") as server:
         assert server.client().execute("add", {"a": 2, "b": 2}) == 4
-        time.sleep(0.3)
-        assert server.process.poll() is None
+        assert server.terminate() == 0  # served, and stopped cleanly: the address never mattered
+
+
+def test_elixir_address_is_never_dialled():
+    # A listener of our own at the given address: over the server's whole life nothing connects to it.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        with WorkerServer("threaded", "--adapter", SHOWCASE, "--elixir-address", address) as server:
+            assert server.client().execute("add", {"a": 2, "b": 2}) == 4
+            assert server.terminate() == 0
+        assert any(address in line for line in server.stderr_lines)  # it was told the address
+        with pytest.raises(BlockingIOError):
+            listener.accept()
 
 
 @pytest.mark.parametrize("adapter, words", [
@@ -97,9 +113,21 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} - \[(?P<thread>[^\
                       r"\[(?P<request>[^\]]+)\] (?P<message>.*)$")
 
 
-def lines_for(server, request_id, settle=0.3):
-    time.sleep(settle)  # stderr is read by a background thread
-    return [m for m in (LOG_LINE.match(line) for line in server.stderr_lines) if m and m["request"] == request_id]
+def lines_for(server, request_id):
+    """The log lines of `request_id`, once every line logged before this call has been read: a
+    marker call logs a WARNING last, and stderr is one ordered pipe (read by a background thread)."""
+    marker = f"log-marker-{next(_markers)}"
+    with pytest.raises(grpc.RpcError):
+        server.stub().ExecuteTool(pb.ExecuteToolRequest(tool_name="raise_tool_error", args_json='{"code": "ABORTED"}',
+                                                        request_id=marker), timeout=10)
+    deadline = time.monotonic() + 10
+    while not any(f"[{marker}]" in line for line in list(server.stderr_lines)):
+        assert time.monotonic() < deadline, f"the marker line {marker} never reached stderr"
+        time.sleep(0.01)
+    return [m for m in (LOG_LINE.match(line) for line in list(server.stderr_lines)) if m and m["request"] == request_id]
+
+
+_markers = itertools.count()
 
 
 @pytest.mark.parametrize("mode", ["threaded", "process"])

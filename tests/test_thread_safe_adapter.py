@@ -15,7 +15,6 @@ from snakepit_bridge.adapter import discover_tools
 from snakepit_bridge.base_adapter_threaded import (LockTimeoutError, ThreadSafeAdapter, UnsafeAdapterError,
                                                    is_declared_thread_safe, require_thread_safe_declaration,
                                                    thread_safe_method, tool)
-from snakepit_bridge import adapter as base_adapter_module
 from tests.servers import WorkerServer
 from tests.thread_safety_corpus import adapters as corpus_adapters
 
@@ -51,8 +50,25 @@ class Worker(ThreadSafeAdapter):
         return "inner"
 
 
-def test_tool_is_the_base_adapters_tool():
-    assert tool is base_adapter_module.tool
+def test_tool_imported_from_base_adapter_threaded_marks_a_served_tool():
+    # The guide imports `tool` from snakepit_bridge.base_adapter_threaded: it must mark tools that the
+    # server discovers, with the description and parameters, composed with @thread_safe_method.
+    class Guided(ThreadSafeAdapter):
+        __thread_safe__ = True
+
+        @thread_safe_method
+        @tool(description="double it")
+        def double(self, x: int) -> int:
+            return 2 * x
+
+        def helper(self) -> None:
+            """Not a tool."""
+
+    specs = Guided.tool_specs()
+    assert set(specs) == {"double"}
+    assert specs["double"].description == "double it"
+    assert [(p.name, p.type_name, p.required) for p in specs["double"].parameters] == [("x", "int", True)]
+    assert Guided().double(x=4) == 8
 
 
 def test_the_base_class_does_not_declare_thread_safety_for_its_subclasses():

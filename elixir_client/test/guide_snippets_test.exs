@@ -122,8 +122,18 @@ defmodule Snakepit.GuideSnippetsTest do
 
     {_, binding} = Code.eval_string(@thread_stats)
     stats = binding[:stats]
-    assert is_map(stats)
-    assert Map.has_key?(stats, "max_workers") or Map.has_key?(stats, "total_requests")
+    # The guide's shape: every key it shows, with the worker's real values.
+    assert %{
+             "total_requests" => total,
+             "active_requests" => active,
+             "max_workers" => max_workers,
+             "thread_utilization" => utilization
+           } = stats
+
+    assert max_workers == w.capacity
+    assert is_integer(total) and total >= 0
+    assert active >= 1 and active <= max_workers, "the get_thread_stats call itself is active"
+    assert is_map(utilization)
   end
 
   test "pools from config start with the application and stop_pool stops them" do
