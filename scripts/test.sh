@@ -8,6 +8,10 @@ cd "$ROOT"
 export PATH="$ROOT/.venv/bin:$PATH"   # grpcurl comes with the test extras
 export SNAKEPIT_PYTHON="$ROOT/.venv/bin/python"
 
+echo "==> Lint and types (ruff, mypy) of the package"
+"$ROOT/.venv/bin/python" -m ruff check snakepit_bridge
+"$ROOT/.venv/bin/python" -m mypy
+
 echo "==> Python tests"
 "$ROOT/.venv/bin/python" -m pytest -q "$@"
 

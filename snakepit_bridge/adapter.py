@@ -91,6 +91,9 @@ class ToolSpec:
     parameters: tuple[Parameter, ...]
     context_parameter: str | None
     accepts_any_keyword: bool
+    # Derived in __post_init__ for the hot path of bind().
+    _by_name: dict[str, Parameter] = dataclasses.field(init=False, repr=False, compare=False)
+    _has_required: bool = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {p.name: p for p in self.parameters})
@@ -215,7 +218,10 @@ def _is_context_hint(hint: Any) -> bool:
     from .context import RequestContext
 
     if isinstance(hint, str):
-        return hint.split(".")[-1] == "RequestContext"
+        return hint.replace(" ", "").split(".")[-1] in ("RequestContext", "RequestContext|None")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `RequestContext | None = None`
+        members = [m for m in typing.get_args(hint) if m is not type(None)]
+        return len(members) == 1 and _is_context_hint(members[0])
     return isinstance(hint, type) and issubclass(hint, RequestContext)
 
 

@@ -354,7 +354,7 @@ def thread_safe_method(fn: Callable) -> Callable:
                 stats.exit(rec, name, _perf() - t0, failed)
                 checker._method_exit(token)
 
-    wrapper.__snakepit_thread_safe__ = True
+    setattr(wrapper, "__snakepit_thread_safe__", True)
     return wrapper
 
 
@@ -422,6 +422,8 @@ class ThreadSafeAdapter(BaseAdapter):
     """
 
     __thread_safe__ = False
+    _sp_lock: threading.RLock
+    _sp_tls: threading.local
 
     def __init__(self) -> None:
         super().__init__()

@@ -107,7 +107,8 @@ class BridgeClient:
         request = pb.ExecuteBatchRequest(tool_name=tool, items=batch_items, session_id=session_id or "",
                                          max_parallelism=max_parallelism)
         response = self._call(self.stub.ExecuteBatch, request, timeout)
-        return [BatchItemResult(True, codec.decode(r.result_json, r.blobs)) if r.ok else BatchItemResult(False, None, r.error)
+        return [BatchItemResult(True, codec.decode(r.result_json, r.blobs)) if r.ok
+                else BatchItemResult(False, None, r.error)
                 for r in response.results]
 
     def ping(self, message: str = "") -> pb.PingResponse:

@@ -288,7 +288,8 @@ def _ndarray(tree: dict, blobs):
     data = _blob(tree, blobs)
     expected = dtype.itemsize * math.prod(shape)
     if expected != len(data):
-        raise _ValueError(f"ndarray of dtype {dtype.str} and shape {shape} needs {expected} bytes, blob has {len(data)}")
+        raise _ValueError(f"ndarray of dtype {dtype.str} and shape {shape} needs {expected} bytes, "
+                          f"blob has {len(data)}")
     # bytearray makes the array writable; frombuffer over bytes would be read-only.
     return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 

@@ -25,8 +25,14 @@ class RequestContext:
     deadline: float | None  # time.monotonic() value, None when the call has no deadline
     session: Any  # snakepit_bridge.sessions.Session or None
     seed: int | None
+    worker_mode: str
+    _is_active: Callable[[], bool]
+    _rng: Any
+    _rng_factory: Callable[[], Any] | None
+    _rng_lock: threading.Lock
 
-    def __init__(self, *, request_id: str, tool_name: str, session_id: str = "", metadata: Mapping[str, str] | None = None,
+    def __init__(self, *, request_id: str, tool_name: str, session_id: str = "",
+                 metadata: Mapping[str, str] | None = None,
                  deadline: float | None = None, session: Any = None, seed: int | None = None,
                  worker_mode: str = "", is_active: Callable[[], bool] | None = None,
                  rng_factory: Callable[[], Any] | None = None) -> None:

@@ -92,8 +92,8 @@ def failure_for(exc: BaseException, tool: str, stage: Stage) -> CallFailure:
         return CallFailure(exc.code, exc.message, error_type=kind)
     if isinstance(exc, codec.CodecError):
         if stage is Stage.RESULT:
-            return CallFailure(grpc.StatusCode.INTERNAL, f"tool '{tool}' returned a value that cannot be encoded: {exc}",
-                               error_type=kind)
+            return CallFailure(grpc.StatusCode.INTERNAL,
+                               f"tool '{tool}' returned a value that cannot be encoded: {exc}", error_type=kind)
         return CallFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc), error_type=kind)
     log.error("internal error%s", f" in a call to {tool}" if tool else "", exc_info=exc)
     return CallFailure(grpc.StatusCode.INTERNAL, f"internal error: {kind}: {exc}", error_type=kind)

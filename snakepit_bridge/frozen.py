@@ -70,7 +70,7 @@ class Frozen(metaclass=_FrozenMeta):
 
     def __init_subclass__(cls, auto_freeze: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._frozen_auto = auto_freeze
+        setattr(cls, "_frozen_auto", auto_freeze)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == _FLAG or is_frozen(self):
@@ -180,7 +180,7 @@ def _state_of(obj: object) -> dict[str, Any]:
 
 
 def _rebuild(cls: type, state: dict[str, Any], frozen: bool) -> Any:
-    obj = cls.__new__(cls)
+    obj: Any = cls.__new__(cls)  # type: ignore[call-overload]  # cls is a Frozen subclass, not `type`
     for name, value in _from_picklable(state).items():
         object.__setattr__(obj, name, value)
     if frozen:

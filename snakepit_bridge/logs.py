@@ -58,8 +58,8 @@ class RequestIdFilter(logging.Filter):
         record.request_id = current_request_id()
         args = record.args
         if isinstance(args, tuple) and args:
-            record.args = tuple(printable(str(arg), LOG_ARGUMENT_CHARS) if isinstance(arg, (str, BaseException)) else arg
-                                for arg in args)
+            record.args = tuple(printable(str(arg), LOG_ARGUMENT_CHARS)
+                                if isinstance(arg, (str, BaseException)) else arg for arg in args)
         return True
 
 

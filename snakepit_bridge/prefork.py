@@ -87,7 +87,7 @@ def serve_preforked(settings, ready_nonce: str | None = None) -> int:
     port = reservation.getsockname()[1]
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
-    children: dict[int, multiprocessing.Process] = {}
+    children: dict[int, multiprocessing.process.BaseProcess] = {}
     restarts: dict[int, int] = {}
 
     def spawn(index: int) -> None:
@@ -98,7 +98,7 @@ def serve_preforked(settings, ready_nonce: str | None = None) -> int:
 
     def stop_all() -> None:
         for child in children.values():
-            if child.is_alive():
+            if child.is_alive() and child.pid is not None:
                 os.kill(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + args.grace + 5.0
         for child in children.values():

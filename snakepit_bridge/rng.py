@@ -283,13 +283,18 @@ def derive_rng(root_seed: int, *keys: int | str) -> RNG:
 # =============================================================================
 # Process-global state: one shared RNG plus per-thread streams
 # =============================================================================
+def _os_entropy() -> int:
+    """A fresh root entropy from the OS (SeedSequence draws an int when given none)."""
+    return int(np.random.SeedSequence().entropy)  # type: ignore[arg-type]
+
+
 class _GlobalState:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.seed: int | None = None
         self.worker_index = 0
         # Root entropy for unseeded thread streams; replaced after fork.
-        self.entropy = np.random.SeedSequence().entropy
+        self.entropy = _os_entropy()
         self.generation = 0  # bumped by every (re)seed; stale thread streams are rebuilt
         self.next_index = 0  # next thread index handed out in first-ask order
         self.rng = RNG()
@@ -415,7 +420,7 @@ def clear_global_seed() -> None:
     with _state.lock:
         _state.seed = None
         _state.worker_index = 0
-        _state.entropy = np.random.SeedSequence().entropy
+        _state.entropy = _os_entropy()
         _state.generation += 1
         _state.next_index = 0
     _state.rng.seed(None)
@@ -430,7 +435,7 @@ def _after_fork_in_child() -> None:
     _state.lock = threading.Lock()
     if _state.seed is None:
         # The child must not replay the parent's entropy-derived thread streams.
-        _state.entropy = np.random.SeedSequence().entropy
+        _state.entropy = _os_entropy()
         _state.generation += 1
         _state.next_index = 0
     for rng in list(_ALL_RNGS):

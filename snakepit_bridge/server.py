@@ -25,6 +25,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,6 +39,9 @@ from .calls import CallTracker
 from .servicer import BridgeServicer, ServerInfo, add_servicer_to_server
 from .sessions import SessionStore
 from .stats import ServerStats
+
+if TYPE_CHECKING:
+    from .thread_safety_checker import ThreadSafetyChecker
 
 log = logging.getLogger("snakepit_bridge.server")
 
@@ -79,10 +83,12 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
              "'authorization: Bearer <token>'")
     add("--max-queue", type=int, default=128,
         help="tool calls allowed to wait for a free slot; more are RESOURCE_EXHAUSTED (default: %(default)s)")
-    add("--grace", type=float, default=10.0, help="seconds in-flight calls get to finish at shutdown (default: %(default)s)")
+    add("--grace", type=float, default=10.0,
+        help="seconds in-flight calls get to finish at shutdown (default: %(default)s)")
     add("--exit-on-stdin-eof", action="store_true",
         help="shut down when stdin closes (how a BEAM port parent is watched: no orphan outlives it)")
-    add("--session-ttl", type=float, default=3600.0, help="idle seconds before a session expires (default: %(default)s)")
+    add("--session-ttl", type=float, default=3600.0,
+        help="idle seconds before a session expires (default: %(default)s)")
     add("--max-session-ttl", type=float, default=86400.0,
         help="largest ttl_seconds a client may ask for; more is RESOURCE_EXHAUSTED (default: %(default)s)")
     add("--max-sessions", type=int, default=10000,
@@ -211,7 +217,7 @@ class Worker:
         self.stop_requested = threading.Event()
         self.server: grpc.Server | None = None
         self.port = 0
-        self.checker = None
+        self.checker: ThreadSafetyChecker | None = None
 
     def start(self) -> int:
         args, mode = self.args, self.settings.mode
@@ -276,7 +282,8 @@ class Worker:
 
             token = os.environ.get(args.auth_token_env, "")
             if not token:
-                raise StartupError(f"--auth-token-env {args.auth_token_env}: that environment variable is empty or unset")
+                raise StartupError(
+                    f"--auth-token-env {args.auth_token_env}: that environment variable is empty or unset")
             interceptors.append(BearerTokenInterceptor(token))
         # Thread names match the guide's logs: ThreadPoolExecutor-0_0, ThreadPoolExecutor-0_1, ...
         executor = futures.ThreadPoolExecutor(self.settings.handler_threads, thread_name_prefix="ThreadPoolExecutor-0")
@@ -316,6 +323,7 @@ class Worker:
         self.health.enter_graceful_shutdown()
         self.servicer.stopping.set()
         grace_ends = time.monotonic() + self.args.grace
+        assert self.server is not None, "shutdown() before start()"
         stopped = self.server.stop(self.args.grace)
         # Tool calls get the whole grace period, counted by the tools themselves and not by their RPCs:
         # a call whose client left is a finished RPC to grpc while its tool still runs. Once no tool call

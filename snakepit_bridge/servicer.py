@@ -130,7 +130,8 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
         with self._errors(context):
             if request.session_id:
                 self.sessions.validate_id(request.session_id)
-            return pb.CleanupSessionResponse(existed=bool(request.session_id) and self.sessions.remove(request.session_id))
+            existed = bool(request.session_id) and self.sessions.remove(request.session_id)
+            return pb.CleanupSessionResponse(existed=existed)
 
     # ---------------------------------------------------------------------------------------------
     # tool execution
@@ -285,8 +286,9 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                     result_json, blobs = outcome.value
                     results.append(pb.BatchResult(ok=True, result_json=result_json, blobs=blobs))
                 else:
-                    failure = failure_for(outcome.error.exception, spec.name, Stage.REQUEST)
-                    results.append(pb.BatchResult(ok=False, error=failure.as_tool_error(spec.name)))
+                    assert outcome.error is not None and outcome.error.exception is not None
+                    item_failure = failure_for(outcome.error.exception, spec.name, Stage.REQUEST)
+                    results.append(pb.BatchResult(ok=False, error=item_failure.as_tool_error(spec.name)))
             call.sending()
             return pb.ExecuteBatchResponse(results=results, request_id=request_id)
 
@@ -314,7 +316,8 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
             raise NotFound(f"tool '{short_name(tool_name)}' not found on adapter {self.adapter_name} "
                            f"(tools: {safe_text(known, 512)})", field="tool_name")
         if spec.streaming and not streaming:
-            raise FailedPrecondition(f"tool '{tool_name}' streams; call it with ExecuteStreamingTool", field="tool_name")
+            raise FailedPrecondition(f"tool '{tool_name}' streams; call it with ExecuteStreamingTool",
+                                     field="tool_name")
         if streaming and not spec.streaming:
             raise FailedPrecondition(f"tool '{tool_name}' does not stream; call it with ExecuteTool", field="tool_name")
         return spec
@@ -496,8 +499,9 @@ def _refuse_undecodable(behaviour: Callable) -> Callable:
     @functools.wraps(behaviour)
     def checked(request, context):
         if type(request) is UndecodableRequest:
+            reason = safe_text(str(request.error), 256)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"request is not a valid {request.message_type} message: {safe_text(str(request.error), 256)}")
+                          f"request is not a valid {request.message_type} message: {reason}")
         return behaviour(request, context)
 
     return checked

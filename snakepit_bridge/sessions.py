@@ -232,6 +232,7 @@ class SessionStore:
     def _checkpoint(self, session_id: str):
         from .checkpoint import SafeCheckpoint
 
+        assert self.session_dir is not None  # only called with a session directory
         return SafeCheckpoint(os.path.join(self.session_dir, f"{session_id}.json"))
 
     def _persist(self, session: Session) -> None:

@@ -176,10 +176,9 @@ class _TrackedLock:
         return repr(self._sp_lock)
 
 
-_LOCK_TYPES = {type(threading.Lock()), type(threading.RLock()), threading.Condition}
-if hasattr(threading, "_PyRLock"):
-    _LOCK_TYPES.add(threading._PyRLock)
-_LOCK_TYPES = frozenset(_LOCK_TYPES)
+_LOCK_TYPES: frozenset[type] = frozenset(
+    {type(threading.Lock()), type(threading.RLock()), threading.Condition}
+    | ({threading._PyRLock} if hasattr(threading, "_PyRLock") else set()))
 
 
 def _lock_identity(lock) -> int:
@@ -420,7 +419,7 @@ def _calibrate_fresh_refcount() -> int:
     p.c = {}
     fresh = min(seen)
     seen.clear()
-    alias = []
+    alias: list = []
     p.d = alias
     setattr(p, "e", alias)
     aliased = min(seen)
@@ -664,7 +663,7 @@ class ThreadSafetyChecker:
             for mod in self._instrumented:
                 try:
                     if type(mod) is _RecordingModule:
-                        mod.__class__ = types.ModuleType
+                        mod.__class__ = types.ModuleType  # type: ignore[assignment]
                 except TypeError:
                     pass
             self._instrumented.clear()

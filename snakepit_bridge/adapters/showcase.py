@@ -15,6 +15,7 @@ import numpy as np
 from ..adapter import BaseAdapter, tool
 from ..context import RequestContext
 from ..errors import ToolError
+from ..rng import RNG
 
 MAX_STEPS = 100_000
 MAX_STEP_DELAY = 60.0  # seconds
@@ -23,7 +24,8 @@ MAX_STEP_DELAY = 60.0  # seconds
 def check_range(name: str, value: float, low: float, high: float) -> None:
     """Bad input is the caller's error: INVALID_ARGUMENT naming the argument, not a tool crash."""
     if not low <= value <= high:
-        raise ToolError(f"{name} must be within {low:g}..{high:g}, got {value:g}", code=grpc.StatusCode.INVALID_ARGUMENT)
+        raise ToolError(f"{name} must be within {low:g}..{high:g}, got {value:g}",
+                        code=grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def sleep_unless_cancelled(seconds: float, ctx: RequestContext | None) -> bool:
@@ -68,7 +70,7 @@ class ShowcaseAdapter(BaseAdapter):
         raise errors[kind](message)
 
     @tool(description="Stream progress: one chunk per step, then a summary as the final chunk")
-    def progress(self, steps: int = 5, delay: float = 0.0, ctx: RequestContext = None):
+    def progress(self, steps: int = 5, delay: float = 0.0, ctx: RequestContext | None = None):
         check_range("steps", steps, 0, MAX_STEPS)
         check_range("delay", delay, 0, MAX_STEP_DELAY)
         for step in range(1, steps + 1):
@@ -95,9 +97,9 @@ class ShowcaseAdapter(BaseAdapter):
         return a @ b
 
     @tool(description="Random numbers from the request's RNG: reproducible for a given seed")
-    def random_numbers(self, count: int = 5, ctx: RequestContext = None) -> list[float]:
+    def random_numbers(self, count: int = 5, ctx: RequestContext | None = None) -> list[float]:
         check_range("count", count, 0, 1_000_000)
-        rng = ctx.rng
+        rng = ctx.rng if ctx is not None else RNG()  # called directly, outside a server: OS entropy
         return [rng.uniform(0.0, 1.0) for _ in range(count)]
 
     @tool(description="Count calls within a session (state kept in the session)")

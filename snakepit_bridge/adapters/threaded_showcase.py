@@ -70,7 +70,7 @@ class ThreadedShowcaseAdapter(ThreadSafeAdapter, ShowcaseAdapter):
         self.weights.setflags(write=False)
         # Pattern 3: shared mutable, only touched under self.acquire_lock().
         self.total_predictions = 0
-        self.prediction_log = []
+        self.prediction_log: list[dict] = []
         self._torch_lock = threading.Lock()
         self._torch_model = None
 
@@ -153,7 +153,7 @@ class ThreadedShowcaseAdapter(ThreadSafeAdapter, ShowcaseAdapter):
     @thread_safe_method
     @tool(description="CPU-heavy numpy work that releases the GIL: repeated matrix products seeded by data")
     def compute_intensive(self, data: list[float], size: int = 128, iterations: int = 8,
-                          ctx: RequestContext = None) -> dict:
+                          ctx: RequestContext | None = None) -> dict:
         if not data:
             raise ToolError("data must not be empty", code=grpc.StatusCode.INVALID_ARGUMENT)
         check_range("size", size, 1, 2048)
@@ -179,7 +179,7 @@ class ThreadedShowcaseAdapter(ThreadSafeAdapter, ShowcaseAdapter):
 
     @thread_safe_method
     @tool(description="CPU-heavy pure-Python work (holds the GIL): sum of i*i mod 7 for i < n")
-    def python_intensive(self, n: int = 200_000, ctx: RequestContext = None) -> dict:
+    def python_intensive(self, n: int = 200_000, ctx: RequestContext | None = None) -> dict:
         check_range("n", n, 0, 50_000_000)
         started = time.perf_counter()
         total = 0
