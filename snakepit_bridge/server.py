@@ -45,12 +45,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("snakepit_bridge.server")
 
-THREADED = "threaded"
-PROCESS = "process"
-DEFAULT_ADAPTERS = {
-    THREADED: "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter",
-    PROCESS: "snakepit_bridge.adapters.showcase.ShowcaseAdapter",
-}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a server runs tool calls: everything that differs between the two entry scripts."""
+
+    name: str             # "threaded" | "process": --mode, GetStats worker_mode, ServerInfo.worker_mode
+    script: str
+    default_adapter: str
+    summary: str
+    many_calls: bool      # many tool calls at once in one process (--max-workers), else one at a time
+
+    @property
+    def other(self) -> "Mode":
+        return PROCESS if self is THREADED else THREADED
+
+
+THREADED = Mode("threaded", "grpc_server_threaded.py",
+                "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter",
+                "many calls at once in one process.", many_calls=True)
+PROCESS = Mode("process", "grpc_server_process.py", "snakepit_bridge.adapters.showcase.ShowcaseAdapter",
+               "one call at a time per process (for adapters that are not thread-safe).", many_calls=False)
+MODES = {mode.name: mode for mode in (THREADED, PROCESS)}
+
+
+def as_mode(mode: "Mode | str") -> Mode:
+    return mode if isinstance(mode, Mode) else MODES[mode]
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BridgeService"].full_name
 CONTROL_THREADS = 8  # handler threads beyond tool slots + queue, so Ping/health/stats never starve
 READY_NONCE_ENV = "SNAKEPIT_READY_NONCE"
@@ -60,21 +82,17 @@ class StartupError(Exception):
     """A configuration or start-up failure: printed as one line, exit code 1."""
 
 
-def build_parser(mode: str) -> argparse.ArgumentParser:
-    script = "grpc_server_threaded.py" if mode == THREADED else "grpc_server_process.py"
+def build_parser(mode: Mode) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=script,
-        description=("Snakepit bridge worker: serves an adapter's tools over gRPC, "
-                     + ("many calls at once in one process." if mode == THREADED
-                        else "one call at a time per process (for adapters that are not thread-safe).")))
+        prog=mode.script, description="Snakepit bridge worker: serves an adapter's tools over gRPC, " + mode.summary)
     add = parser.add_argument
-    add("--adapter", default=DEFAULT_ADAPTERS[mode], help="adapter class as module.Class (default: %(default)s)")
+    add("--adapter", default=mode.default_adapter, help="adapter class as module.Class (default: %(default)s)")
     add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     add("--port", type=int, default=50052, help="port to listen on; 0 picks a free one (default: %(default)s)")
     add("--elixir-address", default=None,
         help="address of the Elixir node that started this worker; informational, never required, never dialled")
-    add("--mode", choices=[THREADED, PROCESS], default=None,
-        help=f"worker mode; accepted when it agrees with this script ({mode})")
+    add("--mode", choices=list(MODES), default=None,
+        help=f"worker mode; accepted when it agrees with this script ({mode.name})")
     add("--log-level", default=os.environ.get("SNAKEPIT_LOG_LEVEL", "INFO"), type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="(default: %(default)s)")
     add("--max-message-mb", type=float, default=64.0, help="largest request or response in MiB (default: %(default)s)")
@@ -99,7 +117,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--max-calls-per-connection", type=int, default=None,
         help="tool calls one client connection may have in flight; more are RESOURCE_EXHAUSTED "
              "(default: twice the calls the server admits, "
-             + ("2 x (--max-workers + --max-queue))" if mode == THREADED else "2 x (1 + --max-queue))"))
+             + ("2 x (--max-workers + --max-queue))" if mode.many_calls else "2 x (1 + --max-queue))"))
     add("--session-dir", default=None,
         help="checkpoint sessions to this directory so they survive worker recycling and restarts")
     add("--rate-limit", type=float, default=None, metavar="N",
@@ -107,7 +125,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
              "before its deadline, else it is RESOURCE_EXHAUSTED at once")
     add("--rate-burst", type=float, default=None, help="token bucket size for --rate-limit (default: max(1, N))")
     add("--seed", type=int, default=None, help="root seed of the process RNG streams (default: OS entropy)")
-    if mode == THREADED:
+    if mode.many_calls:
         add("--max-workers", type=int, default=16, help="tool calls run at once (default: %(default)s)")
         add("--thread-safety-check", action="store_true",
             help="run the ThreadSafetyChecker: report races on adapter state, unsafe libraries, undeclared safety")
@@ -125,12 +143,12 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
 
 @dataclass
 class Settings:
-    mode: str
+    mode: Mode
     args: argparse.Namespace
 
     @property
     def max_workers(self) -> int:
-        return self.args.max_workers if self.mode == THREADED else 1
+        return self.args.max_workers if self.mode.many_calls else 1
 
     @property
     def max_calls_per_connection(self) -> int:
@@ -147,12 +165,13 @@ class Settings:
         return self.max_workers + self.args.max_queue + self.max_calls_per_connection + CONTROL_THREADS
 
 
-def parse_settings(mode: str, argv: list[str] | None) -> Settings:
+def parse_settings(mode: Mode | str, argv: list[str] | None) -> Settings:
+    mode = as_mode(mode)
     parser = build_parser(mode)
     args = parser.parse_args(argv)
-    if args.mode is not None and args.mode != mode:
-        other = "grpc_server_process.py" if args.mode == PROCESS else "grpc_server_threaded.py"
-        parser.error(f"--mode {args.mode} does not match this script, which runs {mode} workers; use {other}")
+    if args.mode is not None and args.mode != mode.name:
+        parser.error(f"--mode {args.mode} does not match this script, which runs {mode.name} workers; "
+                     f"use {mode.other.script}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0..65535, got {args.port}")
     if args.max_message_mb <= 0:
@@ -173,7 +192,7 @@ def parse_settings(mode: str, argv: list[str] | None) -> Settings:
         parser.error("--max-calls-per-connection must be at least 1")
     if args.rate_limit is not None and args.rate_limit <= 0:
         parser.error("--rate-limit must be positive")
-    if mode == THREADED:
+    if mode.many_calls:
         if args.max_workers < 1:
             parser.error("--max-workers must be at least 1")
         if (args.thread_safety_strict or args.thread_safety_report) and not args.thread_safety_check:
@@ -222,7 +241,7 @@ class Worker:
     def start(self) -> int:
         args, mode = self.args, self.settings.mode
         adapter_cls = load_adapter_class(args.adapter)
-        if mode == THREADED and not getattr(adapter_cls, "__thread_safe__", False):
+        if mode.many_calls and not getattr(adapter_cls, "__thread_safe__", False):
             if not args.allow_unsafe_adapter:
                 raise StartupError(
                     f"adapter {adapter_cls.__name__} does not declare thread safety, so the threaded server will not "
@@ -235,11 +254,11 @@ class Worker:
             from .rng import set_global_seed
 
             set_global_seed(args.seed, worker_index=self.worker_index)
-        if mode == THREADED and args.thread_safety_check:
+        if mode.many_calls and args.thread_safety_check:
             from .thread_safety_checker import ThreadSafetyChecker
 
             self.checker = ThreadSafetyChecker(enabled=True, strict_mode=args.thread_safety_strict)
-        info = ServerInfo(worker_mode=mode, max_workers=self.settings.max_workers, worker_index=self.worker_index)
+        info = ServerInfo(worker_mode=mode.name, max_workers=self.settings.max_workers, worker_index=self.worker_index)
         try:
             adapter = adapter_cls()
             adapter.bind_server(info)
@@ -308,7 +327,7 @@ class Worker:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.server, self.port = server, port
-        log.info("serving %s (%s, max_workers=%d, GIL %s) on %s:%d", args.adapter, mode, self.settings.max_workers,
+        log.info("serving %s (%s, max_workers=%d, GIL %s) on %s:%d", args.adapter, mode.name, self.settings.max_workers,
                  "enabled" if gil_enabled() else "disabled", args.host, port)
         if args.elixir_address:
             log.info("started for Elixir node at %s", args.elixir_address)
@@ -388,7 +407,7 @@ def install_stop_triggers(stop, exit_on_stdin_eof: bool) -> None:
         watch_stdin(lambda: stop("stdin closed"))
 
 
-def serve(mode: str, argv: list[str] | None = None) -> int:
+def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(mode, argv)
     except SystemExit as exc:  # argparse already printed the message
@@ -396,7 +415,7 @@ def serve(mode: str, argv: list[str] | None = None) -> int:
     # Taken out before any adapter code runs, so an adapter cannot print a ready line that passes.
     ready_nonce = os.environ.pop(READY_NONCE_ENV, None)
     logs.configure(settings.args.log_level)
-    if mode == PROCESS and settings.args.processes > 1:
+    if not settings.mode.many_calls and settings.args.processes > 1:
         from .prefork import serve_preforked
 
         return serve_preforked(settings, ready_nonce)
