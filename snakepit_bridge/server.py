@@ -1,4 +1,4 @@
-"""Command line and lifecycle of the worker servers.
+"""Command line and lifecycle of one serving process (the entry points are in `main.py`).
 
     python grpc_server_threaded.py [flags]   # many tool calls at once in one process
     python grpc_server_process.py  [flags]   # one tool call at a time per process
@@ -31,7 +31,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import logs
 from .gate import ToolGate
 from .generated import snakepit_bridge_pb2 as pb
 from .interpreter import gil_enabled
@@ -405,45 +404,3 @@ def install_stop_triggers(stop, exit_on_stdin_eof: bool) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop("SIGINT"))
     if exit_on_stdin_eof:
         watch_stdin(lambda: stop("stdin closed"))
-
-
-def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
-    try:
-        settings = parse_settings(mode, argv)
-    except SystemExit as exc:  # argparse already printed the message
-        return int(exc.code or 0)
-    # Taken out before any adapter code runs, so an adapter cannot print a ready line that passes.
-    ready_nonce = os.environ.pop(READY_NONCE_ENV, None)
-    logs.configure(settings.args.log_level)
-    if not settings.mode.many_calls and settings.args.processes > 1:
-        from .prefork import serve_preforked
-
-        return serve_preforked(settings, ready_nonce)
-    worker = Worker(settings)
-    try:
-        port = worker.start()
-    except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    install_stop_triggers(worker.request_stop, settings.args.exit_on_stdin_eof)
-    announce_ready(port, ready_nonce)
-    while not worker.stop_requested.wait(0.5):
-        pass
-    worker.shutdown()
-    if worker.servicer.stats.requests_active > 0:
-        # Calls still running after --grace were cancelled for their clients; the interpreter's normal
-        # exit would join their handler threads and wait for the tools anyway, so leave now.
-        log.warning("exiting with %d tool calls still running after the grace period",
-                    worker.servicer.stats.requests_active)
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(0)
-    return 0
-
-
-def main_threaded(argv: list[str] | None = None) -> int:
-    return serve(THREADED, argv)
-
-
-def main_process(argv: list[str] | None = None) -> int:
-    return serve(PROCESS, argv)

@@ -1,0 +1,58 @@
+"""Entry points of the two worker servers: `grpc_server_threaded.py` and `grpc_server_process.py`
+call `main_threaded` / `main_process` (also the `snakepit-threaded` / `snakepit-process` scripts).
+
+It sits above both `server` (one serving process) and `prefork` (several, sharing a port), so neither
+of those imports the other's caller.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from . import logs
+from .prefork import serve_preforked
+from .server import (PROCESS, READY_NONCE_ENV, THREADED, Mode, StartupError, Worker, announce_ready,
+                     install_stop_triggers, parse_settings)
+
+log = logging.getLogger("snakepit_bridge.server")
+
+
+def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_settings(mode, argv)
+    except SystemExit as exc:  # argparse already printed the message
+        return int(exc.code or 0)
+    # Taken out before any adapter code runs, so an adapter cannot print a ready line that passes.
+    ready_nonce = os.environ.pop(READY_NONCE_ENV, None)
+    logs.configure(settings.args.log_level)
+    if not settings.mode.many_calls and settings.args.processes > 1:
+        return serve_preforked(settings, ready_nonce)
+    worker = Worker(settings)
+    try:
+        port = worker.start()
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    install_stop_triggers(worker.request_stop, settings.args.exit_on_stdin_eof)
+    announce_ready(port, ready_nonce)
+    while not worker.stop_requested.wait(0.5):
+        pass
+    worker.shutdown()
+    if worker.servicer.stats.requests_active > 0:
+        # Calls still running after --grace were cancelled for their clients; the interpreter's normal
+        # exit would join their handler threads and wait for the tools anyway, so leave now.
+        log.warning("exiting with %d tool calls still running after the grace period",
+                    worker.servicer.stats.requests_active)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
+    return 0
+
+
+def main_threaded(argv: list[str] | None = None) -> int:
+    return serve(THREADED, argv)
+
+
+def main_process(argv: list[str] | None = None) -> int:
+    return serve(PROCESS, argv)
