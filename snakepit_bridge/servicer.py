@@ -208,7 +208,7 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                     set_request_id(request_id)
                     call.sent()
                     chunks += 1
-                    self._reenter(deadline, context)
+                    self._enter_gate(deadline, context, bypass_queue_limit=True)  # it passed the queue once
                     holding_slot = True
                 final_json, final_blobs = _encode_result(item, spec.name)
                 failed = False
@@ -239,13 +239,7 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
         with request_scope(request_id):
             try:
                 call = self._begin(context, "ExecuteBatch")
-                try:
-                    if self.stopping.is_set():
-                        raise Unavailable("server is shutting down")
-                    spec = self._lookup(request.tool_name, streaming=False)
-                    session = self.sessions.get(request.session_id) if request.session_id else None
-                except Exception as exc:
-                    raise self._refusal(request.tool_name, exc) from None
+                spec, _, session = self._prepare(request, streaming=False, bind_args=False)  # items bind their own
             except CallFailure as failure:
                 end_call(context, failure)
             deadline = _deadline(context)
@@ -260,10 +254,8 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
                     started = time.perf_counter()
                     failed = True
                     try:
-                        try:
-                            self.gate.enter(deadline, context.is_active, bypass_queue_limit=True)
-                        except Exception as exc:
-                            raise failure_for(exc, spec.name, Stage.REQUEST) from None
+                        # Items of an admitted batch wait for slots, never for queue places.
+                        self._enter_gate(deadline, context, bypass_queue_limit=True)
                         try:
                             if self.rate_limiter is not None:
                                 self._rate_limit(deadline)
@@ -322,14 +314,14 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
             raise FailedPrecondition(f"tool '{tool_name}' does not stream; call it with ExecuteTool", field="tool_name")
         return spec
 
-    def _prepare(self, request: pb.ExecuteToolRequest, *, streaming: bool):
-        """Look the tool up and check its arguments and session; returns (spec, kwargs, session) or
-        raises the CallFailure of a refused call."""
+    def _prepare(self, request, *, streaming: bool, bind_args: bool = True):
+        """Look the tool up and check its arguments (unless `bind_args` is false: a batch's items bind
+        their own) and session; returns (spec, kwargs, session) or raises the CallFailure of a refused call."""
         try:
             if self.stopping.is_set():
                 raise Unavailable("server is shutting down")
             spec = self._lookup(request.tool_name, streaming=streaming)
-            kwargs = spec.bind(_decode_args(request.args_json, request.blobs))
+            kwargs = spec.bind(_decode_args(request.args_json, request.blobs)) if bind_args else {}
             session = self.sessions.get(request.session_id) if request.session_id else None
         except Exception as exc:
             raise self._refusal(request.tool_name, exc) from None
@@ -393,15 +385,15 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
             deadline = _deadline(context)
             if self.rate_limiter is not None:
                 self._rate_limit(deadline)
-            self.gate.enter(deadline, context.is_active)
-            return deadline
         except Exception as exc:
             raise failure_for(exc, "", Stage.REQUEST) from None
+        self._enter_gate(deadline, context)
+        return deadline
 
-    def _reenter(self, deadline: float | None, context) -> None:
-        """A stream's slot again after its chunk was taken (it already passed the queue limit once)."""
+    def _enter_gate(self, deadline: float | None, context, *, bypass_queue_limit: bool = False) -> None:
+        """Take a gate slot, or raise the CallFailure of a full queue, a deadline or a cancellation."""
         try:
-            self.gate.enter(deadline, context.is_active, bypass_queue_limit=True)
+            self.gate.enter(deadline, context.is_active, bypass_queue_limit=bypass_queue_limit)
         except Exception as exc:
             raise failure_for(exc, "", Stage.REQUEST) from None
 
