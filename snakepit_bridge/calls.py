@@ -80,10 +80,6 @@ class CallTracker:
             else:
                 del self._per_peer[call.peer]
 
-    def in_flight(self, peer: str | None = None) -> int:
-        with self._lock:
-            return len(self._calls) if peer is None else self._per_peer.get(peer, 0)
-
     def close(self) -> None:
         self._stop.set()
 

@@ -35,14 +35,11 @@ class Stage(Enum):
 def safe_text(text: str, max_bytes: int = MESSAGE_BYTES, *, keep: str = "head") -> str:
     """`text` made valid UTF-8 (lone surrogates become `\\udxxx` escapes) and cut to `max_bytes`,
     keeping its head (messages) or its tail (tracebacks, whose last lines matter most)."""
-    if not text.isascii():
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    size = len(text.encode("utf-8")) if not text.isascii() else len(text)
-    if size <= max_bytes:
-        return text
-    note = f" ...({size - max_bytes} bytes cut)... "
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= max_bytes:
+        return data.decode("utf-8")
+    note = f" ...({len(data) - max_bytes} bytes cut)... "
     room = max(0, max_bytes - len(note))
-    data = text.encode("utf-8")
     if keep == "tail":
         return note.lstrip() + data[-room:].decode("utf-8", "ignore")
     return data[:room].decode("utf-8", "ignore") + note.rstrip()
