@@ -22,14 +22,13 @@ QUICK = 2.0  # seconds: every refusal below must come back well within this
 
 @pytest.fixture(scope="module", params=["threaded", "process"])
 def server(request):
-    with WorkerServer(request.param, "--adapter", SPEC_ADAPTER) as server:
-        yield server
+    """Each SpecAdapter server of conftest.py in turn."""
+    return request.getfixturevalue(f"spec_{request.param}")
 
 
 @pytest.fixture(scope="module")
-def threaded(request):
-    with WorkerServer("threaded", "--adapter", SPEC_ADAPTER, "--max-workers", "4") as server:
-        yield server
+def threaded(spec_threaded):
+    return spec_threaded
 
 
 def execute_raw(server, tool: str, args_json: str = "", *, blobs=(), timeout: float = 10.0, **fields):
