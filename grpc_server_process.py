@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout without installing
 
-from snakepit_bridge.main import main_process  # noqa: E402
+from snakepit_bridge.server.main import main_process  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main_process())

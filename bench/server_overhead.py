@@ -7,7 +7,7 @@
 
 Fairness:
   * Both servers are subprocesses started the same way: the same grpcio version, the same handler
-    thread pool size (--max-workers + --max-queue + 8, as snakepit_bridge.server builds it) and the same
+    thread pool size (--max-workers + --max-queue + 8, as snakepit_bridge.server.worker builds it) and the same
     channel options (64 MiB messages, no SO_REUSEPORT). The bare server answers ExecuteTool with the
     message our server sends for the no-op tool (result_json "null", a generated request id, a
     duration): protobuf (de)serialisation and grpcio's dispatch, nothing else.
@@ -48,7 +48,7 @@ METHOD = "/snakepit.bridge.BridgeService/ExecuteTool"
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION_BEGIN = "<!-- BEGIN server_overhead (bench/server_overhead.py --write-docs) -->"
 SECTION_END = "<!-- END server_overhead -->"
-CONTROL_THREADS = 8  # as snakepit_bridge.server.CONTROL_THREADS
+CONTROL_THREADS = 8  # as snakepit_bridge.server.settings.CONTROL_THREADS
 OURS, BARE = "snakepit ExecuteTool", "bare grpcio servicer"
 
 
@@ -268,12 +268,12 @@ def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 10) -> str:
     import timeit
 
     from snakepit_bridge import codec
-    from snakepit_bridge import servicer as servicer_module
-    from snakepit_bridge.gate import ToolGate
+    from snakepit_bridge.server import servicer as servicer_module
+    from snakepit_bridge.server.gate import ToolGate
     from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
-    from snakepit_bridge.servicer import BridgeServicer, ServerInfo
-    from snakepit_bridge.sessions import SessionStore
-    from snakepit_bridge.stats import ServerStats
+    from snakepit_bridge.server.servicer import BridgeServicer, ServerInfo
+    from snakepit_bridge.server.sessions import SessionStore
+    from snakepit_bridge.server.stats import ServerStats
 
     def build():
         return BridgeServicer(NoopAdapter(), info=ServerInfo("threaded", 16), gate=ToolGate(16, 128),

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from snakepit_bridge import thread_safety_checker as tsc  # noqa: E402
 from snakepit_bridge.base_adapter_threaded import ThreadSafeAdapter, thread_safe_method  # noqa: E402
-from snakepit_bridge.interpreter import gil_enabled  # noqa: E402
+from snakepit_bridge.threadsafety.interpreter import gil_enabled  # noqa: E402
 from snakepit_bridge.thread_safety_checker import ThreadSafetyChecker  # noqa: E402
 
 

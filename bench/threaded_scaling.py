@@ -30,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from snakepit_bridge.interpreter import gil_enabled  # noqa: E402
+from snakepit_bridge.threadsafety.interpreter import gil_enabled  # noqa: E402
 from tests.servers import WorkerServer  # noqa: E402
 
 PINNED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",

@@ -3,9 +3,9 @@
 Write an adapter (`BaseAdapter` with `@tool` methods, or `ThreadSafeAdapter` for threaded serving),
 then serve it with `grpc_server_threaded.py` or `grpc_server_process.py`.
 """
-from .adapter import BaseAdapter, tool
-from .context import RequestContext
-from .errors import ToolError
+from .contract.adapter import BaseAdapter, tool
+from .contract.context import RequestContext
+from .contract.errors import ToolError
 
 __all__ = ["BaseAdapter", "RequestContext", "ToolError", "tool"]
 __version__ = "0.1.0"

@@ -536,7 +536,7 @@ def test_numpy_matrix_multiply_example(checker):
 
 
 def test_thread_pool_sizing_flag_is_accepted():
-    from snakepit_bridge.server import parse_settings
+    from snakepit_bridge.server.settings import parse_settings
 
     flags = [line for line in PERF_POOL_SIZING.splitlines() if not line.startswith("#")]
     assert parse_settings("threaded", shlex.split(" ".join(flags))).max_workers == 16

@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ..adapter import BaseAdapter, tool
-from ..context import RequestContext
-from ..errors import ToolError
-from ..rng import RNG
+from ..contract.adapter import BaseAdapter, tool
+from ..contract.context import RequestContext
+from ..contract.errors import ToolError
+from ..toolkit.rng import RNG
 
 MAX_STEPS = 100_000
 MAX_STEP_DELAY = 60.0  # seconds

@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+
 import grpc
 import numpy as np
 
-from ..base_adapter_threaded import ThreadSafeAdapter, thread_safe_method, tool
-from ..context import RequestContext
-from ..errors import ToolError
+from ..contract.context import RequestContext
+from ..contract.errors import ToolError
+from ..threadsafety.adapter import ThreadSafeAdapter, thread_safe_method, tool
 from .showcase import ShowcaseAdapter, check_range
 
 _LOG_LIMIT = 1000  # prediction_log keeps the most recent entries

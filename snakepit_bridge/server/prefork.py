@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from .server import StartupError, Worker, announce_ready, install_stop_triggers
+from .worker import StartupError, Worker, announce_ready, install_stop_triggers
 
 log = logging.getLogger("snakepit_bridge.server")
 STARTUP_TIMEOUT_SECONDS = 120.0

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 
-from .errors import ResourceExhausted
+from ..contract.errors import ResourceExhausted
 
 log = logging.getLogger("snakepit_bridge.server")
 

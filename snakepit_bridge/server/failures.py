@@ -13,9 +13,9 @@ from enum import Enum
 
 import grpc
 
+from ..contract.errors import BridgeError, ToolError
+from ..generated import snakepit_bridge_pb2 as pb
 from . import codec
-from .errors import BridgeError, ToolError
-from .generated import snakepit_bridge_pb2 as pb
 
 log = logging.getLogger("snakepit_bridge.server")
 

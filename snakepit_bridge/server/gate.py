@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable
 
-from .errors import Cancelled, DeadlineExceeded, ResourceExhausted
+from ..contract.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 
 _POLL_SECONDS = 0.05  # how often a queued call re-checks whether its client is still there
 

@@ -19,16 +19,23 @@ from typing import Any, Callable, Iterator, NoReturn
 
 import grpc
 
+from ..contract.adapter import BaseAdapter, ToolSpec
+from ..contract.context import RequestContext
+from ..contract.errors import (
+    ERROR_TRAILER,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from ..generated import snakepit_bridge_pb2 as pb
+from ..generated import snakepit_bridge_pb2_grpc as pb_grpc
+from ..threadsafety.interpreter import gil_enabled
 from . import codec
-from .adapter import BaseAdapter, ToolSpec
 from .calls import CallTracker
-from .context import RequestContext
-from .errors import ERROR_TRAILER, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from .failures import CallFailure, Stage, failure_for, safe_text, short_name
 from .gate import ToolGate
-from .interpreter import gil_enabled
-from .generated import snakepit_bridge_pb2 as pb
-from .generated import snakepit_bridge_pb2_grpc as pb_grpc
 from .logs import REQUEST_ID_CHARS, printable, request_scope, set_request_id
 from .sessions import Session, SessionStore
 from .stats import ServerStats
@@ -233,7 +240,7 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
         yield pb.ToolChunk(sequence=chunks, data_json=final_json, blobs=final_blobs, is_final=True)
 
     def ExecuteBatch(self, request, context):
-        from .batch import run_batch
+        from ..toolkit.batch import run_batch
 
         request_id = self._request_id(request)
         with request_scope(request_id):
@@ -440,7 +447,7 @@ def _deadline(context) -> float | None:
 
 def _rng_factory(seed: int | None, session: Session | None, request_id: str):
     def build():
-        from .rng import RNG, derive_rng
+        from ..toolkit.rng import RNG, derive_rng
 
         if seed is not None:
             return derive_rng(seed, "request")

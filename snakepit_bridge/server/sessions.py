@@ -16,8 +16,8 @@ import time
 import uuid
 from typing import Any, Callable
 
+from ..contract.errors import InvalidArgument, NotFound, ResourceExhausted
 from . import codec
-from .errors import InvalidArgument, NotFound, ResourceExhausted
 from .failures import short_name
 
 # The documented charset: also a safe file name under --session-dir. fullmatch, because `$` would
@@ -230,7 +230,7 @@ class SessionStore:
 
     # -- persistence -------------------------------------------------------------------------------
     def _checkpoint(self, session_id: str):
-        from .checkpoint import SafeCheckpoint
+        from ..toolkit.checkpoint import SafeCheckpoint
 
         assert self.session_dir is not None  # only called with a session directory
         return SafeCheckpoint(os.path.join(self.session_dir, f"{session_id}.json"))

@@ -11,7 +11,7 @@ import time
 import types
 from typing import Any, Callable, Mapping
 
-from .frozen import FrozenError
+from ..toolkit.frozen import FrozenError
 
 
 class RequestContext:
@@ -79,7 +79,7 @@ class RequestContext:
             with self._rng_lock:
                 rng = self._rng
                 if rng is None:
-                    from .rng import RNG
+                    from ..toolkit.rng import RNG
 
                     rng = self._rng_factory() if self._rng_factory else RNG()
                     object.__setattr__(self, "_rng", rng)

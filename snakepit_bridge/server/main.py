@@ -12,8 +12,8 @@ import sys
 
 from . import logs
 from .prefork import serve_preforked
-from .server import (PROCESS, READY_NONCE_ENV, THREADED, Mode, StartupError, Worker, announce_ready,
-                     install_stop_triggers, parse_settings)
+from .settings import PROCESS, THREADED, Mode, parse_settings
+from .worker import READY_NONCE_ENV, StartupError, Worker, announce_ready, install_stop_triggers
 
 log = logging.getLogger("snakepit_bridge.server")
 

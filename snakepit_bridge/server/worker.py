@@ -1,4 +1,5 @@
-"""Command line and lifecycle of one serving process (the entry points are in `main.py`).
+"""The lifecycle of one serving process: adapter, grpc server, readiness, shutdown (flags: `settings.py`;
+entry points: `main.py`).
 
     python grpc_server_threaded.py [flags]   # many tool calls at once in one process
     python grpc_server_process.py  [flags]   # one tool call at a time per process
@@ -15,7 +16,6 @@ seconds to finish, then exit 0.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -24,56 +24,27 @@ import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .gate import ToolGate
-from .generated import snakepit_bridge_pb2 as pb
-from .interpreter import gil_enabled
+from ..generated import snakepit_bridge_pb2 as pb
+from ..threadsafety.interpreter import gil_enabled
 from .calls import CallTracker
+from .gate import ToolGate
 from .servicer import BridgeServicer, ServerInfo, add_servicer_to_server
 from .sessions import SessionStore
+from .settings import Settings
 from .stats import ServerStats
 
 if TYPE_CHECKING:
-    from .thread_safety_checker import ThreadSafetyChecker
+    from ..threadsafety.checker import ThreadSafetyChecker
 
 log = logging.getLogger("snakepit_bridge.server")
 
-
-
-@dataclass(frozen=True)
-class Mode:
-    """How a server runs tool calls: everything that differs between the two entry scripts."""
-
-    name: str             # "threaded" | "process": --mode, GetStats worker_mode, ServerInfo.worker_mode
-    script: str
-    default_adapter: str
-    summary: str
-    many_calls: bool      # many tool calls at once in one process (--max-workers), else one at a time
-
-    @property
-    def other(self) -> "Mode":
-        return PROCESS if self is THREADED else THREADED
-
-
-THREADED = Mode("threaded", "grpc_server_threaded.py",
-                "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter",
-                "many calls at once in one process.", many_calls=True)
-PROCESS = Mode("process", "grpc_server_process.py", "snakepit_bridge.adapters.showcase.ShowcaseAdapter",
-               "one call at a time per process (for adapters that are not thread-safe).", many_calls=False)
-MODES = {mode.name: mode for mode in (THREADED, PROCESS)}
-
-
-def as_mode(mode: "Mode | str") -> Mode:
-    return mode if isinstance(mode, Mode) else MODES[mode]
-
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BridgeService"].full_name
-CONTROL_THREADS = 8  # handler threads beyond tool slots + queue, so Ping/health/stats never starve
 READY_NONCE_ENV = "SNAKEPIT_READY_NONCE"
 
 
@@ -81,128 +52,8 @@ class StartupError(Exception):
     """A configuration or start-up failure: printed as one line, exit code 1."""
 
 
-def build_parser(mode: Mode) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=mode.script, description="Snakepit bridge worker: serves an adapter's tools over gRPC, " + mode.summary)
-    add = parser.add_argument
-    add("--adapter", default=mode.default_adapter, help="adapter class as module.Class (default: %(default)s)")
-    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    add("--port", type=int, default=50052, help="port to listen on; 0 picks a free one (default: %(default)s)")
-    add("--elixir-address", default=None,
-        help="address of the Elixir node that started this worker; informational, never required, never dialled")
-    add("--mode", choices=list(MODES), default=None,
-        help=f"worker mode; accepted when it agrees with this script ({mode.name})")
-    add("--log-level", default=os.environ.get("SNAKEPIT_LOG_LEVEL", "INFO"), type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="(default: %(default)s)")
-    add("--max-message-mb", type=float, default=64.0, help="largest request or response in MiB (default: %(default)s)")
-    add("--auth-token-env", metavar="NAME", default=None,
-        help="environment variable holding a bearer token; every RPC but health must then carry "
-             "'authorization: Bearer <token>'")
-    add("--max-queue", type=int, default=128,
-        help="tool calls allowed to wait for a free slot; more are RESOURCE_EXHAUSTED (default: %(default)s)")
-    add("--grace", type=float, default=10.0,
-        help="seconds in-flight calls get to finish at shutdown (default: %(default)s)")
-    add("--exit-on-stdin-eof", action="store_true",
-        help="shut down when stdin closes (how a BEAM port parent is watched: no orphan outlives it)")
-    add("--session-ttl", type=float, default=3600.0,
-        help="idle seconds before a session expires (default: %(default)s)")
-    add("--max-session-ttl", type=float, default=86400.0,
-        help="largest ttl_seconds a client may ask for; more is RESOURCE_EXHAUSTED (default: %(default)s)")
-    add("--max-sessions", type=int, default=10000,
-        help="sessions alive at once in this process; a new one past it is RESOURCE_EXHAUSTED (default: %(default)s)")
-    add("--send-timeout", type=float, default=120.0,
-        help="seconds a response (or a stream's next chunk) may wait for the client to read it before the call "
-             "is cancelled; 0 waits forever (default: %(default)s)")
-    add("--max-calls-per-connection", type=int, default=None,
-        help="tool calls one client connection may have in flight; more are RESOURCE_EXHAUSTED "
-             "(default: twice the calls the server admits, "
-             + ("2 x (--max-workers + --max-queue))" if mode.many_calls else "2 x (1 + --max-queue))"))
-    add("--session-dir", default=None,
-        help="checkpoint sessions to this directory so they survive worker recycling and restarts")
-    add("--rate-limit", type=float, default=None, metavar="N",
-        help="at most N tool calls per second per process; a call over it waits for a token when one frees up "
-             "before its deadline, else it is RESOURCE_EXHAUSTED at once")
-    add("--rate-burst", type=float, default=None, help="token bucket size for --rate-limit (default: max(1, N))")
-    add("--seed", type=int, default=None, help="root seed of the process RNG streams (default: OS entropy)")
-    if mode.many_calls:
-        add("--max-workers", type=int, default=16, help="tool calls run at once (default: %(default)s)")
-        add("--thread-safety-check", action="store_true",
-            help="run the ThreadSafetyChecker: report races on adapter state, unsafe libraries, undeclared safety")
-        add("--thread-safety-strict", action="store_true",
-            help="with --thread-safety-check: a finding fails the offending call")
-        add("--thread-safety-report", metavar="PATH", default=None,
-            help="with --thread-safety-check: write the JSON report here at shutdown")
-        add("--allow-unsafe-adapter", action="store_true",
-            help="serve an adapter that does not declare __thread_safe__ = True (with a warning)")
-    else:
-        add("--processes", type=int, default=1,
-            help="pre-forked processes sharing the port (SO_REUSEPORT), each serving one call at a time")
-    return parser
-
-
-@dataclass
-class Settings:
-    mode: Mode
-    args: argparse.Namespace
-
-    @property
-    def max_workers(self) -> int:
-        return self.args.max_workers if self.mode.many_calls else 1
-
-    @property
-    def max_calls_per_connection(self) -> int:
-        # Twice what the gate admits: a client that fills every slot and queue place is refused by the
-        # gate first (server busy); the cap binds on calls whose responses wait for a slow reader.
-        if self.args.max_calls_per_connection is not None:
-            return self.args.max_calls_per_connection
-        return 2 * (self.max_workers + self.args.max_queue)
-
-    @property
-    def handler_threads(self) -> int:
-        # One connection at its cap still leaves every other client a thread per slot and queue place,
-        # and the control RPCs theirs. The pool starts threads only as calls need them.
-        return self.max_workers + self.args.max_queue + self.max_calls_per_connection + CONTROL_THREADS
-
-
-def parse_settings(mode: Mode | str, argv: list[str] | None) -> Settings:
-    mode = as_mode(mode)
-    parser = build_parser(mode)
-    args = parser.parse_args(argv)
-    if args.mode is not None and args.mode != mode.name:
-        parser.error(f"--mode {args.mode} does not match this script, which runs {mode.name} workers; "
-                     f"use {mode.other.script}")
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port must be 0..65535, got {args.port}")
-    if args.max_message_mb <= 0:
-        parser.error("--max-message-mb must be positive")
-    if args.max_queue < 0:
-        parser.error("--max-queue must be 0 or more")
-    if args.grace < 0:
-        parser.error("--grace must be 0 or more")
-    if args.max_sessions < 1:
-        parser.error("--max-sessions must be at least 1")
-    if args.max_session_ttl <= 0:
-        parser.error("--max-session-ttl must be positive")
-    if not 0 < args.session_ttl <= args.max_session_ttl:
-        parser.error(f"--session-ttl must be positive and at most --max-session-ttl ({args.max_session_ttl:g})")
-    if args.send_timeout < 0:
-        parser.error("--send-timeout must be 0 (no limit) or more")
-    if args.max_calls_per_connection is not None and args.max_calls_per_connection < 1:
-        parser.error("--max-calls-per-connection must be at least 1")
-    if args.rate_limit is not None and args.rate_limit <= 0:
-        parser.error("--rate-limit must be positive")
-    if mode.many_calls:
-        if args.max_workers < 1:
-            parser.error("--max-workers must be at least 1")
-        if (args.thread_safety_strict or args.thread_safety_report) and not args.thread_safety_check:
-            parser.error("--thread-safety-strict and --thread-safety-report need --thread-safety-check")
-    elif args.processes < 1:
-        parser.error("--processes must be at least 1")
-    return Settings(mode, args)
-
-
 def load_adapter_class(path: str) -> type:
-    from .adapter import BaseAdapter
+    from ..contract.adapter import BaseAdapter
 
     module_name, _, class_name = path.rpartition(".")
     if not module_name:
@@ -250,11 +101,11 @@ class Worker:
             log.warning("serving adapter %s, which does not declare __thread_safe__ = True, with %d threads "
                         "(--allow-unsafe-adapter)", adapter_cls.__name__, args.max_workers)
         if args.seed is not None:
-            from .rng import set_global_seed
+            from ..toolkit.rng import set_global_seed
 
             set_global_seed(args.seed, worker_index=self.worker_index)
         if mode.many_calls and args.thread_safety_check:
-            from .thread_safety_checker import ThreadSafetyChecker
+            from ..threadsafety.checker import ThreadSafetyChecker
 
             self.checker = ThreadSafetyChecker(enabled=True, strict_mode=args.thread_safety_strict)
         info = ServerInfo(worker_mode=mode.name, max_workers=self.settings.max_workers, worker_index=self.worker_index)
@@ -277,7 +128,7 @@ class Worker:
         self.calls = CallTracker(self.settings.max_calls_per_connection, args.send_timeout)
         rate_limiter = None
         if args.rate_limit is not None:
-            from .ratelimit import RateLimiter
+            from ..toolkit.ratelimit import RateLimiter
 
             rate_limiter = RateLimiter(args.rate_limit, args.rate_burst)
         self.batch_executor = None

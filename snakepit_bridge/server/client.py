@@ -1,0 +1,139 @@
+"""A small Python client for BridgeService, used by tests, benchmarks and Python callers.
+
+    with BridgeClient("127.0.0.1:50052") as client:
+        client.execute("add", {"a": 2, "b": 3})          # -> 5
+        for chunk in client.stream("progress", {"steps": 3}):
+            print(chunk)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import grpc
+
+from ..contract.errors import ERROR_TRAILER
+from ..generated import snakepit_bridge_pb2 as pb
+from ..generated import snakepit_bridge_pb2_grpc as pb_grpc
+from . import codec
+
+
+class BridgeCallError(Exception):
+    """A failed call: the gRPC status, its message, and for tool exceptions the Python error."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, tool_error: pb.ToolError | None = None):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.tool_error = tool_error
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> "BridgeCallError":
+        tool_error = None
+        for key, value in error.trailing_metadata() or ():
+            if key == ERROR_TRAILER:
+                tool_error = pb.ToolError.FromString(value)
+        return cls(error.code(), error.details() or "", tool_error)
+
+
+@dataclass(frozen=True)
+class BatchItemResult:
+    ok: bool
+    value: Any = None
+    error: pb.ToolError | None = None
+
+
+class BridgeClient:
+    def __init__(self, address: str, *, token: str | None = None, timeout: float | None = 30.0,
+                 max_message_mb: float = 64.0) -> None:
+        size = int(max_message_mb * 1024 * 1024)
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", size),
+                                                               ("grpc.max_send_message_length", size)])
+        self.stub = pb_grpc.BridgeServiceStub(self.channel)
+        self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "BridgeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout):
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise BridgeCallError.from_rpc_error(error) from None
+
+    @staticmethod
+    def _request(tool: str, args: dict | None, session_id: str | None, seed: int | None,
+                 metadata: dict | None) -> pb.ExecuteToolRequest:
+        args_json, blobs = codec.encode(args or {})
+        request = pb.ExecuteToolRequest(tool_name=tool, args_json=args_json, blobs=blobs, session_id=session_id or "",
+                                        metadata=metadata or {})
+        if seed is not None:
+            request.seed = seed
+        return request
+
+    def execute(self, tool: str, args: dict | None = None, *, session_id: str | None = None, seed: int | None = None,
+                timeout: float | None = None, metadata: dict | None = None) -> Any:
+        response = self._call(self.stub.ExecuteTool, self._request(tool, args, session_id, seed, metadata), timeout)
+        return codec.decode(response.result_json, response.blobs)
+
+    def stream(self, tool: str, args: dict | None = None, *, session_id: str | None = None, seed: int | None = None,
+               timeout: float | None = None, metadata: dict | None = None) -> Iterator[Any]:
+        """Yield each chunk's value; the final chunk's value is the generator's return value."""
+        request = self._request(tool, args, session_id, seed, metadata)
+        try:
+            for chunk in self.stub.ExecuteStreamingTool(request, timeout=self.timeout if timeout is None else timeout,
+                                                        metadata=self.metadata):
+                value = codec.decode(chunk.data_json, chunk.blobs)
+                if chunk.is_final:
+                    return value
+                yield value
+        except grpc.RpcError as error:
+            raise BridgeCallError.from_rpc_error(error) from None
+
+    def batch(self, tool: str, items: list[dict], *, session_id: str | None = None, max_parallelism: int = 0,
+              timeout: float | None = None) -> list[BatchItemResult]:
+        batch_items = []
+        for args in items:
+            args_json, blobs = codec.encode(args)
+            batch_items.append(pb.BatchItem(args_json=args_json, blobs=blobs))
+        request = pb.ExecuteBatchRequest(tool_name=tool, items=batch_items, session_id=session_id or "",
+                                         max_parallelism=max_parallelism)
+        response = self._call(self.stub.ExecuteBatch, request, timeout)
+        return [BatchItemResult(True, codec.decode(r.result_json, r.blobs)) if r.ok
+                else BatchItemResult(False, None, r.error)
+                for r in response.results]
+
+    def ping(self, message: str = "") -> pb.PingResponse:
+        return self._call(self.stub.Ping, pb.PingRequest(message=message), None)
+
+    def describe_tools(self) -> pb.DescribeToolsResponse:
+        return self._call(self.stub.DescribeTools, pb.DescribeToolsRequest(), None)
+
+    def stats(self) -> pb.GetStatsResponse:
+        return self._call(self.stub.GetStats, pb.GetStatsRequest(), None)
+
+    def initialize_session(self, session_id: str = "", state: dict | None = None, *, ttl_seconds: int = 0,
+                           seed: int | None = None) -> pb.InitializeSessionResponse:
+        state_json, blobs = codec.encode(state or {})
+        request = pb.InitializeSessionRequest(session_id=session_id, state_json=state_json, blobs=blobs,
+                                              ttl_seconds=ttl_seconds)
+        if seed is not None:
+            request.seed = seed
+        return self._call(self.stub.InitializeSession, request, None)
+
+    def get_session_state(self, session_id: str) -> dict:
+        response = self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id), None)
+        return codec.decode(response.state_json, response.blobs)
+
+    def cleanup_session(self, session_id: str) -> bool:
+        return self._call(self.stub.CleanupSession, pb.CleanupSessionRequest(session_id=session_id), None).existed
+
+    def heartbeat(self, session_id: str = "") -> pb.HeartbeatResponse:
+        return self._call(self.stub.Heartbeat, pb.HeartbeatRequest(session_id=session_id), None)
