@@ -268,7 +268,7 @@ def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 10) -> str:
     import timeit
 
     from snakepit_bridge import codec
-    from snakepit_bridge.server import servicer as servicer_module
+    from snakepit_bridge.server import toolcall as toolcall_module
     from snakepit_bridge.server.gate import ToolGate
     from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
     from snakepit_bridge.server.servicer import BridgeServicer, ServerInfo
@@ -327,9 +327,9 @@ def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 10) -> str:
     variants = {"ours": build(), "bare": make_bare_servicer()}
     labels = {
         "stats": "ServerStats.started/finished (stats.py: lock, log2 histogram bucket)",
-        "gate": "ToolGate.enter/leave (gate.py: Condition lock, notify) + _admit/_deadline",
+        "gate": "ToolGate.enter/leave (gate.py: Condition lock, notify)",
         "encode": "codec.encode of the result (codec.py: one reused JSON encoder)",
-        "prepare": "_prepare: _lookup + _decode_args('{}') + ToolSpec.bind (servicer.py, codec.py, adapter.py)",
+        "prepare": "ToolCall.prepare: stopping check, lookup, decode args '{}', ToolSpec.bind (toolcall.py, codec.py)",
         "calls": "CallTracker.begin/end (calls.py: peer, per-connection count, done callback)",
     }
     variants["stats"] = build()
@@ -338,21 +338,29 @@ def profile_servicer(calls: int = 5000, repeats: int = 9, top: int = 10) -> str:
     variants["gate"].gate = NoGate()
     variants["calls"] = build()
     variants["calls"].calls = NoCalls()
-    variants["encode"] = build()  # runs with servicer_module.codec swapped, below
-    variants["prepare"] = build()
+    variants["encode"] = build()  # runs with toolcall.codec swapped, below
+    variants["prepare"] = build()  # runs with ToolCall.prepare swapped, below
     spec = variants["prepare"].tools["noop"]
-    variants["prepare"]._prepare = lambda *args, **kwargs: (spec, {}, None)
+    real_prepare = toolcall_module.ToolCall.prepare
+
+    def prepared(call, *, streaming, bind_args=True):  # only the connection count stays
+        call.connection = call.server.calls.begin(call.context, call.method)
+        call.spec, call.kwargs, call.session = spec, {}, None
+
+    swaps = {"encode": (toolcall_module, "codec", FixedCodec), "prepare": (toolcall_module.ToolCall, "prepare", prepared)}
     timers = {name: timer(servicer) for name, servicer in variants.items()}
     best = {name: float("inf") for name in variants}
-    original_codec = servicer_module.codec
+    original_codec = toolcall_module.codec
     for _ in range(repeats):  # interleaved, so that every variant sees the same machine
         for name, measure in timers.items():
-            if name == "encode":
-                servicer_module.codec = FixedCodec
+            if name in swaps:
+                owner, attribute, stand_in = swaps[name]
+                setattr(owner, attribute, stand_in)
             try:
                 best[name] = min(best[name], measure.timeit(calls) / calls * 1e6)
             finally:
-                servicer_module.codec = original_codec
+                toolcall_module.codec = original_codec
+                toolcall_module.ToolCall.prepare = real_prepare
     ours_us, bare_us = best["ours"], best["bare"]
     rows = [(labels[name], best[name]) for name in labels]
 

@@ -6,7 +6,8 @@ One job per module, in the order a call meets them:
   (adapter, grpc server, health, reflection, readiness line, shutdown). `prefork`: several of them on
   one port.
 - `auth`: the bearer token check. `calls`: per-connection call caps and the send watchdog. `gate`: tool
-  slots and the wait queue. `servicer`: the RPC handlers. `failures`: every failure's status, once.
+  slots and the wait queue. `servicer`: the RPC handlers. `toolcall`: one tool call's life, the same
+  for unary, streaming and batch calls. `failures`: every failure's status, once.
 - `codec`: values <-> JSON + blobs. `sessions`: session store and checkpoints. `stats`: GetStats.
   `logs`: request-id log lines. `client`: `BridgeClient`, the Python caller.
 

@@ -8,10 +8,9 @@ cannot make a megabyte line. Tracebacks (`exc_info`) keep their lines.
 """
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import logging
 import re
-import threading
 
 REQUEST_ID_CHARS = 128
 LOG_ARGUMENT_CHARS = 1024
@@ -28,27 +27,14 @@ def printable(text: str, limit: int) -> str:
 
 LOG_FORMAT = "%(asctime)s - [%(threadName)s] - %(levelname)s - [%(request_id)s] %(message)s"
 
-_current = threading.local()
+# The request id of the tool call running in this context. Each call runs in a context of its own
+# (toolcall.py), so the id follows it across the handler threads grpc resumes a stream in, and into
+# batch items and anything else that copies the context.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("snakepit_request_id", default="-")
 
 
 def current_request_id() -> str:
-    return getattr(_current, "request_id", "-")
-
-
-def set_request_id(request_id: str) -> str:
-    """Make `request_id` current for this thread's log lines; returns the previous one."""
-    previous = getattr(_current, "request_id", "-")
-    _current.request_id = request_id
-    return previous
-
-
-@contextlib.contextmanager
-def request_scope(request_id: str):
-    previous = set_request_id(request_id)
-    try:
-        yield
-    finally:
-        set_request_id(previous)
+    return REQUEST_ID.get()
 
 
 class RequestIdFilter(logging.Filter):

@@ -1,7 +1,8 @@
 """BridgeService: the gRPC methods, over one adapter instance.
 
-The hot path of ExecuteTool: look the tool up, decode and check the arguments, take a slot from the
-gate, call the method in this handler thread, encode the result. Everything a tool raises becomes a
+The control RPCs (Ping, DescribeTools, Heartbeat, GetStats) and the session RPCs are answered here;
+each tool call (ExecuteTool, ExecuteStreamingTool, ExecuteBatch) is one `ToolCall` (toolcall.py). A
+tool call runs in the grpc handler thread that received it. Everything a tool raises becomes a
 structured error; the server keeps serving.
 """
 from __future__ import annotations
@@ -15,30 +16,23 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator
 
 import grpc
 
 from ..contract.adapter import BaseAdapter, ToolSpec
-from ..contract.context import RequestContext
-from ..contract.errors import (
-    ERROR_TRAILER,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
+from ..contract.errors import InvalidArgument
 from ..generated import snakepit_bridge_pb2 as pb
 from ..generated import snakepit_bridge_pb2_grpc as pb_grpc
 from ..threadsafety.interpreter import gil_enabled
 from . import codec
 from .calls import CallTracker
-from .failures import CallFailure, Stage, failure_for, safe_text, short_name
+from .failures import Stage, failure_for, safe_text
 from .gate import ToolGate
-from .logs import REQUEST_ID_CHARS, printable, request_scope, set_request_id
-from .sessions import Session, SessionStore
+from .logs import REQUEST_ID_CHARS, printable
+from .sessions import SessionStore
 from .stats import ServerStats
+from .toolcall import ToolCall, end_call
 
 log = logging.getLogger("snakepit_bridge.server")
 
@@ -141,268 +135,21 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
             return pb.CleanupSessionResponse(existed=existed)
 
     # ---------------------------------------------------------------------------------------------
-    # tool execution
+    # tool execution: one ToolCall per call (toolcall.py)
     def ExecuteTool(self, request, context):
-        request_id = self._request_id(request)
-        previous_id = set_request_id(request_id)
-        try:
-            call = self._begin(context, "ExecuteTool")
-            spec, kwargs, session = self._prepare(request, streaming=False)
-            self.stats.started()
-            started = time.perf_counter()
-            failed = True
-            try:
-                self._admit(context)
-                try:
-                    self._add_context(kwargs, spec, request, request_id, session, context)
-                    result_json, blobs = self._invoke(spec, kwargs)
-                finally:
-                    self.gate.leave()
-                failed = False
-            finally:
-                elapsed = time.perf_counter() - started
-                self.stats.finished(spec.name, elapsed, failed)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("ExecuteTool %s %s in %.3f ms", spec.name, "failed" if failed else "ok", elapsed * 1000)
-        except CallFailure as failure:
-            end_call(context, failure)
-        finally:
-            set_request_id(previous_id)
-        response = pb.ExecuteToolResponse(result_json=result_json, request_id=request_id, duration_ms=elapsed * 1000.0)
-        if blobs:
-            response.blobs.extend(blobs)
-        call.sending()  # from here grpc sends; the send watchdog ends the call if the client never reads
-        return response
+        return ToolCall(self, request, context, "ExecuteTool").unary()
 
     def ExecuteStreamingTool(self, request, context) -> Iterator[pb.ToolChunk]:
-        request_id = self._request_id(request)
-        # The response generator may be resumed in another handler thread between yields; the request
-        # id is set around each step.
-        previous_id = set_request_id(request_id)
-        failure = None
-        try:
-            call = self._begin(context, "ExecuteStreamingTool")
-            spec, kwargs, session = self._prepare(request, streaming=True)
-        except CallFailure as refused:
-            set_request_id(previous_id)
-            end_call(context, refused)
-        self.stats.started()
-        started = time.perf_counter()
-        failed = True
-        chunks = 0
-        iterator = None
-        try:
-            deadline = self._admit(context)
-            holding_slot = True
-            try:
-                self._add_context(kwargs, spec, request, request_id, session, context)
-                iterator = self._start_stream(spec, kwargs)
-                while True:
-                    done, item = self._next_chunk(iterator, spec.name)
-                    if done:
-                        break
-                    if not context.is_active():
-                        log.info("stream %s cancelled by the client after %d chunks", spec.name, chunks)
-                        return
-                    data_json, blobs = _encode_result(item, spec.name)
-                    # While a chunk travels the tool is suspended: its slot goes back to the gate, so a
-                    # client that reads slowly (or never) holds no slot another call could use.
-                    self.gate.leave()
-                    holding_slot = False
-                    call.sending()
-                    set_request_id(previous_id)
-                    yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs)
-                    set_request_id(request_id)
-                    call.sent()
-                    chunks += 1
-                    self._enter_gate(deadline, context, bypass_queue_limit=True)  # it passed the queue once
-                    holding_slot = True
-                final_json, final_blobs = _encode_result(item, spec.name)
-                failed = False
-            finally:
-                if iterator is not None:
-                    close = getattr(iterator, "close", None)
-                    if close is not None:
-                        close()  # runs the generator's finally blocks when the client went away
-                if holding_slot:
-                    self.gate.leave()
-        except CallFailure as raised:
-            failure = raised
-        finally:
-            elapsed = time.perf_counter() - started
-            self.stats.finished(spec.name, elapsed, failed)
-            log.debug("ExecuteStreamingTool %s %s after %d chunks in %.3f ms", spec.name,
-                      "failed" if failed else "ok", chunks, elapsed * 1000)
-            set_request_id(previous_id)
-        if failure is not None:
-            end_call(context, failure)
-        call.sending()
-        yield pb.ToolChunk(sequence=chunks, data_json=final_json, blobs=final_blobs, is_final=True)
+        return ToolCall(self, request, context, "ExecuteStreamingTool").stream()
 
     def ExecuteBatch(self, request, context):
-        from ..toolkit.batch import run_batch
+        return ToolCall(self, request, context, "ExecuteBatch").batch()
 
-        request_id = self._request_id(request)
-        with request_scope(request_id):
-            try:
-                call = self._begin(context, "ExecuteBatch")
-                spec, _, session = self._prepare(request, streaming=False, bind_args=False)  # items bind their own
-            except CallFailure as failure:
-                end_call(context, failure)
-            deadline = _deadline(context)
-
-            def run_item(item: pb.BatchItem):
-                with request_scope(request_id):
-                    try:
-                        kwargs = spec.bind(_decode_args(item.args_json, item.blobs))
-                    except Exception as exc:
-                        raise self._refusal(spec.name, exc) from None
-                    self.stats.started()
-                    started = time.perf_counter()
-                    failed = True
-                    try:
-                        # Items of an admitted batch wait for slots, never for queue places.
-                        self._enter_gate(deadline, context, bypass_queue_limit=True)
-                        try:
-                            if self.rate_limiter is not None:
-                                self._rate_limit(deadline)
-                            self._add_context(kwargs, spec, request, request_id, session, context)
-                            encoded = self._invoke(spec, kwargs)
-                        finally:
-                            self.gate.leave()
-                        failed = False
-                        return encoded
-                    finally:
-                        self.stats.finished(spec.name, time.perf_counter() - started, failed)
-
-            parallelism = self.info.max_workers
-            if request.max_parallelism:
-                parallelism = min(parallelism, request.max_parallelism)
-            outcomes = run_batch(run_item, list(request.items), parallelism, executor=self.batch_executor)
-            results = []
-            for outcome in outcomes:
-                if outcome.ok:
-                    result_json, blobs = outcome.value
-                    results.append(pb.BatchResult(ok=True, result_json=result_json, blobs=blobs))
-                else:
-                    assert outcome.error is not None and outcome.error.exception is not None
-                    item_failure = failure_for(outcome.error.exception, spec.name, Stage.REQUEST)
-                    results.append(pb.BatchResult(ok=False, error=item_failure.as_tool_error(spec.name)))
-            call.sending()
-            return pb.ExecuteBatchResponse(results=results, request_id=request_id)
-
-    # ---------------------------------------------------------------------------------------------
-    # helpers
-    def _request_id(self, request) -> str:
+    def request_id_for(self, request) -> str:
         """The client's request id, made safe for log lines (printable, bounded), or a new one."""
         if request.request_id:
             return printable(request.request_id, REQUEST_ID_CHARS)
         return self._id_prefix + str(next(self._request_ids))
-
-    def _begin(self, context, method: str):
-        try:
-            return self.calls.begin(context, method)
-        except ResourceExhausted as exc:
-            self.stats.rejected()
-            raise failure_for(exc, "", Stage.REQUEST) from None
-
-    def _lookup(self, tool_name: str, *, streaming: bool) -> ToolSpec:
-        spec = self.tools.get(tool_name)
-        if spec is None:
-            if not tool_name:
-                raise InvalidArgument("tool_name is empty", field="tool_name")
-            known = ", ".join(sorted(self.tools)) or "none"
-            raise NotFound(f"tool '{short_name(tool_name)}' not found on adapter {self.adapter_name} "
-                           f"(tools: {safe_text(known, 512)})", field="tool_name")
-        if spec.streaming and not streaming:
-            raise FailedPrecondition(f"tool '{tool_name}' streams; call it with ExecuteStreamingTool",
-                                     field="tool_name")
-        if streaming and not spec.streaming:
-            raise FailedPrecondition(f"tool '{tool_name}' does not stream; call it with ExecuteTool", field="tool_name")
-        return spec
-
-    def _prepare(self, request, *, streaming: bool, bind_args: bool = True):
-        """Look the tool up and check its arguments (unless `bind_args` is false: a batch's items bind
-        their own) and session; returns (spec, kwargs, session) or raises the CallFailure of a refused call."""
-        try:
-            if self.stopping.is_set():
-                raise Unavailable("server is shutting down")
-            spec = self._lookup(request.tool_name, streaming=streaming)
-            kwargs = spec.bind(_decode_args(request.args_json, request.blobs)) if bind_args else {}
-            session = self.sessions.get(request.session_id) if request.session_id else None
-        except Exception as exc:
-            raise self._refusal(request.tool_name, exc) from None
-        return spec, kwargs, session
-
-    def _refusal(self, tool_name: str, exc: Exception) -> CallFailure:
-        """A call refused before it ran: counted, logged at debug level (one line per request)."""
-        self.stats.rejected()
-        log.debug("call to %r rejected: %s", tool_name, exc)
-        return failure_for(exc, "", Stage.REQUEST)
-
-    def _invoke(self, spec: ToolSpec, kwargs: dict) -> tuple[str, list[bytes]]:
-        """Run the tool and encode its result; whatever the tool raises becomes its CallFailure."""
-        try:
-            result = getattr(self.adapter, spec.method_name)(**kwargs)
-        except BaseException as exc:  # KeyboardInterrupt or SystemExit from a tool must not end a handler thread
-            raise failure_for(exc, spec.name, Stage.TOOL) from None
-        return _encode_result(result, spec.name)
-
-    def _start_stream(self, spec: ToolSpec, kwargs: dict):
-        try:
-            produced = getattr(self.adapter, spec.method_name)(**kwargs)
-            return produced if hasattr(produced, "__next__") else iter(produced)
-        except BaseException as exc:
-            raise failure_for(exc, spec.name, Stage.TOOL) from None
-
-    @staticmethod
-    def _next_chunk(iterator, tool: str) -> tuple[bool, Any]:
-        """(False, chunk), or (True, the generator's return value) once it is exhausted."""
-        try:
-            return False, next(iterator)
-        except StopIteration as stop:
-            return True, stop.value
-        except BaseException as exc:
-            raise failure_for(exc, tool, Stage.TOOL) from None
-
-    def _add_context(self, kwargs: dict, spec: ToolSpec, request, request_id: str, session: Session | None,
-                     context) -> None:
-        """Pass the frozen request context to tools that take one."""
-        if spec.context_parameter is None:
-            return
-        # ExecuteBatchRequest has no seed: batch items draw from the session's seed or OS entropy.
-        seed = request.seed if isinstance(request, pb.ExecuteToolRequest) and request.HasField("seed") else None
-        kwargs[spec.context_parameter] = RequestContext(
-            request_id=request_id, tool_name=spec.name, session_id=request.session_id,
-            metadata=dict(request.metadata), deadline=_deadline(context), session=session, seed=seed,
-            worker_mode=self.info.worker_mode, is_active=lambda: context.is_active() and not self.stopping.is_set(),
-            rng_factory=_rng_factory(seed, session, request_id))
-
-    def _rate_limit(self, deadline: float | None) -> None:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self.rate_limiter.acquire(timeout=timeout):
-            wait = self.rate_limiter.time_until_available()
-            raise ResourceExhausted(
-                f"rate limit exceeded: {self.rate_limiter.rate:g} calls/s (burst {self.rate_limiter.burst:g}); "
-                f"the next token frees up in {wait:.2f} s, after the call's deadline ({timeout or 0:.2f} s left)")
-
-    def _admit(self, context) -> float | None:
-        """Rate limit, then take a gate slot; returns the call's deadline, or raises its CallFailure."""
-        try:
-            deadline = _deadline(context)
-            if self.rate_limiter is not None:
-                self._rate_limit(deadline)
-        except Exception as exc:
-            raise failure_for(exc, "", Stage.REQUEST) from None
-        self._enter_gate(deadline, context)
-        return deadline
-
-    def _enter_gate(self, deadline: float | None, context, *, bypass_queue_limit: bool = False) -> None:
-        """Take a gate slot, or raise the CallFailure of a full queue, a deadline or a cancellation."""
-        try:
-            self.gate.enter(deadline, context.is_active, bypass_queue_limit=bypass_queue_limit)
-        except Exception as exc:
-            raise failure_for(exc, "", Stage.REQUEST) from None
 
     @contextlib.contextmanager
     def _errors(self, context):
@@ -411,51 +158,6 @@ class BridgeServicer(pb_grpc.BridgeServiceServicer):
             yield
         except Exception as exc:
             end_call(context, failure_for(exc, "", Stage.REQUEST))
-
-
-def end_call(context, failure: CallFailure) -> NoReturn:
-    """End the RPC with `failure`'s status (and its ToolError in the trailing metadata). Raises."""
-    if failure.tool_error is not None:
-        context.set_trailing_metadata(((ERROR_TRAILER, failure.tool_error.SerializeToString()),))
-    context.abort(failure.code, failure.message)
-    raise AssertionError("unreachable: context.abort raises")
-
-
-def _encode_result(value: Any, tool: str) -> tuple[str, list[bytes]]:
-    try:
-        return codec.encode(value)
-    except Exception as exc:
-        raise failure_for(exc, tool, Stage.RESULT) from None
-
-
-def _decode_args(args_json: str, blobs) -> dict[str, Any]:
-    if not args_json:
-        return {}
-    args = codec.decode(args_json, blobs, field="args_json")
-    if not isinstance(args, dict):
-        raise InvalidArgument(f"args_json must be a JSON object of arguments, got {type(args).__name__}",
-                              field="args_json")
-    return args
-
-
-def _deadline(context) -> float | None:
-    remaining = context.time_remaining()
-    if remaining is None or remaining > 1e8:
-        return None
-    return time.monotonic() + remaining
-
-
-def _rng_factory(seed: int | None, session: Session | None, request_id: str):
-    def build():
-        from ..toolkit.rng import RNG, derive_rng
-
-        if seed is not None:
-            return derive_rng(seed, "request")
-        if session is not None and session.seed is not None:
-            return derive_rng(session.seed, session.id, session.next_request_number())
-        return RNG()
-
-    return build
 
 
 def _json_or_error(fn) -> str:

@@ -1,0 +1,393 @@
+"""One tool call, from request to response: the same life for ExecuteTool, ExecuteStreamingTool and
+every item of an ExecuteBatch.
+
+    prepare   count it on its connection, refuse it while stopping, look the tool up, check the
+              arguments and the session (nothing of the tool runs yet)
+    admitted  rate limit, take a gate slot (or wait in the queue), count it, give the slot back
+    run       call the tool with its RequestContext, encode what it returns
+
+Every failure on the way is a `CallFailure` (failures.py decides its status); `failures()` ends the
+RPC with it, in one place. The call's request id lives in a `contextvars.Context` of its own, and
+every step of the call runs inside it: log lines of the call carry the id in whatever handler thread
+grpc resumes a stream in, and batch items (which copy the context) carry it too.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Generator, Iterator, NoReturn
+
+from ..contract.context import RequestContext
+from ..contract.errors import (
+    ERROR_TRAILER,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from ..generated import snakepit_bridge_pb2 as pb
+from . import codec
+from .failures import CallFailure, Stage, failure_for, safe_text, short_name
+from .logs import REQUEST_ID
+from .sessions import Session
+
+if TYPE_CHECKING:
+    from ..contract.adapter import ToolSpec
+    from .servicer import BridgeServicer
+
+log = logging.getLogger("snakepit_bridge.server")
+
+
+class Slot:
+    """A call's place in the gate while it runs (`with call.admitted() as slot:`): counted from entry,
+    rate limited, then holding a gate slot; on exit the slot goes back and the outcome is counted, failed
+    when the body raised or set `slot.failed`. A class, not a generator: it is on every call's hot path."""
+
+    __slots__ = ("call", "bypass_queue_limit", "held", "failed", "started", "elapsed")
+
+    def __init__(self, call: ToolCall, bypass_queue_limit: bool) -> None:
+        self.call = call
+        self.bypass_queue_limit = bypass_queue_limit
+        self.held = False
+        self.failed = False  # set by a body that ends early without raising (a stream whose client left)
+        self.started = 0.0
+        self.elapsed = 0.0
+
+    def __enter__(self) -> Slot:
+        call = self.call
+        call.server.stats.started()
+        self.started = time.perf_counter()
+        try:
+            call.rate_limit()
+            call.enter_gate(bypass_queue_limit=self.bypass_queue_limit)
+        except BaseException:
+            self._finish(failed=True)
+            raise
+        self.held = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._finish(failed=exc_type is not None or self.failed)
+
+    def _finish(self, failed: bool) -> None:
+        call = self.call
+        if self.held:
+            self.held = False
+            call.server.gate.leave()
+        self.elapsed = time.perf_counter() - self.started
+        assert call.spec is not None
+        call.server.stats.finished(call.spec.name, self.elapsed, failed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s in %.3f ms", call.method, call.spec.name, "failed" if failed else "ok",
+                      self.elapsed * 1000)
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Give the slot back while a stream's chunk waits for its reader (a slow reader, or one that
+        never reads, holds no slot another call could use); take it again, past the queue, after."""
+        self.call.server.gate.leave()
+        self.held = False
+        yield  # an exception here (the client went away) ends the call without taking the slot again
+        self.call.enter_gate(bypass_queue_limit=True)
+        self.held = True
+
+
+class EndOnFailure:
+    """`with call.failures():` a CallFailure raised inside ends the RPC with its status."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context) -> None:
+        self.context = context
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is CallFailure:
+            end_call(self.context, exc)
+
+
+class ToolCall:
+    """One call of one tool; see the module docstring for its stages."""
+
+    __slots__ = ("server", "request", "context", "method", "request_id", "scope", "deadline", "spec", "kwargs",
+                 "session", "connection")
+
+    def __init__(self, server: BridgeServicer, request, context, method: str) -> None:
+        self.server = server
+        self.request = request
+        self.context = context
+        self.method = method
+        self.request_id = server.request_id_for(request)
+        self.scope = contextvars.copy_context()
+        self.scope.run(REQUEST_ID.set, self.request_id)
+        self.deadline = _deadline(context)
+        self.spec: ToolSpec | None = None
+        self.kwargs: dict[str, Any] = {}
+        self.session: Session | None = None
+        self.connection: Any = None  # calls.TrackedCall: its send watchdog
+
+    # --- the three RPCs --------------------------------------------------------------------------
+    def unary(self) -> pb.ExecuteToolResponse:
+        return self.scope.run(self._unary)
+
+    def stream(self) -> Iterator[pb.ToolChunk]:
+        return _steps_in(self.scope, self._stream())
+
+    def batch(self) -> pb.ExecuteBatchResponse:
+        return self.scope.run(self._batch)
+
+    def _unary(self) -> pb.ExecuteToolResponse:
+        with self.failures():
+            self.prepare(streaming=False)
+            with self.admitted() as slot:
+                result_json, blobs = self.run(self.kwargs)
+        response = pb.ExecuteToolResponse(result_json=result_json, request_id=self.request_id,
+                                          duration_ms=slot.elapsed * 1000.0)
+        if blobs:
+            response.blobs.extend(blobs)
+        self.connection.sending()  # from here grpc sends; the send watchdog ends the call if the client never reads
+        return response
+
+    def _stream(self) -> Generator[pb.ToolChunk, None, None]:
+        with self.failures():
+            self.prepare(streaming=True)
+        spec = self.spec
+        assert spec is not None
+        chunks = 0
+        with self.failures(), self.admitted() as slot:
+            produced = self.start_stream()
+            try:
+                while True:
+                    done, item = _next_chunk(produced, spec.name)
+                    if done:
+                        break
+                    if not self.context.is_active():
+                        log.info("stream %s cancelled by the client after %d chunks", spec.name, chunks)
+                        slot.failed = True
+                        return
+                    data_json, blobs = _encode_result(item, spec.name)
+                    with slot.released():
+                        self.connection.sending()
+                        yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs)
+                        self.connection.sent()
+                    chunks += 1
+                final_json, final_blobs = _encode_result(item, spec.name)  # the generator's return value
+            finally:
+                close = getattr(produced, "close", None)
+                if close is not None:
+                    close()  # runs the generator's finally blocks when the client went away
+        self.connection.sending()
+        yield pb.ToolChunk(sequence=chunks, data_json=final_json, blobs=final_blobs, is_final=True)
+
+    def _batch(self) -> pb.ExecuteBatchResponse:
+        from ..toolkit.batch import run_batch
+
+        with self.failures():
+            self.prepare(streaming=False, bind_args=False)  # each item binds its own arguments
+        spec = self.spec
+        assert spec is not None
+
+        def run_item(item: pb.BatchItem) -> tuple[str, list[bytes]]:
+            kwargs = self.bind(item.args_json, item.blobs)
+            with self.admitted(bypass_queue_limit=True):  # the batch passed the queue once
+                return self.run(kwargs)
+
+        parallelism = self.server.info.max_workers
+        if self.request.max_parallelism:
+            parallelism = min(parallelism, self.request.max_parallelism)
+        outcomes = run_batch(run_item, list(self.request.items), parallelism, executor=self.server.batch_executor)
+        results = []
+        for outcome in outcomes:
+            if outcome.ok:
+                result_json, blobs = outcome.value
+                results.append(pb.BatchResult(ok=True, result_json=result_json, blobs=blobs))
+            else:
+                assert outcome.error is not None and outcome.error.exception is not None
+                failure = failure_for(outcome.error.exception, spec.name, Stage.REQUEST)
+                results.append(pb.BatchResult(ok=False, error=failure.as_tool_error(spec.name)))
+        self.connection.sending()
+        return pb.ExecuteBatchResponse(results=results, request_id=self.request_id)
+
+    # --- the stages ------------------------------------------------------------------------------
+    def failures(self) -> EndOnFailure:
+        """A CallFailure raised inside ends the RPC with its status."""
+        return EndOnFailure(self.context)
+
+    def prepare(self, *, streaming: bool, bind_args: bool = True) -> None:
+        """Everything checked before the tool runs; a refusal is counted and raised as its CallFailure."""
+        server = self.server
+        try:
+            self.connection = server.calls.begin(self.context, self.method)
+        except ResourceExhausted as exc:
+            server.stats.rejected()
+            raise failure_for(exc, "", Stage.REQUEST) from None
+        request = self.request
+        try:
+            if server.stopping.is_set():
+                raise Unavailable("server is shutting down")
+            self.spec = self.lookup(request.tool_name, streaming=streaming)
+            if bind_args:
+                self.kwargs = self.spec.bind(_decode_args(request.args_json, request.blobs))
+            self.session = server.sessions.get(request.session_id) if request.session_id else None
+        except Exception as exc:
+            raise self.refusal(exc) from None
+
+    def lookup(self, tool_name: str, *, streaming: bool) -> ToolSpec:
+        server = self.server
+        spec = server.tools.get(tool_name)
+        if spec is None:
+            if not tool_name:
+                raise InvalidArgument("tool_name is empty", field="tool_name")
+            known = ", ".join(sorted(server.tools)) or "none"
+            raise NotFound(f"tool '{short_name(tool_name)}' not found on adapter {server.adapter_name} "
+                           f"(tools: {safe_text(known, 512)})", field="tool_name")
+        if spec.streaming and not streaming:
+            raise FailedPrecondition(f"tool '{tool_name}' streams; call it with ExecuteStreamingTool",
+                                     field="tool_name")
+        if streaming and not spec.streaming:
+            raise FailedPrecondition(f"tool '{tool_name}' does not stream; call it with ExecuteTool", field="tool_name")
+        return spec
+
+    def bind(self, args_json: str, blobs) -> dict[str, Any]:
+        """A batch item's arguments, checked against the tool's signature."""
+        assert self.spec is not None
+        try:
+            return self.spec.bind(_decode_args(args_json, blobs))
+        except Exception as exc:
+            raise self.refusal(exc) from None
+
+    def refusal(self, exc: Exception) -> CallFailure:
+        """A call refused before it ran: counted, logged at debug level (one line per request)."""
+        self.server.stats.rejected()
+        log.debug("call to %r rejected: %s", self.request.tool_name, exc)
+        return failure_for(exc, "", Stage.REQUEST)
+
+    def admitted(self, *, bypass_queue_limit: bool = False) -> Slot:
+        """The call counted, rate limited and holding a gate slot inside the `with`; see `Slot`."""
+        return Slot(self, bypass_queue_limit)
+
+    def rate_limit(self) -> None:
+        limiter = self.server.rate_limiter
+        if limiter is None:
+            return
+        timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if not limiter.acquire(timeout=timeout):
+            wait = limiter.time_until_available()
+            raise failure_for(ResourceExhausted(
+                f"rate limit exceeded: {limiter.rate:g} calls/s (burst {limiter.burst:g}); "
+                f"the next token frees up in {wait:.2f} s, after the call's deadline ({timeout or 0:.2f} s left)"),
+                "", Stage.REQUEST)
+
+    def enter_gate(self, *, bypass_queue_limit: bool = False) -> None:
+        """Take a gate slot, or raise the CallFailure of a full queue, a deadline or a cancellation."""
+        try:
+            self.server.gate.enter(self.deadline, self.context.is_active, bypass_queue_limit=bypass_queue_limit)
+        except Exception as exc:
+            raise failure_for(exc, "", Stage.REQUEST) from None
+
+    def run(self, kwargs: dict[str, Any]) -> tuple[str, list[bytes]]:
+        """Run the tool and encode its result; whatever the tool raises becomes its CallFailure."""
+        assert self.spec is not None
+        self.add_context(kwargs)
+        try:
+            result = getattr(self.server.adapter, self.spec.method_name)(**kwargs)
+        except BaseException as exc:  # KeyboardInterrupt or SystemExit from a tool must not end a handler thread
+            raise failure_for(exc, self.spec.name, Stage.TOOL) from None
+        return _encode_result(result, self.spec.name)
+
+    def start_stream(self) -> Iterator[Any]:
+        assert self.spec is not None
+        self.add_context(self.kwargs)
+        try:
+            produced = getattr(self.server.adapter, self.spec.method_name)(**self.kwargs)
+            return produced if hasattr(produced, "__next__") else iter(produced)
+        except BaseException as exc:
+            raise failure_for(exc, self.spec.name, Stage.TOOL) from None
+
+    def add_context(self, kwargs: dict[str, Any]) -> None:
+        """Pass the frozen request context to tools that take one."""
+        spec, request, context, server = self.spec, self.request, self.context, self.server
+        assert spec is not None
+        if spec.context_parameter is None:
+            return
+        # ExecuteBatchRequest has no seed: batch items draw from the session's seed or OS entropy.
+        seed = request.seed if isinstance(request, pb.ExecuteToolRequest) and request.HasField("seed") else None
+        kwargs[spec.context_parameter] = RequestContext(
+            request_id=self.request_id, tool_name=spec.name, session_id=request.session_id,
+            metadata=dict(request.metadata), deadline=_deadline(context), session=self.session, seed=seed,
+            worker_mode=server.info.worker_mode, is_active=lambda: context.is_active() and not server.stopping.is_set(),
+            rng_factory=_rng_factory(seed, self.session, self.request_id))
+
+
+def end_call(context, failure: CallFailure) -> NoReturn:
+    """End the RPC with `failure`'s status (and its ToolError in the trailing metadata). Raises."""
+    if failure.tool_error is not None:
+        context.set_trailing_metadata(((ERROR_TRAILER, failure.tool_error.SerializeToString()),))
+    context.abort(failure.code, failure.message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def _steps_in(scope: contextvars.Context, steps: Generator[pb.ToolChunk, None, None]) -> Iterator[pb.ToolChunk]:
+    """`steps`, each one run inside the call's context: grpc may resume a stream in another handler
+    thread, and the call's context goes with it instead of being set and reset around every yield."""
+    try:
+        while True:
+            try:
+                chunk = scope.run(next, steps)
+            except StopIteration:
+                return
+            yield chunk
+    finally:
+        scope.run(steps.close)  # the client went away at a yield: the call's finally blocks, in its context
+
+
+def _next_chunk(iterator: Iterator[Any], tool: str) -> tuple[bool, Any]:
+    """(False, chunk), or (True, the generator's return value) once it is exhausted."""
+    try:
+        return False, next(iterator)
+    except StopIteration as stop:
+        return True, stop.value
+    except BaseException as exc:
+        raise failure_for(exc, tool, Stage.TOOL) from None
+
+
+def _encode_result(value: Any, tool: str) -> tuple[str, list[bytes]]:
+    try:
+        return codec.encode(value)
+    except Exception as exc:
+        raise failure_for(exc, tool, Stage.RESULT) from None
+
+
+def _decode_args(args_json: str, blobs) -> dict[str, Any]:
+    if not args_json:
+        return {}
+    args = codec.decode(args_json, blobs, field="args_json")
+    if not isinstance(args, dict):
+        raise InvalidArgument(f"args_json must be a JSON object of arguments, got {type(args).__name__}",
+                              field="args_json")
+    return args
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e8:
+        return None
+    return time.monotonic() + remaining
+
+
+def _rng_factory(seed: int | None, session: Session | None, request_id: str):
+    def build():
+        from ..toolkit.rng import RNG, derive_rng
+
+        if seed is not None:
+            return derive_rng(seed, "request")
+        if session is not None and session.seed is not None:
+            return derive_rng(session.seed, session.id, session.next_request_number())
+        return RNG()
+
+    return build
