@@ -5,7 +5,7 @@ then serve it with `grpc_server_threaded.py` or `grpc_server_process.py`.
 """
 from .contract.adapter import BaseAdapter, tool
 from .contract.context import RequestContext
-from .contract.errors import ToolError
+from .contract.errors import StatusCode, ToolError
 
-__all__ = ["BaseAdapter", "RequestContext", "ToolError", "tool"]
+__all__ = ["BaseAdapter", "RequestContext", "StatusCode", "ToolError", "tool"]
 __version__ = "0.1.0"

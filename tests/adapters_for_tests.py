@@ -10,10 +10,9 @@ import threading
 import time
 from typing import Any
 
-import grpc
 import numpy as np
 
-from snakepit_bridge import BaseAdapter, RequestContext, ToolError, tool
+from snakepit_bridge import BaseAdapter, RequestContext, StatusCode, ToolError, tool
 
 
 class SpecAdapter(BaseAdapter):
@@ -89,7 +88,7 @@ class SpecAdapter(BaseAdapter):
 
     @tool(description="Raise a ToolError with the named gRPC status code")
     def raise_tool_error(self, code: str, message: str = "tool chose this status") -> None:
-        raise ToolError(message, code=grpc.StatusCode[code])
+        raise ToolError(message, code=StatusCode[code])
 
     @tool(description="Return something the codec cannot encode")
     def unencodable(self) -> Any:
@@ -114,13 +113,13 @@ class SpecAdapter(BaseAdapter):
     @tool(description="Write a key of the session state")
     def session_put(self, key: str, value: Any, ctx: RequestContext) -> None:
         if ctx.session is None:
-            raise ToolError("needs a session", code=grpc.StatusCode.FAILED_PRECONDITION)
+            raise ToolError("needs a session", code=StatusCode.FAILED_PRECONDITION)
         ctx.session.set(key, value)
 
     @tool(description="Read a key of the session state")
     def session_get(self, key: str, ctx: RequestContext) -> Any:
         if ctx.session is None:
-            raise ToolError("needs a session", code=grpc.StatusCode.FAILED_PRECONDITION)
+            raise ToolError("needs a session", code=StatusCode.FAILED_PRECONDITION)
         return ctx.session.get(key)
 
     @tool(description="Return the arguments unchanged")

@@ -36,7 +36,10 @@ class WorkerServer:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.startup_timeout = startup_timeout
         self.stdin_pipe = stdin_pipe
-        self.python = python or sys.executable
+        # The whole suite can run against another transport or interpreter (the free-threaded subset):
+        # SNAKEPIT_TEST_TRANSPORT=grpclib, SNAKEPIT_TEST_SERVER_PYTHON=.venv-ft/bin/python.
+        self.python = python or os.environ.get("SNAKEPIT_TEST_SERVER_PYTHON") or sys.executable
+        self.transport = os.environ.get("SNAKEPIT_TEST_TRANSPORT")
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.pid = 0
@@ -54,6 +57,8 @@ class WorkerServer:
             args = ["--port", "0", *args]
         if "--host" not in args:
             args = ["--host", "127.0.0.1", *args]
+        if self.transport and not any(arg.startswith("--transport") for arg in args):
+            args = [*args, "--transport", self.transport]
         return [self.python, str(SCRIPTS[self.mode]), *args]
 
     def start(self) -> "WorkerServer":

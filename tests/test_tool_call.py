@@ -133,3 +133,15 @@ def test_a_failing_call_ends_the_rpc_once_with_its_status_and_is_counted(service
     with pytest.raises(Aborted):
         servicer.ExecuteTool(pb.ExecuteToolRequest(tool_name="missing"), refused)
     assert refused.aborted[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_tool_error_takes_grpcs_status_codes_or_the_bridges_own():
+    from snakepit_bridge import StatusCode, ToolError
+
+    assert ToolError("x", code=grpc.StatusCode.NOT_FOUND).code is StatusCode.NOT_FOUND
+    assert ToolError("x", code=StatusCode.ABORTED).code.number == grpc.StatusCode.ABORTED.value[0]
+    assert ToolError("x").code is StatusCode.UNKNOWN
+    with pytest.raises(TypeError):
+        ToolError("x", code=404)
+    assert [code.name for code in StatusCode] == [code.name for code in grpc.StatusCode]
+    assert [code.value for code in StatusCode] == [code.value for code in grpc.StatusCode]

@@ -9,12 +9,11 @@ import os
 import time
 from typing import Any
 
-import grpc
 import numpy as np
 
 from ..contract.adapter import BaseAdapter, tool
 from ..contract.context import RequestContext
-from ..contract.errors import ToolError
+from ..contract.errors import StatusCode, ToolError
 from ..toolkit.rng import RNG
 
 MAX_STEPS = 100_000
@@ -25,7 +24,7 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
     """Bad input is the caller's error: INVALID_ARGUMENT naming the argument, not a tool crash."""
     if not low <= value <= high:
         raise ToolError(f"{name} must be within {low:g}..{high:g}, got {value:g}",
-                        code=grpc.StatusCode.INVALID_ARGUMENT)
+                        code=StatusCode.INVALID_ARGUMENT)
 
 
 def sleep_unless_cancelled(seconds: float, ctx: RequestContext | None) -> bool:

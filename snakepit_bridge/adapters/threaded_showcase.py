@@ -23,11 +23,10 @@ import hashlib
 import threading
 import time
 
-import grpc
 import numpy as np
 
 from ..contract.context import RequestContext
-from ..contract.errors import ToolError
+from ..contract.errors import StatusCode, ToolError
 from ..threadsafety.adapter import ThreadSafeAdapter, thread_safe_method, tool
 from .showcase import ShowcaseAdapter, check_range
 
@@ -156,7 +155,7 @@ class ThreadedShowcaseAdapter(ThreadSafeAdapter, ShowcaseAdapter):
     def compute_intensive(self, data: list[float], size: int = 128, iterations: int = 8,
                           ctx: RequestContext | None = None) -> dict:
         if not data:
-            raise ToolError("data must not be empty", code=grpc.StatusCode.INVALID_ARGUMENT)
+            raise ToolError("data must not be empty", code=StatusCode.INVALID_ARGUMENT)
         check_range("size", size, 1, 2048)
         check_range("iterations", iterations, 0, 1000)
         started = time.perf_counter()
@@ -165,7 +164,7 @@ class ThreadedShowcaseAdapter(ThreadSafeAdapter, ShowcaseAdapter):
         state = np.eye(size) + matrix
         for _ in range(iterations):
             if ctx is not None and ctx.cancelled:
-                raise ToolError("cancelled", code=grpc.StatusCode.CANCELLED)
+                raise ToolError("cancelled", code=StatusCode.CANCELLED)
             state = np.tanh((state @ state.T) / size + matrix)  # BLAS + ufuncs: the GIL is released
         result = {
             "input_size": int(values.size),
@@ -186,7 +185,7 @@ class ThreadedShowcaseAdapter(ThreadSafeAdapter, ShowcaseAdapter):
         total = 0
         for chunk_start in range(0, n, 100_000):  # look at cancellation between chunks of ~5 ms
             if ctx is not None and ctx.cancelled:
-                raise ToolError("cancelled", code=grpc.StatusCode.CANCELLED)
+                raise ToolError("cancelled", code=StatusCode.CANCELLED)
             for i in range(chunk_start, min(n, chunk_start + 100_000)):
                 total += (i * i) % 7
         return {"n": n, "result": total, "thread": threading.current_thread().name,

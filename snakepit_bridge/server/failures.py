@@ -11,9 +11,7 @@ import logging
 import traceback
 from enum import Enum
 
-import grpc
-
-from ..contract.errors import BridgeError, ToolError
+from ..contract.errors import BridgeError, StatusCode, ToolError
 from ..generated import snakepit_bridge_pb2 as pb
 from . import codec
 
@@ -55,7 +53,7 @@ class CallFailure(Exception):
     """A failed call as the caller will see it: status code, message, and for an exception raised by
     the tool, the ToolError (type, message, traceback) sent in the trailing metadata."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, *, error_type: str = "",
+    def __init__(self, code: StatusCode, message: str, *, error_type: str = "",
                  tool_error: pb.ToolError | None = None) -> None:
         super().__init__(message)
         self.code = code
@@ -77,7 +75,7 @@ def failure_for(exc: BaseException, tool: str, stage: Stage) -> CallFailure:
     kind = type(exc).__name__
     if stage is Stage.TOOL and not (isinstance(exc, BridgeError) and not isinstance(exc, ToolError)):
         # Anything the tool raised, BaseExceptions too (SystemExit must not end a serving thread).
-        code = exc.code if isinstance(exc, ToolError) else grpc.StatusCode.UNKNOWN
+        code = exc.code if isinstance(exc, ToolError) else StatusCode.UNKNOWN
         text = str(exc)
         log.warning("tool %s raised %s: %s", tool, kind, text)
         tool_error = pb.ToolError(code=code.value[0], type=kind, message=safe_text(text),
@@ -89,8 +87,8 @@ def failure_for(exc: BaseException, tool: str, stage: Stage) -> CallFailure:
         return CallFailure(exc.code, exc.message, error_type=kind)
     if isinstance(exc, codec.CodecError):
         if stage is Stage.RESULT:
-            return CallFailure(grpc.StatusCode.INTERNAL,
+            return CallFailure(StatusCode.INTERNAL,
                                f"tool '{tool}' returned a value that cannot be encoded: {exc}", error_type=kind)
-        return CallFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc), error_type=kind)
+        return CallFailure(StatusCode.INVALID_ARGUMENT, str(exc), error_type=kind)
     log.error("internal error%s", f" in a call to {tool}" if tool else "", exc_info=exc)
-    return CallFailure(grpc.StatusCode.INTERNAL, f"internal error: {kind}: {exc}", error_type=kind)
+    return CallFailure(StatusCode.INTERNAL, f"internal error: {kind}: {exc}", error_type=kind)

@@ -13,7 +13,7 @@ import sys
 from . import logs
 from .prefork import serve_preforked
 from .settings import PROCESS, THREADED, Mode, parse_settings
-from .worker import READY_NONCE_ENV, StartupError, Worker, announce_ready, install_stop_triggers
+from .worker import READY_NONCE_ENV, StartupError, Worker, announce_ready, install_stop_triggers, start_serving
 
 log = logging.getLogger("snakepit_bridge.server")
 
@@ -30,7 +30,7 @@ def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
         return serve_preforked(settings, ready_nonce)
     worker = Worker(settings)
     try:
-        port = worker.start()
+        port = start_serving(worker)
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1

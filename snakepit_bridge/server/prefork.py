@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from .worker import StartupError, Worker, announce_ready, install_stop_triggers
+from .worker import StartupError, Worker, announce_ready, install_stop_triggers, start_serving
 
 log = logging.getLogger("snakepit_bridge.server")
 STARTUP_TIMEOUT_SECONDS = 120.0
@@ -40,7 +40,7 @@ def _child_main(settings, index: int, port: int, conn) -> None:
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("SIGTERM"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us with SIGTERM
     try:
-        worker.start()
+        start_serving(worker)
     except StartupError as exc:
         conn.send(("error", index, str(exc)))
         os._exit(1)

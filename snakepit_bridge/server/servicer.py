@@ -8,7 +8,6 @@ structured error; the server keeps serving.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import os
@@ -16,18 +15,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
-
-import grpc
+from typing import Iterator
 
 from ..contract.adapter import BaseAdapter, ToolSpec
 from ..contract.errors import InvalidArgument
 from ..generated import snakepit_bridge_pb2 as pb
-from ..generated import snakepit_bridge_pb2_grpc as pb_grpc
 from ..threadsafety.interpreter import gil_enabled
 from . import codec
 from .calls import CallTracker
-from .failures import Stage, failure_for, safe_text
+from .failures import Stage, failure_for
 from .gate import ToolGate
 from .logs import REQUEST_ID_CHARS, printable
 from .sessions import SessionStore
@@ -46,7 +42,9 @@ class ServerInfo:
     worker_index: int = 0
 
 
-class BridgeServicer(pb_grpc.BridgeServiceServicer):
+class BridgeServicer:
+    """The methods of BridgeService; a transport (transport_grpcio.py, transport_grpclib.py) serves them."""
+
     def __init__(self, adapter: BaseAdapter, *, info: ServerInfo, gate: ToolGate, sessions: SessionStore,
                  stats: ServerStats, batch_executor=None, rate_limiter=None, checker=None,
                  adapter_name: str = "", calls: CallTracker | None = None) -> None:
@@ -167,58 +165,3 @@ def _json_or_error(fn) -> str:
         return json.dumps(fn(), default=str)
     except Exception as exc:  # stats must never break GetStats
         return json.dumps({"error": f"{type(exc).__name__}: {exc}"})
-
-
-class UndecodableRequest:
-    """What the lenient deserializer hands the handler instead of raising: grpcio would turn a
-    deserializer's exception into INTERNAL, but bytes that are not the request message are the
-    client's error."""
-
-    __slots__ = ("message_type", "error")
-
-    def __init__(self, message_type: str, error: Exception) -> None:
-        self.message_type = message_type
-        self.error = error
-
-
-def _lenient(message_class) -> Callable[[bytes], Any]:
-    parse = message_class.FromString
-    name = message_class.DESCRIPTOR.full_name
-
-    def deserialize(data: bytes):
-        try:
-            return parse(data)
-        except Exception as exc:  # google.protobuf.message.DecodeError, or invalid UTF-8 in a string field
-            return UndecodableRequest(name, exc)
-
-    return deserialize
-
-
-def _refuse_undecodable(behaviour: Callable) -> Callable:
-    # The same wrapper serves unary and streaming methods: a streaming behaviour's generator is
-    # returned untouched.
-    @functools.wraps(behaviour)
-    def checked(request, context):
-        if type(request) is UndecodableRequest:
-            reason = safe_text(str(request.error), 256)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"request is not a valid {request.message_type} message: {reason}")
-        return behaviour(request, context)
-
-    return checked
-
-
-def add_servicer_to_server(servicer: BridgeServicer, server: grpc.Server) -> None:
-    """Register BridgeService like the generated `add_BridgeServiceServicer_to_server`, with request
-    bytes that do not parse answered INVALID_ARGUMENT (naming the message type) instead of INTERNAL."""
-    service = pb.DESCRIPTOR.services_by_name["BridgeService"]
-    handlers = {}
-    for method in service.methods:
-        request_class = getattr(pb, method.input_type.name)
-        response_class = getattr(pb, method.output_type.name)
-        behaviour = _refuse_undecodable(getattr(servicer, method.name))
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(behaviour, request_deserializer=_lenient(request_class),
-                                     response_serializer=response_class.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)

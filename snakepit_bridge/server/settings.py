@@ -9,6 +9,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from .transport import TRANSPORTS, resolve
+
 CONTROL_THREADS = 8  # handler threads beyond tool slots + queue, so Ping/health/stats never starve
 
 
@@ -82,6 +84,11 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
              "before its deadline, else it is RESOURCE_EXHAUSTED at once")
     add("--rate-burst", type=float, default=None, help="token bucket size for --rate-limit (default: max(1, N))")
     add("--seed", type=int, default=None, help="root seed of the process RNG streams (default: OS entropy)")
+    add("--transport", choices=TRANSPORTS, default="auto",
+        help="gRPC stack: grpcio (C core) or grpclib (pure Python on h2, runs with the GIL off); auto picks "
+             "grpclib on a free-threaded build, else grpcio (default: %(default)s)")
+    add("--require-free-threading", action="store_true",
+        help="refuse to start unless the GIL is off once the adapter and the transport are loaded")
     if mode.many_calls:
         add("--max-workers", type=int, default=16, help="tool calls run at once (default: %(default)s)")
         add("--thread-safety-check", action="store_true",
@@ -106,6 +113,10 @@ class Settings:
     @property
     def max_workers(self) -> int:
         return self.args.max_workers if self.mode.many_calls else 1
+
+    @property
+    def transport(self) -> str:
+        return resolve(self.args.transport)
 
     @property
     def max_calls_per_connection(self) -> int:

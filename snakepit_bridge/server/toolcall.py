@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Generator, Iterator, NoReturn
 
@@ -26,6 +27,7 @@ from ..contract.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    StatusCode,
     Unavailable,
 )
 from ..generated import snakepit_bridge_pb2 as pb
@@ -328,8 +330,15 @@ def end_call(context, failure: CallFailure) -> NoReturn:
     """End the RPC with `failure`'s status (and its ToolError in the trailing metadata). Raises."""
     if failure.tool_error is not None:
         context.set_trailing_metadata(((ERROR_TRAILER, failure.tool_error.SerializeToString()),))
-    context.abort(failure.code, failure.message)
+    context.abort(transport_code(failure.code), failure.message)
     raise AssertionError("unreachable: context.abort raises")
+
+
+def transport_code(code: StatusCode):
+    """`code` as the serving transport's `abort` takes it: grpcio's takes only its own enum (and is
+    loaded whenever it serves); the grpclib transport's context takes either."""
+    grpc = sys.modules.get("grpc")
+    return getattr(grpc.StatusCode, code.name) if grpc is not None else code
 
 
 def _steps_in(scope: contextvars.Context, steps: Generator[pb.ToolChunk, None, None]) -> Iterator[pb.ToolChunk]:

@@ -23,20 +23,17 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from concurrent import futures
 from typing import TYPE_CHECKING
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from ..generated import snakepit_bridge_pb2 as pb
-from ..threadsafety.interpreter import gil_enabled
+from ..threadsafety.interpreter import free_threaded_build, gil_enabled
 from .calls import CallTracker
 from .gate import ToolGate
-from .servicer import BridgeServicer, ServerInfo, add_servicer_to_server
+from .servicer import BridgeServicer, ServerInfo
 from .sessions import SessionStore
 from .settings import Settings
+from .transport import Transport, open_transport
 from .stats import ServerStats
 
 if TYPE_CHECKING:
@@ -44,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("snakepit_bridge.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BridgeService"].full_name
 READY_NONCE_ENV = "SNAKEPIT_READY_NONCE"
 
 
@@ -84,7 +80,7 @@ class Worker:
         self.worker_index = worker_index
         self.reuse_port = reuse_port
         self.stop_requested = threading.Event()
-        self.server: grpc.Server | None = None
+        self.transport: Transport | None = None
         self.port = 0
         self.checker: ThreadSafetyChecker | None = None
 
@@ -139,49 +135,31 @@ class Worker:
                                        batch_executor=self.batch_executor, rate_limiter=rate_limiter,
                                        checker=self.checker, adapter_name=args.adapter, calls=self.calls)
 
-        message_bytes = int(args.max_message_mb * 1024 * 1024)
-        options = [
-            ("grpc.max_receive_message_length", message_bytes),
-            ("grpc.max_send_message_length", message_bytes),
-            ("grpc.so_reuseport", 1 if self.reuse_port else 0),
-        ]
-        interceptors = []
+        token = None
         if args.auth_token_env:
-            from .auth import BearerTokenInterceptor
+            from .auth import BearerToken
 
-            token = os.environ.get(args.auth_token_env, "")
-            if not token:
+            secret = os.environ.get(args.auth_token_env, "")
+            if not secret:
                 raise StartupError(
                     f"--auth-token-env {args.auth_token_env}: that environment variable is empty or unset")
-            interceptors.append(BearerTokenInterceptor(token))
-        # Thread names match the guide's logs: ThreadPoolExecutor-0_0, ThreadPoolExecutor-0_1, ...
-        executor = futures.ThreadPoolExecutor(self.settings.handler_threads, thread_name_prefix="ThreadPoolExecutor-0")
-        server = grpc.server(executor, interceptors=interceptors, options=options)
-        add_servicer_to_server(self.servicer, server)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            token = BearerToken(secret)
+        self.transport = open_transport(self.settings.transport)
         address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            port = 0
-            detail = str(exc)
-        else:
-            detail = ""
+        port = self.transport.start(self, address, token)
         if not port:
-            raise StartupError(f"cannot listen on {address}: address already in use or not available"
-                               + (f" ({detail})" if detail else ""))
-        server.start()
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self.server, self.port = server, port
-        log.info("serving %s (%s, max_workers=%d, GIL %s) on %s:%d", args.adapter, mode.name, self.settings.max_workers,
-                 "enabled" if gil_enabled() else "disabled", args.host, port)
+            raise StartupError(f"cannot listen on {address}: address already in use or not available")
+        self.port = port
+        log.info("serving %s (%s, max_workers=%d, GIL %s, %s transport) on %s:%d", args.adapter, mode.name,
+                 self.settings.max_workers, "enabled" if gil_enabled() else "disabled", self.transport.name,
+                 args.host, port)
         if args.elixir_address:
             log.info("started for Elixir node at %s", args.elixir_address)
         return port
+
+    def transport_stop_quietly(self) -> None:
+        if self.transport is not None:
+            self.transport.stop_now()
 
     def request_stop(self, reason: str) -> None:
         if not self.stop_requested.is_set():
@@ -189,18 +167,18 @@ class Worker:
             self.stop_requested.set()
 
     def shutdown(self) -> None:
-        self.health.enter_graceful_shutdown()
-        self.servicer.stopping.set()
+        assert self.transport is not None, "shutdown() before start()"
+        self.servicer.stopping.set()  # first: a client that sees NOT_SERVING is refused from then on
+        self.transport.not_serving()
         grace_ends = time.monotonic() + self.args.grace
-        assert self.server is not None, "shutdown() before start()"
-        stopped = self.server.stop(self.args.grace)
+        stopped = self.transport.stop(self.args.grace)
         # Tool calls get the whole grace period, counted by the tools themselves and not by their RPCs:
         # a call whose client left is a finished RPC to grpc while its tool still runs. Once no tool call
         # is left, streams that never end by themselves (a client's health Watch) must not hold the exit.
         while self.servicer.stats.requests_active > 0 and time.monotonic() < grace_ends:
             time.sleep(0.05)
         if not stopped.is_set():
-            self.server.stop(0).wait()
+            self.transport.stop_now()
         self.calls.close()
         if self.batch_executor is not None:
             self.batch_executor.shutdown(wait=False)
@@ -217,6 +195,35 @@ class Worker:
             if callable(close):
                 close()
         log.info("stopped")
+
+
+GIL_WARNING = "global interpreter lock"  # in CPython's RuntimeWarning when an import turns the GIL on
+
+
+def start_serving(worker: Worker) -> int:
+    """`worker.start()`, telling whether the GIL is on once the adapter and the transport are loaded:
+    on a free-threaded build, an extension module that does not declare itself free-threading-safe
+    turns it on at import, and CPython's warning says which module and how to override it. With
+    --require-free-threading a GIL that is on is a start-up error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        port = worker.start()
+    reasons = []
+    for warning in caught:
+        if GIL_WARNING in str(warning.message):
+            reasons.append(str(warning.message))
+            log.warning("%s", warning.message)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if free_threaded_build():
+        log.info("free-threaded build: GIL %s", "disabled" if not gil_enabled() else "ENABLED")
+    if worker.args.require_free_threading and gil_enabled():
+        worker.transport_stop_quietly()
+        why = "; ".join(reasons) if reasons else (
+            "this interpreter is not a free-threaded build" if not free_threaded_build()
+            else "it was enabled at start-up (PYTHON_GIL=1 or -X gil=1)")
+        raise StartupError(f"--require-free-threading: the GIL is enabled: {why}")
+    return port
 
 
 def announce_ready(port: int, nonce: str | None = None) -> None:

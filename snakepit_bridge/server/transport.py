@@ -1,0 +1,48 @@
+"""Which gRPC stack serves the one servicer: grpcio (C core; the default where it runs) or grpclib on h2
+(pure Python; the default on free-threaded builds, where grpcio has no wheel and re-enables the GIL).
+Both serve the same BridgeService, health and reflection, so callers cannot tell them apart."""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+from ..threadsafety.interpreter import free_threaded_build
+
+if TYPE_CHECKING:
+    from .auth import BearerToken
+    from .worker import Worker
+
+TRANSPORTS = ("auto", "grpcio", "grpclib")
+
+
+class Transport(Protocol):
+    name: str
+
+    def start(self, worker: Worker, address: str, token: BearerToken | None) -> int:
+        """Serve `worker.servicer` on `address`; returns the port, or 0 when it cannot listen."""
+
+    def not_serving(self) -> None:
+        """Health turns NOT_SERVING for every service (shutdown has begun)."""
+
+    def stop(self, grace: float) -> threading.Event:
+        """Refuse new RPCs; the event is set once every RPC has ended (cancelled after `grace`)."""
+
+    def stop_now(self) -> None:
+        """End every RPC still open."""
+
+
+def resolve(name: str) -> str:
+    """`auto` made concrete: grpclib on a free-threaded build, else grpcio."""
+    if name != "auto":
+        return name
+    return "grpclib" if free_threaded_build() else "grpcio"
+
+
+def open_transport(name: str) -> Transport:
+    if resolve(name) == "grpclib":
+        from .transport_grpclib import GrpclibTransport
+
+        return GrpclibTransport()
+    from .transport_grpcio import GrpcioTransport
+
+    return GrpcioTransport()

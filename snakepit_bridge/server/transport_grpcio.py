@@ -1,0 +1,154 @@
+"""The grpcio transport: BridgeService, health and reflection on grpcio's C-core server, tool calls in
+its handler threads. The default wherever grpcio runs with the GIL (see transport_grpclib.py for
+free-threaded builds)."""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from concurrent import futures
+from typing import TYPE_CHECKING, Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..generated import snakepit_bridge_pb2 as pb
+from .auth import BearerToken
+from .failures import safe_text
+
+if TYPE_CHECKING:
+    from .servicer import BridgeServicer
+    from .worker import Worker
+
+log = logging.getLogger("snakepit_bridge.server")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["BridgeService"]
+
+
+class GrpcioTransport:
+    name = "grpcio"
+
+    def __init__(self) -> None:
+        self.server: grpc.Server | None = None
+        self.health: Any = None
+
+    def start(self, worker: Worker, address: str, token: BearerToken | None) -> int:
+        """Listen on `address` and serve; returns the port (0 when it cannot listen)."""
+        settings = worker.settings
+        message_bytes = int(settings.args.max_message_mb * 1024 * 1024)
+        options = [
+            ("grpc.max_receive_message_length", message_bytes),
+            ("grpc.max_send_message_length", message_bytes),
+            ("grpc.so_reuseport", 1 if worker.reuse_port else 0),
+        ]
+        interceptors = [BearerTokenInterceptor(token)] if token is not None else []
+        # Thread names match the guide's logs: ThreadPoolExecutor-0_0, ThreadPoolExecutor-0_1, ...
+        executor = futures.ThreadPoolExecutor(settings.handler_threads, thread_name_prefix="ThreadPoolExecutor-0")
+        server = grpc.server(executor, interceptors=interceptors, options=options)
+        add_servicer_to_server(worker.servicer, server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            log.debug("cannot listen on %s: %s", address, exc)
+            port = 0
+        if not port:
+            return 0
+        server.start()
+        for service in ("", SERVICE.full_name):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.server = server
+        return port
+
+    def not_serving(self) -> None:
+        """Health turns NOT_SERVING (for every service) and stays so."""
+        self.health.enter_graceful_shutdown()
+
+    def stop(self, grace: float) -> threading.Event:
+        """Refuse new RPCs; the event is set once every RPC ended (or `grace` passed and they were cancelled)."""
+        assert self.server is not None, "stop() before start()"
+        return self.server.stop(grace)
+
+    def stop_now(self) -> None:
+        assert self.server is not None
+        self.server.stop(0).wait()
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    def __init__(self, token: BearerToken) -> None:
+        self.token = token
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return handler
+        authorization = next((value for key, value in handler_call_details.invocation_metadata or ()
+                              if key == "authorization"), None)
+        refusal = self.token.refusal(handler_call_details.method, authorization)
+        return handler if refusal is None else _deny(handler, refusal)
+
+
+def _deny(handler, message: str):
+    # A request-streaming handler whatever the method: grpc hands it an iterator that reads messages only
+    # when asked, and this one never asks (a unary handler would get the whole message, parsed, first).
+    def refuse(request_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return grpc.stream_stream_rpc_method_handler(refuse, response_serializer=handler.response_serializer)
+
+
+class UndecodableRequest:
+    """What the lenient deserializer hands the handler instead of raising: grpcio would turn a
+    deserializer's exception into INTERNAL, but bytes that are not the request message are the
+    client's error."""
+
+    __slots__ = ("message_type", "error")
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.message_type = message_type
+        self.error = error
+
+
+def _lenient(message_class) -> Callable[[bytes], Any]:
+    parse = message_class.FromString
+    name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError, or invalid UTF-8 in a string field
+            return UndecodableRequest(name, exc)
+
+    return deserialize
+
+
+def _refuse_undecodable(behaviour: Callable) -> Callable:
+    # The same wrapper serves unary and streaming methods: a streaming behaviour's generator is
+    # returned untouched.
+    @functools.wraps(behaviour)
+    def checked(request, context):
+        if type(request) is UndecodableRequest:
+            reason = safe_text(str(request.error), 256)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"request is not a valid {request.message_type} message: {reason}")
+        return behaviour(request, context)
+
+    return checked
+
+
+def add_servicer_to_server(servicer: BridgeServicer, server: grpc.Server) -> None:
+    """Register BridgeService like the generated `add_BridgeServiceServicer_to_server`, with request
+    bytes that do not parse answered INVALID_ARGUMENT (naming the message type) instead of INTERNAL."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        behaviour = _refuse_undecodable(getattr(servicer, method.name))
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(behaviour, request_deserializer=_lenient(request_class),
+                                     response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
