@@ -313,7 +313,10 @@ def test_allow_unsafe_adapter_serves_it_with_a_warning_and_the_checker_reports_i
     assert any("__thread_safe__" in line and "WARNING" in line for line in server.stderr_lines)
     findings = json.loads(report.read_text())["findings"]
     assert [f["kind"] for f in findings] == ["undeclared_thread_safety"]
-    assert findings[0]["message"] == "⚠️  Adapter PlainUndeclared does not declare thread safety."
+    message = findings[0]["message"]   # the one undeclared-adapter message, as the gate's warning
+    assert message.startswith("Adapter PlainUndeclared does not declare thread safety. ")
+    assert "__thread_safe__ = True" in message and "--allow-unsafe-adapter" in message
+    assert any(message in line and "WARNING" in line for line in server.stderr_lines)
 
 
 def test_process_server_accepts_any_adapter():

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import threading
 import time
 from typing import Any, Callable, Optional
 
 from ..contract.adapter import BaseAdapter, tool
 from . import checker as _tsc
+# the declaration's rule and gate, part of this module's API since the guide's first version
+from .declaration import UnsafeAdapterError, is_declared_thread_safe, require_thread_safe_declaration
 from .interpreter import gil_enabled
 
 __all__ = [
@@ -43,8 +44,6 @@ __all__ = [
     "require_thread_safe_declaration",
 ]
 
-logger = logging.getLogger(__name__)
-
 _perf = time.perf_counter
 _get_ident = threading.get_ident
 _current_thread = threading.current_thread
@@ -52,41 +51,6 @@ _current_thread = threading.current_thread
 
 class LockTimeoutError(TimeoutError):
     """``acquire_lock(timeout=...)`` could not take the adapter lock in time."""
-
-
-class UnsafeAdapterError(RuntimeError):
-    """The threaded server was asked to run an adapter that does not declare ``__thread_safe__``."""
-
-
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def is_declared_thread_safe(adapter_cls: type) -> bool:
-    """True when the class (or a user base class) sets ``__thread_safe__ = True``."""
-    return getattr(adapter_cls, "__thread_safe__", False) is True
-
-
-def require_thread_safe_declaration(adapter_cls: type, *, allow_unsafe: bool = False,
-                                    log: Optional[logging.Logger] = None) -> bool:
-    """The threaded server's gate. Returns True when declared; raises :class:`UnsafeAdapterError`
-    (naming the class and the fix) when not, unless ``allow_unsafe`` (``--allow-unsafe-adapter``),
-    which logs a warning and returns False."""
-    if is_declared_thread_safe(adapter_cls):
-        return True
-    path = _class_path(adapter_cls)
-    fix = (f"Fix: make its tools safe to run in several threads at once and add "
-           f"`__thread_safe__ = True` to class {adapter_cls.__qualname__}; or serve it with "
-           f"grpc_server_process.py; or pass --allow-unsafe-adapter to run it threaded anyway.")
-    if not allow_unsafe:
-        raise UnsafeAdapterError(
-            f"Adapter {path} does not declare thread safety (__thread_safe__ = True), so the "
-            f"threaded server refuses to run it. {fix}")
-    (log or logger).warning(
-        "⚠️  Adapter %s does not declare thread safety (__thread_safe__ = True); running it in the "
-        "threaded server anyway because of --allow-unsafe-adapter. Its tools may be called from "
-        "several threads at once.", path)
-    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from typing import Any, Optional
 __all__ = ["ThreadSafetyChecker", "ThreadSafetyViolation", "get_active_checker", "gil_enabled",
            "free_threaded_build"]
 
+from .declaration import UNDECLARED_ADAPTER_ADVICE, is_declared_thread_safe, undeclared_adapter_message
 from .interpreter import free_threaded_build, gil_enabled  # re-exported: part of this module's API
 
 logger = logging.getLogger("snakepit_bridge.thread_safety")
@@ -588,9 +589,9 @@ class ThreadSafetyChecker:
     # -- life cycle -----------------------------------------------------------------------------
 
     def check_declaration(self, adapter_cls: type) -> bool:
-        """Logs the guide's warning (once per class) when ``adapter_cls`` lacks
-        ``__thread_safe__ = True``. Returns whether it is declared."""
-        declared = getattr(adapter_cls, "__thread_safe__", False) is True
+        """Reports an ``undeclared_thread_safety`` finding (once per class) when ``adapter_cls``
+        lacks ``__thread_safe__ = True``. Returns whether it is declared."""
+        declared = is_declared_thread_safe(adapter_cls)
         original = getattr(adapter_cls, "__sp_tracked_original__", None) or adapter_cls
         path = f"{original.__module__}.{original.__qualname__}"
         if not self.enabled:
@@ -600,13 +601,12 @@ class ThreadSafetyChecker:
                 return declared
             self._declarations[path] = declared
         if not declared:
-            msg = f"⚠️  Adapter {original.__name__} does not declare thread safety."
             self._add_finding({
                 "kind": "undeclared_thread_safety",
                 "severity": "warning",
                 "adapter": path,
-                "message": msg,
-                "advice": "Add `__thread_safe__ = True` to your adapter class.",
+                "message": undeclared_adapter_message(original),
+                "advice": UNDECLARED_ADAPTER_ADVICE,
             }, raise_in_strict=False)
         return declared
 
