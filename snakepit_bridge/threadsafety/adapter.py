@@ -29,9 +29,9 @@ import time
 from typing import Any, Callable, Optional
 
 from ..contract.adapter import BaseAdapter, tool
-from . import checker as _tsc
 # the declaration's rule and gate, part of this module's API since the guide's first version
 from .declaration import UnsafeAdapterError, is_declared_thread_safe, require_thread_safe_declaration
+from .hooks import CheckerHooks, get_active_checker
 from .interpreter import gil_enabled
 
 __all__ = [
@@ -256,8 +256,8 @@ def thread_safe_method(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def gen_wrapper(self, *args, **kwargs):
             stats = _stats_of(self)
-            checker = _tsc._ACTIVE
-            token = checker._method_enter(self, name) if checker is not None else None
+            checker = get_active_checker()
+            token = checker.method_entered(self, name) if checker is not None else None
             rec = stats.enter(name)
             t0 = _perf()
             failed = True
@@ -267,15 +267,15 @@ def thread_safe_method(fn: Callable) -> Callable:
                 return result
             finally:
                 stats.exit(rec, name, _perf() - t0, failed)
-                if token is not None:
-                    checker._method_exit(token)
+                if checker is not None:
+                    checker.method_exited(token)
         wrapper = gen_wrapper
     elif inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def async_wrapper(self, *args, **kwargs):
             stats = _stats_of(self)
-            checker = _tsc._ACTIVE
-            token = checker._method_enter(self, name) if checker is not None else None
+            checker = get_active_checker()
+            token = checker.method_entered(self, name) if checker is not None else None
             rec = stats.enter(name)
             t0 = _perf()
             failed = True
@@ -285,8 +285,8 @@ def thread_safe_method(fn: Callable) -> Callable:
                 return result
             finally:
                 stats.exit(rec, name, _perf() - t0, failed)
-                if token is not None:
-                    checker._method_exit(token)
+                if checker is not None:
+                    checker.method_exited(token)
         wrapper = async_wrapper
     else:
         @functools.wraps(fn)
@@ -295,7 +295,7 @@ def thread_safe_method(fn: Callable) -> Callable:
                 stats = self._sp_stats
             except AttributeError:
                 stats = _stats_of(self)
-            checker = _tsc._ACTIVE
+            checker = get_active_checker()
             if checker is None:
                 rec = stats.enter(name)
                 t0 = _perf()
@@ -306,7 +306,7 @@ def thread_safe_method(fn: Callable) -> Callable:
                     raise
                 stats.exit(rec, name, _perf() - t0, False)
                 return result
-            token = checker._method_enter(self, name)
+            token = checker.method_entered(self, name)
             rec = stats.enter(name)
             t0 = _perf()
             failed = True
@@ -316,7 +316,7 @@ def thread_safe_method(fn: Callable) -> Callable:
                 return result
             finally:
                 stats.exit(rec, name, _perf() - t0, failed)
-                checker._method_exit(token)
+                checker.method_exited(token)
 
     setattr(wrapper, "__snakepit_thread_safe__", True)
     return wrapper
@@ -329,13 +329,13 @@ def thread_safe_method(fn: Callable) -> Callable:
 class _LockContext:
     """What ``acquire_lock()`` returns: ``with adapter.acquire_lock(timeout=2.0): ...``."""
 
-    __slots__ = ("_adapter", "_lock", "_timeout", "_noted")
+    __slots__ = ("_adapter", "_lock", "_timeout", "_checker")
 
     def __init__(self, adapter: "ThreadSafeAdapter", lock, timeout: Optional[float]) -> None:
         self._adapter = adapter
         self._lock = lock
         self._timeout = timeout
-        self._noted = False
+        self._checker: Optional[CheckerHooks] = None   # the one told of the acquisition
 
     def __enter__(self):
         lock = self._lock
@@ -356,15 +356,17 @@ class _LockContext:
             adapter._sp_lock_owner_ident = _get_ident()
             adapter._sp_lock_depth_of_owner = 0
         adapter._sp_lock_depth_of_owner += 1
-        if _tsc._ACTIVE is not None:
-            _tsc._lock_acquired(id(lock))
-            self._noted = True
+        checker = get_active_checker()
+        if checker is not None:
+            checker.lock_acquired(lock)
+            self._checker = checker
         return lock
 
     def __exit__(self, exc_type, exc, tb):
-        if self._noted:
-            self._noted = False
-            _tsc._lock_released(id(self._lock))
+        checker = self._checker
+        if checker is not None:
+            self._checker = None
+            checker.lock_released(self._lock)
         adapter = self._adapter
         adapter._sp_lock_depth_of_owner -= 1
         if adapter._sp_lock_depth_of_owner == 0:
@@ -397,12 +399,12 @@ class ThreadSafeAdapter(BaseAdapter):
         object.__setattr__(self, "_sp_lock_depth_of_owner", 0)
         object.__setattr__(self, "_sp_tls", threading.local())
         object.__setattr__(self, "_sp_stats", _CallStats())
-        checker = _tsc._ACTIVE
+        checker = get_active_checker()
         if checker is not None:
             # Everything the constructing thread does until the adapter starts serving (a call of a
             # tracked method, another thread touching it, or the server's checker.attach()) is
             # initialisation, not shared access.
-            checker._register(self)
+            checker.adapter_created(self)
 
     # -- locking -------------------------------------------------------------------------------
 
