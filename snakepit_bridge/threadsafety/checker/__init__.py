@@ -64,8 +64,7 @@ from . import active
 from .instrument import (DETACHED_KEY, LOCK_TYPES, RECORDING, STATE_KEY, InstanceState, instance_dict,
                          is_internal, lock_identity, original_class, tracked_class, wrap_container)
 from .libraries import instrument_loaded_modules, restore_module
-from .lockset import LocksetState, lock_acquired, lock_released, per_thread, thread_token
-from .lockset import enter_tool, exit_tool
+from .lockset import LocksetState, enter_tool, exit_tool, lock_acquired, lock_released, per_thread, thread_token
 from .overlap import EntryToken, MethodOverlap
 from .report import (Findings, ThreadSafetyViolation, build_report, library_finding, race_finding,
                      undeclared_finding, write_json_file)

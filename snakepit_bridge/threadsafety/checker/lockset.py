@@ -115,7 +115,7 @@ class SharedThing:
     __slots__ = ("summaries", "accesses", "reported")
 
     def __init__(self) -> None:
-        self.summaries: dict[tuple, Access] = {}   # (tid, write, lockset) -> first such access
+        self.summaries: dict[tuple, Access] = {}   # (tid, [write,] lockset) -> first such access
         self.accesses: list[Access] = []            # distinct (site, kind, thread), bounded
         self.reported = False                       # (library uses; attributes are per object+name)
 
