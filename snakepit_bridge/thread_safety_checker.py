@@ -1,4 +1,5 @@
-"""`snakepit_bridge.thread_safety_checker` is `snakepit_bridge.threadsafety.checker`: the guide's path.
+"""`snakepit_bridge.thread_safety_checker` is `snakepit_bridge.threadsafety.checker`, the checker's facade
+(a package): the guide's path.
 
 The same module object, not a copy (`sys.modules` holds the one module under both names).
 """

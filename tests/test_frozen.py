@@ -223,3 +223,40 @@ def test_a_frozen_context_stays_frozen_in_other_processes(method):
         p.join(30)
         assert p.exitcode == 0
     assert results == [[True, "r5", 1, "refused"]] * 4
+
+
+class Hinted(Frozen, frozen_hint="build a new one instead"):
+    def __init__(self, x):
+        self.x = x
+
+
+class HintedChild(Hinted):
+    pass
+
+
+def test_a_frozen_hint_ends_every_error_message_and_is_inherited():
+    for obj in (Hinted(1), HintedChild(1)):
+        with pytest.raises(FrozenError, match=r"assign to attribute 'x' .*\(build a new one instead\)$"):
+            obj.x = 2
+        with pytest.raises(FrozenError, match=r"delete attribute 'x' .*\(build a new one instead\)$"):
+            del obj.x
+    with pytest.raises(FrozenError) as info:
+        Ctx("r1", {}).request_id = "r2"
+    assert "(" not in str(info.value)  # no hint, no parenthesis
+
+
+def test_the_request_context_is_a_frozen_object():
+    from snakepit_bridge import RequestContext
+
+    ctx = RequestContext(request_id="r1", tool_name="t", session_id="s", metadata={"k": "v"}, seed=5)
+    assert isinstance(ctx, Frozen) and is_frozen(ctx)
+    for change in (lambda: setattr(ctx, "session_id", "s2"), lambda: setattr(ctx, "anything", 1),
+                   lambda: delattr(ctx, "request_id"), lambda: setattr(ctx, "_rng", None)):
+        with pytest.raises(FrozenError) as info:
+            change()
+        assert info.value.name in str(info.value) and "ctx.session" in str(info.value)
+    with pytest.raises(TypeError):
+        ctx.metadata["k"] = "w"  # type: ignore[index]
+    assert ctx.rng is ctx.rng  # the lazily made RNG is still set once, past the freeze
+    assert (ctx.request_id, ctx.tool_name, ctx.session_id, ctx.seed, dict(ctx.metadata)) == (
+        "r1", "t", "s", 5, {"k": "v"})

@@ -292,6 +292,67 @@ def test_a_method_on_a_class_that_is_not_a_thread_safe_adapter_is_still_counted(
     assert o._sp_stats.snapshot()["total_requests"] == 2
 
 
+class RecordingHooks:
+    """A CheckerHooks that writes down what it is told."""
+
+    def __init__(self):
+        self.events = []
+
+    def adapter_created(self, adapter):
+        self.events.append(("created", type(adapter).__name__))
+
+    def method_entered(self, adapter, name):
+        self.events.append(("entered", name))
+        return name
+
+    def method_exited(self, entry):
+        self.events.append(("exited", entry))
+
+    def lock_acquired(self, lock):
+        self.events.append(("acquired", lock))
+
+    def lock_released(self, lock):
+        self.events.append(("released", lock))
+
+
+def test_the_adapter_side_tells_the_active_checker_only_through_checker_hooks(monkeypatch):
+    from snakepit_bridge.threadsafety import hooks
+    from snakepit_bridge.threadsafety.checker import active
+
+    class Hooked(ThreadSafeAdapter):
+        __thread_safe__ = True
+
+        @thread_safe_method
+        def locked(self):
+            with self.acquire_lock():
+                return "done"
+
+        @thread_safe_method
+        def steps(self):
+            yield 1
+
+    recorder = RecordingHooks()
+    monkeypatch.setattr(active, "current", recorder)
+    assert hooks.get_active_checker() is recorder
+    adapter = Hooked()
+    assert adapter.locked() == "done"
+    assert list(adapter.steps()) == [1]
+    lock = adapter._sp_lock
+    assert recorder.events == [("created", "Hooked"), ("entered", "locked"), ("acquired", lock),
+                               ("released", lock), ("exited", "locked"), ("entered", "steps"),
+                               ("exited", "steps")]
+
+
+def test_the_adapter_module_imports_the_checker_hooks_not_the_checker():
+    import ast
+
+    import snakepit_bridge.threadsafety.adapter as module
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(module)))
+                if isinstance(node, ast.ImportFrom)}
+    assert "hooks" in imported and not any(m and m.startswith("checker") for m in imported)
+
+
 # -- through the real servers -------------------------------------------------------------------
 
 def test_threaded_server_refuses_an_undeclared_adapter_naming_class_and_fix():
@@ -313,7 +374,10 @@ def test_allow_unsafe_adapter_serves_it_with_a_warning_and_the_checker_reports_i
     assert any("__thread_safe__" in line and "WARNING" in line for line in server.stderr_lines)
     findings = json.loads(report.read_text())["findings"]
     assert [f["kind"] for f in findings] == ["undeclared_thread_safety"]
-    assert findings[0]["message"] == "⚠️  Adapter PlainUndeclared does not declare thread safety."
+    message = findings[0]["message"]   # the one undeclared-adapter message, as the gate's warning
+    assert message.startswith("Adapter PlainUndeclared does not declare thread safety. ")
+    assert "__thread_safe__ = True" in message and "--allow-unsafe-adapter" in message
+    assert any(message in line and "WARNING" in line for line in server.stderr_lines)
 
 
 def test_process_server_accepts_any_adapter():

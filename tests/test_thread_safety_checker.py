@@ -367,10 +367,11 @@ def test_an_adapter_without_the_declaration_gets_the_guide_warning(checker, capl
     with caplog.at_level(logging.WARNING, logger="snakepit_bridge.thread_safety"):
         assert checker.check_declaration(MyAdapter) is False
         assert checker.check_declaration(Counter) is True
-    assert [r.getMessage() for r in caplog.records] == [
-        "⚠️  Adapter MyAdapter does not declare thread safety."]
+    [logged] = [r.getMessage() for r in caplog.records]
+    assert logged.startswith("⚠️  Adapter MyAdapter does not declare thread safety. ")
     finding = checker.get_report()["findings"][0]
     assert finding["kind"] == "undeclared_thread_safety"
+    assert logged == f"⚠️  {finding['message']}" and "--allow-unsafe-adapter" in finding["message"]
     assert "__thread_safe__ = True" in finding["advice"]
 
 

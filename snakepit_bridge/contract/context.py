@@ -1,8 +1,9 @@
 """The per-call request context a tool may take as a parameter (`ctx: RequestContext`).
 
-It is frozen: assigning to it raises. What a tool may change lives in the session state
-(`ctx.session`) or in its return value. `ctx.cancelled` turns true when the client cancels, the
-deadline passes or the server begins shutting down.
+It is frozen (`toolkit.frozen.Frozen`): assigning to or deleting its attributes raises `FrozenError`.
+What a tool may change lives in the session state (`ctx.session`) or in its return value.
+`ctx.cancelled` turns true when the client cancels, the deadline passes or the server begins shutting
+down.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import time
 import types
 from typing import Any, Callable, Mapping
 
-from ..toolkit.frozen import FrozenError
+from ..toolkit.frozen import Frozen
 
 
-class RequestContext:
+class RequestContext(Frozen, frozen_hint="keep state in ctx.session or return it"):
     __slots__ = ("request_id", "tool_name", "session_id", "metadata", "deadline", "session", "seed",
                  "worker_mode", "_is_active", "_rng", "_rng_factory", "_rng_lock")
 
@@ -36,6 +37,8 @@ class RequestContext:
                  deadline: float | None = None, session: Any = None, seed: int | None = None,
                  worker_mode: str = "", is_active: Callable[[], bool] | None = None,
                  rng_factory: Callable[[], Any] | None = None) -> None:
+        # Built once per call: set the slots directly, not through Frozen's checked __setattr__ (it
+        # freezes once __init__ returns).
         setter = object.__setattr__
         setter(self, "request_id", request_id)
         setter(self, "tool_name", tool_name)
@@ -49,12 +52,6 @@ class RequestContext:
         setter(self, "_rng", None)
         setter(self, "_rng_factory", rng_factory)
         setter(self, "_rng_lock", threading.Lock())
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise FrozenError(f"RequestContext is frozen: cannot set '{name}' (keep state in ctx.session or return it)")
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenError(f"RequestContext is frozen: cannot delete '{name}'")
 
     @property
     def time_remaining(self) -> float | None:
@@ -82,7 +79,7 @@ class RequestContext:
                     from ..toolkit.rng import RNG
 
                     rng = self._rng_factory() if self._rng_factory else RNG()
-                    object.__setattr__(self, "_rng", rng)
+                    object.__setattr__(self, "_rng", rng)   # the one lazy slot, set past the freeze
         return rng
 
     def __repr__(self) -> str:

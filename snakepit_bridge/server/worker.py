@@ -27,14 +27,15 @@ import warnings
 from concurrent import futures
 from typing import TYPE_CHECKING
 
+from ..threadsafety.declaration import UnsafeAdapterError, require_thread_safe_declaration
 from ..threadsafety.interpreter import free_threaded_build, gil_enabled
 from .calls import CallTracker
 from .gate import ToolGate
 from .servicer import BridgeServicer, ServerInfo
 from .sessions import SessionStore
 from .settings import Settings
-from .transport import Transport, open_transport
 from .stats import ServerStats
+from .transport import Transport, open_transport
 
 if TYPE_CHECKING:
     from ..threadsafety.checker import ThreadSafetyChecker
@@ -87,15 +88,11 @@ class Worker:
     def start(self) -> int:
         args, mode = self.args, self.settings.mode
         adapter_cls = load_adapter_class(args.adapter)
-        if mode.many_calls and not getattr(adapter_cls, "__thread_safe__", False):
-            if not args.allow_unsafe_adapter:
-                raise StartupError(
-                    f"adapter {adapter_cls.__name__} does not declare thread safety, so the threaded server will not "
-                    f"run it. Add `__thread_safe__ = True` to class {adapter_cls.__name__} once its shared state is "
-                    "locked (see ThreadSafeAdapter), run it with grpc_server_process.py, or pass "
-                    "--allow-unsafe-adapter to run it anyway.")
-            log.warning("serving adapter %s, which does not declare __thread_safe__ = True, with %d threads "
-                        "(--allow-unsafe-adapter)", adapter_cls.__name__, args.max_workers)
+        if mode.many_calls:
+            try:
+                require_thread_safe_declaration(adapter_cls, allow_unsafe=args.allow_unsafe_adapter, log=log)
+            except UnsafeAdapterError as exc:
+                raise StartupError(str(exc)) from None
         if args.seed is not None:
             from ..toolkit.rng import set_global_seed
 

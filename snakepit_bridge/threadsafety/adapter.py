@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import threading
 import time
 from typing import Any, Callable, Optional
 
 from ..contract.adapter import BaseAdapter, tool
-from . import checker as _tsc
+
+# the declaration's rule and gate, part of this module's API since the guide's first version
+from .declaration import UnsafeAdapterError, is_declared_thread_safe, require_thread_safe_declaration
+from .hooks import CheckerHooks, get_active_checker
 from .interpreter import gil_enabled
 
 __all__ = [
@@ -43,8 +45,6 @@ __all__ = [
     "require_thread_safe_declaration",
 ]
 
-logger = logging.getLogger(__name__)
-
 _perf = time.perf_counter
 _get_ident = threading.get_ident
 _current_thread = threading.current_thread
@@ -52,41 +52,6 @@ _current_thread = threading.current_thread
 
 class LockTimeoutError(TimeoutError):
     """``acquire_lock(timeout=...)`` could not take the adapter lock in time."""
-
-
-class UnsafeAdapterError(RuntimeError):
-    """The threaded server was asked to run an adapter that does not declare ``__thread_safe__``."""
-
-
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def is_declared_thread_safe(adapter_cls: type) -> bool:
-    """True when the class (or a user base class) sets ``__thread_safe__ = True``."""
-    return getattr(adapter_cls, "__thread_safe__", False) is True
-
-
-def require_thread_safe_declaration(adapter_cls: type, *, allow_unsafe: bool = False,
-                                    log: Optional[logging.Logger] = None) -> bool:
-    """The threaded server's gate. Returns True when declared; raises :class:`UnsafeAdapterError`
-    (naming the class and the fix) when not, unless ``allow_unsafe`` (``--allow-unsafe-adapter``),
-    which logs a warning and returns False."""
-    if is_declared_thread_safe(adapter_cls):
-        return True
-    path = _class_path(adapter_cls)
-    fix = (f"Fix: make its tools safe to run in several threads at once and add "
-           f"`__thread_safe__ = True` to class {adapter_cls.__qualname__}; or serve it with "
-           f"grpc_server_process.py; or pass --allow-unsafe-adapter to run it threaded anyway.")
-    if not allow_unsafe:
-        raise UnsafeAdapterError(
-            f"Adapter {path} does not declare thread safety (__thread_safe__ = True), so the "
-            f"threaded server refuses to run it. {fix}")
-    (log or logger).warning(
-        "⚠️  Adapter %s does not declare thread safety (__thread_safe__ = True); running it in the "
-        "threaded server anyway because of --allow-unsafe-adapter. Its tools may be called from "
-        "several threads at once.", path)
-    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +257,8 @@ def thread_safe_method(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def gen_wrapper(self, *args, **kwargs):
             stats = _stats_of(self)
-            checker = _tsc._ACTIVE
-            token = checker._method_enter(self, name) if checker is not None else None
+            checker = get_active_checker()
+            token = checker.method_entered(self, name) if checker is not None else None
             rec = stats.enter(name)
             t0 = _perf()
             failed = True
@@ -303,15 +268,15 @@ def thread_safe_method(fn: Callable) -> Callable:
                 return result
             finally:
                 stats.exit(rec, name, _perf() - t0, failed)
-                if token is not None:
-                    checker._method_exit(token)
+                if checker is not None:
+                    checker.method_exited(token)
         wrapper = gen_wrapper
     elif inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def async_wrapper(self, *args, **kwargs):
             stats = _stats_of(self)
-            checker = _tsc._ACTIVE
-            token = checker._method_enter(self, name) if checker is not None else None
+            checker = get_active_checker()
+            token = checker.method_entered(self, name) if checker is not None else None
             rec = stats.enter(name)
             t0 = _perf()
             failed = True
@@ -321,8 +286,8 @@ def thread_safe_method(fn: Callable) -> Callable:
                 return result
             finally:
                 stats.exit(rec, name, _perf() - t0, failed)
-                if token is not None:
-                    checker._method_exit(token)
+                if checker is not None:
+                    checker.method_exited(token)
         wrapper = async_wrapper
     else:
         @functools.wraps(fn)
@@ -331,7 +296,7 @@ def thread_safe_method(fn: Callable) -> Callable:
                 stats = self._sp_stats
             except AttributeError:
                 stats = _stats_of(self)
-            checker = _tsc._ACTIVE
+            checker = get_active_checker()
             if checker is None:
                 rec = stats.enter(name)
                 t0 = _perf()
@@ -342,7 +307,7 @@ def thread_safe_method(fn: Callable) -> Callable:
                     raise
                 stats.exit(rec, name, _perf() - t0, False)
                 return result
-            token = checker._method_enter(self, name)
+            token = checker.method_entered(self, name)
             rec = stats.enter(name)
             t0 = _perf()
             failed = True
@@ -352,7 +317,7 @@ def thread_safe_method(fn: Callable) -> Callable:
                 return result
             finally:
                 stats.exit(rec, name, _perf() - t0, failed)
-                checker._method_exit(token)
+                checker.method_exited(token)
 
     setattr(wrapper, "__snakepit_thread_safe__", True)
     return wrapper
@@ -365,13 +330,13 @@ def thread_safe_method(fn: Callable) -> Callable:
 class _LockContext:
     """What ``acquire_lock()`` returns: ``with adapter.acquire_lock(timeout=2.0): ...``."""
 
-    __slots__ = ("_adapter", "_lock", "_timeout", "_noted")
+    __slots__ = ("_adapter", "_lock", "_timeout", "_checker")
 
     def __init__(self, adapter: "ThreadSafeAdapter", lock, timeout: Optional[float]) -> None:
         self._adapter = adapter
         self._lock = lock
         self._timeout = timeout
-        self._noted = False
+        self._checker: Optional[CheckerHooks] = None   # the one told of the acquisition
 
     def __enter__(self):
         lock = self._lock
@@ -392,15 +357,17 @@ class _LockContext:
             adapter._sp_lock_owner_ident = _get_ident()
             adapter._sp_lock_depth_of_owner = 0
         adapter._sp_lock_depth_of_owner += 1
-        if _tsc._ACTIVE is not None:
-            _tsc._lock_acquired(id(lock))
-            self._noted = True
+        checker = get_active_checker()
+        if checker is not None:
+            checker.lock_acquired(lock)
+            self._checker = checker
         return lock
 
     def __exit__(self, exc_type, exc, tb):
-        if self._noted:
-            self._noted = False
-            _tsc._lock_released(id(self._lock))
+        checker = self._checker
+        if checker is not None:
+            self._checker = None
+            checker.lock_released(self._lock)
         adapter = self._adapter
         adapter._sp_lock_depth_of_owner -= 1
         if adapter._sp_lock_depth_of_owner == 0:
@@ -433,12 +400,12 @@ class ThreadSafeAdapter(BaseAdapter):
         object.__setattr__(self, "_sp_lock_depth_of_owner", 0)
         object.__setattr__(self, "_sp_tls", threading.local())
         object.__setattr__(self, "_sp_stats", _CallStats())
-        checker = _tsc._ACTIVE
+        checker = get_active_checker()
         if checker is not None:
             # Everything the constructing thread does until the adapter starts serving (a call of a
             # tracked method, another thread touching it, or the server's checker.attach()) is
             # initialisation, not shared access.
-            checker._register(self)
+            checker.adapter_created(self)
 
     # -- locking -------------------------------------------------------------------------------
 

@@ -43,8 +43,12 @@ class FrozenError(AttributeError):
 
 
 def _frozen_error(obj: object, name: str, action: str = "assign to") -> FrozenError:
+    hint = getattr(type(obj), "_frozen_hint", None)
     return FrozenError(
-        f"cannot {action} attribute {name!r} of frozen {type(obj).__name__}", name=name, obj=obj
+        f"cannot {action} attribute {name!r} of frozen {type(obj).__name__}"
+        + (f" ({hint})" if hint else ""),
+        name=name,
+        obj=obj,
     )
 
 
@@ -62,15 +66,20 @@ class Frozen(metaclass=_FrozenMeta):
     """Mixin: instances become immutable once construction finishes.
 
     ``class C(Frozen, auto_freeze=False)`` defers freezing to an explicit
-    :func:`freeze` call (build, then publish).  Frozen instances pickle and
-    copy as frozen instances, :func:`frozen_mapping` values included.
+    :func:`freeze` call (build, then publish).  ``frozen_hint="..."`` adds what
+    to do instead to every FrozenError's message (subclasses inherit it).
+    Frozen instances pickle and copy as frozen instances, :func:`frozen_mapping`
+    values included.
     """
 
     __slots__ = (_FLAG,)
 
-    def __init_subclass__(cls, auto_freeze: bool = True, **kwargs: Any) -> None:
+    def __init_subclass__(cls, auto_freeze: bool = True, frozen_hint: str | None = None,
+                          **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         setattr(cls, "_frozen_auto", auto_freeze)
+        if frozen_hint is not None:
+            setattr(cls, "_frozen_hint", frozen_hint)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == _FLAG or is_frozen(self):
