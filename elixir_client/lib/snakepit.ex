@@ -75,7 +75,7 @@ defmodule Snakepit do
   @spec start_pool(map | keyword, keyword) :: {:ok, pid} | {:error, String.t() | Error.t()}
   def start_pool(config, opts \\ []) do
     with {:ok, c} <- Snakepit.Config.new(config),
-         :ok <- Snakepit.Application.adapter_validate(c),
+         :ok <- Snakepit.Application.launcher_validate(c),
          {:ok, pid} <- DynamicSupervisor.start_child(Snakepit.PoolSupervisor, Pool.child_spec(c)) do
       if Keyword.get(opts, :await, true) do
         case Pool.await_ready(pid, c.startup_timeout + 1_000) do
