@@ -75,7 +75,7 @@ defmodule Snakepit do
   @spec start_pool(map | keyword, keyword) :: {:ok, pid} | {:error, String.t() | Error.t()}
   def start_pool(config, opts \\ []) do
     with {:ok, c} <- Snakepit.Config.new(config),
-         :ok <- Snakepit.Application.adapter_validate(c),
+         :ok <- Snakepit.Application.launcher_validate(c),
          {:ok, pid} <- DynamicSupervisor.start_child(Snakepit.PoolSupervisor, Pool.child_spec(c)) do
       if Keyword.get(opts, :await, true) do
         case Pool.await_ready(pid, c.startup_timeout + 1_000) do
@@ -602,8 +602,11 @@ defmodule Snakepit do
   defp with_slot(pool, tool, args, opts, fun, weight \\ 1) do
     with {:ok, {json, blobs}} <- encode(args, tool) do
       sid = opts[:session_id]
+      # a call that skips the session's initialisation only reads it: the pool must not count it
+      # as created on the worker
+      create? = opts[:skip_session_init] != true
 
-      case Pool.checkout(pool, session_id: sid, weight: weight) do
+      case Pool.checkout(pool, session_id: sid, weight: weight, create_session: create?) do
         {:ok, lease} ->
           t0 = System.monotonic_time()
 
@@ -621,12 +624,8 @@ defmodule Snakepit do
                 :erlang.raise(kind, reason, __STACKTRACE__)
             end
 
-          # (when the pool marked the session as created on this worker but it was not: undo that)
-          undo? = lease.init_session and opts[:skip_session_init] == true
-
           outcome =
             case result do
-              _ when undo? -> {:session_init_failed, sid}
               {:error, %Error{reason: :session_init_failed}} -> {:session_init_failed, sid}
               # past its deadline the call was cancelled, not ended by the server
               {:error, %Error{reason: :timeout}} -> :abandoned

@@ -9,7 +9,7 @@ defmodule Snakepit.ConfigTest do
     assert c.threads_per_worker == 1
     assert c.worker_ttl == :infinity
     assert c.worker_max_requests == :infinity
-    assert c.adapter_module == Snakepit.Adapters.GRPCPython
+    assert c.launcher == Snakepit.Launcher.GRPCPython
     assert c.python_adapter == "snakepit_bridge.adapters.showcase.ShowcaseAdapter"
     assert File.exists?(Path.join(c.script_dir, "grpc_server_process.py"))
   end
@@ -94,13 +94,13 @@ defmodule Snakepit.ConfigTest do
     end
   end
 
-  test "the adapter rejects a missing python executable naming the key" do
+  test "the launcher rejects a missing python executable naming the key" do
     c = Config.new!(name: :p, python_executable: "/nonexistent/python")
-    assert {:error, msg} = Snakepit.Adapters.GRPCPython.validate(c)
+    assert {:error, msg} = Snakepit.Launcher.GRPCPython.validate(c)
     assert msg =~ ":python_executable"
   end
 
-  test "the adapter builds the server command line" do
+  test "the launcher builds the server command line" do
     c =
       Config.new!(
         name: :p,
@@ -109,7 +109,7 @@ defmodule Snakepit.ConfigTest do
         adapter_args: ["--mode", "threaded"]
       )
 
-    {_exe, args, env} = Snakepit.Adapters.GRPCPython.command(c, [])
+    {_exe, args, env} = Snakepit.Launcher.GRPCPython.command(c, [])
     assert hd(args) =~ "grpc_server_threaded.py"
     assert ["--port", "0"] == Enum.slice(args, Enum.find_index(args, &(&1 == "--port")), 2)
     assert "--exit-on-stdin-eof" in args
@@ -121,7 +121,38 @@ defmodule Snakepit.ConfigTest do
     assert {"PYTHONUNBUFFERED", "1"} in env
 
     c2 = Config.new!(name: :p, worker_profile: :thread, adapter_args: ["--max-workers", "16"])
-    {_, args2, _} = Snakepit.Adapters.GRPCPython.command(c2, [])
+    {_, args2, _} = Snakepit.Launcher.GRPCPython.command(c2, [])
     assert Enum.count(args2, &(&1 == "--max-workers")) == 1
+  end
+
+  describe "the deprecated :adapter_module key" do
+    import ExUnit.CaptureLog
+
+    test "still sets the launcher, with a deprecation warning" do
+      log =
+        capture_log(fn ->
+          assert {:ok, c} = Config.new(name: :p, adapter_module: Snakepit.Adapters.GRPCPython)
+          assert c.launcher == Snakepit.Adapters.GRPCPython
+          assert Snakepit.Application.launcher_validate(c) == :ok
+        end)
+
+      assert log =~ ":adapter_module is deprecated; use :launcher"
+    end
+
+    test "cannot be set together with :launcher" do
+      assert {:error, msg} =
+               Config.new(
+                 name: :p,
+                 launcher: Snakepit.Launcher.GRPCPython,
+                 adapter_module: Snakepit.Launcher.GRPCPython
+               )
+
+      assert msg =~ ":adapter_module"
+    end
+  end
+
+  test "a launcher that does not implement Snakepit.Launcher is rejected naming :launcher" do
+    assert {:error, msg} = Config.new(name: :p, launcher: NoSuchModule)
+    assert msg =~ ":launcher"
   end
 end

@@ -26,7 +26,7 @@ defmodule Snakepit.Application do
   def validate_all(pools) when is_list(pools) do
     Enum.reduce_while(pools, {:ok, []}, fn pool, {:ok, acc} ->
       with {:ok, c} <- Snakepit.Config.new(pool),
-           :ok <- adapter_validate(c) do
+           :ok <- launcher_validate(c) do
         if Enum.any?(acc, &(&1.name == c.name)),
           do:
             {:halt,
@@ -43,9 +43,9 @@ defmodule Snakepit.Application do
     do: {:error, "config :snakepit, :pools must be a list, got #{inspect(other)}"}
 
   @doc false
-  def adapter_validate(c) do
-    if function_exported?(c.adapter_module, :validate, 1),
-      do: c.adapter_module.validate(c),
+  def launcher_validate(c) do
+    if function_exported?(c.launcher, :validate, 1),
+      do: c.launcher.validate(c),
       else: :ok
   end
 end

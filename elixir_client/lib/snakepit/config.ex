@@ -21,6 +21,8 @@ defmodule Snakepit.Config do
       whose slots are stuck is replaced whatever this says). Default `1`.
   """
 
+  require Logger
+
   @repo_root Path.expand("../../..", __DIR__)
 
   @keys [
@@ -28,7 +30,7 @@ defmodule Snakepit.Config do
     :worker_profile,
     :pool_size,
     :threads_per_worker,
-    :adapter_module,
+    :launcher,
     :adapter_args,
     :adapter_env,
     :worker_ttl,
@@ -50,6 +52,9 @@ defmodule Snakepit.Config do
     :max_stuck_calls
   ]
 
+  # accepted but not kept: the old name of :launcher
+  @deprecated_keys [:adapter_module]
+
   defstruct @keys
 
   @type ttl :: {pos_integer, :seconds | :minutes | :hours | :milliseconds} | :infinity
@@ -58,7 +63,7 @@ defmodule Snakepit.Config do
           worker_profile: :process | :thread,
           pool_size: pos_integer,
           threads_per_worker: pos_integer,
-          adapter_module: module,
+          launcher: module,
           adapter_args: [String.t()],
           adapter_env: [{String.t(), String.t()}],
           worker_ttl: non_neg_integer | :infinity,
@@ -80,8 +85,8 @@ defmodule Snakepit.Config do
           max_stuck_calls: pos_integer
         }
 
-  @doc "The keys a pool config accepts."
-  def keys, do: @keys
+  @doc "The keys a pool config accepts (`:adapter_module` is the deprecated name of `:launcher`)."
+  def keys, do: @keys ++ @deprecated_keys
 
   @doc "The repository root (where `grpc_server_threaded.py` / `grpc_server_process.py` live)."
   def repo_root, do: @repo_root
@@ -127,13 +132,13 @@ defmodule Snakepit.Config do
   end
 
   defp build(c) do
-    case Map.keys(c) -- @keys do
+    case Map.keys(c) -- keys() do
       [] ->
         :ok
 
       [k | _] ->
         throw(
-          {:invalid, k, "unknown key (known keys: #{Enum.map_join(@keys, ", ", &inspect/1)})"}
+          {:invalid, k, "unknown key (known keys: #{Enum.map_join(keys(), ", ", &inspect/1)})"}
         )
     end
 
@@ -159,16 +164,7 @@ defmodule Snakepit.Config do
       fetch(c, :threads_per_worker, 8, &pos_int?/1, "must be a positive integer")
       |> then(&if(profile == :process, do: 1, else: &1))
 
-    adapter_module =
-      fetch(c, :adapter_module, Snakepit.Adapters.GRPCPython, &is_atom/1, "must be a module")
-
-    if not (Code.ensure_loaded?(adapter_module) and
-              function_exported?(adapter_module, :command, 2)) do
-      throw(
-        {:invalid, :adapter_module,
-         "#{inspect(adapter_module)} does not implement Snakepit.Adapter"}
-      )
-    end
+    launcher = launcher(c)
 
     adapter_args =
       fetch(
@@ -212,7 +208,7 @@ defmodule Snakepit.Config do
       worker_profile: profile,
       pool_size: pool_size,
       threads_per_worker: threads,
-      adapter_module: adapter_module,
+      launcher: launcher,
       adapter_args: adapter_args,
       adapter_env: adapter_env,
       worker_ttl: ttl_ms(ttl),
@@ -276,6 +272,35 @@ defmodule Snakepit.Config do
         fetch(c, :stuck_call_grace, 1_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
       max_stuck_calls: fetch(c, :max_stuck_calls, 1, &pos_int?/1, "must be a positive integer")
     }
+  end
+
+  # `:launcher`, or its deprecated name `:adapter_module` (which the error then names).
+  defp launcher(c) do
+    key =
+      case {Map.has_key?(c, :launcher), Map.has_key?(c, :adapter_module)} do
+        {true, true} ->
+          throw(
+            {:invalid, :adapter_module, "is the deprecated name of :launcher; set only :launcher"}
+          )
+
+        {false, true} ->
+          Logger.warning(
+            "snakepit pool config key :adapter_module is deprecated; use :launcher " <>
+              "(and Snakepit.Launcher.GRPCPython for Snakepit.Adapters.GRPCPython)"
+          )
+
+          :adapter_module
+
+        _ ->
+          :launcher
+      end
+
+    launcher = fetch(c, key, Snakepit.Launcher.GRPCPython, &is_atom/1, "must be a module")
+
+    if not (Code.ensure_loaded?(launcher) and function_exported?(launcher, :command, 2)),
+      do: throw({:invalid, key, "#{inspect(launcher)} does not implement Snakepit.Launcher"})
+
+    launcher
   end
 
   @doc "The Python adapter class a profile runs by default."

@@ -55,7 +55,7 @@ defmodule Snakepit.Worker do
         tok -> {[auth_token_env: "SNAKEPIT_AUTH_TOKEN"], [{"SNAKEPIT_AUTH_TOKEN", tok}]}
       end
 
-    {exe, args, env} = config.adapter_module.command(config, token_opts)
+    {exe, args, env} = config.launcher.command(config, token_opts)
     nonce = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
 
     env =

@@ -1,6 +1,8 @@
-defmodule Snakepit.Adapter do
+defmodule Snakepit.Launcher do
   @moduledoc """
-  Behaviour of the module that builds a worker's command line (`adapter_module` in a pool config).
+  Behaviour of the module that builds a worker's command line (`launcher` in a pool config; the
+  default is `Snakepit.Launcher.GRPCPython`). Not to be confused with the *adapter*, the Python
+  class whose tools the server serves (`python_adapter`).
 
   The command must start a snakepit_bridge gRPC server that binds `127.0.0.1` on a free port, prints
   one stdout line `SNAKEPIT_READY port=<port> pid=<pid> nonce=<nonce>` once serving (`<nonce>` is the

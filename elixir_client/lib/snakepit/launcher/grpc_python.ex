@@ -1,0 +1,78 @@
+defmodule Snakepit.Launcher.GRPCPython do
+  @moduledoc """
+  Runs the repository's Python gRPC servers: `grpc_server_threaded.py` for `worker_profile: :thread`
+  and `grpc_server_process.py` for `worker_profile: :process`, found in `script_dir`, with
+  `python_executable`.
+
+  Command line: `<python> <script> --adapter <python_adapter> --host 127.0.0.1 --port 0
+  --exit-on-stdin-eof [--max-workers <threads_per_worker>] [--auth-token-env NAME]
+  --grace <seconds> <adapter_args...>`. `--max-workers` is added for thread workers only when
+  `adapter_args` does not already set it.
+  """
+
+  @behaviour Snakepit.Launcher
+
+  @impl true
+  def command(config, opts) do
+    exe = resolve_executable(config.python_executable) || config.python_executable
+
+    threads =
+      if config.worker_profile == :thread and "--max-workers" not in config.adapter_args,
+        do: ["--max-workers", Integer.to_string(config.threads_per_worker)],
+        else: []
+
+    auth =
+      case Keyword.get(opts, :auth_token_env) do
+        nil -> []
+        var -> ["--auth-token-env", var]
+      end
+
+    grace = :erlang.float_to_binary(config.shutdown_grace / 1000, decimals: 3)
+
+    args =
+      [
+        script_path(config),
+        "--adapter",
+        config.python_adapter,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0"
+      ] ++
+        ["--exit-on-stdin-eof", "--grace", grace] ++ threads ++ auth ++ config.adapter_args
+
+    {exe, args, [{"PYTHONUNBUFFERED", "1"} | config.adapter_env]}
+  end
+
+  @impl true
+  def validate(config) do
+    cond do
+      resolve_executable(config.python_executable) == nil ->
+        {:error,
+         "invalid pool config key :python_executable: #{inspect(config.python_executable)} is not an executable " <>
+           "(set python_executable, or the SNAKEPIT_PYTHON environment variable)"}
+
+      not File.regular?(script_path(config)) ->
+        {:error, "invalid pool config key :script_dir: #{script_path(config)} does not exist"}
+
+      true ->
+        :ok
+    end
+  end
+
+  @doc "The server script for the config's worker profile."
+  def script_path(%{worker_profile: :thread, script_dir: dir}),
+    do: Path.join(dir, "grpc_server_threaded.py")
+
+  def script_path(%{worker_profile: :process, script_dir: dir}),
+    do: Path.join(dir, "grpc_server_process.py")
+
+  defp resolve_executable(exe) do
+    if String.contains?(exe, "/") do
+      path = Path.expand(exe)
+      if File.regular?(path), do: path, else: nil
+    else
+      System.find_executable(exe)
+    end
+  end
+end

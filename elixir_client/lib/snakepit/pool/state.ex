@@ -1,0 +1,1043 @@
+defmodule Snakepit.Pool.State do
+  @moduledoc """
+  The pool's decisions as a pure state machine, in the sans-I/O style of `Snakepit.HTTP2.Conn`:
+  worker status, capacity, the wait queue, session pinning, recycling, health-driven replacement
+  and stopping. It starts no process, sends no message, reads no clock: `Snakepit.Pool` (the shell)
+  turns messages into events, feeds them to `handle/3` with the current monotonic time in ms, and
+  performs the actions that come back, in order.
+
+      {state, actions} = State.new(config, now)
+      {state, actions} = State.handle(state, {:checkout, ref, from, request}, now)
+
+  ## Events
+
+    * `{:checkout, ref, from, request}` - a caller (monitored by the shell under `ref`, which becomes
+      the lease's ref) wants a slot; `request` is `t:request/0`
+    * `{:checkin, ref, outcome}` - the lease `ref` is back (`t:outcome/0`); `{:caller_down, ref}` -
+      the caller holding or waiting under `ref` died
+    * `{:await_ready, from, min}`, `{:drain, from, grace}`, `{:forget_session, from, session_id}`
+    * `{:worker_spawn_failed, id, reason}` - the `{:start_worker, id}` action failed at once;
+      `{:worker_spawned, id, os_pid}`, `{:worker_ready, id, info}`, `{:worker_exited, id, reason}`
+    * `{:check_result, id, check_ref, result}` - the answer to a `{:check, ...}` action
+    * timer events the machine scheduled itself: `{:start_worker, slot}`, `{:ttl_expired, id}`,
+      `{:health_check, id}`, `{:stuck_call_check, id}`, `{:queue_timeout, ref}`,
+      `:drain_deadline`, `:drain_give_up`
+    * `:terminating` - the pool process is ending
+
+  ## Actions
+
+    * `{:reply, from, reply}`; `{:lease, from, lease}` - reply `{:ok, lease}`, the shell adds the
+      pool pid, the worker pid and the fates table to `t:lease/0`
+    * `{:demonitor, ref}`
+    * `{:start_worker, id}`, `{:stop_worker, id}` (gracefully)
+    * `{:schedule, delay, event}` - feed `event` back after `delay` ms; `{:timer, delay, event}` the
+      same, cancellable by `{:cancel_timer, event}`
+    * `{:check, id, check_ref, kind, channel, timeout}` - ask the worker's server one
+      `Snakepit.Worker.Health` question (`:health` or `:active_calls`), answer as `:check_result`
+    * `{:record_fate, id, reason, message}`, `{:forget_fate, id}` - the worker's fate (see
+      `Snakepit.Pool`, "Why a worker went away")
+    * `{:log, level, message}`
+
+  Workers are named by the integer ids the machine gives them; the shell maps them to pids.
+  """
+
+  alias Snakepit.{Config, Error}
+
+  @backoff_base 100
+  # ms after a call was abandoned at which the server is asked whether it still runs it
+  @stuck_check_delays [50, 150, 400]
+
+  defstruct [
+    :config,
+    :name,
+    :rand,
+    slots: %{},
+    # id => worker
+    workers: %{},
+    # refs of waiters, oldest first
+    queue: :queue.new(),
+    queue_len: 0,
+    # ref => waiter
+    waiters: %{},
+    # ref => %{worker, weight, session_id, init_session}
+    leases: %{},
+    # session_id => worker id it is pinned to
+    sessions: %{},
+    ever_ready: false,
+    # the last start failure, while no worker has become ready since (see "Start failures")
+    start_error: nil,
+    # nil, or while draining: %{grace, waiters, workers_stopped}
+    stopping: nil,
+    ready_waiters: [],
+    next_id: 1,
+    next_check: 1,
+    now: 0,
+    # actions of the event being handled, newest first
+    actions: [],
+    stats: %{
+      calls: 0,
+      failures: 0,
+      checkouts: 0,
+      queued_total: 0,
+      queue_full: 0,
+      queue_timeouts: 0,
+      recycles: 0,
+      crashes: 0,
+      workers_started: 0,
+      stuck_replacements: 0,
+      unhealthy_replacements: 0
+    }
+  ]
+
+  @type t :: %__MODULE__{}
+  @type worker_id :: pos_integer
+  @type from :: GenServer.from()
+  @type request :: %{
+          session_id: String.t() | nil,
+          weight: pos_integer,
+          create_session: boolean
+        }
+  @type outcome :: :ok | :error | :abandoned | {:session_init_failed, String.t()}
+  @type lease :: %{
+          ref: reference,
+          worker_id: worker_id,
+          channel: pid,
+          init_session: boolean,
+          call_timeout: pos_integer,
+          pool_name: atom
+        }
+  @type event ::
+          {:checkout, reference, from, request}
+          | {:checkin, reference, outcome}
+          | {:caller_down, reference}
+          | {:await_ready, from, pos_integer | :all}
+          | {:drain, from, non_neg_integer | nil}
+          | {:forget_session, from, String.t()}
+          | {:worker_spawn_failed, worker_id, term}
+          | {:worker_spawned, worker_id, pos_integer}
+          | {:worker_ready, worker_id, %{channel: pid, os_pid: pos_integer, port: pos_integer}}
+          | {:worker_exited, worker_id, term}
+          | {:check_result, worker_id, pos_integer, :ok | {:ok, non_neg_integer} | {:error, term}}
+          | {:start_worker, pos_integer}
+          | {:ttl_expired, worker_id}
+          | {:health_check, worker_id}
+          | {:stuck_call_check, worker_id}
+          | {:queue_timeout, reference}
+          | :drain_deadline
+          | :drain_give_up
+          | :terminating
+  @type action ::
+          {:reply, from, term}
+          | {:lease, from, lease}
+          | {:demonitor, reference}
+          | {:start_worker, worker_id}
+          | {:stop_worker, worker_id}
+          | {:schedule, non_neg_integer, event}
+          | {:timer, non_neg_integer, event}
+          | {:cancel_timer, event}
+          | {:check, worker_id, pos_integer, :health | :active_calls, pid, pos_integer}
+          | {:record_fate, worker_id, atom, String.t()}
+          | {:forget_fate, worker_id}
+          | {:log, Logger.level(), String.t()}
+
+  @doc """
+  A pool for `config` whose `pool_size` workers are being started. Option `:seed`: a `:rand` state
+  for the TTL jitter (default: a fresh one).
+  """
+  @spec new(Config.t(), integer, keyword) :: {t, [action]}
+  def new(%Config{} = config, now, opts \\ []) do
+    slots =
+      Map.new(1..config.pool_size, fn i ->
+        {i, %{current: nil, pending: nil, failures: 0, scheduled: false}}
+      end)
+
+    s = %__MODULE__{
+      config: config,
+      name: config.name,
+      slots: slots,
+      now: now,
+      rand: Keyword.get_lazy(opts, :seed, fn -> :rand.seed_s(:exsss) end)
+    }
+
+    s = Enum.reduce(1..config.pool_size, s, fn slot, st -> start_worker(st, slot) end)
+    flush(s)
+  end
+
+  @doc "Applies one event at monotonic time `now` (ms)."
+  @spec handle(t, event, integer) :: {t, [action]}
+  def handle(%__MODULE__{} = s, event, now), do: flush(event(%{s | now: now}, event))
+
+  @doc "May this worker take a new call? (Ready, or retiring while its replacement starts.)"
+  @spec routable?(map) :: boolean
+  def routable?(%{status: status}), do: status in [:ready, :retiring]
+
+  @doc "The ids of the workers alive now."
+  @spec worker_ids(t) :: [worker_id]
+  def worker_ids(s), do: Map.keys(s.workers)
+
+  @doc "Pool counters and the worker table (workers without pids: the shell adds them)."
+  @spec stats(t, integer) :: map
+  def stats(s, now) do
+    workers =
+      for {_id, w} <- s.workers do
+        %{
+          id: w.id,
+          slot: w.slot,
+          status: w.status,
+          os_pid: w.os_pid,
+          port: w.port,
+          channel: w.channel,
+          in_flight: w.in_flight,
+          capacity: w.capacity,
+          abandoned_calls: length(w.abandoned),
+          stuck_calls: w.stuck_calls,
+          requests: w.requests,
+          ttl_ms: w.ttl_ms,
+          sessions: MapSet.size(w.sessions),
+          uptime_ms: now - w.started_at
+        }
+      end
+      |> Enum.sort_by(& &1.id)
+
+    Map.merge(s.stats, %{
+      name: s.name,
+      worker_profile: s.config.worker_profile,
+      pool_size: s.config.pool_size,
+      queued: s.queue_len,
+      in_flight: Enum.sum(Enum.map(workers, & &1.in_flight)),
+      capacity:
+        s.workers
+        |> Map.values()
+        |> Enum.filter(&routable?/1)
+        |> Enum.map(&(&1.capacity - &1.stuck_calls))
+        |> Enum.sum(),
+      sessions: map_size(s.sessions),
+      workers: workers
+    })
+  end
+
+  @doc "Restart delay (ms) after the `failures`-th consecutive failure of a slot: 100, 200, 400, ... up to `max`."
+  @spec backoff(pos_integer, pos_integer) :: pos_integer
+  def backoff(failures, max), do: min(@backoff_base * Integer.pow(2, min(failures - 1, 16)), max)
+
+  ## events
+
+  defp event(%{stopping: %{}} = s, {:checkout, ref, from, _request}),
+    do: s |> emit({:demonitor, ref}) |> reply(from, {:error, stopped_error(s)})
+
+  defp event(s, {:checkout, ref, from, request}) do
+    case pick(s, request.session_id) do
+      {:ok, id} ->
+        lease(s, id, ref, from, request)
+
+      :none ->
+        cond do
+          s.start_error != nil and ready_count(s) == 0 ->
+            s |> emit({:demonitor, ref}) |> reply(from, {:error, s.start_error})
+
+          s.queue_len >= s.config.queue_size ->
+            error =
+              Error.new(
+                :queue_full,
+                "pool #{inspect(s.name)}: all slots busy and #{s.queue_len} callers queued"
+              )
+
+            s |> emit({:demonitor, ref}) |> bump(:queue_full) |> reply(from, {:error, error})
+
+          true ->
+            wait =
+              if s.ever_ready,
+                do: s.config.queue_timeout,
+                else: max(s.config.queue_timeout, s.config.startup_timeout)
+
+            waiter = Map.merge(request, %{from: from, wait: wait})
+
+            %{
+              s
+              | queue: :queue.in(ref, s.queue),
+                queue_len: s.queue_len + 1,
+                waiters: Map.put(s.waiters, ref, waiter)
+            }
+            |> emit({:timer, wait, {:queue_timeout, ref}})
+            |> bump(:queued_total)
+        end
+    end
+  end
+
+  defp event(s, {:checkin, ref, outcome}) do
+    s |> emit({:demonitor, ref}) |> release(ref, outcome) |> dispatch() |> maybe_end_drain()
+  end
+
+  defp event(s, {:caller_down, ref}) do
+    cond do
+      # the channel cancels the dead caller's stream; its tool may go on running on the server
+      Map.has_key?(s.leases, ref) ->
+        s |> release(ref, :abandoned) |> dispatch() |> maybe_end_drain()
+
+      Map.has_key?(s.waiters, ref) ->
+        %{s | queue: :queue.delete(ref, s.queue), queue_len: s.queue_len - 1}
+        |> Map.update!(:waiters, &Map.delete(&1, ref))
+        |> emit({:cancel_timer, {:queue_timeout, ref}})
+
+      true ->
+        s
+    end
+  end
+
+  defp event(s, {:await_ready, from, min}) do
+    min = if min == :all, do: s.config.pool_size, else: min
+
+    cond do
+      s.stopping != nil -> reply(s, from, {:error, stopped_error(s)})
+      ready_count(s) >= min -> reply(s, from, :ok)
+      s.start_error != nil -> reply(s, from, {:error, s.start_error})
+      true -> %{s | ready_waiters: [{from, min} | s.ready_waiters]}
+    end
+  end
+
+  defp event(%{stopping: %{} = st} = s, {:drain, from, _grace}),
+    do: %{s | stopping: %{st | waiters: [from | st.waiters]}}
+
+  defp event(s, {:drain, from, grace}) do
+    grace = grace || s.config.shutdown_grace
+    error = stopped_error(s)
+
+    s =
+      Enum.reduce(s.ready_waiters, s, fn {waiter, _min}, s ->
+        reply(s, waiter, {:error, error})
+      end)
+
+    %{s | ready_waiters: []}
+    |> log(:info, "snakepit pool #{inspect(s.name)}: stopping; in-flight calls get #{grace} ms")
+    |> fail_waiters(error)
+    |> emit({:timer, grace, :drain_deadline})
+    |> Map.put(:stopping, %{grace: grace, waiters: [from], workers_stopped: false})
+    |> maybe_end_drain()
+  end
+
+  defp event(s, {:forget_session, from, sid}) do
+    {id, sessions} = Map.pop(s.sessions, sid)
+
+    {channel, s} =
+      case id && s.workers[id] do
+        nil -> {nil, s}
+        w -> {w.channel, put_worker(s, %{w | sessions: MapSet.delete(w.sessions, sid)})}
+      end
+
+    reply(%{s | sessions: sessions}, from, channel)
+  end
+
+  defp event(s, {:worker_spawn_failed, id, reason}) do
+    case Map.pop(s.workers, id) do
+      {nil, _} ->
+        s
+
+      {w, workers} ->
+        message =
+          case reason do
+            {:spawn_failed, why} ->
+              "cannot spawn worker #{id} (#{s.config.python_executable}): #{why}"
+
+            other ->
+              "cannot start worker #{id}: #{inspect(other)}"
+          end
+
+        slot = vacate(s.slots[w.slot], id)
+        slot = %{slot | failures: slot.failures + 1}
+
+        %{s | workers: workers}
+        |> Map.update!(:stats, &Map.update!(&1, :workers_started, fn n -> n - 1 end))
+        |> log(
+          :error,
+          "snakepit pool #{inspect(s.name)}: cannot start worker #{id}: #{inspect(reason)}"
+        )
+        |> put_slot(w.slot, slot)
+        |> bump(:crashes)
+        |> start_failed(Error.new(:worker_start_failed, message))
+        |> schedule_start(w.slot, backoff(slot.failures, s.config.restart_backoff_max))
+    end
+  end
+
+  defp event(s, {:worker_spawned, id, os_pid}) do
+    case s.workers[id] do
+      nil -> s
+      w -> put_worker(s, %{w | os_pid: os_pid})
+    end
+  end
+
+  defp event(%{stopping: %{}} = s, {:worker_ready, id, _info}) do
+    case s.workers[id] do
+      nil -> s
+      w -> stop_worker(s, w)
+    end
+  end
+
+  defp event(s, {:worker_ready, id, info}) do
+    case s.workers[id] do
+      nil ->
+        s
+
+      w ->
+        w = %{w | status: :ready, channel: info.channel, os_pid: info.os_pid, port: info.port}
+        s = put_worker(s, w)
+        slot = s.slots[w.slot]
+
+        s =
+          if slot.pending == id do
+            old = slot.current
+            s = put_slot(s, w.slot, %{slot | current: id, pending: nil, failures: 0})
+
+            case old && s.workers[old] do
+              nil -> s
+              %{status: :unhealthy} = ow -> stop_worker(s, ow)
+              ow -> s |> put_worker(%{ow | status: :draining}) |> maybe_stop(old)
+            end
+          else
+            put_slot(s, w.slot, %{slot | failures: 0})
+          end
+
+        {ttl, s} = schedule_ttl(s, id)
+
+        %{s | ever_ready: true, start_error: nil}
+        |> put_worker(%{s.workers[id] | ttl_ms: ttl})
+        |> schedule_health_check(id)
+        |> log(
+          :info,
+          "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})"
+        )
+        |> notify_ready()
+        |> dispatch()
+    end
+  end
+
+  defp event(%{stopping: %{}} = s, {:worker_exited, id, _reason}) do
+    %{s | workers: Map.delete(s.workers, id)} |> forget_fate(id) |> maybe_end_drain()
+  end
+
+  defp event(s, {:worker_exited, id, reason}) do
+    case Map.pop(s.workers, id) do
+      {nil, _} ->
+        s
+
+      {w, workers} ->
+        # its sessions move to whichever worker serves them next (and are created there again)
+        sessions = Map.reject(s.sessions, fn {_sid, wid} -> wid == id end)
+        s = %{s | workers: workers, sessions: sessions}
+
+        s =
+          if w.status in [:draining, :stopping] do
+            slot = s.slots[w.slot]
+            slot = if slot.current == id, do: %{slot | current: nil}, else: slot
+
+            s
+            |> log(:debug, "snakepit pool #{inspect(s.name)}: worker #{w.id} recycled")
+            |> put_slot(w.slot, slot)
+            |> then(fn s ->
+              if slot.current == nil and slot.pending == nil,
+                do: schedule_start(s, w.slot, 0),
+                else: s
+            end)
+          else
+            s =
+              s
+              |> log(
+                :warning,
+                "snakepit pool #{inspect(s.name)}: worker #{w.id} (os pid #{inspect(w.os_pid)}) went down: #{inspect(reason)}"
+              )
+              |> bump(:crashes)
+
+            s = if w.status == :starting, do: start_failed(s, start_error(w, reason)), else: s
+            slot = s.slots[w.slot]
+            slot = vacate(%{slot | failures: slot.failures + 1}, id)
+            s = put_slot(s, w.slot, slot)
+
+            if slot.pending == nil,
+              do: schedule_start(s, w.slot, backoff(slot.failures, s.config.restart_backoff_max)),
+              else: s
+          end
+
+        s |> forget_fate(id) |> dispatch()
+    end
+  end
+
+  defp event(%{stopping: %{workers_stopped: false} = st} = s, :drain_deadline) do
+    message =
+      "pool #{inspect(s.name)} was stopped: the call was still running after the #{st.grace} ms grace period"
+
+    s
+    |> record_busy_fates(:pool_stopped, message)
+    |> stop_all_workers()
+  end
+
+  defp event(s, :drain_deadline), do: s
+
+  defp event(%{stopping: %{waiters: [_ | _]} = st} = s, :drain_give_up) do
+    s =
+      log(
+        s,
+        :error,
+        "snakepit pool #{inspect(s.name)}: #{map_size(s.workers)} workers still running after the drain"
+      )
+
+    s = Enum.reduce(st.waiters, s, &reply(&2, &1, :ok))
+    %{s | stopping: %{st | waiters: []}}
+  end
+
+  defp event(s, :drain_give_up), do: s
+
+  defp event(%{stopping: %{}} = s, {:start_worker, _slot}), do: s
+
+  defp event(s, {:start_worker, slot}) do
+    s
+    |> put_slot(slot, %{s.slots[slot] | scheduled: false})
+    |> start_worker(slot)
+  end
+
+  defp event(%{stopping: %{}} = s, {:ttl_expired, _id}), do: s
+
+  defp event(s, {:ttl_expired, id}) do
+    case s.workers[id] do
+      %{status: :ready} = w -> retire(s, w, :ttl)
+      _ -> s
+    end
+  end
+
+  defp event(%{stopping: %{}} = s, {:health_check, _id}), do: s
+
+  defp event(s, {:health_check, id}) do
+    case routable_worker(s, id) do
+      nil ->
+        s
+
+      w ->
+        kind = if w.abandoned == [], do: :health, else: :active_calls
+        s |> schedule_health_check(id) |> start_check(w, kind)
+    end
+  end
+
+  defp event(s, {:stuck_call_check, id}) do
+    case routable_worker(s, id) do
+      %{abandoned: [_ | _]} = w -> start_check(s, w, :active_calls)
+      _ -> s
+    end
+  end
+
+  defp event(s, {:check_result, id, check_ref, result}) do
+    case s.workers[id] do
+      %{check: %{ref: ^check_ref} = check} = w ->
+        w = %{w | check: nil}
+        s = put_worker(s, w)
+
+        s =
+          cond do
+            not routable?(w) -> s
+            result == :ok -> s
+            match?({:ok, _}, result) -> settle_abandoned(s, w, elem(result, 1), check)
+            true -> unhealthy(s, w, check_failure(check.kind, elem(result, 1)))
+          end
+
+        # a stuck-call check asked for while this one ran
+        s =
+          case routable_worker(s, id) do
+            %{check_again: true} = w ->
+              w = %{w | check_again: false}
+              start_check(put_worker(s, w), w, :active_calls)
+
+            _ ->
+              s
+          end
+
+        dispatch(s)
+
+      _ ->
+        s
+    end
+  end
+
+  defp event(s, {:queue_timeout, ref}) do
+    case Map.pop(s.waiters, ref) do
+      {nil, _} ->
+        s
+
+      {waiter, waiters} ->
+        error =
+          Error.new(
+            :queue_timeout,
+            "pool #{inspect(s.name)}: no free slot within #{waiter.wait} ms"
+          )
+
+        %{
+          s
+          | waiters: waiters,
+            queue: :queue.delete(ref, s.queue),
+            queue_len: s.queue_len - 1
+        }
+        |> emit({:demonitor, ref})
+        |> reply(waiter.from, {:error, error})
+        |> bump(:queue_timeouts)
+    end
+  end
+
+  defp event(s, :terminating),
+    do: record_busy_fates(s, :pool_stopped, "pool #{inspect(s.name)} was stopped during the call")
+
+  ## workers
+
+  defp start_worker(s, slot_id) do
+    id = s.next_id
+
+    w = %{
+      id: id,
+      slot: slot_id,
+      status: :starting,
+      channel: nil,
+      os_pid: nil,
+      port: nil,
+      in_flight: 0,
+      # tool calls the server counts for the leases in flight (a batch counts its items)
+      load: 0,
+      # when calls the caller gave up on were checked in (oldest first), while the server may
+      # still run them; each keeps a slot (see "Stuck calls" in Snakepit.Pool)
+      abandoned: [],
+      stuck_calls: 0,
+      # the check in flight, %{ref, kind, load, sent_at}, and whether another is wanted after it
+      check: nil,
+      check_again: false,
+      capacity: s.config.threads_per_worker,
+      requests: 0,
+      ttl_ms: nil,
+      sessions: MapSet.new(),
+      started_at: s.now
+    }
+
+    slot = s.slots[slot_id]
+
+    slot =
+      if slot.current != nil and Map.has_key?(s.workers, slot.current),
+        do: %{slot | pending: id},
+        else: %{slot | current: id}
+
+    %{s | next_id: id + 1, workers: Map.put(s.workers, id, w)}
+    |> put_slot(slot_id, slot)
+    |> bump(:workers_started)
+    |> emit({:start_worker, id})
+  end
+
+  # The slot without worker `id` (it is gone or never started).
+  defp vacate(slot, id) do
+    cond do
+      slot.pending == id -> %{slot | pending: nil}
+      slot.current == id -> %{slot | current: nil}
+      true -> slot
+    end
+  end
+
+  defp start_error(_w, {:shutdown, {:start_failed, message}}),
+    do: Error.new(:worker_start_failed, message)
+
+  defp start_error(_w, {:shutdown, {:startup_timeout, message}}),
+    do: Error.new(:startup_timeout, message)
+
+  defp start_error(w, reason),
+    do:
+      Error.new(
+        :worker_start_failed,
+        "worker #{w.id} went down before it was ready: #{inspect(reason)}"
+      )
+
+  # Keeps the error and hands it to everyone waiting for a worker that is not there: await_ready
+  # callers always, queued callers when no worker is ready (else a ready one will serve them).
+  defp start_failed(s, %Error{} = error) do
+    error = %{error | message: "pool #{inspect(s.name)}: #{error.message}"}
+    s = Enum.reduce(s.ready_waiters, s, fn {from, _min}, s -> reply(s, from, {:error, error}) end)
+    s = %{s | start_error: error, ready_waiters: []}
+
+    if ready_count(s) == 0, do: fail_waiters(s, error), else: s
+  end
+
+  # Fails every queued caller with `error`.
+  defp fail_waiters(s, error) do
+    s =
+      Enum.reduce(s.waiters, s, fn {ref, waiter}, s ->
+        s
+        |> emit({:cancel_timer, {:queue_timeout, ref}})
+        |> emit({:demonitor, ref})
+        |> reply(waiter.from, {:error, error})
+      end)
+
+    %{s | waiters: %{}, queue: :queue.new(), queue_len: 0}
+  end
+
+  defp schedule_start(s, slot_id, delay) do
+    slot = s.slots[slot_id]
+
+    if slot.scheduled,
+      do: s,
+      else:
+        s
+        |> emit({:schedule, delay, {:start_worker, slot_id}})
+        |> put_slot(slot_id, %{slot | scheduled: true})
+  end
+
+  # The worker's jittered TTL in ms (or :infinity), and its expiry scheduled.
+  defp schedule_ttl(%{config: %{worker_ttl: :infinity}} = s, _id), do: {:infinity, s}
+
+  defp schedule_ttl(s, id) do
+    {x, rand} = :rand.uniform_s(s.rand)
+    ttl = max(round(s.config.worker_ttl * (1.0 - x * s.config.ttl_jitter)), 1)
+    {ttl, emit(%{s | rand: rand}, {:schedule, ttl, {:ttl_expired, id}})}
+  end
+
+  # Starts the replacement of the slot's current worker `w` (once: not when one is already
+  # starting or scheduled).
+  defp start_replacement(s, w) do
+    slot = s.slots[w.slot]
+
+    if slot.pending == nil and not slot.scheduled and slot.current == w.id,
+      do: start_worker(s, w.slot),
+      else: s
+  end
+
+  # Starts the replacement (once) and stops routing to `w` (at once for :max_requests, when the
+  # replacement is ready for :ttl and :stuck_calls).
+  defp retire(s, w, why) do
+    already? = w.status in [:retiring, :draining, :stopping, :unhealthy]
+
+    s =
+      cond do
+        already? ->
+          s
+
+        true ->
+          s
+          |> bump(if why == :stuck_calls, do: :stuck_replacements, else: :recycles)
+          |> log(
+            :info,
+            "snakepit pool #{inspect(s.name)}: recycling worker #{w.id} (#{why}, #{w.requests} requests)"
+          )
+      end
+
+    s = start_replacement(s, w)
+
+    cond do
+      why == :max_requests and routable?(w) ->
+        s |> put_worker(%{w | status: :draining}) |> maybe_stop(w.id)
+
+      # :ttl, :stuck_calls: it serves what it can until its replacement is ready
+      w.status == :ready ->
+        put_worker(s, %{w | status: :retiring})
+
+      true ->
+        s
+    end
+  end
+
+  defp schedule_health_check(%{config: %{health_check_interval: :infinity}} = s, _id), do: s
+
+  defp schedule_health_check(s, id),
+    do: emit(s, {:schedule, s.config.health_check_interval, {:health_check, id}})
+
+  # Asks the worker's server one `Snakepit.Worker.Health` question; the answer (or, past the
+  # timeout, a failure) comes back as {:check_result, id, ref, result}. One check per worker at a
+  # time: one asked for meanwhile runs after it.
+  defp start_check(s, %{check: %{}} = w, :active_calls),
+    do: put_worker(s, %{w | check_again: true})
+
+  defp start_check(s, %{check: %{}}, :health), do: s
+
+  defp start_check(s, w, kind) do
+    ref = s.next_check
+    timeout = s.config.health_check_timeout
+    late = {:error, "no answer within #{timeout} ms"}
+    check = %{ref: ref, kind: kind, load: w.load, sent_at: s.now}
+
+    %{s | next_check: ref + 1}
+    |> emit({:check, w.id, ref, kind, w.channel, timeout})
+    |> emit({:schedule, timeout + 1_000, {:check_result, w.id, ref, late}})
+    |> put_worker(%{w | check: check})
+  end
+
+  defp check_failure(:health, why), do: "failed its health check (#{why})"
+  defp check_failure(:active_calls, why), do: "did not answer a stuck-call check (#{why})"
+
+  # The server runs `active` tool calls; the pool knew of at most `check.load` (leases alive when
+  # the check was sent, plus those started since). The rest are abandoned calls still running:
+  # keep that many of the abandoned calls measured (oldest first), forget the others.
+  defp settle_abandoned(s, w, active, check) do
+    grace = s.config.stuck_call_grace
+    still_running = max(active - check.load, 0)
+    {measured, later} = Enum.split_with(w.abandoned, &(&1 <= check.sent_at))
+    kept = Enum.take(measured, still_running)
+    stuck = Enum.count(kept, &(check.sent_at - &1 >= grace))
+    w = %{w | abandoned: kept ++ later, stuck_calls: stuck}
+    s = put_worker(s, w)
+
+    if stuck > 0 and stuck >= min(s.config.max_stuck_calls, w.capacity) do
+      s
+      |> log(
+        :warning,
+        "snakepit pool #{inspect(s.name)}: worker #{w.id} (os pid #{w.os_pid}) has #{stuck} calls " <>
+          "still running more than #{grace} ms after their callers gave up; replacing it"
+      )
+      |> retire(w, :stuck_calls)
+    else
+      s
+    end
+  end
+
+  # Takes `w` out of service: records why for its callers, starts its replacement, and stops it
+  # when the replacement is ready (at once when no call is in flight on it).
+  defp unhealthy(s, w, why) do
+    message = "worker #{w.id} (os pid #{w.os_pid}) #{why} and was replaced"
+
+    s
+    |> log(:warning, "snakepit pool #{inspect(s.name)}: #{message}")
+    |> emit({:record_fate, w.id, :worker_unhealthy, message})
+    |> start_replacement(w)
+    |> bump(:unhealthy_replacements)
+    |> put_worker(%{w | status: :unhealthy})
+    |> maybe_stop(w.id)
+  end
+
+  # Draining: once no call is in flight, stop the workers; once they are gone, answer drain/2.
+  defp maybe_end_drain(%{stopping: %{workers_stopped: false}} = s) do
+    if map_size(s.leases) == 0, do: stop_all_workers(s), else: s
+  end
+
+  defp maybe_end_drain(%{stopping: %{workers_stopped: true, waiters: [_ | _]} = st} = s) do
+    if map_size(s.workers) == 0 do
+      s = Enum.reduce(st.waiters, s, &reply(&2, &1, :ok))
+      %{s | stopping: %{st | waiters: []}}
+    else
+      s
+    end
+  end
+
+  defp maybe_end_drain(s), do: s
+
+  defp stop_all_workers(%{stopping: st} = s) do
+    s =
+      s
+      |> emit({:cancel_timer, :drain_deadline})
+      |> emit({:schedule, s.config.shutdown_grace + 5_000, :drain_give_up})
+
+    s = Enum.reduce(Map.values(s.workers), s, &stop_worker(&2, &1))
+    maybe_end_drain(%{s | stopping: %{st | workers_stopped: true}})
+  end
+
+  defp stop_worker(s, %{status: :stopping}), do: s
+
+  defp stop_worker(s, w),
+    do: s |> emit({:stop_worker, w.id}) |> put_worker(%{w | status: :stopping})
+
+  defp maybe_stop(s, id) do
+    case s.workers[id] do
+      %{status: st, in_flight: 0} = w when st in [:draining, :unhealthy] -> stop_worker(s, w)
+      _ -> s
+    end
+  end
+
+  defp stopped_error(s), do: Error.new(:pool_stopped, "pool #{inspect(s.name)} is stopping")
+
+  defp record_busy_fates(s, reason, message) do
+    s.workers
+    |> Enum.filter(fn {_id, w} -> w.in_flight > 0 end)
+    |> Enum.reduce(s, fn {id, _w}, s -> emit(s, {:record_fate, id, reason, message}) end)
+  end
+
+  # A fate is kept while a lease on its worker may still read it.
+  defp forget_fate(s, id) do
+    if not Map.has_key?(s.workers, id) and
+         not Enum.any?(s.leases, fn {_ref, lease} -> lease.worker == id end),
+       do: emit(s, {:forget_fate, id}),
+       else: s
+  end
+
+  ## capacity, sessions and the queue
+
+  # Slots taken: calls in flight, and abandoned calls the server may still be running.
+  defp busy(w), do: w.in_flight + length(w.abandoned)
+
+  defp free?(w), do: routable?(w) and busy(w) < w.capacity
+
+  defp routable_worker(s, id) do
+    case s.workers[id] do
+      nil -> nil
+      w -> if routable?(w), do: w, else: nil
+    end
+  end
+
+  defp ready_count(s), do: Enum.count(s.workers, fn {_id, w} -> routable?(w) end)
+
+  # The session's worker while it is routable (when busy, the caller waits for it); else the
+  # least-loaded worker with a free slot.
+  defp pick(s, session_id) do
+    pinned = session_id && Map.get(s.sessions, session_id)
+
+    case pinned && routable_worker(s, pinned) do
+      nil -> pick_any(s)
+      w -> if free?(w), do: {:ok, pinned}, else: :none
+    end
+  end
+
+  defp pick_any(s) do
+    Enum.reduce(s.workers, nil, fn {id, w}, best ->
+      cond do
+        not free?(w) -> best
+        best == nil or busy(w) < elem(best, 1) -> {id, busy(w)}
+        true -> best
+      end
+    end)
+    |> case do
+      nil -> :none
+      {id, _} -> {:ok, id}
+    end
+  end
+
+  # Hands worker `id` to the caller. A session is pinned to it; when the session is new there and
+  # the caller creates sessions, it counts as created from now on (so a concurrent call of the same
+  # session does not create it again) unless the caller reports `session_init_failed`.
+  defp lease(s, id, ref, from, request) do
+    w = s.workers[id]
+    sid = request.session_id
+    init? = sid != nil and not MapSet.member?(w.sessions, sid)
+    creates? = init? and request.create_session
+    sessions = if creates?, do: MapSet.put(w.sessions, sid), else: w.sessions
+    # a check in flight may see this call on the server: it must know of it
+    check = w.check && %{w.check | load: w.check.load + request.weight}
+
+    w = %{
+      w
+      | in_flight: w.in_flight + 1,
+        load: w.load + request.weight,
+        check: check,
+        requests: w.requests + 1,
+        sessions: sessions
+    }
+
+    record = %{worker: id, weight: request.weight, session_id: sid, creates_session: creates?}
+    s = put_worker(s, w)
+    s = if sid, do: %{s | sessions: Map.put(s.sessions, sid, id)}, else: s
+    s = %{s | leases: Map.put(s.leases, ref, record)} |> bump(:checkouts)
+
+    s =
+      if s.config.worker_max_requests != :infinity and w.requests >= s.config.worker_max_requests,
+        do: retire(s, w, :max_requests),
+        else: s
+
+    lease = %{
+      ref: ref,
+      pool_name: s.name,
+      worker_id: id,
+      channel: w.channel,
+      init_session: init?,
+      call_timeout: s.config.call_timeout
+    }
+
+    emit(s, {:lease, from, lease})
+  end
+
+  defp release(s, ref, outcome) do
+    case Map.pop(s.leases, ref) do
+      {nil, _} ->
+        s
+
+      {lease, leases} ->
+        s = %{s | leases: leases} |> bump(:calls)
+        s = if outcome == :ok, do: s, else: bump(s, :failures)
+
+        case s.workers[lease.worker] do
+          nil ->
+            forget_fate(s, lease.worker)
+
+          w ->
+            # the session this lease was to create was not created after all
+            sessions =
+              case outcome do
+                {:session_init_failed, _} when lease.creates_session ->
+                  MapSet.delete(w.sessions, lease.session_id)
+
+                _ ->
+                  w.sessions
+              end
+
+            w = %{w | in_flight: w.in_flight - 1, load: w.load - lease.weight, sessions: sessions}
+            s = if outcome == :abandoned, do: abandon(s, w, lease.weight), else: put_worker(s, w)
+            maybe_stop(s, w.id)
+        end
+    end
+  end
+
+  # The caller gave up on a call of `weight` tool calls: they keep their slots until a check of the
+  # server shows them ended. Checks soon and more rarely after (a tool that honours cancellation
+  # ends within milliseconds, one that polls for it within its polling period), and once
+  # `stuck_call_grace` has passed.
+  defp abandon(s, w, weight) do
+    w = %{w | abandoned: w.abandoned ++ List.duplicate(s.now, min(weight, w.capacity))}
+    grace = s.config.stuck_call_grace
+
+    Enum.filter(@stuck_check_delays, &(&1 < grace))
+    |> Kernel.++([grace + 10])
+    |> Enum.reduce(put_worker(s, w), fn delay, s ->
+      emit(s, {:schedule, delay, {:stuck_call_check, w.id}})
+    end)
+  end
+
+  # Hands free slots to waiters, oldest first (a session waiter whose worker is busy keeps its place).
+  defp dispatch(%{queue_len: 0} = s), do: s
+
+  defp dispatch(s) do
+    if pick_any(s) == :none, do: s, else: dispatch_loop(s, s.queue, [])
+  end
+
+  # Pops waiters from the front while there is free capacity; waiters that cannot be served now
+  # (a session pinned to a busy worker) are skipped and keep their place. O(served + skipped).
+  defp dispatch_loop(s, queue, skipped) do
+    case :queue.out(queue) do
+      {:empty, _} ->
+        finish_dispatch(s, queue, skipped)
+
+      {{:value, ref}, rest} ->
+        waiter = s.waiters[ref]
+
+        case pick(s, waiter.session_id) do
+          {:ok, id} ->
+            s =
+              s
+              |> emit({:cancel_timer, {:queue_timeout, ref}})
+              |> lease(id, ref, waiter.from, waiter)
+              |> Map.update!(:waiters, &Map.delete(&1, ref))
+
+            if pick_any(s) == :none,
+              do: finish_dispatch(s, rest, skipped),
+              else: dispatch_loop(s, rest, skipped)
+
+          :none ->
+            dispatch_loop(s, rest, [ref | skipped])
+        end
+    end
+  end
+
+  defp finish_dispatch(s, rest, skipped) do
+    queue = :queue.join(:queue.from_list(Enum.reverse(skipped)), rest)
+    %{s | queue: queue, queue_len: :queue.len(queue)}
+  end
+
+  defp notify_ready(s) do
+    n = ready_count(s)
+    {done, waiting} = Enum.split_with(s.ready_waiters, fn {_from, min} -> n >= min end)
+    s = Enum.reduce(done, s, fn {from, _}, s -> reply(s, from, :ok) end)
+    %{s | ready_waiters: waiting}
+  end
+
+  ## plumbing
+
+  defp emit(s, action), do: %{s | actions: [action | s.actions]}
+  defp reply(s, from, reply), do: emit(s, {:reply, from, reply})
+  defp log(s, level, message), do: emit(s, {:log, level, message})
+  defp flush(s), do: {%{s | actions: []}, Enum.reverse(s.actions)}
+
+  defp put_worker(s, w), do: %{s | workers: Map.put(s.workers, w.id, w)}
+  defp put_slot(s, id, slot), do: %{s | slots: Map.put(s.slots, id, slot)}
+  defp bump(s, key), do: %{s | stats: Map.update!(s.stats, key, &(&1 + 1))}
+end
