@@ -15,6 +15,15 @@ echo "==> Lint and types (ruff, mypy) of the package"
 echo "==> Python tests"
 "$ROOT/.venv/bin/python" -m pytest -q "$@"
 
+if [ "$#" -eq 0 ]; then
+    # The servers of these run on the second transport (the free-threaded builds' one) as well.
+    echo "==> Python server tests again, on the grpclib transport"
+    SNAKEPIT_TEST_TRANSPORT=grpclib "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider \
+        tests/test_server_tools.py tests/test_server_errors.py tests/test_server_values.py tests/test_server_batch.py \
+        tests/test_server_sessions.py tests/test_server_health.py tests/test_server_grpcurl.py tests/test_server_auth.py \
+        tests/test_server_lifecycle.py tests/test_server_concurrency.py tests/test_server_toolkit.py
+fi
+
 echo "==> Elixir tests"
 cd "$ROOT/elixir_client"
 mix test

@@ -6,14 +6,21 @@ of those imports the other's caller.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
 
 from . import logs
-from .prefork import serve_preforked
 from .settings import PROCESS, THREADED, Mode, parse_settings
-from .worker import READY_NONCE_ENV, StartupError, Worker, announce_ready, install_stop_triggers, start_serving
+
+READY_NONCE_ENV = "SNAKEPIT_READY_NONCE"
+# What each transport imports, checked before anything is loaded so that a Python without them fails
+# with one line that names the missing module (the Elixir pool shows that line).
+TRANSPORT_PACKAGES = {
+    "grpcio": ("grpc", "grpc_health", "grpc_reflection", "google.protobuf"),
+    "grpclib": ("grpclib", "h2", "google.protobuf"),
+}
 
 log = logging.getLogger("snakepit_bridge.server")
 
@@ -26,6 +33,15 @@ def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
     # Taken out before any adapter code runs, so an adapter cannot print a ready line that passes.
     ready_nonce = os.environ.pop(READY_NONCE_ENV, None)
     logs.configure(settings.args.log_level)
+    missing = missing_package(settings.transport)
+    if missing:
+        print(f"error: ModuleNotFoundError: No module named '{missing}' (the {settings.transport} transport needs "
+              f"it: pip install the snakepit_bridge package into this Python, {sys.executable})",
+              file=sys.stderr, flush=True)
+        return 1
+    from .prefork import serve_preforked
+    from .worker import StartupError, Worker, announce_ready, install_stop_triggers, start_serving
+
     if not settings.mode.many_calls and settings.args.processes > 1:
         return serve_preforked(settings, ready_nonce)
     worker = Worker(settings)
@@ -48,6 +64,16 @@ def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         os._exit(0)
     return 0
+
+
+def missing_package(transport: str) -> str | None:
+    for name in TRANSPORT_PACKAGES[transport]:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except ModuleNotFoundError:  # its parent package is missing
+            return name
+    return None
 
 
 def main_threaded(argv: list[str] | None = None) -> int:

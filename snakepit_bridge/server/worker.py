@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("snakepit_bridge.server")
 
-READY_NONCE_ENV = "SNAKEPIT_READY_NONCE"
 
 
 class StartupError(Exception):

@@ -1,0 +1,76 @@
+"""Threaded mode with the GIL off: the server says whether it runs free-threaded, and
+--require-free-threading makes a GIL that is on a start-up error.
+
+The tests marked `freethreaded` need a free-threaded interpreter for the server:
+SNAKEPIT_TEST_SERVER_PYTHON=$(bash scripts/freethreaded-python.sh | tail -1) (scripts/test-freethreaded.sh
+sets it); elsewhere they are skipped. The rest run on any interpreter."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
+from tests.servers import ROOT, SCRIPTS, WorkerServer
+
+SERVER_PYTHON = os.environ.get("SNAKEPIT_TEST_SERVER_PYTHON", "")
+
+
+def is_free_threaded(python: str) -> bool:
+    if not python:
+        return False
+    probe = subprocess.run([python, "-c", "import sysconfig; print(bool(sysconfig.get_config_var('Py_GIL_DISABLED')))"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() == "True"
+
+
+freethreaded = pytest.mark.skipif(not is_free_threaded(SERVER_PYTHON),
+                                  reason="needs SNAKEPIT_TEST_SERVER_PYTHON to be a free-threaded build")
+
+
+def start_and_exit(python: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([python, str(SCRIPTS["threaded"]), "--port", "0", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+
+
+def test_require_free_threading_refuses_an_interpreter_with_the_gil():
+    import sys
+
+    if is_free_threaded(sys.executable):
+        pytest.skip("this interpreter is free-threaded")
+    run = start_and_exit(sys.executable, "--require-free-threading")
+    assert run.returncode == 1
+    assert "error: --require-free-threading: the GIL is enabled: this interpreter is not a free-threaded build" \
+        in run.stderr
+    assert "SNAKEPIT_READY" not in run.stdout
+
+
+def test_the_grpclib_transport_serves_the_same_service_on_any_interpreter():
+    with WorkerServer("threaded", "--transport", "grpclib") as server:
+        assert server.client().execute("add", {"a": 2, "b": 3}) == 5
+        stats = server.stub().GetStats(pb.GetStatsRequest(), timeout=10)
+        assert stats.worker_mode == "threaded"
+        assert any("grpclib transport" in line for line in server.stderr_lines)
+
+
+@freethreaded
+def test_the_threaded_server_runs_with_the_gil_off_on_a_free_threaded_build():
+    with WorkerServer("threaded", "--require-free-threading", "--max-workers", "4", python=SERVER_PYTHON) as server:
+        stats = server.stub().GetStats(pb.GetStatsRequest(), timeout=10)
+        assert stats.gil_enabled is False
+        assert stats.python_version.startswith("3.13")
+        log = "\n".join(server.stderr_lines)
+        assert "GIL disabled, grpclib transport" in log and "free-threaded build: GIL disabled" in log
+        # numpy (the showcase adapter's) keeps it off
+        assert server.client().execute("compute_intensive", {"data": [1.0, 2.0, 3.0]})
+
+
+@freethreaded
+def test_a_gil_turned_on_at_start_up_is_named_and_refused_with_require_free_threading():
+    run = start_and_exit(SERVER_PYTHON, "--require-free-threading", env={"PYTHON_GIL": "1"})
+    assert run.returncode == 1
+    assert "the GIL is enabled: it was enabled at start-up (PYTHON_GIL=1 or -X gil=1)" in run.stderr
+    with WorkerServer("threaded", python=SERVER_PYTHON, env={"PYTHON_GIL": "1"}) as server:
+        assert server.stub().GetStats(pb.GetStatsRequest(), timeout=10).gil_enabled is True
+        assert any("free-threaded build: GIL ENABLED" in line for line in server.stderr_lines)
