@@ -1,6 +1,7 @@
 """Threaded vs process server throughput (docs/benchmarks.md, "Threaded workers: scaling and the GIL").
 
     python3 bench/threaded_scaling.py [--seconds S] [--clients N] [--quick] [--json OUT.json]
+        [--server-python PYTHON ...]   # e.g. also the free-threaded venv's: compared in the same run
 
 In one run, against real servers on 127.0.0.1 (ThreadedShowcaseAdapter / ShowcaseAdapter tools):
 
@@ -10,6 +11,10 @@ In one run, against real servers on 127.0.0.1 (ThreadedShowcaseAdapter / Showcas
       - grpc_server_process.py --processes 2
   * the cost of --thread-safety-check: the same threaded server (4 workers) with and without it,
     for compute_intensive, python_intensive and the attribute-heavy `predict`.
+
+Every --server-python (default: this interpreter) gets all of the above, in interleaved rounds; each
+server picks its transport as `--transport auto` does (grpclib on a free-threaded build, GIL off). The
+clients always run here, with grpcio, on the same 2 cores as the servers.
 
 Each configuration gets --clients closed-loop clients (each on its own connection, so the kernel
 spreads them over the process server's processes) for --seconds after a warm-up. BLAS is pinned to
@@ -30,7 +35,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from snakepit_bridge.threadsafety.interpreter import gil_enabled  # noqa: E402
 from tests.servers import WorkerServer  # noqa: E402
 
 PINNED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -94,9 +98,30 @@ def load(server: WorkerServer, tool: str, args: dict, clients: int, seconds: flo
             "p50_ms": statistics.median(flat) * 1000 if flat else float("nan"), "errors": errors[:3]}
 
 
-def serve(mode: str, *args: str) -> WorkerServer:
+def serve(python: str, mode: str, *args: str) -> WorkerServer:
     # the same adapter in both servers (the process server accepts any adapter)
-    return WorkerServer(mode, "--adapter", THREADED, "--log-level", "WARNING", *args, env=PINNED, startup_timeout=120)
+    return WorkerServer(mode, "--adapter", THREADED, "--log-level", "WARNING", *args, env=PINNED, startup_timeout=120,
+                        python=python)
+
+
+def describe(python: str) -> str:
+    """'3.13.5, GIL off' for an interpreter, as its servers will run."""
+    import subprocess
+
+    probe = "import platform, sys; print(platform.python_version(), getattr(sys, '_is_gil_enabled', lambda: True)())"
+    version, gil = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    return f"Python {version}, GIL {'on' if gil == 'True' else 'off'}"
+
+
+def in_process_elsewhere(python: str, tool: str, args: dict, threads: int, seconds: float) -> float:
+    """`in_process` run by `python` (another interpreter: the free-threaded one)."""
+    import subprocess
+
+    if python == sys.executable:
+        return in_process(tool, args, threads, seconds)
+    out = subprocess.run([python, os.path.abspath(__file__), "--local", tool, json.dumps(args), str(threads),
+                          str(seconds)], capture_output=True, text=True, check=True, env={**os.environ, **PINNED})
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def in_process(tool: str, args: dict, threads: int, seconds: float) -> float:
@@ -142,12 +167,12 @@ print(n)
 """
 
 
-def in_processes(tool: str, args: dict, processes: int, seconds: float) -> float:
+def in_processes(python: str, tool: str, args: dict, processes: int, seconds: float) -> float:
     """Calls/s of the adapter method in `processes` separate single-threaded processes at once:
     what the machine itself allows (no GIL shared, no gRPC)."""
     import subprocess
 
-    procs = [subprocess.Popen([sys.executable, "-c", _SOLO, ROOT, tool, json.dumps(args), str(seconds)],
+    procs = [subprocess.Popen([python, "-c", _SOLO, ROOT, tool, json.dumps(args), str(seconds)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **PINNED})
              for _ in range(processes)]
     for p in procs:
@@ -168,16 +193,24 @@ def best(results: list[dict]) -> dict:
 
 
 def main() -> int:
+    if len(sys.argv) == 6 and sys.argv[1] == "--local":  # one in-process measurement, for another interpreter
+        _, _, tool, targs, threads, seconds = sys.argv
+        print(in_process(tool, json.loads(targs), int(threads), float(seconds)))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="per configuration and round (default 3)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds over all configurations, interleaved; the best round is reported (default 3)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s per configuration")
+    parser.add_argument("--server-python", action="append", default=None,
+                        help="interpreter for the servers (repeat to compare; default: this one)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     seconds, rounds = (2.0, 1) if args.quick else (args.seconds, args.rounds)
     os.environ.update(PINNED)   # for the in-process part (numpy reads it at import)
+    pythons = args.server_python or [sys.executable]
+    names = {python: describe(python) for python in pythons}
 
     configs = [("threaded", "--max-workers 1", ("--max-workers", "1")),
                ("threaded", "--max-workers 2", ("--max-workers", "2")),
@@ -187,74 +220,78 @@ def main() -> int:
     check_runs: dict[tuple, list] = {}
     local_runs: dict[tuple, list] = {}
     for rnd in range(rounds):
-        for workload in ("numpy (releases the GIL)", "pure Python (holds the GIL)"):
-            tool, targs = WORKLOADS[workload]
-            for threads in (1, 2, 4):
-                r = in_process(tool, targs, threads, seconds)
-                local_runs.setdefault((workload, threads), []).append({"per_second": r, "calls": 0})
-            r = in_processes(tool, targs, 2, seconds)
-            local_runs.setdefault((workload, "2 processes"), []).append({"per_second": r, "calls": 0})
-            for mode, label, flags in configs:
-                with serve(mode, *flags) as server:
-                    r = load(server, tool, targs, args.clients, seconds)
-                server_runs.setdefault((workload, f"{mode} {label}"), []).append(r)
-                print(f"  round {rnd + 1} {workload:32s} {mode} {label:18s} {r['per_second']:8.1f} calls/s",
-                      file=sys.stderr)
-        for workload, (tool, targs) in WORKLOADS.items():
-            for checked in (False, True):
-                flags = ("--max-workers", "4") + (("--thread-safety-check",) if checked else ())
-                with serve("threaded", *flags) as server:
-                    r = load(server, tool, targs, args.clients, seconds)
-                    if checked:
-                        report = json.loads(server.client().stats().thread_safety_json)
-                        r["findings"] = report["summary"]["findings"]
-                check_runs.setdefault((workload, checked), []).append(r)
-                print(f"  round {rnd + 1} {workload:32s} checker {'on ' if checked else 'off'} "
-                      f"{r['per_second']:8.1f} calls/s", file=sys.stderr)
+        for python in pythons:
+            name = names[python]
+            for workload in ("numpy (releases the GIL)", "pure Python (holds the GIL)"):
+                tool, targs = WORKLOADS[workload]
+                for threads in (1, 2, 4):
+                    r = in_process_elsewhere(python, tool, targs, threads, seconds)
+                    local_runs.setdefault((name, workload, threads), []).append({"per_second": r, "calls": 0})
+                r = in_processes(python, tool, targs, 2, seconds)
+                local_runs.setdefault((name, workload, "2 processes"), []).append({"per_second": r, "calls": 0})
+                for mode, label, flags in configs:
+                    with serve(python, mode, *flags) as server:
+                        r = load(server, tool, targs, args.clients, seconds)
+                    server_runs.setdefault((name, workload, f"{mode} {label}"), []).append(r)
+                    print(f"  round {rnd + 1} {name} {workload:32s} {mode} {label:18s} {r['per_second']:8.1f} calls/s",
+                          file=sys.stderr)
+            for workload, (tool, targs) in WORKLOADS.items():
+                for checked in (False, True):
+                    flags = ("--max-workers", "4") + (("--thread-safety-check",) if checked else ())
+                    with serve(python, "threaded", *flags) as server:
+                        r = load(server, tool, targs, args.clients, seconds)
+                        if checked:
+                            report = json.loads(server.client().stats().thread_safety_json)
+                            r["findings"] = report["summary"]["findings"]
+                    check_runs.setdefault((name, workload, checked), []).append(r)
+                    print(f"  round {rnd + 1} {name} {workload:32s} checker {'on ' if checked else 'off'} "
+                          f"{r['per_second']:8.1f} calls/s", file=sys.stderr)
 
-    gil = "GIL enabled" if gil_enabled() else "GIL disabled"
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"Python {platform.python_version()} ({gil}), {os.cpu_count()} CPUs, {platform.machine()}, "
-          f"{args.clients} closed-loop clients, {rounds} round(s) of {seconds:.0f} s per configuration, "
-          f"load average at the end {load_avg:.1f}")
+    print(f"Servers on: {'; '.join(names.values())}. {os.cpu_count()} CPUs, {platform.machine()}, "
+          f"{args.clients} closed-loop clients (grpcio, Python {platform.python_version()}, same machine), "
+          f"{rounds} round(s) of {seconds:.0f} s per configuration, load average at the end {load_avg:.1f}")
     print()
     print("Through the servers (best round; median of rounds in brackets):")
     print()
-    print("| workload | server | calls/s | speed-up vs 1 worker | p50 latency ms |")
-    print("|---|---|---:|---:|---:|")
+    print("| interpreter | workload | server | calls/s | speed-up vs 1 worker | p50 latency ms |")
+    print("|---|---|---|---:|---:|---:|")
     rows = []
-    for workload in ("numpy (releases the GIL)", "pure Python (holds the GIL)"):
-        base = best(server_runs[(workload, "threaded --max-workers 1")])["per_second"]
-        for mode, label, _ in configs:
-            b = best(server_runs[(workload, f"{mode} {label}")])
-            rows.append({"workload": workload, "server": f"{mode} {label}", **b})
-            print(f"| {workload} | {mode} {label} | {b['per_second']:.1f} ({b['median_per_second']:.1f}) | "
-                  f"{b['per_second'] / base:.2f}x | {b['p50_ms']:.1f} |")
+    for name in names.values():
+        for workload in ("numpy (releases the GIL)", "pure Python (holds the GIL)"):
+            base = best(server_runs[(name, workload, "threaded --max-workers 1")])["per_second"]
+            for mode, label, _ in configs:
+                b = best(server_runs[(name, workload, f"{mode} {label}")])
+                rows.append({"interpreter": name, "workload": workload, "server": f"{mode} {label}", **b})
+                print(f"| {name} | {workload} | {mode} {label} | {b['per_second']:.1f} "
+                      f"({b['median_per_second']:.1f}) | {b['per_second'] / base:.2f}x | {b['p50_ms']:.1f} |")
     print()
     print("Without gRPC, the adapter method called from plain threads of one process, and from two")
     print("single-threaded processes at once (what the machine allows):")
     print()
-    print("| workload | callers | calls/s | speed-up vs 1 thread |")
-    print("|---|---|---:|---:|")
+    print("| interpreter | workload | callers | calls/s | speed-up vs 1 thread |")
+    print("|---|---|---|---:|---:|")
     local_rows = []
-    for workload in ("numpy (releases the GIL)", "pure Python (holds the GIL)"):
-        base = best(local_runs[(workload, 1)])["per_second"]
-        for threads in (1, 2, 4, "2 processes"):
-            b = best(local_runs[(workload, threads)])
-            local_rows.append({"workload": workload, "threads": threads, **b})
-            label = threads if isinstance(threads, str) else f"{threads} thread{'s' if threads > 1 else ''}"
-            print(f"| {workload} | {label} | {b['per_second']:.1f} | {b['per_second'] / base:.2f}x |")
+    for name in names.values():
+        for workload in ("numpy (releases the GIL)", "pure Python (holds the GIL)"):
+            base = best(local_runs[(name, workload, 1)])["per_second"]
+            for threads in (1, 2, 4, "2 processes"):
+                b = best(local_runs[(name, workload, threads)])
+                local_rows.append({"interpreter": name, "workload": workload, "threads": threads, **b})
+                label = threads if isinstance(threads, str) else f"{threads} thread{'s' if threads > 1 else ''}"
+                print(f"| {name} | {workload} | {label} | {b['per_second']:.1f} | {b['per_second'] / base:.2f}x |")
     print()
-    print("| workload | threaded, 4 workers | calls/s | relative to checker off |")
-    print("|---|---|---:|---:|")
+    print("| interpreter | workload | threaded, 4 workers | calls/s | relative to checker off |")
+    print("|---|---|---|---:|---:|")
     check_rows = []
-    for workload in WORKLOADS:
-        off = best(check_runs[(workload, False)])["per_second"]
-        for checked in (False, True):
-            b = best(check_runs[(workload, checked)])
-            check_rows.append({"workload": workload, "checker": checked, **b})
-            print(f"| {workload} | --thread-safety-check {'on' if checked else 'off'} | {b['per_second']:.1f} | "
-                  f"{b['per_second'] / off:.2f} |")
+    for name in names.values():
+        for workload in WORKLOADS:
+            off = best(check_runs[(name, workload, False)])["per_second"]
+            for checked in (False, True):
+                b = best(check_runs[(name, workload, checked)])
+                check_rows.append({"interpreter": name, "workload": workload, "checker": checked, **b})
+                print(f"| {name} | {workload} | --thread-safety-check {'on' if checked else 'off'} | "
+                      f"{b['per_second']:.1f} | {b['per_second'] / off:.2f} |")
     errors = [e for runs in list(server_runs.values()) + list(check_runs.values()) for r in runs for e in r["errors"]]
     findings = [r.get("findings", 0) for runs in check_runs.values() for r in runs]
     if any(findings):
@@ -263,9 +300,9 @@ def main() -> int:
         print("\nerrors:", errors[:5])
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"servers": rows, "in_process": local_rows, "checker": check_rows,
-                       "python": platform.python_version(), "gil": gil, "cpus": os.cpu_count(),
-                       "seconds": seconds, "rounds": rounds, "clients": args.clients}, fh, indent=2, default=str)
+            json.dump({"servers": rows, "in_process": local_rows, "checker": check_rows, "interpreters": names,
+                       "cpus": os.cpu_count(), "seconds": seconds, "rounds": rounds, "clients": args.clients},
+                      fh, indent=2, default=str)
     return 1 if errors or any(findings) else 0
 
 
