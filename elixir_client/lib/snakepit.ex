@@ -366,7 +366,7 @@ defmodule Snakepit do
             err
         end
 
-      {:snakepit_grpc, ^ref, :done} ->
+      {:snakepit_grpc, ^ref, {:done, _trailers}} ->
         case final do
           {:final, v} -> {:ok, v}
           nil -> {:ok, nil}
@@ -418,7 +418,7 @@ defmodule Snakepit do
                 {:error, e} -> raise e
               end
 
-            {:snakepit_grpc, ^ref, :done} ->
+            {:snakepit_grpc, ^ref, {:done, _trailers}} ->
               {:halt, %{st | done: true}}
 
             {:snakepit_grpc, ^ref, {:error, e}} ->
