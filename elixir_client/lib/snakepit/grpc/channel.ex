@@ -41,8 +41,8 @@ defmodule Snakepit.GRPC.Channel do
   `{:shutdown, {:goaway, code}}`.
 
   When the connection drops or the HTTP/2 layer sees a protocol error, every open call fails with
-  `:unavailable` and the process stops with `{:shutdown, reason}` (owners watch it with a link or
-  monitor).
+  `:unavailable` (`connection_lost: true`) and the process stops with `{:shutdown, reason}` (owners
+  watch it with a link or monitor).
   """
 
   use GenServer
@@ -329,7 +329,7 @@ defmodule Snakepit.GRPC.Channel do
   defp exit_reason(reason), do: reason
 
   defp not_running(reason),
-    do: Error.new(:unavailable, "channel is not running: #{inspect(reason)}")
+    do: Error.connection_lost("channel is not running: #{inspect(reason)}")
 
   ## Server
 
@@ -820,7 +820,7 @@ defmodule Snakepit.GRPC.Channel do
       Enum.sort_by(open, & &1.sid) ++ Enum.sort_by(queued, &queue_position(state.waiting, &1.ref))
 
     Enum.reduce(order, state, fn entry, state ->
-      deliver(entry, {:error, Error.new(:unavailable, message)})
+      deliver(entry, {:error, Error.connection_lost(message)})
       forget(state, entry)
     end)
   end
