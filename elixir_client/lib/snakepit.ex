@@ -29,7 +29,7 @@ defmodule Snakepit do
   """
 
   require Logger
-  alias Snakepit.{Codec, Error, Pool, Proto}
+  alias Snakepit.{CallEngine, Codec, Error, Pool, Proto}
   alias Snakepit.GRPC.Channel
 
   @service "/snakepit.bridge.BridgeService/"
@@ -320,19 +320,8 @@ defmodule Snakepit do
     tool = to_string(tool)
 
     with_slot(pool, tool, args, opts, fn lease, json, blobs ->
-      case open_stream(lease, tool, json, blobs, opts) do
-        {:ok, ref, timeout} ->
-          try do
-            stream_loop(lease, ref, tool, opts, timeout, callback, nil)
-          catch
-            kind, reason ->
-              cancel(lease.channel, ref)
-              :erlang.raise(kind, reason, __STACKTRACE__)
-          end
-
-        {:error, _} = err ->
-          err
-      end
+      with {:ok, call} <- open_stream(lease, tool, json, blobs, opts),
+           do: CallEngine.run_stream(lease, call, tool, opts, callback)
     end)
   end
 
@@ -347,50 +336,14 @@ defmodule Snakepit do
     end
   end
 
-  defp stream_loop(lease, ref, tool, opts, timeout, callback, final) do
-    receive do
-      {:snakepit_grpc, ^ref, {:message, bin}} ->
-        Channel.ack(lease.channel, ref)
-
-        with {:ok, chunk} <- decode_msg(:tool_chunk, bin),
-             {:ok, value} <- decode_value(chunk.data_json, chunk.blobs, tool, opts) do
-          if chunk.is_final do
-            stream_loop(lease, ref, tool, opts, timeout, callback, {:final, value})
-          else
-            callback.(value)
-            stream_loop(lease, ref, tool, opts, timeout, callback, final)
-          end
-        else
-          err ->
-            cancel(lease.channel, ref)
-            err
-        end
-
-      {:snakepit_grpc, ^ref, :done} ->
-        case final do
-          {:final, v} -> {:ok, v}
-          nil -> {:ok, nil}
-        end
-
-      {:snakepit_grpc, ^ref, {:error, e}} ->
-        {:error, transport_error(lease, e, tool)}
-    after
-      timeout + 2_000 ->
-        cancel(lease.channel, ref)
-
-        {:error,
-         Error.new(:timeout, "stream of #{tool} got no message within #{timeout} ms", tool: tool)}
-    end
-  end
-
   defp lazy_stream(pool, tool, args, opts) do
     Stream.resource(
       fn ->
         with {:ok, {json, blobs}} <- encode(args, tool),
              {:ok, lease} <- Pool.checkout(pool, session_id: opts[:session_id]) do
           case open_stream(lease, tool, json, blobs, opts) do
-            {:ok, ref, timeout} ->
-              %{lease: lease, ref: ref, timeout: timeout, done: false, outcome: :ok}
+            {:ok, call} ->
+              %{lease: lease, call: call, done: false}
 
             {:error, e} ->
               Pool.checkin(lease, :error)
@@ -405,69 +358,33 @@ defmodule Snakepit do
           {:halt, st}
 
         st ->
-          %{lease: lease, ref: ref, timeout: timeout} = st
-
-          receive do
-            {:snakepit_grpc, ^ref, {:message, bin}} ->
-              Channel.ack(lease.channel, ref)
-
-              with {:ok, chunk} <- decode_msg(:tool_chunk, bin),
-                   {:ok, value} <- decode_value(chunk.data_json, chunk.blobs, tool, opts) do
-                if chunk.is_final, do: {[], st}, else: {[value], st}
-              else
-                {:error, e} -> raise e
-              end
-
-            {:snakepit_grpc, ^ref, :done} ->
-              {:halt, %{st | done: true}}
-
-            {:snakepit_grpc, ^ref, {:error, e}} ->
-              # the `after` function below checks the slot in
-              raise transport_error(lease, e, tool)
-          after
-            timeout + 2_000 ->
-              raise Error.new(:timeout, "stream of #{tool} got no message within #{timeout} ms",
-                      tool: tool
-                    )
+          case CallEngine.next_chunk(st.lease, st.call, tool, opts) do
+            {:chunk, value} -> {[value], st}
+            {:final, _value} -> {[], st}
+            :done -> {:halt, %{st | done: true}}
+            # the `after` function below checks the slot in
+            {:error, e} -> raise e
           end
       end,
       fn st ->
-        unless st.done, do: cancel(st.lease.channel, st.ref)
         # not done: halted early or failed; cancelled here, so its tool may still run
+        unless st.done, do: CallEngine.cancel(st.call)
         Pool.checkin(st.lease, if(st.done, do: :ok, else: :abandoned))
       end
     )
   end
 
   defp open_stream(lease, tool, json, blobs, opts) do
-    timeout = Keyword.get(opts, :timeout, lease.call_timeout)
-    req = Proto.encode(:execute_tool_request, tool_request(tool, json, blobs, opts))
-
     with :ok <- maybe_init_session(lease, opts) do
-      try do
-        case Channel.server_stream(lease.channel, @service <> "ExecuteStreamingTool", req,
-               timeout: timeout,
-               metadata: [],
-               window: Keyword.get(opts, :window, @stream_window)
-             ) do
-          {:ok, ref} -> {:ok, ref, timeout}
-          {:error, e} -> {:error, transport_error(lease, e, tool)}
-        end
-      catch
-        :exit, reason ->
-          {:error,
-           crashed_or(
-             lease,
-             Error.new(:unavailable, "channel down: #{inspect(reason)}", tool: tool)
-           )}
-      end
-    end
-  end
+      request = tool_request(tool, json, blobs, opts)
 
-  defp cancel(channel, ref) do
-    Channel.cancel(channel, ref)
-  catch
-    _, _ -> :ok
+      CallEngine.start_stream(
+        lease,
+        tool,
+        request,
+        Keyword.put_new(opts, :window, @stream_window)
+      )
+    end
   end
 
   ## batch
@@ -714,68 +631,12 @@ defmodule Snakepit do
   defp put_present(map, _key, nil), do: map
   defp put_present(map, key, value), do: Map.put(map, key, value)
 
-  defp unary(lease, method, req_type, req, resp_type, tool, opts) do
-    timeout = Keyword.get(opts, :timeout, lease.call_timeout)
+  defp unary(lease, method, req_type, req, resp_type, tool, opts),
+    do: CallEngine.unary(lease, method, req_type, req, resp_type, tool, opts)
 
-    case Channel.unary(lease.channel, @service <> method, Proto.encode(req_type, req),
-           timeout: timeout
-         ) do
-      {:ok, bin, _trailers} -> decode_msg(resp_type, bin)
-      {:error, e} -> {:error, transport_error(lease, e, tool)}
-    end
-  catch
-    :exit, reason ->
-      {:error,
-       crashed_or(lease, Error.new(:unavailable, "channel down: #{inspect(reason)}", tool: tool))}
-  end
+  defp decode_msg(type, bin), do: CallEngine.decode_msg(type, bin)
 
-  defp transport_error(lease, e, tool) do
-    err = Error.from_grpc(e, tool)
-    if err.reason == :unavailable, do: crashed_or(lease, err), else: err
-  end
-
-  # A transport failure on a worker the pool stopped on purpose has the pool's reason; on a worker
-  # that dies (within a short grace) it was a worker crash.
-  defp crashed_or(lease, err) do
-    case Pool.worker_fate(lease) do
-      {reason, message} -> %{err | reason: reason, message: "#{message} (#{err.message})"}
-      nil -> crashed_or_unavailable(lease, err)
-    end
-  end
-
-  defp crashed_or_unavailable(lease, err) do
-    ref = Process.monitor(lease.worker)
-
-    receive do
-      {:DOWN, ^ref, :process, _, _} ->
-        %{
-          err
-          | reason: :worker_crashed,
-            message: "worker #{lease.worker_id} crashed during the call (#{err.message})"
-        }
-    after
-      2_000 ->
-        Process.demonitor(ref, [:flush])
-        err
-    end
-  end
-
-  defp decode_msg(type, bin) do
-    case Proto.decode(type, bin) do
-      {:ok, m} ->
-        {:ok, m}
-
-      {:error, r} ->
-        {:error, Error.new(:invalid_response, "cannot decode #{type}: #{inspect(r)}")}
-    end
-  end
-
-  defp decode_value(json, blobs, tool, opts) do
-    case Codec.decode(json, blobs, bytes: Keyword.get(opts, :bytes, :binary)) do
-      {:ok, v} -> {:ok, v}
-      {:error, msg} -> {:error, Error.new(:invalid_response, msg, tool: tool)}
-    end
-  end
+  defp decode_value(json, blobs, tool, opts), do: CallEngine.decode_value(json, blobs, tool, opts)
 
   defp encode(args, tool) do
     {:ok, Codec.encode_args(args)}

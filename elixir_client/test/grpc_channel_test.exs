@@ -56,7 +56,7 @@ defmodule Snakepit.GRPC.ChannelTest do
   defp collect(ref, acc \\ []) do
     receive do
       {:snakepit_grpc, ^ref, {:message, bytes}} -> collect(ref, [bytes | acc])
-      {:snakepit_grpc, ^ref, :done} -> {:done, Enum.reverse(acc)}
+      {:snakepit_grpc, ^ref, {:done, _trailers}} -> {:done, Enum.reverse(acc)}
       {:snakepit_grpc, ^ref, {:error, error}} -> {:error, Enum.reverse(acc), error}
     after
       10_000 -> flunk("stream did not finish")
@@ -279,7 +279,7 @@ defmodule Snakepit.GRPC.ChannelTest do
           Channel.ack(channel, ref)
           collect_acking(channel, ref, [bytes | acc])
 
-        {:snakepit_grpc, ^ref, :done} ->
+        {:snakepit_grpc, ^ref, {:done, _trailers}} ->
           {:done, Enum.reverse(acc)}
 
         {:snakepit_grpc, ^ref, {:error, error}} ->
@@ -696,16 +696,109 @@ defmodule Snakepit.GRPC.ChannelFailureTest do
     assert {:error, %Error{status: :unavailable}} = call(refused)
   end
 
-  test "GOAWAY fails open calls with UNAVAILABLE and stops the channel" do
+  test "GOAWAY: a stream above last_stream_id fails UNAVAILABLE at once, and the idle channel stops" do
     Process.flag(:trap_exit, true)
-    port = FakeH2Server.start(fn _, _, _ -> [{:goaway, 1, :no_error}, :hold] end)
+    port = FakeH2Server.start(fn _, _, _ -> [{:goaway, 0, :no_error}, :hold] end)
     {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: port)
 
     assert {:error, %Error{status: :unavailable, message: message}} =
              Channel.unary(channel, "/svc/M", "x")
 
     assert message =~ "GOAWAY"
+    assert message =~ "without processing this call"
     assert_receive {:EXIT, ^channel, {:shutdown, {:goaway, :no_error}}}, 2000
+  end
+
+  describe "GOAWAY drain" do
+    @trailers_ok [{"grpc-status", "0"}]
+
+    test "a call open when GOAWAY arrives still completes; a call after fails fast with UNAVAILABLE; the owner is told; the channel stops after the last call" do
+      Process.flag(:trap_exit, true)
+      me = self()
+
+      handler = fn 1, _, _ ->
+        [
+          {:headers, @ok_headers, false},
+          {:goaway, 1, :no_error},
+          {:run,
+           fn ->
+             send(me, {:goaway_sent, self()})
+             receive do: (:finish -> :ok)
+           end},
+          {:data, framed("finished"), false},
+          {:headers, @trailers_ok, true}
+        ]
+      end
+
+      {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: FakeH2Server.start(handler))
+      open = Task.async(fn -> Channel.unary(channel, "/svc/M", "long", timeout: 10_000) end)
+      assert_receive {:goaway_sent, server}, 5_000
+      assert_receive {:snakepit_grpc_draining, ^channel, {:goaway, :no_error}}, 2_000
+      assert Channel.connection_state(channel) == :draining
+
+      {ms, refused} = timed(fn -> Channel.unary(channel, "/svc/M", "late", timeout: 10_000) end)
+      assert {:error, %Error{status: :unavailable, message: message}} = refused
+      assert message =~ "GOAWAY"
+      assert ms < 500
+      assert {:error, %Error{status: :unavailable}} = Channel.start_call(channel, "/svc/M", "x")
+
+      # the open call was not failed: it ends as the server finishes it, and the channel with it
+      refute_received {:EXIT, ^channel, _}
+      send(server, :finish)
+      assert {:ok, "finished", _trailers} = Task.await(open)
+      assert_receive {:EXIT, ^channel, {:shutdown, {:goaway, :no_error}}}, 2_000
+    end
+
+    test "a stream above last_stream_id fails with UNAVAILABLE while the one below it completes" do
+      Process.flag(:trap_exit, true)
+      me = self()
+
+      handler = fn
+        1, _, _ ->
+          send(me, :first_open)
+          [:hold]
+
+        3, _, _ ->
+          [
+            {:goaway, 1, :no_error},
+            {:stream, 1,
+             [
+               {:headers, @ok_headers, false},
+               {:data, framed("first"), false},
+               {:headers, @trailers_ok, true}
+             ]}
+          ]
+      end
+
+      {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: FakeH2Server.start(handler))
+      first = Task.async(fn -> Channel.unary(channel, "/svc/M", "a", timeout: 10_000) end)
+      assert_receive :first_open, 5_000
+      second = Task.async(fn -> Channel.unary(channel, "/svc/M", "b", timeout: 10_000) end)
+
+      assert {:error, %Error{status: :unavailable, message: message}} = Task.await(second)
+      assert message =~ "without processing this call (stream 3 > last stream id 1)"
+      assert {:ok, "first", _} = Task.await(first)
+      assert_receive {:EXIT, ^channel, {:shutdown, {:goaway, :no_error}}}, 2_000
+    end
+
+    test "calls still open at the drain timeout fail with UNAVAILABLE and the channel stops" do
+      Process.flag(:trap_exit, true)
+      handler = fn _, _, _ -> [{:headers, @ok_headers, false}, {:goaway, 1, :no_error}, :hold] end
+      port = FakeH2Server.start(handler)
+      {:ok, channel} = Channel.start_link(host: "127.0.0.1", port: port, drain_timeout: 200)
+
+      assert {:error, %Error{status: :unavailable, message: message}} =
+               Channel.unary(channel, "/svc/M", "x", timeout: 10_000)
+
+      assert message =~ "drain timeout (200 ms)"
+      assert_receive {:EXIT, ^channel, {:shutdown, {:goaway, :no_error}}}, 2_000
+    end
+  end
+
+  defp timed(fun) do
+    t0 = System.monotonic_time(:millisecond)
+    result = fun.()
+    {System.monotonic_time(:millisecond) - t0, result}
   end
 
   test "a dropped connection fails open calls with UNAVAILABLE" do

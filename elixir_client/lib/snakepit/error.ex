@@ -29,6 +29,8 @@ defmodule Snakepit.Error do
   `grpc_status` is the gRPC status atom when the failure came from the server or the transport.
   """
 
+  alias Snakepit.GRPC.Status
+
   defexception [:reason, :message, :grpc_status, :python_type, :traceback, :tool]
 
   @type t :: %__MODULE__{
@@ -52,25 +54,6 @@ defmodule Snakepit.Error do
     struct(%__MODULE__{reason: reason, message: message}, fields)
   end
 
-  @status_reasons %{
-    deadline_exceeded: :timeout,
-    not_found: :not_found,
-    invalid_argument: :invalid_argument,
-    failed_precondition: :failed_precondition,
-    resource_exhausted: :resource_exhausted,
-    unauthenticated: :unauthenticated,
-    permission_denied: :permission_denied,
-    unavailable: :unavailable,
-    cancelled: :cancelled,
-    internal: :internal,
-    unknown: :unknown,
-    aborted: :aborted,
-    unimplemented: :unimplemented,
-    out_of_range: :out_of_range,
-    already_exists: :already_exists,
-    data_loss: :data_loss
-  }
-
   @doc """
   Builds an error from a transport error (`%Snakepit.GRPC.Error{}`) of a call to `tool`.
 
@@ -82,7 +65,7 @@ defmodule Snakepit.Error do
   @spec from_grpc(map, String.t() | nil) :: t
   def from_grpc(%{status: status, message: message} = grpc_error, tool) do
     trailers = Map.get(grpc_error, :trailers) || []
-    base_reason = Map.get(@status_reasons, status, status || :unknown)
+    base_reason = reason_for(status)
 
     case tool_error_from_trailers(trailers) do
       {:ok, te} ->
@@ -110,13 +93,12 @@ defmodule Snakepit.Error do
   @doc "Builds an error from a `ToolError` proto map (a failed batch item)."
   @spec from_tool_error(map, String.t() | nil) :: t
   def from_tool_error(te, tool) do
-    status = code_to_status(te.code)
-    base = Map.get(@status_reasons, status, :unknown)
+    status = if is_integer(te.code), do: Status.to_atom(te.code), else: :unknown
 
     reason =
       if te.traceback not in [nil, ""] or status in [:unknown, :internal, :ok],
         do: :tool_error,
-        else: base
+        else: reason_for(status)
 
     %__MODULE__{
       reason: reason,
@@ -143,15 +125,11 @@ defmodule Snakepit.Error do
     end
   end
 
-  @codes ~w(ok cancelled unknown invalid_argument deadline_exceeded not_found already_exists
-            permission_denied resource_exhausted failed_precondition aborted out_of_range
-            unimplemented internal unavailable data_loss unauthenticated)a
-
-  @doc false
-  def code_to_status(code) when is_integer(code) and code >= 0 and code < 17,
-    do: Enum.at(@codes, code)
-
-  def code_to_status(_), do: :unknown
+  # A failure's reason is its gRPC status (Snakepit.GRPC.Status), except that a passed deadline
+  # is :timeout, whoever noticed it.
+  defp reason_for(:deadline_exceeded), do: :timeout
+  defp reason_for(nil), do: :unknown
+  defp reason_for(status), do: status
 
   defp nonempty(""), do: nil
   defp nonempty(v), do: v

@@ -6,6 +6,8 @@ defmodule Snakepit.FakeH2Server do
   # returns actions:
   #   {:headers, headers, end_stream?} | {:data, iodata, end_stream?} | {:rst, code}
   #   | {:goaway, last_stream_id, code} | :close | :hold (send nothing)
+  #   | {:stream, stream_id, actions} (actions on another, earlier stream)
+  #   | {:run, fun} (calls fun.() in the server: e.g. to wait for the test before going on)
 
   alias Snakepit.HPACK
   alias Snakepit.HTTP2.Frame
@@ -67,40 +69,51 @@ defmodule Snakepit.FakeH2Server do
 
   defp respond(sid, state) do
     {headers, body} = state.requests[sid]
-
-    result =
-      Enum.reduce_while(state.handler.(sid, headers, body), state, fn
-        {:headers, headers, end_stream}, state ->
-          {block, enc} = HPACK.encode(state.enc, headers)
-          send_frame(state, {:headers, sid, block, %{end_headers: true, end_stream: end_stream}})
-          {:cont, %{state | enc: enc}}
-
-        {:data, data, end_stream}, state ->
-          chunks = chunk(IO.iodata_to_binary(data))
-          last = length(chunks) - 1
-
-          for {piece, i} <- Enum.with_index(chunks),
-              do: send_frame(state, {:data, sid, piece, %{end_stream: end_stream and i == last}})
-
-          {:cont, state}
-
-        {:rst, code}, state ->
-          send_frame(state, {:rst_stream, sid, code})
-          {:cont, state}
-
-        {:goaway, last, code}, state ->
-          send_frame(state, {:goaway, last, code, "test"})
-          {:cont, state}
-
-        :hold, state ->
-          {:cont, state}
-
-        :close, state ->
-          :gen_tcp.close(state.socket)
-          {:halt, :closed}
-      end)
-
+    result = run(sid, state.handler.(sid, headers, body), state)
     if result == :closed, do: :ok, else: loop(result)
+  end
+
+  defp run(sid, actions, state) do
+    Enum.reduce_while(actions, state, fn
+      {:headers, headers, end_stream}, state ->
+        {block, enc} = HPACK.encode(state.enc, headers)
+        send_frame(state, {:headers, sid, block, %{end_headers: true, end_stream: end_stream}})
+        {:cont, %{state | enc: enc}}
+
+      {:data, data, end_stream}, state ->
+        chunks = chunk(IO.iodata_to_binary(data))
+        last = length(chunks) - 1
+
+        for {piece, i} <- Enum.with_index(chunks),
+            do: send_frame(state, {:data, sid, piece, %{end_stream: end_stream and i == last}})
+
+        {:cont, state}
+
+      {:rst, code}, state ->
+        send_frame(state, {:rst_stream, sid, code})
+        {:cont, state}
+
+      {:goaway, last, code}, state ->
+        send_frame(state, {:goaway, last, code, "test"})
+        {:cont, state}
+
+      {:stream, other, actions}, state ->
+        case run(other, actions, state) do
+          :closed -> {:halt, :closed}
+          state -> {:cont, state}
+        end
+
+      {:run, fun}, state ->
+        fun.()
+        {:cont, state}
+
+      :hold, state ->
+        {:cont, state}
+
+      :close, state ->
+        :gen_tcp.close(state.socket)
+        {:halt, :closed}
+    end)
   end
 
   defp chunk(<<piece::binary-size(16_384), rest::binary>>) when rest != "",

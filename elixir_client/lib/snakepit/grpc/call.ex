@@ -140,16 +140,13 @@ defmodule Snakepit.GRPC.Call do
     do: done(call, [], {:error, Error.new(:internal, "DATA before response headers")})
 
   def handle_event(call, {:reset, _sid, code}) do
-    {status, text} =
-      case code do
-        :cancel -> {:cancelled, "stream cancelled by the server (RST_STREAM CANCEL)"}
-        :refused_stream -> {:unavailable, "server refused the stream (RST_STREAM REFUSED_STREAM)"}
-        :enhance_your_calm -> {:resource_exhausted, "server reset the stream: ENHANCE_YOUR_CALM"}
-        other -> {:internal, "server reset the stream: RST_STREAM #{inspect(other)}"}
-      end
-
-    done(call, [], {:error, Error.new(status, text)})
+    done(call, [], {:error, Error.new(Status.from_reset_code(code), reset_message(code))})
   end
+
+  defp reset_message(:cancel), do: "stream cancelled by the server (RST_STREAM CANCEL)"
+  defp reset_message(:refused_stream), do: "server refused the stream (RST_STREAM REFUSED_STREAM)"
+  defp reset_message(:enhance_your_calm), do: "server reset the stream: ENHANCE_YOUR_CALM"
+  defp reset_message(code), do: "server reset the stream: RST_STREAM #{inspect(code)}"
 
   defp done(call, messages, outcome), do: {:done, %{call | stage: :done}, messages, outcome}
 

@@ -3,18 +3,23 @@ defmodule Snakepit.GRPC.Channel do
   One HTTP/2 connection to a gRPC server (TCP or a Unix socket), shared by many concurrent calls.
 
   The process owns the socket (`:gen_tcp`, binary, active-once) and a `Snakepit.HTTP2.Conn`. Calls
-  never block it: `unary/4` callers wait in their own process and get an asynchronous reply when
-  their stream ends; `server_stream/4` callers receive messages as they arrive:
+  never block it: every call, unary or streaming, is started with `start_call/4`, and the channel
+  sends what its stream brings to the calling process as it arrives:
 
-      {:snakepit_grpc, ref, {:message, binary}}   # zero or more
-      {:snakepit_grpc, ref, :done}                # or
+      {:snakepit_grpc, ref, {:message, binary}}        # zero or more
+      {:snakepit_grpc, ref, {:done, trailers}}         # or
       {:snakepit_grpc, ref, {:error, %Snakepit.GRPC.Error{}}}
 
-  A server stream opened with `:window` has backpressure: the caller acknowledges each message it
-  takes with `ack/3`, and the server may be at most `:window` bytes of messages ahead of those
-  acknowledgements (HTTP/2 stream credit is withheld until then), so a slow consumer slows the
-  server instead of filling its mailbox. Other calls on the connection are not held up by it:
-  connection-level credit is always returned as data arrives, and what a stream may buffer is
+  The caller takes them with `next/1`, the one receive of every call: it also notices the channel
+  going down and a deadline the channel could not enforce. `collect/1` (what `unary/4` is) takes
+  the one message of a unary call; a streaming caller calls `next/1` until the call ends.
+  `server_stream/4` starts a call whose messages the caller receives itself.
+
+  A call started with `:window` has backpressure: each message taken counts as acknowledged
+  (`next/1` does it; `ack/3` otherwise), and the server may be at most `:window` bytes of messages
+  ahead of those acknowledgements (HTTP/2 stream credit is withheld until then), so a slow consumer
+  slows the server instead of filling its mailbox. Other calls on the connection are not held up by
+  it: connection-level credit is always returned as data arrives, and what a stream may buffer is
   bounded by its own window.
 
   Deadlines (`:timeout`, default 30 s) are sent as `grpc-timeout` and enforced here: on expiry the
@@ -23,9 +28,21 @@ defmodule Snakepit.GRPC.Channel do
   SETTINGS_MAX_CONCURRENT_STREAMS is reached, further calls wait in a FIFO inside the channel
   (their deadline keeps running) and start as streams finish.
 
-  When the connection drops, the server sends GOAWAY, or the HTTP/2 layer sees a protocol error,
-  every open call fails with `:unavailable` and the process stops with `{:shutdown, reason}`
-  (owners watch it with a link or monitor).
+  ## GOAWAY: draining
+
+  When the server sends GOAWAY (it is shutting down, or will close the connection) the channel
+  *drains* (`connection_state/1` is `:draining`): streams the server accepted (ids up to the
+  GOAWAY's last stream id) run to their end; streams above it, and calls still waiting for a
+  stream slot, fail at once with `:unavailable`: the server never saw them, so they are safe to
+  retry elsewhere; new calls are refused at once with `:unavailable`. The owner (the process that
+  started the channel, or `:owner`) is sent `{:snakepit_grpc_draining, channel, {:goaway, code}}`
+  so it can stop routing calls here. Once its last call ends (or `:drain_timeout` passes, when the
+  calls left fail with `:unavailable`) the channel closes and stops with
+  `{:shutdown, {:goaway, code}}`.
+
+  When the connection drops or the HTTP/2 layer sees a protocol error, every open call fails with
+  `:unavailable` (`connection_lost: true`) and the process stops with `{:shutdown, reason}` (owners
+  watch it with a link or monitor).
   """
 
   use GenServer
@@ -40,15 +57,39 @@ defmodule Snakepit.GRPC.Channel do
   @auto_window 4 * 1024 * 1024
   # On the wire each gRPC message follows a flag byte and a 4-byte length.
   @message_prefix 5
-  # Extra time a blocked unary caller waits beyond its deadline for the channel's own reply.
+  # Extra time a caller waits beyond its deadline for the channel's own deadline error.
   @reply_grace 5_000
+  # How long a draining channel (GOAWAY received) waits for its open calls to end.
+  @drain_timeout 30_000
 
   @type server :: GenServer.server()
   @type call_opts :: [
           timeout: non_neg_integer() | :infinity,
           metadata: [{String.t(), iodata()}],
-          window: pos_integer() | nil
+          window: pos_integer() | nil,
+          kind: :unary | :server_stream
         ]
+  @type trailers :: [{String.t(), binary()}]
+  @type event :: {:message, binary()} | {:done, trailers()} | {:error, Error.t()}
+
+  defmodule Handle do
+    @moduledoc """
+    A call started with `Snakepit.GRPC.Channel.start_call/4`, as its caller holds it: the channel,
+    the call's ref, the caller's monitor of the channel, and the time (monotonic ms) after which the
+    caller stops waiting for the channel's own deadline error.
+    """
+    @enforce_keys [:channel, :ref, :monitor, :deadline, :timeout, :window]
+    defstruct @enforce_keys
+
+    @type t :: %__MODULE__{
+            channel: pid(),
+            ref: reference(),
+            monitor: reference(),
+            deadline: integer() | :infinity,
+            timeout: non_neg_integer() | :infinity,
+            window: pos_integer() | nil
+          }
+  end
 
   ## API
 
@@ -56,7 +97,8 @@ defmodule Snakepit.GRPC.Channel do
   Connects and starts the channel. Options: `:host` (`"127.0.0.1"`, a charlist/tuple address, or
   `{:local, path}` for a Unix socket), `:port`, `:connect_timeout` (ms, default 5000), `:metadata`
   (headers sent on every call), `:name`, `:max_message_size` (largest message received, default
-  64 MiB).
+  64 MiB), `:owner` (the process told when the channel starts draining, default the caller),
+  `:drain_timeout` (ms a draining channel waits for its open calls, default 30000).
 
   The connection is made synchronously; the HTTP/2 SETTINGS exchange completes in the background.
   The process is started unlinked and linked once connected, so a failed connect returns
@@ -66,6 +108,7 @@ defmodule Snakepit.GRPC.Channel do
   def start_link(opts) do
     connect_timeout = Keyword.get(opts, :connect_timeout, 5000)
     gen_opts = if name = opts[:name], do: [name: name], else: []
+    opts = Keyword.put_new(opts, :owner, self())
 
     case GenServer.start(__MODULE__, opts, [timeout: connect_timeout + 5000] ++ gen_opts) do
       {:ok, pid} ->
@@ -84,49 +127,143 @@ defmodule Snakepit.GRPC.Channel do
   Options: `:timeout` (ms or `:infinity`, default 30000) and `:metadata` (extra headers).
   """
   @spec unary(server(), String.t(), iodata(), call_opts()) ::
-          {:ok, binary(), [{String.t(), binary()}]} | {:error, Error.t()}
+          {:ok, binary(), trailers()} | {:error, Error.t()}
   def unary(server, path, request, opts \\ []) do
+    with {:ok, call} <- start_call(server, path, request, Keyword.put(opts, :kind, :unary)),
+         do: collect(call)
+  end
+
+  @doc """
+  Starts a call; what its stream brings is sent to the calling process (see the moduledoc) and
+  taken with `next/1` (or `collect/1`). Returns at once, when the stream is open or queued for a
+  stream slot; `{:error, %Error{status: :unavailable}}` when the channel is not running or drains.
+
+  Options: `:timeout` (ms or `:infinity`, default 30000: covers the whole call), `:metadata` (extra
+  headers), `:kind` (`:unary` or `:server_stream`, the default; only shown in the channel's state)
+  and `:window` (bytes, at least 65_535; default `nil`, no backpressure), which turns on
+  backpressure: every message taken must be acknowledged (`next/1` does it), and the server is held
+  once `:window` bytes of messages (5 bytes of gRPC framing each included) are unacknowledged. A
+  message larger than the window is still let through whole. Without `:window` credit is returned
+  as data arrives and messages queue in the caller's mailbox as fast as the server sends them.
+  """
+  @spec start_call(server(), String.t(), iodata(), call_opts()) ::
+          {:ok, Handle.t()} | {:error, Error.t()}
+  def start_call(server, path, request, opts \\ []) do
+    window = Keyword.get(opts, :window)
+
+    unless is_nil(window) or (is_integer(window) and window > 0),
+      do:
+        raise(ArgumentError, ":window must be nil or a positive integer, got #{inspect(window)}")
+
     timeout = Keyword.get(opts, :timeout, @default_timeout)
-    wait = if timeout == :infinity, do: :infinity, else: timeout + @reply_grace
 
-    try do
-      GenServer.call(server, {:unary, path, request, opts}, wait)
-    catch
-      :exit, {:timeout, _} ->
-        {:error, Error.new(:deadline_exceeded, "no reply from the channel within #{timeout} ms")}
+    case GenServer.whereis(server) do
+      pid when is_pid(pid) ->
+        # Monitored first, so a channel that goes down at any point after this is noticed.
+        monitor = Process.monitor(pid)
 
-      :exit, reason ->
+        try do
+          # The channel answers at once; the long timeout only guards a wedged one.
+          GenServer.call(pid, {:start_call, path, request, opts}, 60_000)
+        catch
+          :exit, reason ->
+            Process.demonitor(monitor, [:flush])
+            {:error, not_running(exit_reason(reason))}
+        else
+          {:ok, ref} ->
+            {:ok,
+             %Handle{
+               channel: pid,
+               ref: ref,
+               monitor: monitor,
+               deadline: give_up_at(timeout),
+               timeout: timeout,
+               window: window
+             }}
+
+          {:error, _} = refused ->
+            Process.demonitor(monitor, [:flush])
+            refused
+        end
+
+      _ ->
+        {:error, not_running(:noproc)}
+    end
+  end
+
+  defp give_up_at(:infinity), do: :infinity
+  defp give_up_at(timeout), do: System.monotonic_time(:millisecond) + timeout + @reply_grace
+
+  @doc """
+  Takes the next event of a call: `{:message, binary}`, or how it ended, `{:done, trailers}` or
+  `{:error, %Error{}}`; call it again only after a message. Acknowledges each message of a
+  `:window` call. The channel going down ends the call with `:unavailable`; a channel that does not
+  end the call within 5 s of its deadline (it always should) with `:deadline_exceeded`, the call
+  cancelled.
+  """
+  @spec next(Handle.t()) :: event()
+  def next(%Handle{channel: channel, ref: ref, monitor: monitor} = call) do
+    receive do
+      {:snakepit_grpc, ^ref, {:message, message}} ->
+        if call.window, do: ack(channel, ref)
+        {:message, message}
+
+      {:snakepit_grpc, ^ref, ending} ->
+        Process.demonitor(monitor, [:flush])
+        ending
+
+      {:DOWN, ^monitor, :process, _, reason} ->
+        flush_messages(ref)
+        {:error, not_running(reason)}
+    after
+      wait_ms(call.deadline) ->
+        cancel(call)
+
         {:error,
-         Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
+         Error.new(:deadline_exceeded, "no reply from the channel within #{call.timeout} ms")}
+    end
+  end
+
+  defp wait_ms(:infinity), do: :infinity
+  defp wait_ms(deadline), do: max(deadline - System.monotonic_time(:millisecond), 0)
+
+  @doc """
+  Runs a unary call to its end: `{:ok, message, trailers}` for exactly one message, else the call's
+  error (`:internal` when it ended with another number of messages).
+  """
+  @spec collect(Handle.t()) :: {:ok, binary(), trailers()} | {:error, Error.t()}
+  def collect(%Handle{} = call), do: collect(call, nil, 0)
+
+  # Only the first message is kept: any more make the response invalid, only their count matters.
+  defp collect(call, first, count) do
+    case next(call) do
+      {:message, message} ->
+        collect(call, first || message, count + 1)
+
+      {:done, trailers} when count == 1 ->
+        {:ok, first, trailers}
+
+      {:done, trailers} ->
+        {:error,
+         Error.new(:internal, "unary response carried #{count} messages, expected 1", trailers)}
+
+      {:error, _} = error ->
+        error
     end
   end
 
   @doc """
-  Starts a server-streaming call; messages are sent to the calling process (see the moduledoc).
-  Same options as `unary/4`; the deadline covers the whole stream.
-
-  `:window` (bytes, at least 65_535; default `nil`, no backpressure) turns on backpressure: the
-  caller must `ack/3` every message it takes, and the server is held once `:window` bytes of
-  messages (5 bytes of gRPC framing each included) are unacknowledged. A message larger than the
-  window is still let through whole. Without `:window` credit is returned as data arrives and
-  messages queue in the caller's mailbox as fast as the server sends them.
+  Starts a server-streaming call whose messages the caller receives itself (see the moduledoc);
+  `start_call/4` with the same options, returning only the call's ref. The deadline covers the
+  whole stream; a `:window` stream's messages must be acknowledged with `ack/3`.
   """
   @spec server_stream(server(), String.t(), iodata(), call_opts()) ::
           {:ok, reference()} | {:error, Error.t()}
   def server_stream(server, path, request, opts \\ []) do
-    case Keyword.get(opts, :window) do
-      window when is_nil(window) or (is_integer(window) and window > 0) ->
-        :ok
-
-      other ->
-        raise ArgumentError, ":window must be nil or a positive integer, got #{inspect(other)}"
+    with {:ok, call} <- start_call(server, path, request, opts) do
+      Process.demonitor(call.monitor, [:flush])
+      {:ok, call.ref}
     end
-
-    # The channel answers as soon as the stream is open; the long timeout only guards a wedged one.
-    GenServer.call(server, {:server_stream, path, request, opts}, 60_000)
-  catch
-    :exit, reason ->
-      {:error, Error.new(:unavailable, "channel is not running: #{inspect(exit_reason(reason))}")}
   end
 
   @doc """
@@ -139,9 +276,16 @@ defmodule Snakepit.GRPC.Channel do
     do: GenServer.cast(server, {:ack, ref, count})
 
   @doc """
-  Cancels a server stream (RST_STREAM CANCEL). No further messages for `ref` are delivered, and
-  those already in the caller's mailbox are flushed when the caller is the stream's receiver.
+  Cancels a call (RST_STREAM CANCEL): `cancel(handle)`, or `cancel(channel, ref)`. No further
+  messages for it are delivered, and those already in the caller's mailbox are flushed when the
+  caller is the call's receiver.
   """
+  @spec cancel(Handle.t()) :: :ok
+  def cancel(%Handle{} = call) do
+    Process.demonitor(call.monitor, [:flush])
+    cancel(call.channel, call.ref)
+  end
+
   @spec cancel(server(), reference()) :: :ok
   def cancel(server, ref) do
     try do
@@ -161,6 +305,18 @@ defmodule Snakepit.GRPC.Channel do
     end
   end
 
+  @doc """
+  `:open`, `:draining` (GOAWAY received: no new calls, see the moduledoc) or `:down`. The channel
+  answers after whatever it received before, so a caller whose call just failed learns here whether
+  that failure took the connection down.
+  """
+  @spec connection_state(server()) :: :open | :draining | :down
+  def connection_state(server) do
+    GenServer.call(server, :connection_state, 5_000)
+  catch
+    :exit, _ -> :down
+  end
+
   @doc "Fails open calls with `:unavailable`, sends GOAWAY, closes the socket and stops."
   @spec close(server()) :: :ok
   def close(server) do
@@ -171,6 +327,9 @@ defmodule Snakepit.GRPC.Channel do
 
   defp exit_reason({reason, {GenServer, :call, _}}), do: reason
   defp exit_reason(reason), do: reason
+
+  defp not_running(reason),
+    do: Error.connection_lost("channel is not running: #{inspect(reason)}")
 
   ## Server
 
@@ -208,7 +367,11 @@ defmodule Snakepit.GRPC.Channel do
                # refs of calls waiting for a stream slot (server's MAX_CONCURRENT_STREAMS), FIFO
                waiting: :queue.new(),
                # WINDOW_UPDATEs for backpressured streams, sent with the reply to the bytes read
-               credit_out: []
+               credit_out: [],
+               owner: Keyword.get(opts, :owner),
+               drain_timeout: Keyword.get(opts, :drain_timeout, @drain_timeout),
+               # set on GOAWAY: %{reason: {:goaway, code}, message: String.t(), timer: reference}
+               draining: nil
              }}
 
           {:error, reason} ->
@@ -248,15 +411,16 @@ defmodule Snakepit.GRPC.Channel do
   end
 
   @impl true
-  def handle_call({kind, path, request, opts}, {pid, _} = from, state)
-      when kind in [:unary, :server_stream] do
+  def handle_call({:start_call, _path, _request, _opts}, _from, %{draining: %{}} = state),
+    do: {:reply, {:error, Error.new(:unavailable, state.draining.message)}, state}
+
+  def handle_call({:start_call, path, request, opts}, {pid, _}, state) do
     timeout = Keyword.get(opts, :timeout, @default_timeout)
     metadata = state.metadata ++ Keyword.get(opts, :metadata, [])
     ref = make_ref()
 
     entry = %{
-      kind: kind,
-      from: from,
+      kind: Keyword.get(opts, :kind, :server_stream),
       pid: pid,
       ref: ref,
       sid: nil,
@@ -266,10 +430,9 @@ defmodule Snakepit.GRPC.Channel do
       headers: Metadata.request_headers(state.authority, path, timeout, metadata),
       body: Message.encode(request),
       call: Call.new(max_message_size: state.max_message_size),
-      messages: [],
-      # Backpressure (server streams with :window): the wire sizes of the messages delivered but
-      # not acknowledged yet, their total, and the DATA bytes received whose credit is withheld.
-      window: if(kind == :server_stream, do: Keyword.get(opts, :window)),
+      # Backpressure (calls with :window): the wire sizes of the messages delivered but not
+      # acknowledged yet, their total, and the DATA bytes received whose credit is withheld.
+      window: Keyword.get(opts, :window),
       unacked: :queue.new(),
       held: 0,
       unreleased: 0
@@ -287,12 +450,7 @@ defmodule Snakepit.GRPC.Channel do
         do: open_stream(state, ref),
         else: {:ok, %{state | waiting: :queue.in(ref, state.waiting)}}
 
-    case {result, kind} do
-      {{:ok, state}, :unary} -> {:noreply, state}
-      {{:ok, state}, :server_stream} -> {:reply, {:ok, ref}, state}
-      {{:stop, reason, state}, :unary} -> {:stop, reason, state}
-      {{:stop, reason, state}, :server_stream} -> {:stop, reason, {:ok, ref}, state}
-    end
+    reply_after(result, {:ok, ref})
   end
 
   def handle_call({:cancel, ref}, _from, state) do
@@ -302,6 +460,9 @@ defmodule Snakepit.GRPC.Channel do
     end
   end
 
+  def handle_call(:connection_state, _from, state),
+    do: {:reply, if(state.draining, do: :draining, else: :open), state}
+
   def handle_call(:close, _from, state) do
     state = fail_all(state, "channel closed")
     {conn, out} = Conn.close(state.conn)
@@ -309,9 +470,6 @@ defmodule Snakepit.GRPC.Channel do
     :gen_tcp.close(state.socket)
     {:stop, :normal, :ok, %{state | conn: conn, socket: nil}}
   end
-
-  defp reply_after({:ok, state}, reply), do: {:reply, reply, state}
-  defp reply_after({:stop, reason, state}, reply), do: {:stop, reason, reply, state}
 
   @impl true
   def handle_cast({:ack, ref, count}, state) do
@@ -346,17 +504,10 @@ defmodule Snakepit.GRPC.Channel do
 
         with {:ok, state} <- send_out(state, [out | state.credit_out]),
              {:ok, state} <- start_waiting(state) do
-          case state.conn.goaway do
-            nil ->
-              :ok = :inet.setopts(socket, active: :once)
-              {:noreply, state}
-
-            {_last, code, debug} ->
-              message =
-                "server sent GOAWAY (#{inspect(code)}#{if debug != "", do: ": " <> debug})"
-
-              shutdown(state, message, {:goaway, code})
-          end
+          :ok = :inet.setopts(socket, active: :once)
+          noreply({:ok, maybe_start_drain(state)})
+        else
+          stop -> noreply(stop)
         end
 
       {:error, conn, {code, message}, out} ->
@@ -393,6 +544,14 @@ defmodule Snakepit.GRPC.Channel do
     end
   end
 
+  def handle_info(:drain_timeout, %{draining: %{reason: reason}} = state) do
+    message =
+      "#{state.draining.message}; the call did not end within the drain timeout " <>
+        "(#{state.drain_timeout} ms)"
+
+    shutdown(state, message, reason)
+  end
+
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
@@ -401,10 +560,55 @@ defmodule Snakepit.GRPC.Channel do
     :ok
   end
 
-  defp noreply({:ok, state}), do: {:noreply, state}
+  # Every callback that may end calls returns through these: a draining channel stops once its
+  # last call has ended.
+  defp noreply({:ok, state}), do: drained_or({:noreply, state})
   defp noreply({:stop, reason, state}), do: {:stop, reason, state}
 
+  defp reply_after({:ok, state}, reply), do: drained_or({:reply, reply, state})
+  defp reply_after({:stop, reason, state}, reply), do: {:stop, reason, reply, state}
+
+  defp drained_or(result) do
+    state = elem(result, tuple_size(result) - 1)
+
+    if state.draining && map_size(state.calls) == 0 do
+      {conn, out} = Conn.close(state.conn)
+      _ = :gen_tcp.send(state.socket, out)
+      :gen_tcp.close(state.socket)
+      state = %{state | conn: conn, socket: nil}
+
+      case result do
+        {:noreply, _} -> {:stop, {:shutdown, state.draining.reason}, state}
+        {:reply, reply, _} -> {:stop, {:shutdown, state.draining.reason}, reply, state}
+      end
+    else
+      result
+    end
+  end
+
   ## Internals
+
+  # The server sent GOAWAY: no new calls here. Streams above its last stream id were refused (their
+  # calls failed while its events were handled); those that wait for a slot are failed here, as
+  # the server will never see them; the rest run to their end.
+  defp maybe_start_drain(%{draining: nil, conn: %{goaway: {_last, code, debug}}} = state) do
+    message = "server sent GOAWAY (#{inspect(code)}#{if debug != "", do: ": " <> debug})"
+
+    state =
+      state.waiting
+      |> :queue.to_list()
+      |> Enum.reduce(state, fn ref, state ->
+        entry = Map.fetch!(state.calls, ref)
+        deliver(entry, {:error, Error.new(:unavailable, message <> " before this call started")})
+        forget(state, entry)
+      end)
+
+    if state.owner, do: send(state.owner, {:snakepit_grpc_draining, self(), {:goaway, code}})
+    timer = Process.send_after(self(), :drain_timeout, state.drain_timeout)
+    %{state | draining: %{reason: {:goaway, code}, message: message, timer: timer}}
+  end
+
+  defp maybe_start_drain(state), do: state
 
   # Opens the HTTP/2 stream for a registered call, or queues the call when the server's stream
   # limit is reached.
@@ -476,7 +680,7 @@ defmodule Snakepit.GRPC.Channel do
 
     with {:ok, ref} <- Map.fetch(state.streams, sid),
          {:ok, entry} <- Map.fetch(state.calls, ref) do
-      case Call.handle_event(entry.call, event) do
+      case call_event(entry.call, event, state.conn.goaway) do
         {:cont, call, messages} ->
           entry = push_messages(%{entry | call: call}, messages)
 
@@ -506,9 +710,21 @@ defmodule Snakepit.GRPC.Channel do
     end
   end
 
+  # A stream above a GOAWAY's last stream id was never processed by the server (Conn reports it
+  # refused): say so, it is what makes the call safe to retry elsewhere.
+  defp call_event(call, {:reset, sid, :refused_stream}, {last, code, debug}) when sid > last do
+    message =
+      "server sent GOAWAY (#{inspect(code)}#{if debug != "", do: ": " <> debug}) " <>
+        "without processing this call (stream #{sid} > last stream id #{last})"
+
+    {:done, call, [], {:error, Error.new(:unavailable, message)}}
+  end
+
+  defp call_event(call, event, _goaway), do: Call.handle_event(call, event)
+
   defp push_messages(entry, []), do: entry
 
-  defp push_messages(%{kind: :server_stream} = entry, messages) do
+  defp push_messages(entry, messages) do
     Enum.each(messages, &send(entry.pid, {:snakepit_grpc, entry.ref, {:message, &1}}))
 
     if entry.window do
@@ -520,9 +736,6 @@ defmodule Snakepit.GRPC.Channel do
       entry
     end
   end
-
-  defp push_messages(%{kind: :unary} = entry, messages),
-    do: %{entry | messages: entry.messages ++ messages}
 
   defp data_size({:data, _sid, data, _end_stream}), do: byte_size(data)
   defp data_size(_event), do: 0
@@ -545,31 +758,10 @@ defmodule Snakepit.GRPC.Channel do
     {%{state | conn: conn, calls: Map.put(state.calls, entry.ref, entry)}, out}
   end
 
-  defp deliver(%{kind: :unary} = entry, {:ok, trailers}) do
-    reply =
-      case entry.messages do
-        [message] ->
-          {:ok, message, trailers}
+  defp deliver(entry, {:ok, trailers}),
+    do: send(entry.pid, {:snakepit_grpc, entry.ref, {:done, trailers}})
 
-        messages ->
-          {:error,
-           Error.new(
-             :internal,
-             "unary response carried #{length(messages)} messages, expected 1",
-             trailers
-           )}
-      end
-
-    GenServer.reply(entry.from, reply)
-  end
-
-  defp deliver(%{kind: :unary} = entry, {:error, error}),
-    do: GenServer.reply(entry.from, {:error, error})
-
-  defp deliver(%{kind: :server_stream} = entry, {:ok, _}),
-    do: send(entry.pid, {:snakepit_grpc, entry.ref, :done})
-
-  defp deliver(%{kind: :server_stream} = entry, {:error, error}),
+  defp deliver(entry, {:error, error}),
     do: send(entry.pid, {:snakepit_grpc, entry.ref, {:error, error}})
 
   # Removes a call from every index (its stream, if any, is left to the caller of forget/2).
@@ -628,7 +820,7 @@ defmodule Snakepit.GRPC.Channel do
       Enum.sort_by(open, & &1.sid) ++ Enum.sort_by(queued, &queue_position(state.waiting, &1.ref))
 
     Enum.reduce(order, state, fn entry, state ->
-      deliver(entry, {:error, Error.new(:unavailable, message)})
+      deliver(entry, {:error, Error.connection_lost(message)})
       forget(state, entry)
     end)
   end

@@ -1,5 +1,8 @@
 defmodule Snakepit.GRPC.Status do
-  @moduledoc "gRPC status codes (grpc/doc/statuscodes.md): integer <-> atom."
+  @moduledoc """
+  gRPC status codes (grpc/doc/statuscodes.md): integer <-> atom, and the status a client reports for
+  a failure below gRPC (an HTTP status, an RST_STREAM code). The one status table of the client.
+  """
 
   @codes [
     ok: 0,
@@ -69,4 +72,16 @@ defmodule Snakepit.GRPC.Status do
   def from_http_status(404), do: :unimplemented
   def from_http_status(status) when status in [429, 502, 503, 504], do: :unavailable
   def from_http_status(_status), do: :unknown
+
+  @doc """
+  The status of a call whose stream the server reset with RST_STREAM `code`
+  (grpc/doc/PROTOCOL-HTTP2.md, "Errors"): CANCEL is `:cancelled`, REFUSED_STREAM `:unavailable`
+  (the server did not process it: safe to retry), ENHANCE_YOUR_CALM `:resource_exhausted`, any other
+  code `:internal`.
+  """
+  @spec from_reset_code(atom()) :: t()
+  def from_reset_code(:cancel), do: :cancelled
+  def from_reset_code(:refused_stream), do: :unavailable
+  def from_reset_code(:enhance_your_calm), do: :resource_exhausted
+  def from_reset_code(_code), do: :internal
 end
