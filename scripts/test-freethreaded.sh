@@ -9,6 +9,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 setup_python test
+setup_elixir
 started=$(date +%s)
 FT_PYTHON="$(bash "$ROOT/scripts/freethreaded-python.sh" | tail -n 1)"
 echo "==> free-threaded interpreter ready in $(( $(date +%s) - started )) s: $FT_PYTHON"
