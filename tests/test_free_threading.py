@@ -102,3 +102,45 @@ def test_the_grpclib_listening_socket_says_it_is_tcp_so_asyncio_sets_nodelay_on_
         return nodelay
 
     assert asyncio.run(accept_one()) == 1
+
+
+LEGACY_EXTENSION = r"""
+#include <Python.h>
+/* Declares nothing about free threading (no Py_mod_gil slot): importing it turns the GIL on. */
+static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "legacy_ext", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_legacy_ext(void) { return PyModule_Create(&def); }
+"""
+
+LEGACY_ADAPTER = """
+import legacy_ext  # noqa: F401  (an extension module that turns the GIL on)
+from snakepit_bridge.adapters.threaded_showcase import ThreadedShowcaseAdapter
+
+
+class LegacyAdapter(ThreadedShowcaseAdapter):
+    pass
+"""
+
+
+@freethreaded
+def test_an_extension_that_turns_the_gil_on_is_named_in_the_log_and_refused_with_require_free_threading(tmp_path):
+    import shutil
+
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build the test extension")
+    paths = subprocess.run([SERVER_PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['include']); "
+                            "print(sysconfig.get_config_var('EXT_SUFFIX'))"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    (tmp_path / "legacy_ext.c").write_text(LEGACY_EXTENSION)
+    subprocess.run(["gcc", "-shared", "-fPIC", f"-I{paths[0]}", str(tmp_path / "legacy_ext.c"), "-o",
+                    str(tmp_path / f"legacy_ext{paths[1]}")], check=True)
+    (tmp_path / "legacy_adapter.py").write_text(LEGACY_ADAPTER)
+    env = {"PYTHONPATH": str(tmp_path)}
+    run = start_and_exit(SERVER_PYTHON, "--adapter", "legacy_adapter.LegacyAdapter", "--require-free-threading",
+                         env=env)
+    assert run.returncode == 1
+    assert "error: --require-free-threading: the GIL is enabled:" in run.stderr
+    assert "legacy_ext" in run.stderr.splitlines()[-1]  # CPython's warning, quoted: it names the module
+    with WorkerServer("threaded", "--adapter", "legacy_adapter.LegacyAdapter", python=SERVER_PYTHON, env=env) as server:
+        assert server.stub().GetStats(pb.GetStatsRequest(), timeout=10).gil_enabled is True
+        log = "\n".join(server.stderr_lines)
+        assert "legacy_ext" in log and "PYTHON_GIL=0" in log and "free-threaded build: GIL ENABLED" in log
