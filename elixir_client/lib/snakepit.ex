@@ -506,7 +506,7 @@ defmodule Snakepit do
 
   @doc """
   The pool's workers: pid, id, slot, status (`:starting`, `:ready`, `:retiring`, `:draining`,
-  `:unhealthy`, `:stopping`), os_pid, port, in_flight, capacity, requests, `abandoned_calls` (calls
+  `:server_draining` (its server shuts down on its own), `:unhealthy`, `:stopping`), os_pid, port, in_flight, capacity, requests, `abandoned_calls` (calls
   given up on that may still run on the server), `stuck_calls` (those confirmed still running after
   `stuck_call_grace`), uptime_ms.
   """
