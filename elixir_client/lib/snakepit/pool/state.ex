@@ -406,7 +406,7 @@ defmodule Snakepit.Pool.State do
         |> put_worker(%{s.workers[id] | ttl_ms: ttl})
         |> schedule_health_check(id)
         |> log(
-          :info,
+          :debug,
           "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})"
         )
         |> notify_ready()
