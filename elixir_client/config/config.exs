@@ -8,7 +8,7 @@ import Config
 #       ]
 config :snakepit, pools: []
 
-if config_env() == :test do
-  # Worker stdout/stderr and per-call logs are :debug; keep test output readable.
-  config :logger, level: :warning
-end
+# Worker stdout/stderr, per-call lines and workers becoming ready are :debug; recycling and
+# stopping :info; crashes :warning. This file is not loaded when snakepit is a dependency (see
+# README.md, "Quick start").
+config :logger, level: if(config_env() == :test, do: :warning, else: :info)

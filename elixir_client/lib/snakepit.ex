@@ -345,8 +345,10 @@ defmodule Snakepit do
             {:ok, call} ->
               %{lease: lease, call: call, done: false}
 
-            {:error, e} ->
-              Pool.checkin(lease, :error)
+            {:error, e} = error ->
+              # as with_slot/6 reports it: a failed InitializeSession leaves the session not
+              # created on the worker
+              Pool.checkin(lease, outcome(error, opts[:session_id]))
               raise e
           end
         else
@@ -506,7 +508,7 @@ defmodule Snakepit do
 
   @doc """
   The pool's workers: pid, id, slot, status (`:starting`, `:ready`, `:retiring`, `:draining`,
-  `:unhealthy`, `:stopping`), os_pid, port, in_flight, capacity, requests, `abandoned_calls` (calls
+  `:server_draining` (its server shuts down on its own), `:unhealthy`, `:stopping`), os_pid, port, in_flight, capacity, requests, `abandoned_calls` (calls
   given up on that may still run on the server), `stuck_calls` (those confirmed still running after
   `stuck_call_grace`), uptime_ms.
   """
@@ -541,16 +543,7 @@ defmodule Snakepit do
                 :erlang.raise(kind, reason, __STACKTRACE__)
             end
 
-          outcome =
-            case result do
-              {:error, %Error{reason: :session_init_failed}} -> {:session_init_failed, sid}
-              # past its deadline the call was cancelled, not ended by the server
-              {:error, %Error{reason: :timeout}} -> :abandoned
-              {:error, _} -> :error
-              _ -> :ok
-            end
-
-          Pool.checkin(lease, outcome)
+          Pool.checkin(lease, outcome(result, sid))
 
           ms =
             System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1000
@@ -572,6 +565,15 @@ defmodule Snakepit do
       end
     end
   end
+
+  # How a call's result is checked in (see Snakepit.Pool.checkin/2).
+  defp outcome({:error, %Error{reason: :session_init_failed}}, sid),
+    do: {:session_init_failed, sid}
+
+  # past its deadline the call was cancelled, not ended by the server
+  defp outcome({:error, %Error{reason: :timeout}}, _sid), do: :abandoned
+  defp outcome({:error, _}, _sid), do: :error
+  defp outcome(_result, _sid), do: :ok
 
   defp maybe_init_session(%{init_session: true} = lease, opts) do
     sid = Keyword.fetch!(opts, :session_id)

@@ -73,6 +73,33 @@ defmodule Snakepit.PoolFaultTest do
     assert Task.await_many(waiting, 20_000) == [{:ok, 1}, {:ok, 2}, {:ok, 3}]
   end
 
+  test "a worker SIGTERMed from outside leaves rotation: its call finishes, calls made meanwhile wait for its replacement" do
+    # (`hang` ignores the cancellation a draining server signals: its call keeps the drain going)
+    pool =
+      start_pool!(
+        Map.merge(test_adapter("HangingAdapter"), %{
+          worker_profile: :thread,
+          pool_size: 1,
+          threads_per_worker: 2,
+          queue_timeout: 30_000
+        })
+      )
+
+    [w] = Snakepit.list_workers(pool)
+    task = Task.async(fn -> Snakepit.execute(pool, "hang", %{seconds: 1.5}) end)
+    eventually(fn -> match?([%{in_flight: 1}], Snakepit.list_workers(pool)) end)
+    signal(w.os_pid, "TERM")
+
+    # its server drains: the pool routes nothing there, though it has a free slot
+    eventually(fn -> match?([%{status: :server_draining}], Snakepit.list_workers(pool)) end)
+    assert {:ok, %{"pid" => pid}} = Snakepit.execute(pool, "ping", %{})
+    assert pid != w.os_pid
+
+    assert {:ok, %{"slept" => 1.5}} = Task.await(task, 10_000)
+    assert [%{status: :ready, os_pid: ^pid}] = Snakepit.list_workers(pool)
+    refute os_alive?(w.os_pid)
+  end
+
   test "a session whose worker crashed is re-created on the new worker" do
     pool = start_pool!(worker_profile: :process, pool_size: 1)
     assert {:ok, 1} = Snakepit.execute_in_session(pool, "crash-sess", "session_counter", %{})

@@ -373,6 +373,89 @@ defmodule Snakepit.PoolStateTest do
     assert {:schedule, 200, {:start_worker, 1}} in actions
   end
 
+  ## workers whose server shuts down (GOAWAY)
+
+  test "a worker whose server drains takes no new call; its calls in flight finish and still check in" do
+    s = ready_pool(worker_profile: :thread, pool_size: 2, threads_per_worker: 2)
+    {s, a1, r1} = checkout(s)
+    leaving = lease!(a1, r1).worker_id
+    other = 3 - leaving
+
+    {s, actions} = ev(s, {:worker_draining, leaving})
+    assert status(s, leaving) == :server_draining
+    # the pool does not stop it: its server ends itself after its last call
+    refute stopped?(actions, leaving)
+    assert %{capacity: 2, in_flight: 1} = stats(s)
+
+    # it still has a free slot, but new calls go to the other worker, then wait
+    {s, a2, r2} = checkout(s)
+    {s, a3, r3} = checkout(s)
+    assert lease!(a2, r2).worker_id == other
+    assert lease!(a3, r3).worker_id == other
+    {s, a4, r4} = checkout(s)
+    refute leased?(a4, r4)
+
+    # the call in flight on it checks in as usual, and its freed slot is not handed out
+    {s, actions} = ev(s, {:checkin, r1, :ok})
+    assert {:demonitor, r1} in actions
+    refute leased?(actions, r4)
+    refute stopped?(actions, leaving)
+    assert s.workers[leaving].in_flight == 0
+    assert %{calls: 1, failures: 0, queued: 1} = stats(s)
+
+    # the queued caller gets the other worker's next free slot
+    {_s, actions} = ev(s, {:checkin, r2, :ok})
+    assert lease!(actions, r4).worker_id == other
+  end
+
+  test "a session pinned to a draining worker moves to another worker, and its queued caller goes there at once" do
+    s = ready_pool(pool_size: 2)
+    {s, a1, r1} = checkout(s, session: "s1")
+    home = lease!(a1, r1).worker_id
+    # its worker is busy: the session's next caller waits for it
+    {s, a2, r2} = checkout(s, session: "s1")
+    refute leased?(a2, r2)
+
+    {s, actions} = ev(s, {:worker_draining, home})
+    lease = lease!(actions, r2)
+    assert lease.worker_id != home
+    assert lease.init_session
+    assert stats(s).queued == 0
+
+    {_s, actions} = ev(s, {:checkin, r1, :ok})
+    refute stopped?(actions, home)
+  end
+
+  test "a draining worker gets no health check and is replaced once it exits, as a worker that went down" do
+    s = ready_pool(pool_size: 1, health_check_interval: 1_000)
+    {s, _, r1} = checkout(s)
+    {s, _} = ev(s, {:worker_draining, 1})
+
+    {s, actions} = ev(s, {:health_check, 1})
+    assert for({:check, _, _, _, _, _} = a <- actions, do: a) == []
+    {s, actions} = ev(s, {:checkin, r1, :ok})
+    refute stopped?(actions, 1)
+    assert started(actions) == []
+
+    {s, actions} =
+      ev(s, {:worker_exited, 1, {:shutdown, {:channel_down, {:shutdown, {:goaway, 0}}}}})
+
+    assert {:schedule, 100, {:start_worker, 1}} in actions
+    assert stats(s).crashes == 1
+    {_s, actions} = ev(s, {:start_worker, 1})
+    assert started(actions) == [2]
+  end
+
+  test "a worker the pool is already taking out of service keeps its status when its server drains" do
+    s = ready_pool(pool_size: 1, worker_max_requests: 1)
+    {s, _, _r1} = checkout(s)
+    assert status(s, 1) == :draining
+    {s, _} = ev(s, {:worker_draining, 1})
+    assert status(s, 1) == :draining
+    # (an unknown or gone worker is ignored)
+    assert {^s, []} = ev(s, {:worker_draining, 99})
+  end
+
   ## health
 
   test "a worker that fails its health check takes no new call, is replaced, and stops once idle" do
@@ -526,11 +609,11 @@ defmodule Snakepit.PoolStateTest do
              actions
   end
 
-  test "routable?/1: ready and retiring workers take calls; starting, draining, unhealthy and stopping ones do not" do
+  test "routable?/1: ready and retiring workers take calls; starting, draining, server-draining, unhealthy and stopping ones do not" do
     assert State.routable?(%{status: :ready})
     assert State.routable?(%{status: :retiring})
 
-    for status <- [:starting, :draining, :unhealthy, :stopping],
+    for status <- [:starting, :draining, :server_draining, :unhealthy, :stopping],
         do: refute(State.routable?(%{status: status}))
   end
 end

@@ -289,6 +289,42 @@ defmodule Snakepit.ApiTest do
     end
   end
 
+  # state that is not a JSON object: the server refuses the session's InitializeSession
+  @bad_session_state [1, 2]
+
+  test "a session whose initialisation failed is initialised on its next call, after an eager stream and after a lazy one",
+       %{thr: thr} do
+    eager = fn sid ->
+      Snakepit.execute_stream(thr, "progress", %{steps: 1}, fn _ -> :ok end,
+        session_id: sid,
+        session_state: @bad_session_state
+      )
+    end
+
+    lazy = fn sid ->
+      try do
+        thr
+        |> Snakepit.execute_stream("progress", %{steps: 1},
+          session_id: sid,
+          session_state: @bad_session_state
+        )
+        |> Enum.to_list()
+      rescue
+        e in Error -> {:error, e}
+      end
+    end
+
+    for {how, run} <- [eager: eager, lazy: lazy] do
+      sid = "init-fails-#{how}-#{System.unique_integer([:positive])}"
+      assert {:error, %Error{reason: :session_init_failed} = e} = run.(sid), "#{how}"
+      assert e.message =~ "InitializeSession #{sid}"
+
+      # the session was not created: its next call creates it (state 0) and counts 1
+      assert {:ok, 1} = Snakepit.execute_in_session(thr, sid, "session_counter", %{}), "#{how}"
+      assert {:ok, true} = Snakepit.cleanup_session(thr, sid)
+    end
+  end
+
   test "concurrent calls of one session all run on its worker", %{proc: proc} do
     sid = "pinned-#{System.unique_integer([:positive])}"
 

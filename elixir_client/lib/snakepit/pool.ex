@@ -37,6 +37,13 @@ defmodule Snakepit.Pool do
   more than `worker_max_requests` calls). Either way, once it takes no new calls, its in-flight calls
   finish and it is stopped gracefully (SIGTERM, the server drains). No call fails because of a recycle.
 
+  ## Workers whose server shuts down
+
+  A server that shuts down on its own (SIGTERM from outside the pool) sends GOAWAY and drains: the
+  calls it runs finish, it takes no new one. Its worker then leaves rotation (status
+  `:server_draining`: no new call, session or queued caller goes to it), the calls on it finish
+  normally, and once it exits (after its last call) it is replaced like a worker that went down.
+
   ## Sick workers
 
   A worker whose Python process lives but does not serve is replaced like a recycled one
@@ -276,6 +283,9 @@ defmodule Snakepit.Pool do
   @impl true
   def handle_info({:snakepit_worker_ready, wpid, info}, shell),
     do: {:noreply, worker_event(shell, wpid, &{:worker_ready, &1, info})}
+
+  def handle_info({:snakepit_worker_draining, wpid, _reason}, shell),
+    do: {:noreply, worker_event(shell, wpid, &{:worker_draining, &1})}
 
   def handle_info({:snakepit_worker_spawned, wpid, os_pid}, shell),
     do: {:noreply, worker_event(shell, wpid, &{:worker_spawned, &1, os_pid})}

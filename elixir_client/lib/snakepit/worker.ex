@@ -9,7 +9,10 @@ defmodule Snakepit.Worker do
   and tells its pool `{:snakepit_worker_ready, worker_pid, info}`. A ready line without the nonce
   (an adapter printing one during its setup) is only logged. It stops (and the pool is told
   through the link) when the Python process exits, when the channel goes down, when
-  `startup_timeout` passes before readiness, or when its pool exits. A worker that ends before it
+  `startup_timeout` passes before readiness, or when its pool exits. When its server sends GOAWAY
+  (it is shutting down on its own, e.g. SIGTERM from outside), the channel drains: the worker tells
+  its pool `{:snakepit_worker_draining, worker_pid, {:goaway, code}}` (the pool routes no new call
+  to it) and stops, as above, when the channel or the Python process ends after the last call. A worker that ends before it
   is ready exits with `{:shutdown, {:start_failed, message}}` or `{:shutdown, {:startup_timeout,
   message}}`; `message` ends with the server's last line of output (snakepit_bridge's `error: ...`,
   or the last line of a Python traceback).
@@ -209,6 +212,18 @@ defmodule Snakepit.Worker do
       :stopping -> {:noreply, %{s | channel: nil}}
       _ -> {:stop, {:shutdown, {:channel_down, reason}}, %{s | channel: nil}}
     end
+  end
+
+  # The server sent GOAWAY (it is shutting down: SIGTERM from outside, ...): the channel lets the
+  # calls on it finish and stops after the last one, and this worker with it. The pool takes it
+  # out of rotation meanwhile.
+  def handle_info({:snakepit_grpc_draining, ch, reason}, %{channel: ch, status: :ready} = s) do
+    Logger.debug(
+      "snakepit worker #{s.id} (os pid #{s.os_pid}): channel draining: #{inspect(reason)}"
+    )
+
+    send(s.pool, {:snakepit_worker_draining, self(), reason})
+    {:noreply, %{s | status: :draining}}
   end
 
   def handle_info({:EXIT, _other, _reason}, s), do: {:noreply, s}

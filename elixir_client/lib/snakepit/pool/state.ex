@@ -18,6 +18,9 @@ defmodule Snakepit.Pool.State do
     * `{:await_ready, from, min}`, `{:drain, from, grace}`, `{:forget_session, from, session_id}`
     * `{:worker_spawn_failed, id, reason}` - the `{:start_worker, id}` action failed at once;
       `{:worker_spawned, id, os_pid}`, `{:worker_ready, id, info}`, `{:worker_exited, id, reason}`
+    * `{:worker_draining, id}` - the worker's server is shutting down on its own (it sent GOAWAY:
+      its calls in flight finish, it takes no new one); the worker leaves rotation
+      (`:server_draining`) and is replaced once it exits, like a worker that went down
     * `{:check_result, id, check_ref, result}` - the answer to a `{:check, ...}` action
     * timer events the machine scheduled itself: `{:start_worker, slot}`, `{:ttl_expired, id}`,
       `{:health_check, id}`, `{:stuck_call_check, id}`, `{:queue_timeout, ref}`,
@@ -117,6 +120,7 @@ defmodule Snakepit.Pool.State do
           | {:worker_spawned, worker_id, pos_integer}
           | {:worker_ready, worker_id, %{channel: pid, os_pid: pos_integer, port: pos_integer}}
           | {:worker_exited, worker_id, term}
+          | {:worker_draining, worker_id}
           | {:check_result, worker_id, pos_integer, :ok | {:ok, non_neg_integer} | {:error, term}}
           | {:start_worker, pos_integer}
           | {:ttl_expired, worker_id}
@@ -402,11 +406,36 @@ defmodule Snakepit.Pool.State do
         |> put_worker(%{s.workers[id] | ttl_ms: ttl})
         |> schedule_health_check(id)
         |> log(
-          :info,
+          :debug,
           "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})"
         )
         |> notify_ready()
         |> dispatch()
+    end
+  end
+
+  # Its server drains on its own (SIGTERM from outside, a server shutting down): no new call goes
+  # there; the calls on it finish (their checkins count as usual); it exits after the last one and
+  # is replaced then, as a worker that went down (a session pinned to it moves on its next call).
+  defp event(s, {:worker_draining, id}) do
+    case s.workers[id] do
+      %{} = w ->
+        if routable?(w) do
+          s
+          |> log(
+            :info,
+            "snakepit pool #{inspect(s.name)}: worker #{w.id} (os pid #{inspect(w.os_pid)}) is shutting down " <>
+              "(its server sent GOAWAY); it takes no new call, #{w.in_flight} in flight finish there"
+          )
+          |> put_worker(%{w | status: :server_draining})
+          # session callers waiting for it may now go to other workers
+          |> dispatch()
+        else
+          s
+        end
+
+      nil ->
+        s
     end
   end
 
