@@ -78,30 +78,37 @@ def test_a_gil_turned_on_at_start_up_is_named_and_refused_with_require_free_thre
 
 def test_the_grpclib_listening_socket_says_it_is_tcp_so_asyncio_sets_nodelay_on_its_connections():
     # Without TCP_NODELAY every grpclib response waited for the client's delayed ACK: 44 ms a call.
-    import asyncio
-    import socket
+    # In a process of its own: grpclib's health stubs and grpcio's cannot share one descriptor pool.
+    import sys
 
     pytest.importorskip("grpclib")
-    from snakepit_bridge.server.transport_grpclib import _listen
+    probe = """
+import asyncio, socket
+from snakepit_bridge.server.transport_grpclib import _listen
 
-    listener = _listen("127.0.0.1", 0, reuse_port=False)
-    assert listener is not None and listener.proto == socket.IPPROTO_TCP
+listener = _listen("127.0.0.1", 0, reuse_port=False)
+assert listener is not None and listener.proto == socket.IPPROTO_TCP, listener
 
-    async def accept_one() -> int:
-        accepted: asyncio.Future = asyncio.get_running_loop().create_future()
 
-        async def on_connect(reader, writer):
-            accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-            writer.close()
+async def accept_one():
+    accepted = asyncio.get_running_loop().create_future()
 
-        server = await asyncio.start_server(on_connect, sock=listener)
-        _, writer = await asyncio.open_connection(*listener.getsockname())
-        nodelay = await asyncio.wait_for(accepted, 5)
+    async def on_connect(reader, writer):
+        accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         writer.close()
-        server.close()
-        return nodelay
 
-    assert asyncio.run(accept_one()) == 1
+    server = await asyncio.start_server(on_connect, sock=listener)
+    _, writer = await asyncio.open_connection(*listener.getsockname())
+    nodelay = await asyncio.wait_for(accepted, 5)
+    writer.close()
+    server.close()
+    return nodelay
+
+print(asyncio.run(accept_one()))
+"""
+    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "1"
 
 
 LEGACY_EXTENSION = r"""
