@@ -77,7 +77,9 @@ make_venv() {
     fi
     if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/requirements/freethreaded.txt" -nt "$stamp" ]; then
         log "installing snakepit_bridge and requirements/freethreaded.txt into $VENV"
-        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements/freethreaded.txt"
+        # --prefer-binary: a newer release without a free-threaded wheel would be built from source
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --prefer-binary \
+            -r "$ROOT/requirements/freethreaded.txt"
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$ROOT"
         touch "$stamp"
     fi
