@@ -84,6 +84,10 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
              "before its deadline, else it is RESOURCE_EXHAUSTED at once")
     add("--rate-burst", type=float, default=None, help="token bucket size for --rate-limit (default: max(1, N))")
     add("--seed", type=int, default=None, help="root seed of the process RNG streams (default: OS entropy)")
+    add("--metrics-port", type=int, default=None, metavar="PORT",
+        help="serve Prometheus metrics on http://<--metrics-host>:PORT/metrics (needs prometheus_client: "
+             "the [metrics] extra); 0 picks a free port (default: off)")
+    add("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default: %(default)s)")
     add("--transport", choices=TRANSPORTS, default="auto",
         help="gRPC stack: grpcio (C core) or grpclib (pure Python on h2, runs with the GIL off); auto picks "
              "grpclib on a free-threaded build, else grpcio (default: %(default)s)")
@@ -158,6 +162,8 @@ def parse_settings(mode: Mode | str, argv: list[str] | None) -> Settings:
         parser.error("--send-timeout must be 0 (no limit) or more")
     if args.max_calls_per_connection is not None and args.max_calls_per_connection < 1:
         parser.error("--max-calls-per-connection must be at least 1")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be 0..65535, got {args.metrics_port}")
     if args.rate_limit is not None and args.rate_limit <= 0:
         parser.error("--rate-limit must be positive")
     if mode.many_calls:
@@ -167,4 +173,7 @@ def parse_settings(mode: Mode | str, argv: list[str] | None) -> Settings:
             parser.error("--thread-safety-strict and --thread-safety-report need --thread-safety-check")
     elif args.processes < 1:
         parser.error("--processes must be at least 1")
+    elif args.processes > 1 and args.metrics_port is not None:
+        parser.error("--metrics-port serves one process's counters; with --processes each process would need a port "
+                     "of its own: run one worker per port (as the Elixir pool does) or use grpc_server_threaded.py")
     return Settings(mode, args)

@@ -20,6 +20,9 @@ def _bucket(seconds: float) -> int:
     return min(_BUCKET_COUNT - 1, int(math.log2(seconds / _MIN_SECONDS) * _BUCKETS_PER_DOUBLING) + 1)
 
 
+BUCKETS_PER_DOUBLING = _BUCKETS_PER_DOUBLING
+
+
 def _bucket_upper_seconds(index: int) -> float:
     return _MIN_SECONDS * 2 ** (index / _BUCKETS_PER_DOUBLING)
 
@@ -54,6 +57,9 @@ class ServerStats:
         self.requests_failed = 0
         self.requests_queued = 0
         self.tools: dict[str, ToolCounters] = {}
+        # (tool, status code name) -> calls that ended so; refusals of unknown tools count under ""
+        self.outcomes: dict[tuple[str, str], int] = {}
+        self.refusals: dict[str, int] = {}  # status code name -> calls refused before a tool ran
         self._lock = threading.Lock()
 
     def started(self) -> None:
@@ -61,8 +67,11 @@ class ServerStats:
             self.requests_total += 1
             self.requests_active += 1
 
-    def finished(self, tool_name: str, seconds: float, failed: bool) -> None:
+    def finished(self, tool_name: str, seconds: float, failed: bool, code: str = "") -> None:
+        """A call that ran ended after `seconds`; `code` is its status name (OK unless it failed)."""
+        key = (tool_name, code or ("UNKNOWN" if failed else "OK"))
         with self._lock:
+            self.outcomes[key] = self.outcomes.get(key, 0) + 1
             self.requests_active -= 1
             counters = self.tools.get(tool_name)
             if counters is None:
@@ -76,11 +85,19 @@ class ServerStats:
                 counters.failures += 1
                 self.requests_failed += 1
 
-    def rejected(self) -> None:
+    def rejected(self, tool_name: str = "", code: str = "UNKNOWN") -> None:
         """A call refused before it ran (bad arguments, unknown tool, queue full...)."""
+        key = (tool_name, code)
         with self._lock:
+            self.outcomes[key] = self.outcomes.get(key, 0) + 1
+            self.refusals[code] = self.refusals.get(code, 0) + 1
             self.requests_total += 1
             self.requests_failed += 1
+
+    def refused(self, code: str) -> None:
+        """An admitted call turned away at the gate or the rate limiter (counted in `finished` too)."""
+        with self._lock:
+            self.refusals[code] = self.refusals.get(code, 0) + 1
 
     def queue_changed(self, delta: int) -> None:
         with self._lock:
@@ -89,6 +106,16 @@ class ServerStats:
     @property
     def uptime_seconds(self) -> float:
         return time.monotonic() - self.started_monotonic
+
+    def snapshot(self) -> dict:
+        """Everything at once, under the lock: what a metrics scrape reads."""
+        with self._lock:
+            return {
+                "requests_total": self.requests_total, "requests_active": self.requests_active,
+                "requests_failed": self.requests_failed, "requests_queued": self.requests_queued,
+                "outcomes": dict(self.outcomes), "refusals": dict(self.refusals),
+                "tools": {name: (c.calls, c.total_seconds, list(c.histogram)) for name, c in self.tools.items()},
+            }
 
     def tool_rows(self) -> list[dict]:
         with self._lock:

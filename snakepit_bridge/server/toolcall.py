@@ -65,23 +65,28 @@ class Slot:
         try:
             call.rate_limit()
             call.enter_gate(bypass_queue_limit=self.bypass_queue_limit)
-        except BaseException:
-            self._finish(failed=True)
+        except BaseException as exc:
+            code = exc.code.name if isinstance(exc, CallFailure) else "CANCELLED"
+            call.server.stats.refused(code)
+            self._finish(failed=True, code=code)
             raise
         self.held = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._finish(failed=exc_type is not None or self.failed)
+        if exc_type is None:
+            self._finish(failed=self.failed, code="CANCELLED" if self.failed else "OK")
+        else:
+            self._finish(failed=True, code=exc.code.name if isinstance(exc, CallFailure) else "CANCELLED")
 
-    def _finish(self, failed: bool) -> None:
+    def _finish(self, failed: bool, code: str = "") -> None:
         call = self.call
         if self.held:
             self.held = False
             call.server.gate.leave()
         self.elapsed = time.perf_counter() - self.started
         assert call.spec is not None
-        call.server.stats.finished(call.spec.name, self.elapsed, failed)
+        call.server.stats.finished(call.spec.name, self.elapsed, failed, code)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s in %.3f ms", call.method, call.spec.name, "failed" if failed else "ok",
                       self.elapsed * 1000)
@@ -226,8 +231,9 @@ class ToolCall:
         try:
             self.connection = server.calls.begin(self.context, self.method)
         except ResourceExhausted as exc:
-            server.stats.rejected()
-            raise failure_for(exc, "", Stage.REQUEST) from None
+            failure = failure_for(exc, "", Stage.REQUEST)
+            server.stats.rejected(self.known_tool(), failure.code.name)
+            raise failure from None
         request = self.request
         try:
             if server.stopping.is_set():
@@ -265,9 +271,15 @@ class ToolCall:
 
     def refusal(self, exc: Exception) -> CallFailure:
         """A call refused before it ran: counted, logged at debug level (one line per request)."""
-        self.server.stats.rejected()
+        failure = failure_for(exc, "", Stage.REQUEST)
+        self.server.stats.rejected(self.known_tool(), failure.code.name)
         log.debug("call to %r rejected: %s", self.request.tool_name, exc)
-        return failure_for(exc, "", Stage.REQUEST)
+        return failure
+
+    def known_tool(self) -> str:
+        """The tool's name when the adapter has it, else "" (a client's made-up names are no label)."""
+        name = self.request.tool_name
+        return name if name in self.server.tools else ""
 
     def admitted(self, *, bypass_queue_limit: bool = False) -> Slot:
         """The call counted, rate limited and holding a gate slot inside the `with`; see `Slot`."""

@@ -146,12 +146,31 @@ class Worker:
         if not port:
             raise StartupError(f"cannot listen on {address}: address already in use or not available")
         self.port = port
+        if args.metrics_port is not None:
+            self.start_metrics()
         log.info("serving %s (%s, max_workers=%d, GIL %s, %s transport) on %s:%d", args.adapter, mode.name,
                  self.settings.max_workers, "enabled" if gil_enabled() else "disabled", self.transport.name,
                  args.host, port)
         if args.elixir_address:
             log.info("started for Elixir node at %s", args.elixir_address)
         return port
+
+    def start_metrics(self) -> None:
+        args = self.args
+        try:
+            from .metrics import serve_metrics
+
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise StartupError(
+                "--metrics-port needs prometheus_client: pip install 'snakepit_bridge[metrics]'") from None
+        try:
+            port = serve_metrics(self.servicer, args.metrics_host, args.metrics_port)
+        except OSError as exc:
+            raise StartupError(
+                f"--metrics-port: cannot listen on {args.metrics_host}:{args.metrics_port}: {exc}") from None
+        self.metrics_port = port
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
 
     def transport_stop_quietly(self) -> None:
         if self.transport is not None:
