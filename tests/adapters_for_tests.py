@@ -59,7 +59,8 @@ class SpecAdapter(BaseAdapter):
     def context_info(self, ctx: RequestContext) -> dict:
         return {"request_id": ctx.request_id, "tool_name": ctx.tool_name, "session_id": ctx.session_id,
                 "metadata": dict(ctx.metadata), "time_remaining": ctx.time_remaining, "cancelled": ctx.cancelled,
-                "worker_mode": ctx.worker_mode, "has_session": ctx.session is not None}
+                "worker_mode": ctx.worker_mode, "has_session": ctx.session is not None,
+                "traceparent": ctx.traceparent, "trace_id": ctx.trace_id}
 
     @tool(description="Wait until the call is cancelled (or `limit` seconds pass); remembers what it saw under `token`")
     def wait_for_cancel(self, token: str, limit: float = 10.0, ctx: RequestContext = None) -> dict:

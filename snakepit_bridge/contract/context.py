@@ -17,7 +17,7 @@ from ..toolkit.frozen import Frozen
 
 class RequestContext(Frozen, frozen_hint="keep state in ctx.session or return it"):
     __slots__ = ("request_id", "tool_name", "session_id", "metadata", "deadline", "session", "seed",
-                 "worker_mode", "_is_active", "_rng", "_rng_factory", "_rng_lock")
+                 "worker_mode", "traceparent", "_is_active", "_rng", "_rng_factory", "_rng_lock")
 
     request_id: str
     tool_name: str
@@ -27,6 +27,7 @@ class RequestContext(Frozen, frozen_hint="keep state in ctx.session or return it
     session: Any  # snakepit_bridge.sessions.Session or None
     seed: int | None
     worker_mode: str
+    traceparent: str  # the caller's W3C traceparent header when it sent a valid one, else ""
     _is_active: Callable[[], bool]
     _rng: Any
     _rng_factory: Callable[[], Any] | None
@@ -36,7 +37,7 @@ class RequestContext(Frozen, frozen_hint="keep state in ctx.session or return it
                  metadata: Mapping[str, str] | None = None,
                  deadline: float | None = None, session: Any = None, seed: int | None = None,
                  worker_mode: str = "", is_active: Callable[[], bool] | None = None,
-                 rng_factory: Callable[[], Any] | None = None) -> None:
+                 rng_factory: Callable[[], Any] | None = None, traceparent: str = "") -> None:
         # Built once per call: set the slots directly, not through Frozen's checked __setattr__ (it
         # freezes once __init__ returns).
         setter = object.__setattr__
@@ -48,6 +49,7 @@ class RequestContext(Frozen, frozen_hint="keep state in ctx.session or return it
         setter(self, "session", session)
         setter(self, "seed", seed)
         setter(self, "worker_mode", worker_mode)
+        setter(self, "traceparent", traceparent)
         setter(self, "_is_active", is_active or (lambda: True))
         setter(self, "_rng", None)
         setter(self, "_rng_factory", rng_factory)
@@ -59,6 +61,11 @@ class RequestContext(Frozen, frozen_hint="keep state in ctx.session or return it
         if self.deadline is None:
             return None
         return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def trace_id(self) -> str:
+        """The caller's trace id (32 hex digits), or "" when the call came without a traceparent."""
+        return self.traceparent[3:35] if self.traceparent else ""
 
     @property
     def cancelled(self) -> bool:

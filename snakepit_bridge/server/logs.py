@@ -33,6 +33,10 @@ LOG_FORMAT = "%(asctime)s - [%(threadName)s] - %(levelname)s - [%(request_id)s] 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("snakepit_request_id", default="-")
 
 
+# The caller's W3C trace id (tracing.py), when it sent one.
+TRACE_ID: contextvars.ContextVar[str] = contextvars.ContextVar("snakepit_trace_id", default="")
+
+
 def current_request_id() -> str:
     return REQUEST_ID.get()
 
@@ -41,7 +45,8 @@ class RequestIdFilter(logging.Filter):
     """Adds the request id; makes string and exception arguments printable and bounded."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = current_request_id()
+        trace_id = TRACE_ID.get()
+        record.request_id = f"{REQUEST_ID.get()} trace={trace_id}" if trace_id else REQUEST_ID.get()
         args = record.args
         if isinstance(args, tuple) and args:
             record.args = tuple(printable(str(arg), LOG_ARGUMENT_CHARS)

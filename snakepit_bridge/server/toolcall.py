@@ -31,9 +31,9 @@ from ..contract.errors import (
     Unavailable,
 )
 from ..generated import snakepit_bridge_pb2 as pb
-from . import codec
+from . import codec, tracing
 from .failures import CallFailure, Stage, failure_for, safe_text, short_name
-from .logs import REQUEST_ID
+from .logs import REQUEST_ID, TRACE_ID
 from .sessions import Session
 
 if TYPE_CHECKING:
@@ -121,8 +121,8 @@ class EndOnFailure:
 class ToolCall:
     """One call of one tool; see the module docstring for its stages."""
 
-    __slots__ = ("server", "request", "context", "method", "request_id", "scope", "deadline", "spec", "kwargs",
-                 "session", "connection")
+    __slots__ = ("server", "request", "context", "method", "request_id", "scope", "trace", "deadline", "spec",
+                 "kwargs", "session", "connection")
 
     def __init__(self, server: BridgeServicer, request, context, method: str) -> None:
         self.server = server
@@ -132,6 +132,9 @@ class ToolCall:
         self.request_id = server.request_id_for(request)
         self.scope = contextvars.copy_context()
         self.scope.run(REQUEST_ID.set, self.request_id)
+        self.trace = tracing.from_context(context)
+        if self.trace is not None:
+            self.scope.run(TRACE_ID.set, self.trace.trace_id)
         self.deadline = _deadline(context)
         self.spec: ToolSpec | None = None
         self.kwargs: dict[str, Any] = {}
@@ -335,7 +338,8 @@ class ToolCall:
             request_id=self.request_id, tool_name=spec.name, session_id=request.session_id,
             metadata=dict(request.metadata), deadline=_deadline(context), session=self.session, seed=seed,
             worker_mode=server.info.worker_mode, is_active=lambda: context.is_active() and not server.stopping.is_set(),
-            rng_factory=_rng_factory(seed, self.session, self.request_id))
+            rng_factory=_rng_factory(seed, self.session, self.request_id),
+            traceparent=self.trace.header if self.trace is not None else "")
 
 
 def end_call(context, failure: CallFailure) -> NoReturn:

@@ -158,9 +158,9 @@ class Worker:
     def start_metrics(self) -> None:
         args = self.args
         try:
-            from .metrics import serve_metrics
-
             import prometheus_client  # noqa: F401
+
+            from .metrics import serve_metrics
         except ImportError:
             raise StartupError(
                 "--metrics-port needs prometheus_client: pip install 'snakepit_bridge[metrics]'") from None
