@@ -23,17 +23,12 @@ import logging
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..threadsafety.interpreter import gil_enabled
-from .stats import BUCKETS_PER_DOUBLING, _bucket_upper_seconds
+from .stats import cumulative_at_powers_of_two
 
 if TYPE_CHECKING:
     from .servicer import BridgeServicer
 
 log = logging.getLogger("snakepit_bridge.server")
-
-# Histogram bounds: every power of two of microseconds (the stats' own bucket edges, so the counts are
-# exact at each bound), from 2^4 µs = 16 µs up to 2^32 µs = about 72 minutes.
-_EDGE_INDEXES = [power * BUCKETS_PER_DOUBLING for power in range(4, 33)]
-
 
 class BridgeCollector:
     """A prometheus_client collector over one servicer's counters."""
@@ -59,18 +54,7 @@ class BridgeCollector:
                                           "Duration of tool calls that ran, from admission to their end",
                                           labels=["tool"])
         for tool, (count, total_seconds, histogram) in sorted(snapshot["tools"].items()):
-            buckets = []
-            running = 0
-            edge_iter = iter(_EDGE_INDEXES)
-            edge = next(edge_iter)
-            for index, in_bucket in enumerate(histogram):
-                while index > edge:
-                    buckets.append((_format(_bucket_upper_seconds(edge)), running))
-                    edge = next(edge_iter, len(histogram))
-                running += in_bucket
-            while edge < len(histogram):
-                buckets.append((_format(_bucket_upper_seconds(edge)), running))
-                edge = next(edge_iter, len(histogram))
+            buckets = [(_format(upper), below) for upper, below in cumulative_at_powers_of_two(histogram)]
             buckets.append(("+Inf", count))
             durations.add_metric([tool], buckets, sum_value=total_seconds)
         yield durations

@@ -20,11 +20,20 @@ def _bucket(seconds: float) -> int:
     return min(_BUCKET_COUNT - 1, int(math.log2(seconds / _MIN_SECONDS) * _BUCKETS_PER_DOUBLING) + 1)
 
 
-BUCKETS_PER_DOUBLING = _BUCKETS_PER_DOUBLING
-
-
 def _bucket_upper_seconds(index: int) -> float:
     return _MIN_SECONDS * 2 ** (index / _BUCKETS_PER_DOUBLING)
+
+
+def cumulative_at_powers_of_two(histogram: list[int]) -> list[tuple[float, int]]:
+    """(upper bound in seconds, calls at or under it) at every power of two of microseconds from 16 µs
+    up: the histogram's own bucket edges, so each count is exact (what Prometheus buckets need)."""
+    bounds = []
+    below = 0
+    for index, count in enumerate(histogram):
+        below += count
+        if index >= 4 * _BUCKETS_PER_DOUBLING and index % _BUCKETS_PER_DOUBLING == 0:
+            bounds.append((_bucket_upper_seconds(index), below))
+    return bounds
 
 
 class ToolCounters:
