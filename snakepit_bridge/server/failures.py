@@ -49,6 +49,11 @@ def short_name(name: str) -> str:
     return text if len(text) <= NAME_CHARS else f"{text[:NAME_CHARS - 3]}... ({len(name)} characters)"
 
 
+def undecodable_request(message_type: str, error: Exception) -> str:
+    """The INVALID_ARGUMENT message for request bytes that do not parse as `message_type` (both transports)."""
+    return f"request is not a valid {message_type} message: {safe_text(str(error), 256)}"
+
+
 class CallFailure(Exception):
     """A failed call as the caller will see it: status code, message, and for an exception raised by
     the tool, the ToolError (type, message, traceback) sent in the trailing metadata."""

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..generated import snakepit_bridge_pb2 as pb
 from .auth import BearerToken
-from .failures import safe_text
+from .failures import undecodable_request
 
 if TYPE_CHECKING:
     from .servicer import BridgeServicer
@@ -131,9 +131,7 @@ def _refuse_undecodable(behaviour: Callable) -> Callable:
     @functools.wraps(behaviour)
     def checked(request, context):
         if type(request) is UndecodableRequest:
-            reason = safe_text(str(request.error), 256)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"request is not a valid {request.message_type} message: {reason}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable_request(request.message_type, request.error))
         return behaviour(request, context)
 
     return checked

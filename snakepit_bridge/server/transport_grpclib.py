@@ -31,7 +31,7 @@ from grpclib.server import Server
 
 from ..contract.errors import StatusCode
 from ..generated import snakepit_bridge_pb2 as pb
-from .failures import safe_text
+from .failures import undecodable_request
 
 if TYPE_CHECKING:
     from .auth import BearerToken
@@ -142,9 +142,8 @@ class LimitedProtoCodec(ProtoCodec):
         try:
             return super().decode(data, message_type)
         except Exception as exc:
-            reason = safe_text(str(exc), 256)
             raise GRPCError(Status.INVALID_ARGUMENT,
-                            f"request is not a valid {message_type.DESCRIPTOR.full_name} message: {reason}") from None
+                            undecodable_request(message_type.DESCRIPTOR.full_name, exc)) from None
 
 
 class BridgeService:
