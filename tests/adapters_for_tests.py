@@ -187,3 +187,23 @@ class UndeclaredAdapter(BaseAdapter):
     @tool
     def noop(self) -> None:
         pass
+
+
+class TracedAdapter(SpecAdapter):
+    """SpecAdapter with a tool that makes OpenTelemetry spans of its own (tests/test_server_otel.py)."""
+
+    @tool(description="Make `steps` spans of its own under the call's span; return the trace id it saw")
+    def traced_steps(self, steps: int = 2) -> str:
+        from opentelemetry import trace
+
+        tracer = trace.get_tracer("tests.adapters_for_tests")
+        for index in range(steps):
+            with tracer.start_as_current_span(f"step {index}"):
+                pass
+        return format(trace.get_current_span().get_span_context().trace_id, "032x")
+
+    @tool(description="The names of the modules this process has imported that start with `prefix`")
+    def imported_modules(self, prefix: str) -> list[str]:
+        import sys
+
+        return sorted(name for name in sys.modules if name.startswith(prefix))

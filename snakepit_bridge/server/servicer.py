@@ -26,6 +26,7 @@ from .calls import CallTracker
 from .failures import Stage, failure_for
 from .gate import ToolGate
 from .logs import REQUEST_ID_CHARS, printable
+from .otel import CallTracing
 from .sessions import SessionStore
 from .stats import ServerStats
 from .toolcall import ToolCall, end_call
@@ -47,7 +48,7 @@ class BridgeServicer:
 
     def __init__(self, adapter: BaseAdapter, *, info: ServerInfo, gate: ToolGate, sessions: SessionStore,
                  stats: ServerStats, batch_executor=None, rate_limiter=None, checker=None,
-                 adapter_name: str = "", calls: CallTracker | None = None) -> None:
+                 adapter_name: str = "", calls: CallTracker | None = None, tracing: CallTracing | None = None) -> None:
         self.adapter = adapter
         self.info = info
         self.gate = gate
@@ -56,6 +57,7 @@ class BridgeServicer:
         self.batch_executor = batch_executor
         self.rate_limiter = rate_limiter
         self.checker = checker
+        self.tracing = tracing  # OpenTelemetry spans of tool calls (otel.py), or None
         # Without limits of its own (in-process use): no per-connection cap, no send watchdog.
         self.calls = calls if calls is not None else CallTracker(max_per_connection=2 ** 31, send_timeout=None)
         self.adapter_name = adapter_name or f"{type(adapter).__module__}.{type(adapter).__qualname__}"

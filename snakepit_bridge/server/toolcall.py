@@ -48,11 +48,12 @@ class Slot:
     rate limited, then holding a gate slot; on exit the slot goes back and the outcome is counted, failed
     when the body raised or set `slot.failed`. A class, not a generator: it is on every call's hot path."""
 
-    __slots__ = ("call", "bypass_queue_limit", "held", "failed", "started", "elapsed")
+    __slots__ = ("call", "bypass_queue_limit", "span", "held", "failed", "started", "elapsed")
 
-    def __init__(self, call: ToolCall, bypass_queue_limit: bool) -> None:
+    def __init__(self, call: ToolCall, bypass_queue_limit: bool, span: Any) -> None:
         self.call = call
         self.bypass_queue_limit = bypass_queue_limit
+        self.span = span  # the OpenTelemetry span that the admission is an event of, or None
         self.held = False
         self.failed = False  # set by a body that ends early without raising (a stream whose client left)
         self.started = 0.0
@@ -71,6 +72,8 @@ class Slot:
             self._finish(failed=True, code=code)
             raise
         self.held = True
+        if self.span is not None:
+            self.span.add_event("admitted", {"snakepit.queue_wait_ms": (time.perf_counter() - self.started) * 1000})
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -103,26 +106,28 @@ class Slot:
 
 
 class EndOnFailure:
-    """`with call.failures():` a CallFailure raised inside ends the RPC with its status."""
+    """`with call.failures():` a CallFailure raised inside ends the RPC with its status (and is kept as
+    the call's `failure`, which its span ends with)."""
 
-    __slots__ = ("context",)
+    __slots__ = ("call",)
 
-    def __init__(self, context) -> None:
-        self.context = context
+    def __init__(self, call: ToolCall) -> None:
+        self.call = call
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is CallFailure:
-            end_call(self.context, exc)
+            self.call.failure = exc
+            end_call(self.call.context, exc)
 
 
 class ToolCall:
     """One call of one tool; see the module docstring for its stages."""
 
     __slots__ = ("server", "request", "context", "method", "request_id", "scope", "trace", "deadline", "spec",
-                 "kwargs", "session", "connection")
+                 "kwargs", "session", "connection", "span", "failure")
 
     def __init__(self, server: BridgeServicer, request, context, method: str) -> None:
         self.server = server
@@ -140,16 +145,59 @@ class ToolCall:
         self.kwargs: dict[str, Any] = {}
         self.session: Session | None = None
         self.connection: Any = None  # calls.TrackedCall: its send watchdog
+        self.failure: CallFailure | None = None  # how the call failed, once it has
+        self.span: Any = None  # its OpenTelemetry span (otel.py), when spans are on
+        if server.tracing is not None:
+            self.span = server.tracing.start(self)
+            if self.trace is None:  # a root span: its trace id is the one to find the log lines by
+                self.scope.run(TRACE_ID.set, server.tracing.trace_id(self.span))
 
     # --- the three RPCs --------------------------------------------------------------------------
     def unary(self) -> pb.ExecuteToolResponse:
-        return self.scope.run(self._unary)
+        if self.span is None:
+            return self.scope.run(self._unary)
+        return self.scope.run(self._in_span, self._unary)
 
     def stream(self) -> Iterator[pb.ToolChunk]:
-        return _steps_in(self.scope, self._stream())
+        return _steps_in(self.scope, self._stream() if self.span is None else self._stream_in_span())
 
     def batch(self) -> pb.ExecuteBatchResponse:
-        return self.scope.run(self._batch)
+        if self.span is None:
+            return self.scope.run(self._batch)
+        return self.scope.run(self._in_span, self._batch)
+
+    def _in_span(self, rpc):
+        """`rpc()`, its span ended with how it ended."""
+        try:
+            response = rpc()
+        except BaseException as exc:
+            self.end_span(exc)
+            raise
+        self.end_span(None)
+        return response
+
+    def _stream_in_span(self) -> Generator[pb.ToolChunk, None, None]:
+        try:
+            yield from self._stream()
+        except GeneratorExit:  # the client went away at a yield
+            self.failure = self.failure or CallFailure(StatusCode.CANCELLED, "the client went away")
+            self.end_span(None)
+            raise
+        except BaseException as exc:
+            self.end_span(exc)
+            raise
+        self.end_span(None)
+
+    def end_span(self, exc: BaseException | None) -> None:
+        """End the call's span with its failure (or `exc`, when no CallFailure ended it), else OK."""
+        failure, tracing = self.failure, self.server.tracing
+        assert tracing is not None
+        if failure is not None:
+            tracing.end(self.span, failure.code, failure.message)
+        elif exc is not None:
+            tracing.end(self.span, StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+        else:
+            tracing.end(self.span, StatusCode.OK)
 
     def _unary(self) -> pb.ExecuteToolResponse:
         with self.failures():
@@ -179,6 +227,8 @@ class ToolCall:
                     if not self.context.is_active():
                         log.info("stream %s cancelled by the client after %d chunks", spec.name, chunks)
                         slot.failed = True
+                        self.failure = CallFailure(StatusCode.CANCELLED, f"cancelled by the client after {chunks} "
+                                                   "chunks")
                         return
                     data_json, blobs = _encode_result(item, spec.name)
                     with slot.released():
@@ -202,7 +252,10 @@ class ToolCall:
         spec = self.spec
         assert spec is not None
 
-        def run_item(item: pb.BatchItem) -> tuple[str, list[bytes]]:
+        def run_item(indexed: tuple[int, pb.BatchItem]) -> tuple[str, list[bytes]]:
+            index, item = indexed
+            if self.span is not None:
+                return self.run_item_in_span(index, item)
             kwargs = self.bind(item.args_json, item.blobs)
             with self.admitted(bypass_queue_limit=True):  # the batch passed the queue once
                 return self.run(kwargs)
@@ -210,7 +263,8 @@ class ToolCall:
         parallelism = self.server.info.max_workers
         if self.request.max_parallelism:
             parallelism = min(parallelism, self.request.max_parallelism)
-        outcomes = run_batch(run_item, list(self.request.items), parallelism, executor=self.server.batch_executor)
+        outcomes = run_batch(run_item, list(enumerate(self.request.items)), parallelism,
+                             executor=self.server.batch_executor)
         results = []
         for outcome in outcomes:
             if outcome.ok:
@@ -220,13 +274,34 @@ class ToolCall:
                 assert outcome.error is not None and outcome.error.exception is not None
                 failure = failure_for(outcome.error.exception, spec.name, Stage.REQUEST)
                 results.append(pb.BatchResult(ok=False, error=failure.as_tool_error(spec.name)))
+        if self.span is not None:
+            self.span.set_attribute("snakepit.batch.failed", sum(not outcome.ok for outcome in outcomes))
         self.connection.sending()
         return pb.ExecuteBatchResponse(results=results, request_id=self.request_id)
+
+    def run_item_in_span(self, index: int, item: pb.BatchItem) -> tuple[str, list[bytes]]:
+        """A batch item with a span of its own, current while its tool runs (in the item's own context)."""
+        tracing = self.server.tracing
+        assert tracing is not None
+        span = tracing.start_item(self, index)
+        tracing.make_current(span)
+        try:
+            kwargs = self.bind(item.args_json, item.blobs)
+            with self.admitted(bypass_queue_limit=True, span=span):
+                result = self.run(kwargs)
+        except CallFailure as failure:
+            tracing.end(span, failure.code, failure.message)
+            raise
+        except BaseException as exc:
+            tracing.end(span, StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+            raise
+        tracing.end(span, StatusCode.OK)
+        return result
 
     # --- the stages ------------------------------------------------------------------------------
     def failures(self) -> EndOnFailure:
         """A CallFailure raised inside ends the RPC with its status."""
-        return EndOnFailure(self.context)
+        return EndOnFailure(self)
 
     def prepare(self, *, streaming: bool, bind_args: bool = True) -> None:
         """Everything checked before the tool runs; a refusal is counted and raised as its CallFailure."""
@@ -284,9 +359,9 @@ class ToolCall:
         name = self.request.tool_name
         return name if name in self.server.tools else ""
 
-    def admitted(self, *, bypass_queue_limit: bool = False) -> Slot:
+    def admitted(self, *, bypass_queue_limit: bool = False, span: Any = None) -> Slot:
         """The call counted, rate limited and holding a gate slot inside the `with`; see `Slot`."""
-        return Slot(self, bypass_queue_limit)
+        return Slot(self, bypass_queue_limit, span if span is not None else self.span)
 
     def rate_limit(self) -> None:
         limiter = self.server.rate_limiter

@@ -39,6 +39,7 @@ from .transport import Transport, open_transport
 
 if TYPE_CHECKING:
     from ..threadsafety.checker import ThreadSafetyChecker
+    from .otel import CallTracing
 
 log = logging.getLogger("snakepit_bridge.server")
 
@@ -127,9 +128,11 @@ class Worker:
         if self.settings.max_workers > 1:
             self.batch_executor = futures.ThreadPoolExecutor(self.settings.max_workers,
                                                              thread_name_prefix="snakepit-batch")
+        self.tracing = self.start_tracing(mode)
         self.servicer = BridgeServicer(adapter, info=info, gate=self.gate, sessions=self.sessions, stats=stats,
                                        batch_executor=self.batch_executor, rate_limiter=rate_limiter,
-                                       checker=self.checker, adapter_name=args.adapter, calls=self.calls)
+                                       checker=self.checker, adapter_name=args.adapter, calls=self.calls,
+                                       tracing=self.tracing)
 
         token = None
         if args.auth_token_env:
@@ -154,6 +157,20 @@ class Worker:
         if args.elixir_address:
             log.info("started for Elixir node at %s", args.elixir_address)
         return port
+
+    def start_tracing(self, mode) -> CallTracing | None:
+        """OpenTelemetry spans when the OTEL_* environment asks for them (otel.py), else None."""
+        from .otel import OtelConfigError, configure
+
+        try:
+            tracing = configure(resource_attributes={"process.pid": os.getpid(), "snakepit.worker_mode": mode.name,
+                                                     "snakepit.worker_index": self.worker_index})
+        except OtelConfigError as exc:
+            raise StartupError(str(exc)) from None
+        if tracing is not None:
+            log.info("OpenTelemetry spans on (%s)", "this process's tracer provider" if tracing.provider is None
+                     else os.environ.get("OTEL_TRACES_EXPORTER") or "otlp")
+        return tracing
 
     def start_metrics(self) -> None:
         args = self.args
@@ -209,6 +226,8 @@ class Worker:
             close = getattr(self.checker, "close", None)
             if callable(close):
                 close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         log.info("stopped")
 
 
