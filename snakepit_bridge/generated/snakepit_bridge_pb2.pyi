@@ -13,18 +13,20 @@ class PingRequest(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class PingResponse(_message.Message):
-    __slots__ = ("message", "server_time_unix_ms", "pid", "worker_mode", "adapter")
+    __slots__ = ("message", "server_time_unix_ms", "pid", "worker_mode", "adapter", "shm_dir")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     WORKER_MODE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
     message: str
     server_time_unix_ms: int
     pid: int
     worker_mode: str
     adapter: str
-    def __init__(self, message: _Optional[str] = ..., server_time_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., worker_mode: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+    shm_dir: str
+    def __init__(self, message: _Optional[str] = ..., server_time_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., worker_mode: _Optional[str] = ..., adapter: _Optional[str] = ..., shm_dir: _Optional[str] = ...) -> None: ...
 
 class ParameterSpec(_message.Message):
     __slots__ = ("name", "type", "required", "default_json", "description")
@@ -65,7 +67,7 @@ class DescribeToolsResponse(_message.Message):
     def __init__(self, tools: _Optional[_Iterable[_Union[ToolSpec, _Mapping]]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class ExecuteToolRequest(_message.Message):
-    __slots__ = ("tool_name", "args_json", "blobs", "session_id", "request_id", "metadata", "seed")
+    __slots__ = ("tool_name", "args_json", "blobs", "session_id", "request_id", "metadata", "seed", "shm_result_prefix", "shm_result_min_bytes")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,8 @@ class ExecuteToolRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SHM_RESULT_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SHM_RESULT_MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
     tool_name: str
     args_json: str
     blobs: _containers.RepeatedScalarFieldContainer[bytes]
@@ -87,7 +91,9 @@ class ExecuteToolRequest(_message.Message):
     request_id: str
     metadata: _containers.ScalarMap[str, str]
     seed: int
-    def __init__(self, tool_name: _Optional[str] = ..., args_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    shm_result_prefix: str
+    shm_result_min_bytes: int
+    def __init__(self, tool_name: _Optional[str] = ..., args_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., seed: _Optional[int] = ..., shm_result_prefix: _Optional[str] = ..., shm_result_min_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecuteToolResponse(_message.Message):
     __slots__ = ("result_json", "blobs", "request_id", "duration_ms")
@@ -136,7 +142,7 @@ class BatchItem(_message.Message):
     def __init__(self, args_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ExecuteBatchRequest(_message.Message):
-    __slots__ = ("tool_name", "items", "session_id", "request_id", "metadata", "max_parallelism")
+    __slots__ = ("tool_name", "items", "session_id", "request_id", "metadata", "max_parallelism", "shm_result_prefix", "shm_result_min_bytes")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -150,13 +156,17 @@ class ExecuteBatchRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     MAX_PARALLELISM_FIELD_NUMBER: _ClassVar[int]
+    SHM_RESULT_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SHM_RESULT_MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
     tool_name: str
     items: _containers.RepeatedCompositeFieldContainer[BatchItem]
     session_id: str
     request_id: str
     metadata: _containers.ScalarMap[str, str]
     max_parallelism: int
-    def __init__(self, tool_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_parallelism: _Optional[int] = ...) -> None: ...
+    shm_result_prefix: str
+    shm_result_min_bytes: int
+    def __init__(self, tool_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_parallelism: _Optional[int] = ..., shm_result_prefix: _Optional[str] = ..., shm_result_min_bytes: _Optional[int] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("ok", "result_json", "blobs", "error")

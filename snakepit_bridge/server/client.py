@@ -16,6 +16,7 @@ from ..contract.errors import ERROR_TRAILER
 from ..generated import snakepit_bridge_pb2 as pb
 from ..generated import snakepit_bridge_pb2_grpc as pb_grpc
 from . import codec
+from .shm import DEFAULT_MIN_BYTES, CallerRegions, RegionDir
 
 
 class BridgeCallError(Exception):
@@ -44,14 +45,21 @@ class BatchItemResult:
 
 
 class BridgeClient:
+    """`shm_dir`: the `--shm-dir` of a worker on this host. Bytes and arrays of `shm_min_bytes` or more
+    then go both ways as shared-memory regions in it instead of inline (results come back as arrays
+    that map the region: no copy); everything else is unchanged."""
+
     def __init__(self, address: str, *, token: str | None = None, timeout: float | None = 30.0,
-                 max_message_mb: float = 64.0) -> None:
+                 max_message_mb: float = 64.0, shm_dir: str | None = None,
+                 shm_min_bytes: int = DEFAULT_MIN_BYTES) -> None:
         size = int(max_message_mb * 1024 * 1024)
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", size),
                                                                ("grpc.max_send_message_length", size)])
         self.stub = pb_grpc.BridgeServiceStub(self.channel)
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.shm = RegionDir(shm_dir) if shm_dir is not None else None
+        self.shm_min_bytes = shm_min_bytes
 
     def close(self) -> None:
         self.channel.close()
@@ -68,47 +76,80 @@ class BridgeClient:
         except grpc.RpcError as error:
             raise BridgeCallError.from_rpc_error(error) from None
 
+    def _regions(self) -> CallerRegions | None:
+        return CallerRegions(self.shm, self.shm_min_bytes) if self.shm is not None else None
+
     @staticmethod
     def _request(tool: str, args: dict | None, session_id: str | None, seed: int | None,
-                 metadata: dict | None) -> pb.ExecuteToolRequest:
-        args_json, blobs = codec.encode(args or {})
+                 metadata: dict | None, regions: CallerRegions | None = None) -> pb.ExecuteToolRequest:
+        args_json, blobs = codec.encode(args or {}, regions.arguments if regions is not None else None)
         request = pb.ExecuteToolRequest(tool_name=tool, args_json=args_json, blobs=blobs, session_id=session_id or "",
                                         metadata=metadata or {})
         if seed is not None:
             request.seed = seed
+        if regions is not None:
+            request.shm_result_prefix, request.shm_result_min_bytes = regions.result_prefix, regions.min_bytes
         return request
 
     def execute(self, tool: str, args: dict | None = None, *, session_id: str | None = None, seed: int | None = None,
                 timeout: float | None = None, metadata: dict | None = None) -> Any:
-        response = self._call(self.stub.ExecuteTool, self._request(tool, args, session_id, seed, metadata), timeout)
-        return codec.decode(response.result_json, response.blobs)
+        regions = self._regions()
+        failed = True
+        try:
+            request = self._request(tool, args, session_id, seed, metadata, regions)
+            response = self._call(self.stub.ExecuteTool, request, timeout)
+            value = codec.decode(response.result_json, response.blobs, field="result_json", regions=regions)
+            failed = False
+            return value
+        finally:
+            if regions is not None:
+                regions.finish(failed)
 
     def stream(self, tool: str, args: dict | None = None, *, session_id: str | None = None, seed: int | None = None,
                timeout: float | None = None, metadata: dict | None = None) -> Iterator[Any]:
         """Yield each chunk's value; the final chunk's value is the generator's return value."""
-        request = self._request(tool, args, session_id, seed, metadata)
+        regions = self._regions()
+        failed = True
         try:
+            request = self._request(tool, args, session_id, seed, metadata, regions)
             for chunk in self.stub.ExecuteStreamingTool(request, timeout=self.timeout if timeout is None else timeout,
                                                         metadata=self.metadata):
-                value = codec.decode(chunk.data_json, chunk.blobs)
+                value = codec.decode(chunk.data_json, chunk.blobs, field="data_json", regions=regions)
+                if regions is not None:
+                    regions.results_read()
                 if chunk.is_final:
+                    failed = False
                     return value
                 yield value
         except grpc.RpcError as error:
             raise BridgeCallError.from_rpc_error(error) from None
+        finally:
+            if regions is not None:
+                regions.finish(failed)
 
     def batch(self, tool: str, items: list[dict], *, session_id: str | None = None, max_parallelism: int = 0,
               timeout: float | None = None) -> list[BatchItemResult]:
-        batch_items = []
-        for args in items:
-            args_json, blobs = codec.encode(args)
-            batch_items.append(pb.BatchItem(args_json=args_json, blobs=blobs))
-        request = pb.ExecuteBatchRequest(tool_name=tool, items=batch_items, session_id=session_id or "",
-                                         max_parallelism=max_parallelism)
-        response = self._call(self.stub.ExecuteBatch, request, timeout)
-        return [BatchItemResult(True, codec.decode(r.result_json, r.blobs)) if r.ok
-                else BatchItemResult(False, None, r.error)
-                for r in response.results]
+        regions = self._regions()
+        failed = True
+        try:
+            batch_items = []
+            for args in items:
+                args_json, blobs = codec.encode(args, regions.arguments if regions is not None else None)
+                batch_items.append(pb.BatchItem(args_json=args_json, blobs=blobs))
+            request = pb.ExecuteBatchRequest(tool_name=tool, items=batch_items, session_id=session_id or "",
+                                             max_parallelism=max_parallelism)
+            if regions is not None:
+                request.shm_result_prefix, request.shm_result_min_bytes = regions.result_prefix, regions.min_bytes
+            response = self._call(self.stub.ExecuteBatch, request, timeout)
+            results = [BatchItemResult(True, codec.decode(r.result_json, r.blobs, field="result_json",
+                                                          regions=regions)) if r.ok
+                       else BatchItemResult(False, None, r.error)
+                       for r in response.results]
+            failed = False
+            return results
+        finally:
+            if regions is not None:
+                regions.finish(failed)
 
     def ping(self, message: str = "") -> pb.PingResponse:
         return self._call(self.stub.Ping, pb.PingRequest(message=message), None)

@@ -77,16 +77,38 @@ def _numpy():
     return numpy
 
 
-def encode(value: Any) -> tuple[str, list[bytes]]:
-    """Encode a value tree as (JSON text, blobs)."""
+class _Placing:
+    """Large blobs of one `encode` going to shared-memory regions (shm.ResultRegions); what it placed."""
+
+    __slots__ = ("regions", "min_bytes", "placed")
+
+    def __init__(self, regions) -> None:
+        self.regions = regions
+        self.min_bytes = regions.min_bytes
+        self.placed: list[str] = []
+
+    def place(self, data) -> str:
+        name = self.regions.place(data)
+        self.placed.append(name)
+        return name
+
+
+def encode(value: Any, regions=None) -> tuple[str, list[bytes]]:
+    """Encode a value tree as (JSON text, blobs). With `regions` (shm.ResultRegions), bytes and arrays
+    of at least `regions.min_bytes` are written as shared-memory regions and referenced by name."""
     blobs: list[bytes] = []
     if type(value) in _SCALARS:
         tree = value
     else:
+        placing = None if regions is None else _Placing(regions)
         try:
-            tree = _to_tree(value, blobs, 0)
-        except _ValueError as exc:
-            raise exc.codec_error("$") from None
+            tree = _to_tree(value, blobs, 0, placing)
+        except BaseException as exc:
+            if placing is not None:
+                regions.remove(placing.placed)  # nobody will read them
+            if isinstance(exc, _ValueError):
+                raise exc.codec_error("$") from None
+            raise
     try:
         text = _JSON_ENCODER.encode(tree)
     except ValueError as exc:  # only integers past the digit limit get here: the tree is plain JSON
@@ -124,7 +146,7 @@ def _find_big_int(tree: Any, limit: int) -> list[str] | None:
     return None
 
 
-def _to_tree(value: Any, blobs: list[bytes], depth: int) -> Any:
+def _to_tree(value: Any, blobs: list[bytes], depth: int, placing: _Placing | None = None) -> Any:
     # Ordered by frequency: most values are plain JSON scalars.
     if value is None or value is True or value is False or type(value) is str or type(value) is int:
         return value
@@ -140,7 +162,8 @@ def _to_tree(value: Any, blobs: list[bytes], depth: int) -> Any:
             if not isinstance(key, str):
                 raise _ValueError(f"map keys must be strings, got {type(key).__name__} key {_short_repr(key)}")
             try:
-                out[key] = item if type(item) in _PLAIN_JSON and _finite(item) else _to_tree(item, blobs, depth + 1)
+                out[key] = (item if type(item) in _PLAIN_JSON and _finite(item)
+                            else _to_tree(item, blobs, depth + 1, placing))
             except _ValueError as exc:
                 raise exc.at(_key_step(key))
         if TAG in out:
@@ -152,11 +175,15 @@ def _to_tree(value: Any, blobs: list[bytes], depth: int) -> Any:
         items = []
         for index, item in enumerate(value):
             try:
-                items.append(item if type(item) in _PLAIN_JSON and _finite(item) else _to_tree(item, blobs, depth + 1))
+                items.append(item if type(item) in _PLAIN_JSON and _finite(item)
+                             else _to_tree(item, blobs, depth + 1, placing))
             except _ValueError as exc:
                 raise exc.at(f"[{index}]")
         return items
     if isinstance(value, (bytes, bytearray, memoryview)):
+        if placing is not None and memoryview(value).nbytes >= placing.min_bytes:
+            view = memoryview(value).cast("B") if memoryview(value).contiguous else memoryview(bytes(value))
+            return {TAG: "bytes", "shm": placing.place(view), "offset": 0, "length": view.nbytes}
         blobs.append(bytes(value))
         return {TAG: "bytes", "blob": len(blobs) - 1}
     if isinstance(value, bool):  # numpy.bool_ is handled below; this is a bool subclass
@@ -164,7 +191,7 @@ def _to_tree(value: Any, blobs: list[bytes], depth: int) -> Any:
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
-        return _to_tree(float(value), blobs, depth)
+        return _to_tree(float(value), blobs, depth, placing)
     if isinstance(value, str):
         return str(value)
     np = _numpy()
@@ -174,12 +201,15 @@ def _to_tree(value: Any, blobs: list[bytes], depth: int) -> Any:
         array = np.asarray(value, order="C")  # ascontiguousarray would turn 0-d arrays into shape (1,)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
+        if placing is not None and array.nbytes >= placing.min_bytes:
+            name = placing.place(array.reshape(-1).view(np.uint8))  # C order: the raw buffer as it is
+            return {TAG: "ndarray", "shm": name, "offset": 0, "dtype": array.dtype.str, "shape": list(array.shape)}
         blobs.append(array.tobytes())
         return {TAG: "ndarray", "blob": len(blobs) - 1, "dtype": array.dtype.str, "shape": list(array.shape)}
     if isinstance(value, np.generic):
-        return _to_tree(value.item(), blobs, depth)
+        return _to_tree(value.item(), blobs, depth, placing)
     if isinstance(value, (set, frozenset)):
-        return _to_tree(sorted(value, key=repr), blobs, depth)
+        return _to_tree(sorted(value, key=repr), blobs, depth, placing)
     raise _ValueError(f"cannot encode value of type {type(value).__name__}")
 
 
@@ -192,8 +222,10 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 64 else text[:61] + "..."
 
 
-def decode(json_text: str, blobs: list[bytes] | tuple[bytes, ...] = (), *, field: str = "json") -> Any:
-    """Decode (JSON text, blobs) into Python values. Empty text decodes as None."""
+def decode(json_text: str, blobs: list[bytes] | tuple[bytes, ...] = (), *, field: str = "json",
+           regions=None) -> Any:
+    """Decode (JSON text, blobs) into Python values. Empty text decodes as None. Shared-memory regions
+    (`"shm"` references) are opened in `regions` (an shm.RegionDir); without it they are an error."""
     if not json_text:
         return None
     if json_text == "{}":
@@ -211,12 +243,12 @@ def decode(json_text: str, blobs: list[bytes] | tuple[bytes, ...] = (), *, field
     if type(tree) in _PLAIN_JSON:
         return tree
     try:
-        return _from_tree(tree, blobs, 0)
+        return _from_tree(tree, blobs, 0, regions)
     except _ValueError as exc:
         raise exc.codec_error(field) from None
 
 
-def _from_tree(tree: Any, blobs, depth: int) -> Any:
+def _from_tree(tree: Any, blobs, depth: int, regions=None) -> Any:
     if type(tree) is list:
         if depth >= MAX_DEPTH:
             raise _ValueError(f"nested deeper than {MAX_DEPTH} levels")
@@ -226,7 +258,7 @@ def _from_tree(tree: Any, blobs, depth: int) -> Any:
                 items.append(item)  # Python's json accepts NaN/Infinity literals; they stay floats
                 continue
             try:
-                items.append(_from_tree(item, blobs, depth + 1))
+                items.append(_from_tree(item, blobs, depth + 1, regions))
             except _ValueError as exc:
                 raise exc.at(f"[{index}]")
         return items
@@ -234,11 +266,13 @@ def _from_tree(tree: Any, blobs, depth: int) -> Any:
         return tree
     kind = tree.get(TAG)
     if kind is None:
-        return _from_object(tree, blobs, depth)
+        return _from_object(tree, blobs, depth, regions)
     if kind == "bytes":
+        if "shm" in tree:
+            return _region(regions, "bytes", tree.get("shm"), tree.get("offset", 0), None, tree.get("length"))
         return _blob(tree, blobs)
     if kind == "ndarray":
-        return _ndarray(tree, blobs)
+        return _ndarray(tree, blobs, regions)
     if kind == "float":
         text = tree.get("value")
         if text not in ("nan", "inf", "-inf"):
@@ -248,11 +282,11 @@ def _from_tree(tree: Any, blobs, depth: int) -> Any:
         inner = tree.get("value")
         if type(inner) is not dict:
             raise _ValueError("object tag needs a JSON object as value")
-        return _from_object(inner, blobs, depth)
+        return _from_object(inner, blobs, depth, regions)
     raise _ValueError(f"unknown {TAG} tag {_short_repr(kind)}")
 
 
-def _from_object(tree: dict, blobs, depth: int) -> dict:
+def _from_object(tree: dict, blobs, depth: int, regions=None) -> dict:
     if depth >= MAX_DEPTH:
         raise _ValueError(f"nested deeper than {MAX_DEPTH} levels")
     out = {}
@@ -261,7 +295,7 @@ def _from_object(tree: dict, blobs, depth: int) -> dict:
             out[key] = item
             continue
         try:
-            out[key] = _from_tree(item, blobs, depth + 1)
+            out[key] = _from_tree(item, blobs, depth + 1, regions)
         except _ValueError as exc:
             raise exc.at(_key_step(key))
     return out
@@ -274,7 +308,7 @@ def _blob(tree: dict, blobs) -> bytes:
     return bytes(blobs[index])
 
 
-def _ndarray(tree: dict, blobs):
+def _ndarray(tree: dict, blobs, regions=None):
     np = _numpy()
     dtype = _plain_dtype(np, tree.get("dtype"))
     shape = tree.get("shape")
@@ -285,6 +319,8 @@ def _ndarray(tree: dict, blobs):
     # numpy refuses shapes whose element count (zero-length axes left out) overflows its index type.
     if math.prod(d for d in shape if d) * dtype.itemsize >= 2 ** 63:
         raise _ValueError(f"ndarray shape {_short_repr(shape)} of dtype {dtype.str} is too large to exist")
+    if "shm" in tree:
+        return _region(regions, "ndarray", tree.get("shm"), tree.get("offset", 0), (dtype, shape), None)
     data = _blob(tree, blobs)
     expected = dtype.itemsize * math.prod(shape)
     if expected != len(data):
@@ -292,6 +328,21 @@ def _ndarray(tree: dict, blobs):
                           f"blob has {len(data)}")
     # bytearray makes the array writable; frombuffer over bytes would be read-only.
     return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def _region(regions, kind: str, name: Any, offset: Any, array: tuple | None, length: Any):
+    """A shared-memory region's bytes or array (shm.RegionDir), or the error that names why not."""
+    if regions is None:
+        raise _ValueError(f"{kind} in shared-memory region {_short_repr(name)}: this side takes no regions "
+                          "(a worker started without --shm-dir, a client without shm_dir)")
+    from .shm import RegionError
+
+    try:
+        if array is None:
+            return regions.open_bytes(name, offset, length)
+        return regions.open_array(name, offset, *array)
+    except RegionError as exc:
+        raise _ValueError(str(exc)) from None
 
 
 def _plain_dtype(np, dtype_text: Any):

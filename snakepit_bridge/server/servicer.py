@@ -27,6 +27,7 @@ from .failures import Stage, failure_for
 from .gate import ToolGate
 from .logs import REQUEST_ID_CHARS, printable
 from .otel import CallTracing
+from .shm import RegionDir
 from .sessions import SessionStore
 from .stats import ServerStats
 from .toolcall import ToolCall, end_call
@@ -48,7 +49,8 @@ class BridgeServicer:
 
     def __init__(self, adapter: BaseAdapter, *, info: ServerInfo, gate: ToolGate, sessions: SessionStore,
                  stats: ServerStats, batch_executor=None, rate_limiter=None, checker=None,
-                 adapter_name: str = "", calls: CallTracker | None = None, tracing: CallTracing | None = None) -> None:
+                 adapter_name: str = "", calls: CallTracker | None = None, tracing: CallTracing | None = None,
+                 shm: RegionDir | None = None) -> None:
         self.adapter = adapter
         self.info = info
         self.gate = gate
@@ -58,6 +60,7 @@ class BridgeServicer:
         self.rate_limiter = rate_limiter
         self.checker = checker
         self.tracing = tracing  # OpenTelemetry spans of tool calls (otel.py), or None
+        self.shm = shm  # --shm-dir: where same-host callers' shared-memory regions are (shm.py), or None
         # Without limits of its own (in-process use): no per-connection cap, no send watchdog.
         self.calls = calls if calls is not None else CallTracker(max_per_connection=2 ** 31, send_timeout=None)
         self.adapter_name = adapter_name or f"{type(adapter).__module__}.{type(adapter).__qualname__}"
@@ -70,7 +73,8 @@ class BridgeServicer:
     # control RPCs: never gated
     def Ping(self, request, context):
         return pb.PingResponse(message=request.message, server_time_unix_ms=int(time.time() * 1000), pid=os.getpid(),
-                               worker_mode=self.info.worker_mode, adapter=self.adapter_name)
+                               worker_mode=self.info.worker_mode, adapter=self.adapter_name,
+                               shm_dir=self.shm.path if self.shm is not None else "")
 
     def DescribeTools(self, request, context):
         tools = []

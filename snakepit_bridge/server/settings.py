@@ -88,6 +88,10 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         help="serve Prometheus metrics on http://<--metrics-host>:PORT/metrics (needs prometheus_client: "
              "the [metrics] extra); 0 picks a free port (default: off)")
     add("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default: %(default)s)")
+    add("--shm-dir", default=None, metavar="DIR",
+        help="take blobs from same-host callers as shared-memory regions in DIR (a directory of this user, "
+             "mode 0700, on a tmpfs such as /dev/shm), and write large results there when a call asks "
+             "(default: off, every blob inline)")
     add("--transport", choices=TRANSPORTS, default="auto",
         help="gRPC stack: grpcio (C core) or grpclib (pure Python on h2, runs with the GIL off); auto picks "
              "grpclib on a free-threaded build, else grpcio (default: %(default)s)")

@@ -35,6 +35,7 @@ from . import codec, tracing
 from .failures import CallFailure, Stage, failure_for, safe_text, short_name
 from .logs import REQUEST_ID, TRACE_ID
 from .sessions import Session
+from .shm import RegionDir, RegionError, ResultRegions
 
 if TYPE_CHECKING:
     from ..contract.adapter import ToolSpec
@@ -127,7 +128,7 @@ class ToolCall:
     """One call of one tool; see the module docstring for its stages."""
 
     __slots__ = ("server", "request", "context", "method", "request_id", "scope", "trace", "deadline", "spec",
-                 "kwargs", "session", "connection", "span", "failure")
+                 "kwargs", "session", "connection", "span", "failure", "results")
 
     def __init__(self, server: BridgeServicer, request, context, method: str) -> None:
         self.server = server
@@ -146,6 +147,7 @@ class ToolCall:
         self.session: Session | None = None
         self.connection: Any = None  # calls.TrackedCall: its send watchdog
         self.failure: CallFailure | None = None  # how the call failed, once it has
+        self.results: ResultRegions | None = None  # shared-memory regions for large results, when asked
         self.span: Any = None  # its OpenTelemetry span (otel.py), when spans are on
         if server.tracing is not None:
             self.span = server.tracing.start(self)
@@ -230,13 +232,13 @@ class ToolCall:
                         self.failure = CallFailure(StatusCode.CANCELLED, f"cancelled by the client after {chunks} "
                                                    "chunks")
                         return
-                    data_json, blobs = _encode_result(item, spec.name)
+                    data_json, blobs = _encode_result(item, spec.name, self.results)
                     with slot.released():
                         self.connection.sending()
                         yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs)
                         self.connection.sent()
                     chunks += 1
-                final_json, final_blobs = _encode_result(item, spec.name)  # the generator's return value
+                final_json, final_blobs = _encode_result(item, spec.name, self.results)  # the return value
             finally:
                 close = getattr(produced, "close", None)
                 if close is not None:
@@ -318,8 +320,10 @@ class ToolCall:
                 raise Unavailable("server is shutting down")
             self.spec = self.lookup(request.tool_name, streaming=streaming)
             if bind_args:
-                self.kwargs = self.spec.bind(_decode_args(request.args_json, request.blobs))
+                self.kwargs = self.spec.bind(_decode_args(request.args_json, request.blobs, server.shm))
             self.session = server.sessions.get(request.session_id) if request.session_id else None
+            if request.shm_result_prefix and server.shm is not None:  # without --shm-dir: results inline
+                self.results = _result_regions(server.shm, request)
         except Exception as exc:
             raise self.refusal(exc) from None
 
@@ -343,7 +347,7 @@ class ToolCall:
         """A batch item's arguments, checked against the tool's signature."""
         assert self.spec is not None
         try:
-            return self.spec.bind(_decode_args(args_json, blobs))
+            return self.spec.bind(_decode_args(args_json, blobs, self.server.shm))
         except Exception as exc:
             raise self.refusal(exc) from None
 
@@ -390,7 +394,7 @@ class ToolCall:
             result = getattr(self.server.adapter, self.spec.method_name)(**kwargs)
         except BaseException as exc:  # KeyboardInterrupt or SystemExit from a tool must not end a handler thread
             raise failure_for(exc, self.spec.name, Stage.TOOL) from None
-        return _encode_result(result, self.spec.name)
+        return _encode_result(result, self.spec.name, self.results)
 
     def start_stream(self) -> Iterator[Any]:
         assert self.spec is not None
@@ -456,17 +460,24 @@ def _next_chunk(iterator: Iterator[Any], tool: str) -> tuple[bool, Any]:
         raise failure_for(exc, tool, Stage.TOOL) from None
 
 
-def _encode_result(value: Any, tool: str) -> tuple[str, list[bytes]]:
+def _encode_result(value: Any, tool: str, regions: ResultRegions | None = None) -> tuple[str, list[bytes]]:
     try:
-        return codec.encode(value)
+        return codec.encode(value, regions)
     except Exception as exc:
         raise failure_for(exc, tool, Stage.RESULT) from None
 
 
-def _decode_args(args_json: str, blobs) -> dict[str, Any]:
+def _result_regions(directory: RegionDir, request) -> ResultRegions:
+    try:
+        return ResultRegions(directory, request.shm_result_prefix, request.shm_result_min_bytes)
+    except RegionError as exc:
+        raise InvalidArgument(str(exc), field="shm_result_prefix") from None
+
+
+def _decode_args(args_json: str, blobs, regions: RegionDir | None = None) -> dict[str, Any]:
     if not args_json:
         return {}
-    args = codec.decode(args_json, blobs, field="args_json")
+    args = codec.decode(args_json, blobs, field="args_json", regions=regions)
     if not isinstance(args, dict):
         raise InvalidArgument(f"args_json must be a JSON object of arguments, got {type(args).__name__}",
                               field="args_json")

@@ -129,10 +129,18 @@ class Worker:
             self.batch_executor = futures.ThreadPoolExecutor(self.settings.max_workers,
                                                              thread_name_prefix="snakepit-batch")
         self.tracing = self.start_tracing(mode)
+        shm = None
+        if args.shm_dir is not None:
+            from .shm import RegionDir
+
+            try:
+                shm = RegionDir(args.shm_dir)
+            except ValueError as exc:
+                raise StartupError(f"--shm-dir: {exc}") from None
         self.servicer = BridgeServicer(adapter, info=info, gate=self.gate, sessions=self.sessions, stats=stats,
                                        batch_executor=self.batch_executor, rate_limiter=rate_limiter,
                                        checker=self.checker, adapter_name=args.adapter, calls=self.calls,
-                                       tracing=self.tracing)
+                                       tracing=self.tracing, shm=shm)
 
         token = None
         if args.auth_token_env:
