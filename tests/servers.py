@@ -1,4 +1,5 @@
-"""Start real worker servers as subprocesses on 127.0.0.1 for tests and benchmarks.
+"""Start real worker servers as subprocesses on 127.0.0.1 (or on a Unix socket, given --uds PATH) for
+tests and benchmarks.
 
     with WorkerServer("threaded", "--max-workers", "4") as server:
         client = server.client()
@@ -17,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"threaded": ROOT / "grpc_server_threaded.py", "process": ROOT / "grpc_server_process.py"}
-READY = re.compile(r"^SNAKEPIT_READY port=(\d+) pid=(\d+)(?: nonce=\S+)?$")
+READY = re.compile(r"^SNAKEPIT_READY (?:port=(?P<port>\d+)|uds=(?P<uds>\S+)) pid=(?P<pid>\d+)(?: nonce=\S+)?$")
 SHOWCASE = "snakepit_bridge.adapters.showcase.ShowcaseAdapter"
 SPEC_ADAPTER = "tests.adapters_for_tests.SpecAdapter"
 
@@ -30,18 +31,20 @@ class WorkerServer:
     """A worker server subprocess. Its stderr is collected in `self.stderr_lines`."""
 
     def __init__(self, mode: str = "threaded", *args: str, env: dict | None = None, startup_timeout: float = 30.0,
-                 stdin_pipe: bool = True, python: str | None = None) -> None:
+                 stdin_pipe: bool = True, python: str | None = None, umask: int = -1) -> None:
         self.mode = mode
         self.args = list(args)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.startup_timeout = startup_timeout
         self.stdin_pipe = stdin_pipe
+        self.umask = umask  # the server process's umask (-1: this process's)
         # The whole suite can run against another transport or interpreter (the free-threaded subset):
         # SNAKEPIT_TEST_TRANSPORT=grpclib, SNAKEPIT_TEST_SERVER_PYTHON=.venv-ft/bin/python.
         self.python = python or os.environ.get("SNAKEPIT_TEST_SERVER_PYTHON") or sys.executable
         self.transport = os.environ.get("SNAKEPIT_TEST_TRANSPORT")
         self.process: subprocess.Popen | None = None
         self.port = 0
+        self.uds: str | None = None  # the socket's path, when it serves one (from its ready line)
         self.pid = 0
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
@@ -49,13 +52,15 @@ class WorkerServer:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """The grpc target: `127.0.0.1:<port>`, or `unix:<path>`."""
+        return f"unix:{self.uds}" if self.uds else f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         args = self.args
-        if "--port" not in args:
+        on_unix_socket = "--uds" in args or any(arg.startswith("unix:") for arg in args)
+        if "--port" not in args and not on_unix_socket:
             args = ["--port", "0", *args]
-        if "--host" not in args:
+        if "--host" not in args and not on_unix_socket:
             args = ["--host", "127.0.0.1", *args]
         if self.transport and not any(arg.startswith("--transport") for arg in args):
             args = [*args, "--transport", self.transport]
@@ -65,7 +70,7 @@ class WorkerServer:
         self.process = subprocess.Popen(
             self.command(), cwd=ROOT, env=self.env, text=True, bufsize=1,
             stdin=subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, umask=self.umask)
         threading.Thread(target=self._drain, args=(self.process.stderr, self.stderr_lines), daemon=True).start()
         ready = threading.Event()
 
@@ -75,7 +80,8 @@ class WorkerServer:
                 self.stdout_lines.append(line)
                 match = READY.match(line)
                 if match and not ready.is_set():
-                    self.port, self.pid = int(match.group(1)), int(match.group(2))
+                    self.port, self.uds = int(match["port"] or 0), match["uds"]
+                    self.pid = int(match["pid"])
                     ready.set()
 
         threading.Thread(target=read_stdout, daemon=True).start()
@@ -171,11 +177,14 @@ def run_grpcurl(address: str, *args: str, data: str | None = None, headers: dict
                 flags: tuple | list = (), timeout: float = 30.0) -> subprocess.CompletedProcess:
     """`grpcurl -plaintext [flags] [-H 'k: v'] [-d data] address args...`, e.g. args ("list",),
     ("describe", "snakepit.bridge.BridgeService") or ("snakepit.bridge.BridgeService/Ping",). A failed
-    call exits with 64 + the gRPC status code."""
+    call exits with 64 + the gRPC status code. An address `unix:<path>` is called as `-unix <path>`."""
     command = ["grpcurl", "-plaintext", "-max-time", str(int(timeout)), *flags]
     for key, value in (headers or {}).items():
         command += ["-H", f"{key}: {value}"]
     if data is not None:
         command += ["-d", data]
-    command += [address, *args]
+    if address.startswith("unix:"):
+        command += ["-unix", address[len("unix:"):], *args]
+    else:
+        command += [address, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout + 10)

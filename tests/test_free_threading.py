@@ -84,9 +84,10 @@ def test_the_grpclib_listening_socket_says_it_is_tcp_so_asyncio_sets_nodelay_on_
     pytest.importorskip("grpclib")
     probe = """
 import asyncio, socket
+from snakepit_bridge.server.endpoint import Endpoint
 from snakepit_bridge.server.transport_grpclib import _listen
 
-listener = _listen("127.0.0.1", 0, reuse_port=False)
+listener = _listen(Endpoint.tcp("127.0.0.1", 0), reuse_port=False)
 assert listener is not None and listener.proto == socket.IPPROTO_TCP, listener
 
 

@@ -57,9 +57,9 @@ def stub(exporter):
 
     worker = Worker(parse_settings("threaded", ["--adapter", TRACED_ADAPTER, "--host", "127.0.0.1", "--port", "0",
                                                 "--transport", "grpcio", "--max-workers", "4"]))
-    port = start_serving(worker)
+    endpoint = start_serving(worker)
     assert worker.tracing is not None and worker.tracing.provider is None, "the process's own provider is used"
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = grpc.insecure_channel(endpoint.target)
     yield pb_grpc.BridgeServiceStub(channel)
     channel.close()
     worker.shutdown()

@@ -4,6 +4,9 @@
         client.execute("add", {"a": 2, "b": 3})          # -> 5
         for chunk in client.stream("progress", {"steps": 3}):
             print(chunk)
+
+The address is any grpc target: `host:port`, or `unix:/path/to/worker.sock` for a server started
+with --uds (grpc channels dial Unix sockets themselves).
 """
 from __future__ import annotations
 

@@ -46,12 +46,12 @@ def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
         return serve_preforked(settings, ready_nonce)
     worker = Worker(settings)
     try:
-        port = start_serving(worker)
+        endpoint = start_serving(worker)
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     install_stop_triggers(worker.request_stop, settings.args.exit_on_stdin_eof)
-    announce_ready(port, ready_nonce)
+    announce_ready(endpoint, ready_nonce)
     while not worker.stop_requested.wait(0.5):
         pass
     worker.shutdown()

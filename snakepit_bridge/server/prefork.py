@@ -1,4 +1,5 @@
-"""`grpc_server_process.py --processes N`: N pre-forked processes sharing one port.
+"""`grpc_server_process.py --processes N`: N pre-forked processes sharing one TCP port (not a --uds
+socket: Unix sockets have no SO_REUSEPORT, and the flags refuse the two together).
 
 The pattern of grpc's multiprocessing example: the parent reserves the port with SO_REUSEPORT and
 forks before any grpc server exists; each child builds its own server on that port with
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 
+from .endpoint import Endpoint
 from .worker import StartupError, Worker, announce_ready, install_stop_triggers, start_serving
 
 log = logging.getLogger("snakepit_bridge.server")
@@ -132,7 +134,7 @@ def serve_preforked(settings, ready_nonce: str | None = None) -> int:
             stop_requested.set()
 
     install_stop_triggers(request_stop, args.exit_on_stdin_eof)
-    announce_ready(port, ready_nonce)
+    announce_ready(Endpoint.tcp(args.host, port), ready_nonce)
     while not stop_requested.wait(0.5):
         while receiver.poll():
             receiver.recv()  # readiness of restarted children

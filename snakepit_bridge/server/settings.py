@@ -9,9 +9,13 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from .endpoint import Endpoint
 from .transport import TRANSPORTS, resolve
+from .unix_socket import path_problem
 
 CONTROL_THREADS = 8  # handler threads beyond tool slots + queue, so Ping/health/stats never starve
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50052
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,13 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         prog=mode.script, description="Snakepit bridge worker: serves an adapter's tools over gRPC, " + mode.summary)
     add = parser.add_argument
     add("--adapter", default=mode.default_adapter, help="adapter class as module.Class (default: %(default)s)")
-    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    add("--port", type=int, default=50052, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    # --host and --port default to None so that either one given with --uds is an error, not ignored.
+    add("--host", default=None,
+        help=f"address to listen on, or unix:PATH for a Unix socket as --uds PATH (default: {DEFAULT_HOST})")
+    add("--port", type=int, default=None, help=f"port to listen on; 0 picks a free one (default: {DEFAULT_PORT})")
+    add("--uds", metavar="PATH", default=None,
+        help="listen on a Unix domain socket at PATH instead of TCP: mode 0600 (only this user can connect); "
+             "a live server's socket there is an error, a dead one's is replaced; removed at exit")
     add("--elixir-address", default=None,
         help="address of the Elixir node that started this worker; informational, never required, never dialled")
     add("--mode", choices=list(MODES), default=None,
@@ -123,6 +132,12 @@ class Settings:
         return self.args.max_workers if self.mode.many_calls else 1
 
     @property
+    def endpoint(self) -> Endpoint:
+        if self.args.uds is not None:
+            return Endpoint.unix(self.args.uds)
+        return Endpoint.tcp(self.args.host, self.args.port)
+
+    @property
     def transport(self) -> str:
         return resolve(self.args.transport)
 
@@ -148,8 +163,7 @@ def parse_settings(mode: Mode | str, argv: list[str] | None) -> Settings:
     if args.mode is not None and args.mode != mode.name:
         parser.error(f"--mode {args.mode} does not match this script, which runs {mode.name} workers; "
                      f"use {mode.other.script}")
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port must be 0..65535, got {args.port}")
+    check_endpoint(parser, args, mode)
     if args.max_message_mb <= 0:
         parser.error("--max-message-mb must be positive")
     if args.max_queue < 0:
@@ -181,3 +195,37 @@ def parse_settings(mode: Mode | str, argv: list[str] | None) -> Settings:
         parser.error("--metrics-port serves one process's counters; with --processes each process would need a port "
                      "of its own: run one worker per port (as the Elixir pool does) or use grpc_server_threaded.py")
     return Settings(mode, args)
+
+
+def check_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: Mode) -> None:
+    """Settle where to listen: args.uds an absolute socket path (from --uds or --host unix:PATH), or
+    args.host and args.port with their defaults filled in."""
+    if args.host is not None and args.host.startswith("unix:"):
+        if args.uds is not None:
+            parser.error("--host unix:PATH and --uds PATH say the same thing twice: give one of them")
+        # grpc's two spellings: unix:path (relative or absolute) and unix:///absolute/path
+        args.uds = args.host[len("unix://"):] if args.host.startswith("unix://") else args.host[len("unix:"):]
+        flag = f"--host {args.host}"
+        args.host = None
+    else:
+        flag = f"--uds {args.uds}"
+    if args.uds is None:
+        args.host = DEFAULT_HOST if args.host is None else args.host
+        args.port = DEFAULT_PORT if args.port is None else args.port
+        if not 0 <= args.port <= 65535:
+            parser.error(f"--port must be 0..65535, got {args.port}")
+        return
+    if not args.uds:
+        parser.error(f"{flag}: the socket path is empty")
+    if args.host is not None:
+        parser.error(f"--host {args.host} and {flag}: a server listens on TCP or on a Unix socket, not both")
+    if args.port is not None:
+        parser.error(f"--port and {flag}: a Unix socket has no port; drop --port")
+    # Absolute, so that the ready line names the socket wherever its reader runs.
+    args.uds = os.path.abspath(args.uds)
+    problem = path_problem(args.uds)
+    if problem:
+        parser.error(f"{flag}: {problem}")
+    if not mode.many_calls and args.processes > 1:
+        parser.error(f"--processes {args.processes} with {flag}: processes cannot share one Unix socket (there is "
+                     "no SO_REUSEPORT for Unix sockets); start one worker per socket, or use grpc_server_threaded.py")

@@ -10,6 +10,7 @@ from ..threadsafety.interpreter import free_threaded_build
 
 if TYPE_CHECKING:
     from .auth import BearerToken
+    from .endpoint import Endpoint
     from .worker import Worker
 
 TRANSPORTS = ("auto", "grpcio", "grpclib")
@@ -18,8 +19,10 @@ TRANSPORTS = ("auto", "grpcio", "grpclib")
 class Transport(Protocol):
     name: str
 
-    def start(self, worker: Worker, address: str, token: BearerToken | None) -> int:
-        """Serve `worker.servicer` on `address`; returns the port, or 0 when it cannot listen."""
+    def start(self, worker: Worker, endpoint: Endpoint, token: BearerToken | None) -> Endpoint | None:
+        """Serve `worker.servicer` on `endpoint` (a TCP port, or a Unix socket whose path the worker has
+        claimed: bound with `unix_socket.owner_only_umask`); returns where it listens (the port chosen for
+        port 0), or None when it cannot listen."""
 
     def not_serving(self) -> None:
         """Health turns NOT_SERVING for every service (shutdown has begun)."""

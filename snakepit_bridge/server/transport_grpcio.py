@@ -3,6 +3,7 @@ its handler threads. The default wherever grpcio runs with the GIL (see transpor
 free-threaded builds)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -16,8 +17,10 @@ from grpc_reflection.v1alpha import reflection
 from ..generated import snakepit_bridge_pb2 as pb
 from .auth import BearerToken
 from .failures import undecodable_request
+from .unix_socket import owner_only_umask
 
 if TYPE_CHECKING:
+    from .endpoint import Endpoint
     from .servicer import BridgeServicer
     from .worker import Worker
 
@@ -33,8 +36,8 @@ class GrpcioTransport:
         self.server: grpc.Server | None = None
         self.health: Any = None
 
-    def start(self, worker: Worker, address: str, token: BearerToken | None) -> int:
-        """Listen on `address` and serve; returns the port (0 when it cannot listen)."""
+    def start(self, worker: Worker, endpoint: Endpoint, token: BearerToken | None) -> Endpoint | None:
+        """Listen on `endpoint` and serve; returns where it listens (None when it cannot)."""
         settings = worker.settings
         message_bytes = int(settings.args.max_message_mb * 1024 * 1024)
         options = [
@@ -51,17 +54,19 @@ class GrpcioTransport:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
-            port = server.add_insecure_port(address)
+            # add_insecure_port binds (a socket file is created here), start() only accepts.
+            with owner_only_umask() if endpoint.is_unix else contextlib.nullcontext():
+                port = server.add_insecure_port(endpoint.target)
         except RuntimeError as exc:
-            log.debug("cannot listen on %s: %s", address, exc)
+            log.debug("cannot listen on %s: %s", endpoint, exc)
             port = 0
         if not port:
-            return 0
+            return None
         server.start()
         for service in ("", SERVICE.full_name):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.server = server
-        return port
+        return endpoint if endpoint.is_unix else endpoint.with_port(port)
 
     def not_serving(self) -> None:
         """Health turns NOT_SERVING (for every service) and stays so."""

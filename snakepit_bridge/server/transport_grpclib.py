@@ -8,8 +8,9 @@ one tool-call path (toolcall.py) behind both transports. With the GIL off, the p
 tool calls truly in parallel.
 
 Differences from grpcio, kept small on purpose: a request over --max-message-mb is refused once it has
-arrived (grpcio refuses it while it arrives), and the listening socket is made here (SO_REUSEPORT for
---processes, as grpcio's `grpc.so_reuseport`).
+arrived (grpcio refuses it while it arrives), the listening socket is made here (SO_REUSEPORT for
+--processes, as grpcio's `grpc.so_reuseport`; a Unix socket for --uds), and each client connection to a
+Unix socket has a name of its own (grpcio calls every one of them `unix:`).
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ from grpclib.server import Server
 from ..contract.errors import StatusCode
 from ..generated import snakepit_bridge_pb2 as pb
 from .failures import undecodable_request
+from .unix_socket import owner_only_umask
 
 if TYPE_CHECKING:
     from .auth import BearerToken
+    from .endpoint import Endpoint
     from .worker import Worker
 
 log = logging.getLogger("snakepit_bridge.server")
@@ -115,9 +118,14 @@ class CallContext:
 
 def _peer_name(stream) -> str:
     try:
-        host, port = stream.peer.addr()[:2]
+        address = stream.peer.addr()
     except Exception:
         return "unknown"
+    if not isinstance(address, tuple):
+        # A Unix socket's client has no address (''). The peer is what --max-calls-per-connection counts
+        # by, so name the connection itself: its transport lives as long as any of its calls.
+        return f"unix:connection-{id(getattr(stream.peer, '_transport', None)):x}"
+    host, port = address[:2]
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
@@ -230,11 +238,11 @@ class GrpclibTransport:
         self.status: ServiceStatus | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, worker: Worker, address: str, token: BearerToken | None) -> int:
+    def start(self, worker: Worker, endpoint: Endpoint, token: BearerToken | None) -> Endpoint | None:
         settings = worker.settings
-        sock = _listen(settings.args.host, settings.args.port, worker.reuse_port)
+        sock = _listen(endpoint, worker.reuse_port)
         if sock is None:
-            return 0
+            return None
         # Thread names as on grpcio: ThreadPoolExecutor-0_0, ... (the guide's log lines show them).
         self.pool = concurrent.futures.ThreadPoolExecutor(settings.handler_threads,
                                                           thread_name_prefix="ThreadPoolExecutor-0")
@@ -258,7 +266,7 @@ class GrpclibTransport:
             await self.server.start(sock=sock)
 
         asyncio.run_coroutine_threadsafe(serve(), self.loop).result()
-        return sock.getsockname()[1]
+        return endpoint if endpoint.is_unix else endpoint.with_port(sock.getsockname()[1])
 
     def not_serving(self) -> None:
         assert self.loop is not None and self.status is not None
@@ -306,8 +314,22 @@ class GrpclibTransport:
         self.server = None
 
 
-def _listen(host: str, port: int, reuse_port: bool) -> socket.socket | None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _listen(endpoint: Endpoint, reuse_port: bool) -> socket.socket | None:
+    if endpoint.path is not None:
+        # Bound here rather than by grpclib's start(path=...): asyncio's create_unix_server would first
+        # unlink whatever socket is at the path (the worker has claimed it already, see unix_socket.py).
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with owner_only_umask():
+                sock.bind(endpoint.path)
+            sock.listen(128)
+        except OSError as exc:
+            log.debug("cannot listen on %s: %s", endpoint, exc)
+            sock.close()
+            return None
+        sock.setblocking(False)
+        return sock
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
     # without it every response waits for the client's delayed ACK (44 ms a call, measured).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -315,10 +337,10 @@ def _listen(host: str, port: int, reuse_port: bool) -> socket.socket | None:
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        sock.bind((host, port))
+        sock.bind((endpoint.host, endpoint.port))
         sock.listen(128)
     except OSError as exc:
-        log.debug("cannot listen on %s:%d: %s", host, port, exc)
+        log.debug("cannot listen on %s: %s", endpoint, exc)
         sock.close()
         return None
     sock.setblocking(False)

@@ -4,15 +4,16 @@ entry points: `main.py`).
     python grpc_server_threaded.py [flags]   # many tool calls at once in one process
     python grpc_server_process.py  [flags]   # one tool call at a time per process
 
-Readiness: once serving, one stdout line `SNAKEPIT_READY port=<port> pid=<pid>`, and the port written
-atomically to $SNAKEPIT_READY_FILE when set. When $SNAKEPIT_READY_NONCE is set (the Elixir pool sets a
-fresh one per spawn), the server removes it from the environment before the adapter is imported and
-prints `SNAKEPIT_READY port=<port> pid=<pid> nonce=<nonce>` on a line of its own (a newline first ends
-any partial line the adapter left), so adapter output cannot pass for readiness. A start-up failure
-(the adapter's import or setup() raising, port in use) ends with one stderr line `error: <message>`
-and exit code 1. Shutdown (SIGTERM, SIGINT, or stdin EOF with
---exit-on-stdin-eof): health turns NOT_SERVING, new calls are refused, in-flight calls get --grace
-seconds to finish, then exit 0.
+Readiness: once serving, one stdout line `SNAKEPIT_READY port=<port> pid=<pid>` (with --uds:
+`SNAKEPIT_READY uds=<absolute path> pid=<pid>`), and the port (or the path) written atomically to
+$SNAKEPIT_READY_FILE when set. When $SNAKEPIT_READY_NONCE is set (the Elixir pool sets a fresh one per
+spawn), the server removes it from the environment before the adapter is imported and appends
+` nonce=<nonce>` to the line, printed on a line of its own (a newline first ends any partial line the
+adapter left), so adapter output cannot pass for readiness. A start-up failure (the adapter's import
+or setup() raising, port or socket in use) ends with one stderr line `error: <message>` and exit code
+1. Shutdown (SIGTERM, SIGINT, or stdin EOF with --exit-on-stdin-eof): health turns NOT_SERVING, new
+calls are refused, in-flight calls get --grace seconds to finish, the socket file of --uds is
+removed, then exit 0.
 """
 from __future__ import annotations
 
@@ -30,19 +31,21 @@ from typing import TYPE_CHECKING
 from ..threadsafety.declaration import UnsafeAdapterError, require_thread_safe_declaration
 from ..threadsafety.interpreter import free_threaded_build, gil_enabled
 from .calls import CallTracker
+from .endpoint import Endpoint
 from .gate import ToolGate
 from .servicer import BridgeServicer, ServerInfo
 from .sessions import SessionStore
 from .settings import Settings
 from .stats import ServerStats
 from .transport import Transport, open_transport
+from .unix_socket import UnixSocketClaim, UnixSocketError
 
 if TYPE_CHECKING:
     from ..threadsafety.checker import ThreadSafetyChecker
+    from .auth import BearerToken
     from .otel import CallTracing
 
 log = logging.getLogger("snakepit_bridge.server")
-
 
 
 class StartupError(Exception):
@@ -82,10 +85,11 @@ class Worker:
         self.reuse_port = reuse_port
         self.stop_requested = threading.Event()
         self.transport: Transport | None = None
-        self.port = 0
+        self.endpoint: Endpoint | None = None  # where it listens, once it does (the port chosen for --port 0)
+        self.socket_claim: UnixSocketClaim | None = None
         self.checker: ThreadSafetyChecker | None = None
 
-    def start(self) -> int:
+    def start(self) -> Endpoint:
         args, mode = self.args, self.settings.mode
         adapter_cls = load_adapter_class(args.adapter)
         if mode.many_calls:
@@ -152,19 +156,36 @@ class Worker:
                     f"--auth-token-env {args.auth_token_env}: that environment variable is empty or unset")
             token = BearerToken(secret)
         self.transport = open_transport(self.settings.transport)
-        address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
-        port = self.transport.start(self, address, token)
-        if not port:
-            raise StartupError(f"cannot listen on {address}: address already in use or not available")
-        self.port = port
+        self.endpoint = self.listen(self.transport, self.settings.endpoint, token)
         if args.metrics_port is not None:
-            self.start_metrics()
-        log.info("serving %s (%s, max_workers=%d, GIL %s, %s transport) on %s:%d", args.adapter, mode.name,
+            try:
+                self.start_metrics()
+            except StartupError:
+                self.stop_quietly()
+                raise
+        log.info("serving %s (%s, max_workers=%d, GIL %s, %s transport) on %s", args.adapter, mode.name,
                  self.settings.max_workers, "enabled" if gil_enabled() else "disabled", self.transport.name,
-                 args.host, port)
+                 self.endpoint)
         if args.elixir_address:
             log.info("started for Elixir node at %s", args.elixir_address)
-        return port
+        return self.endpoint
+
+    def listen(self, transport: Transport, endpoint: Endpoint, token: BearerToken | None) -> Endpoint:
+        """Claim the --uds path first (unix_socket.py: one server per path), then start the transport."""
+        if endpoint.path is not None:
+            self.socket_claim = UnixSocketClaim(endpoint.path)
+            try:
+                self.socket_claim.acquire()
+            except UnixSocketError as exc:
+                self.socket_claim = None
+                raise StartupError(str(exc)) from None
+        listening = transport.start(self, endpoint, token)
+        if listening is None:
+            self.release_socket()
+            raise StartupError(f"cannot listen on {endpoint}: address already in use or not available")
+        if self.socket_claim is not None:
+            self.socket_claim.bound()
+        return listening
 
     def start_tracing(self, mode) -> CallTracing | None:
         """OpenTelemetry spans when the OTEL_* environment asks for them (otel.py), else None."""
@@ -197,9 +218,15 @@ class Worker:
         self.metrics_port = port
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
 
-    def transport_stop_quietly(self) -> None:
-        if self.transport is not None:
+    def stop_quietly(self) -> None:
+        """Stop listening at once (a start-up that fails after the transport started)."""
+        if self.transport is not None and self.endpoint is not None:
             self.transport.stop_now()
+        self.release_socket()
+
+    def release_socket(self) -> None:
+        if self.socket_claim is not None:
+            self.socket_claim.release()
 
     def request_stop(self, reason: str) -> None:
         if not self.stop_requested.is_set():
@@ -219,6 +246,7 @@ class Worker:
             time.sleep(0.05)
         if not stopped.is_set():
             self.transport.stop_now()
+        self.release_socket()  # nothing listens on it any more: the next server may take the path
         self.calls.close()
         if self.batch_executor is not None:
             self.batch_executor.shutdown(wait=False)
@@ -242,14 +270,14 @@ class Worker:
 GIL_WARNING = "global interpreter lock"  # in CPython's RuntimeWarning when an import turns the GIL on
 
 
-def start_serving(worker: Worker) -> int:
+def start_serving(worker: Worker) -> Endpoint:
     """`worker.start()`, telling whether the GIL is on once the adapter and the transport are loaded:
     on a free-threaded build, an extension module that does not declare itself free-threading-safe
     turns it on at import, and CPython's warning says which module and how to override it. With
     --require-free-threading a GIL that is on is a start-up error."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        port = worker.start()
+        endpoint = worker.start()
     reasons = []
     for warning in caught:
         if GIL_WARNING in str(warning.message):
@@ -260,29 +288,29 @@ def start_serving(worker: Worker) -> int:
     if free_threaded_build():
         log.info("free-threaded build: GIL %s", "disabled" if not gil_enabled() else "ENABLED")
     if worker.args.require_free_threading and gil_enabled():
-        worker.transport_stop_quietly()
+        worker.stop_quietly()
         why = "; ".join(reasons) if reasons else (
             "this interpreter is not a free-threaded build" if not free_threaded_build()
             else "it was enabled at start-up (PYTHON_GIL=1 or -X gil=1)")
         raise StartupError(f"--require-free-threading: the GIL is enabled: {why}")
-    return port
+    return endpoint
 
 
-def announce_ready(port: int, nonce: str | None = None) -> None:
-    """The readiness line on stdout (with the spawner's nonce when it gave one), and the port in
-    $SNAKEPIT_READY_FILE (written atomically)."""
+def announce_ready(endpoint: Endpoint, nonce: str | None = None) -> None:
+    """The readiness line on stdout (with the spawner's nonce when it gave one), and the port (or the
+    socket's path) in $SNAKEPIT_READY_FILE (written atomically)."""
     ready_file = os.environ.get("SNAKEPIT_READY_FILE")
     if ready_file:
         tmp = f"{ready_file}.{os.getpid()}.tmp"
         with open(tmp, "w") as handle:
-            handle.write(f"{port}\n")
+            handle.write(f"{endpoint.ready_file_text}\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, ready_file)
     if nonce:
-        sys.stdout.write(f"\nSNAKEPIT_READY port={port} pid={os.getpid()} nonce={nonce}\n")
+        sys.stdout.write(f"\nSNAKEPIT_READY {endpoint.ready_field} pid={os.getpid()} nonce={nonce}\n")
     else:
-        sys.stdout.write(f"SNAKEPIT_READY port={port} pid={os.getpid()}\n")
+        sys.stdout.write(f"SNAKEPIT_READY {endpoint.ready_field} pid={os.getpid()}\n")
     sys.stdout.flush()
 
 
