@@ -207,3 +207,35 @@ class TracedAdapter(SpecAdapter):
         import sys
 
         return sorted(name for name in sys.modules if name.startswith(prefix))
+
+
+class SharedMemoryAdapter(SpecAdapter):
+    """SpecAdapter with tools that look at where an argument array's memory comes from (test_server_shm.py)."""
+
+    @tool(description="The types along the array's .base chain, and whether it is writable")
+    def array_origin(self, x: np.ndarray) -> dict:
+        chain, base = [], x.base
+        while base is not None and len(chain) < 8:
+            chain.append(type(base).__name__)
+            base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+        return {"chain": chain, "writeable": bool(x.flags.writeable)}
+
+    @tool(description="Add 1 to every element in place; return the sum afterwards")
+    def increment_in_place(self, x: np.ndarray) -> float:
+        x += 1
+        return float(x.sum())
+
+    @tool(description="Return an array of `n` float64 ones, then a value the codec cannot encode")
+    def big_then_unencodable(self, n: int) -> list:
+        return [np.ones(n), object()]
+
+    @tool(description="Stream `count` arrays of `n` float64, each filled with its index")
+    def array_chunks(self, count: int, n: int):
+        for index in range(count):
+            yield np.full(n, float(index))
+        return "done"
+
+    @tool(description="Sleep `seconds` holding the argument array, then return its length")
+    def hold_array(self, x: np.ndarray, seconds: float) -> int:
+        time.sleep(seconds)
+        return len(x)

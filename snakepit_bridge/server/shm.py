@@ -25,6 +25,9 @@ REGION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{15,159}")
 RESULT_PREFIX = re.compile(r"[A-Za-z0-9_-]{16,128}")
 DEFAULT_MIN_BYTES = 65536
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Map every page at once, read-only, before the tool touches them: one call instead of a page fault
+# per 4 KiB (Linux 5.14+; MAP_POPULATE would copy every page of a private writable map instead).
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else None)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -107,6 +110,11 @@ class RegionDir:
                 return None
             # The map stays valid after the caller deletes the file; it is unmapped with the last view.
             mapped = mmap.mmap(fd, end, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            if _MADV_POPULATE_READ is not None:
+                try:
+                    mapped.madvise(_MADV_POPULATE_READ)
+                except OSError:  # an older kernel: pages fault in as they are touched
+                    pass
         finally:
             os.close(fd)
         return memoryview(mapped)[offset:end]
