@@ -24,12 +24,17 @@ defmodule Snakepit do
     * `:seed` - seeds the request's RNG on the server
     * `:window` - `execute_stream` only: how many bytes of chunks the worker may be ahead of the
       consumer (default 262_144; see `execute_stream/4`)
+    * `:traceparent` - a W3C `traceparent` sent as the call's `traceparent` gRPC header (default:
+      the process dictionary's `:snakepit_traceparent`); an invalid one is not sent. See
+      `Snakepit.TraceContext`
 
-  Each call logs at `:debug` with `:logger` metadata `pool`, `worker`, `tool`, `duration_ms`.
+  Each call logs at `:debug` with `:logger` metadata `pool`, `worker`, `tool`, `duration_ms` (and
+  `trace_id` when it sent a traceparent), and emits the telemetry events of `Snakepit.Telemetry`:
+  a `[:snakepit, :call, ...]` span and a `[:snakepit, :queue, :wait]`.
   """
 
   require Logger
-  alias Snakepit.{CallEngine, Codec, Error, Pool, Proto}
+  alias Snakepit.{CallEngine, Codec, Error, Pool, Proto, Telemetry, TraceContext}
   alias Snakepit.GRPC.Channel
 
   @service "/snakepit.bridge.BridgeService/"
@@ -171,8 +176,9 @@ defmodule Snakepit do
   @spec execute(pool, tool, args, keyword) :: result
   def execute(pool, tool, args, opts) do
     tool = to_string(tool)
+    opts = put_traceparent(opts)
 
-    with_slot(pool, tool, args, opts, fn lease, json, blobs ->
+    with_slot(pool, tool, args, opts, span(:execute, tool), fn lease, json, blobs ->
       req = tool_request(tool, json, blobs, opts)
 
       with {:ok, resp} <-
@@ -219,11 +225,14 @@ defmodule Snakepit do
   @doc "The server-side state of a session (GetSession on its worker)."
   @spec get_session(pool, String.t()) :: {:ok, map} | {:error, Error.t()}
   def get_session(pool \\ default_pool(), session_id) do
+    opts = put_traceparent(session_id: session_id, skip_session_init: true)
+
     with_slot(
       pool,
       "GetSession",
       %{},
-      [session_id: session_id, skip_session_init: true],
+      opts,
+      span(:get_session, nil),
       fn lease, _, _ ->
         with :ok <- known_session(lease, session_id),
              {:ok, r} <-
@@ -234,7 +243,7 @@ defmodule Snakepit do
                  %{session_id: session_id},
                  :get_session_response,
                  nil,
-                 []
+                 Keyword.take(opts, [:traceparent])
                ),
              {:ok, state} <- decode_value(r.state_json, r.blobs, nil, []) do
           {:ok,
@@ -318,8 +327,9 @@ defmodule Snakepit do
   def execute_stream(pool, tool, args, callback, opts) when is_function(callback, 1) do
     check_window!(opts)
     tool = to_string(tool)
+    opts = put_traceparent(opts)
 
-    with_slot(pool, tool, args, opts, fn lease, json, blobs ->
+    with_slot(pool, tool, args, opts, span(:stream, tool), fn lease, json, blobs ->
       with {:ok, call} <- open_stream(lease, tool, json, blobs, opts),
            do: CallEngine.run_stream(lease, call, tool, opts, callback)
     end)
@@ -336,25 +346,15 @@ defmodule Snakepit do
     end
   end
 
+  # The trace context is the caller's, read here: the stream may be enumerated elsewhere. Its
+  # telemetry span starts when enumeration starts and stops in the `after` function, which sees
+  # every end: the last chunk (:ok), a failure (raised there, once the slot is back), a halt.
   defp lazy_stream(pool, tool, args, opts) do
-    Stream.resource(
-      fn ->
-        with {:ok, {json, blobs}} <- encode(args, tool),
-             {:ok, lease} <- Pool.checkout(pool, session_id: opts[:session_id]) do
-          case open_stream(lease, tool, json, blobs, opts) do
-            {:ok, call} ->
-              %{lease: lease, call: call, done: false}
+    opts = put_traceparent(opts)
+    meta = call_metadata(pool, span(:stream, tool), opts)
 
-            {:error, e} = error ->
-              # as with_slot/6 reports it: a failed InitializeSession leaves the session not
-              # created on the worker
-              Pool.checkin(lease, outcome(error, opts[:session_id]))
-              raise e
-          end
-        else
-          {:error, %Error{} = e} -> raise e
-        end
-      end,
+    Stream.resource(
+      fn -> open_lazy_stream(pool, tool, args, opts, meta) end,
       fn
         %{done: true} = st ->
           {:halt, st}
@@ -364,16 +364,57 @@ defmodule Snakepit do
             {:chunk, value} -> {[value], st}
             {:final, _value} -> {[], st}
             :done -> {:halt, %{st | done: true}}
-            # the `after` function below checks the slot in
-            {:error, e} -> raise e
+            {:error, e} -> {:halt, %{st | failed: e}}
           end
       end,
       fn st ->
         # not done: halted early or failed; cancelled here, so its tool may still run
         unless st.done, do: CallEngine.cancel(st.call)
         Pool.checkin(st.lease, if(st.done, do: :ok, else: :abandoned))
+
+        result =
+          cond do
+            st.done -> {:ok, nil}
+            st.failed -> {:error, st.failed}
+            true -> :halted
+          end
+
+        Telemetry.call_stop(st.start, stop_metadata(meta, st.lease, result))
+        if st.failed, do: raise(st.failed)
       end
     )
+  end
+
+  defp open_lazy_stream(pool, tool, args, opts, meta) do
+    start = Telemetry.call_start(meta)
+
+    opened =
+      guarded(start, meta, nil, fn ->
+        with {:ok, {json, blobs}} <- encode(args, tool),
+             {:ok, lease} <- checkout(pool, meta, session_id: opts[:session_id]) do
+          case open_stream(lease, tool, json, blobs, opts) do
+            {:ok, call} ->
+              {:ok, lease, call}
+
+            {:error, e} = error ->
+              # as with_slot/7 reports it: a failed InitializeSession leaves the session not
+              # created on the worker
+              Pool.checkin(lease, outcome(error, opts[:session_id]))
+              {:error, e, lease}
+          end
+        else
+          {:error, e} -> {:error, e, nil}
+        end
+      end)
+
+    case opened do
+      {:ok, lease, call} ->
+        %{lease: lease, call: call, done: false, failed: nil, start: start}
+
+      {:error, %Error{} = e, lease} ->
+        Telemetry.call_stop(start, stop_metadata(meta, lease, {:error, e}))
+        raise e
+    end
   end
 
   defp open_stream(lease, tool, json, blobs, opts) do
@@ -400,6 +441,7 @@ defmodule Snakepit do
   @spec execute_batch(pool, tool, [args], keyword) :: {:ok, [result]} | {:error, Error.t()}
   def execute_batch(pool, tool, args_list, opts \\ []) when is_list(args_list) do
     tool = to_string(tool)
+    opts = put_traceparent(opts)
 
     encoded =
       Enum.reduce_while(args_list, {:ok, []}, fn args, {:ok, acc} ->
@@ -411,8 +453,9 @@ defmodule Snakepit do
 
     with {:ok, items} <- encoded do
       run = fn lease, _, _ -> run_batch(lease, tool, Enum.reverse(items), opts) end
+      span = Map.put(span(:batch, tool), :items, length(items))
       # the server counts each item as a tool call
-      with_slot(pool, tool, %{}, opts, run, max(length(items), 1))
+      with_slot(pool, tool, %{}, opts, span, run, max(length(items), 1))
     end
   end
 
@@ -455,6 +498,19 @@ defmodule Snakepit do
   os_pid, port, in_flight, capacity, requests, `abandoned_calls`, `stuck_calls`) with
   `python`: that worker's GetStats response (adapter_stats_json / thread_safety_json decoded into
   `adapter_stats` / `thread_safety`), or `{:error, e}`.
+
+  Queue waits, for the whole pool (callers wait in one queue, for whichever worker frees a slot
+  first): `queue_wait_total_ms` and `queue_wait_max_ms`, the milliseconds callers waited in the
+  queue, by the pool's clock, over all `checkouts` (a caller served at once waited 0;
+  `queue_wait_total_ms / checkouts` is the mean). The caller-side wait of each checkout, in native
+  units, is the `[:snakepit, :queue, :wait]` event of `Snakepit.Telemetry`.
+
+  Per worker slot (a replacement takes its predecessor's slot, so the counts survive it): `slots`,
+  one `%{slot, worker, recycles, crashes}` per slot (`worker`: the id of its current worker, or
+  nil while the slot is empty), and in each worker map `slot_recycles` / `slot_crashes`, its
+  slot's counts. `recycles` counts TTL and max-requests recycles, `crashes` workers that went down
+  without the pool asking (or failed to start); they add up to the pool's `recycles` and
+  `crashes`.
   """
   @spec get_stats(pool) :: {:ok, map} | {:error, Error.t()}
   def get_stats(pool \\ default_pool()) do
@@ -510,60 +566,153 @@ defmodule Snakepit do
   The pool's workers: pid, id, slot, status (`:starting`, `:ready`, `:retiring`, `:draining`,
   `:server_draining` (its server shuts down on its own), `:unhealthy`, `:stopping`), os_pid, port, in_flight, capacity, requests, `abandoned_calls` (calls
   given up on that may still run on the server), `stuck_calls` (those confirmed still running after
-  `stuck_call_grace`), uptime_ms.
+  `stuck_call_grace`), uptime_ms, `slot_recycles`, `slot_crashes` (see `get_stats/1`).
   """
   @spec list_workers(pool) :: [map]
   def list_workers(pool \\ default_pool()), do: Pool.stats(pool).workers
 
   ## internals
 
-  # `weight`: the tool calls the server counts for this one (a batch: its items).
-  defp with_slot(pool, tool, args, opts, fun, weight \\ 1) do
-    with {:ok, {json, blobs}} <- encode(args, tool) do
-      sid = opts[:session_id]
-      # a call that skips the session's initialisation only reads it: the pool must not count it
-      # as created on the worker
-      create? = opts[:skip_session_init] != true
+  # Runs one call on a pool slot, as one telemetry span (`span`: its operation and tool, see
+  # Snakepit.Telemetry). `opts` went through put_traceparent/1, as those `fun` has. `weight`: the
+  # tool calls the server counts for this one (a batch: its items).
+  defp with_slot(pool, tool, args, opts, span, fun, weight \\ 1) do
+    meta = call_metadata(pool, span, opts)
+    start = Telemetry.call_start(meta)
+    sid = opts[:session_id]
+    # a call that skips the session's initialisation only reads it: the pool must not count it
+    # as created on the worker
+    create? = opts[:skip_session_init] != true
 
-      case Pool.checkout(pool, session_id: sid, weight: weight, create_session: create?) do
-        {:ok, lease} ->
-          t0 = System.monotonic_time()
+    checked_out =
+      guarded(start, meta, nil, fn ->
+        with {:ok, {json, blobs}} <- encode(args, tool),
+             {:ok, lease} <-
+               checkout(pool, meta, session_id: sid, weight: weight, create_session: create?),
+             do: {:ok, lease, json, blobs}
+      end)
 
-          result =
-            try do
-              if opts[:skip_session_init] do
-                fun.(lease, json, blobs)
-              else
-                with :ok <- maybe_init_session(lease, opts), do: fun.(lease, json, blobs)
-              end
-            catch
-              # (a stream whose callback raised was cancelled: its tool may still run)
-              kind, reason ->
-                Pool.checkin(lease, :abandoned)
-                :erlang.raise(kind, reason, __STACKTRACE__)
+    case checked_out do
+      {:ok, lease, json, blobs} ->
+        # the log's duration is the call's on its worker; the span's includes the queue wait
+        t0 = System.monotonic_time()
+
+        result =
+          guarded(start, meta, lease, fn ->
+            if opts[:skip_session_init] do
+              fun.(lease, json, blobs)
+            else
+              with :ok <- maybe_init_session(lease, opts), do: fun.(lease, json, blobs)
             end
+          end)
 
-          Pool.checkin(lease, outcome(result, sid))
+        Pool.checkin(lease, outcome(result, sid))
+        stop_meta = stop_metadata(meta, lease, result)
 
-          ms =
-            System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1000
+        ms = System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1000
+        trace = if meta.trace_id, do: [trace_id: meta.trace_id], else: []
 
-          Logger.debug(
-            fn ->
-              "snakepit #{tool} #{if match?({:error, _}, result), do: "failed", else: "ok"}"
-            end,
-            pool: lease.pool_name,
-            worker: lease.worker_id,
-            tool: tool,
-            duration_ms: ms
-          )
+        Logger.debug(
+          fn -> "snakepit #{tool} #{if stop_meta.result == :ok, do: "ok", else: "failed"}" end,
+          [pool: lease.pool_name, worker: lease.worker_id, tool: tool, duration_ms: ms] ++ trace
+        )
 
-          result
+        Telemetry.call_stop(start, stop_meta)
+        result
 
-        {:error, _} = err ->
-          err
-      end
+      {:error, _} = error ->
+        Telemetry.call_stop(start, stop_metadata(meta, nil, error))
+        error
     end
+  end
+
+  # Runs `fun`; when it raises, throws or exits, the call's span ends with :exception (and the
+  # slot, if it has one, is given back as abandoned) before it goes on.
+  defp guarded(start, meta, lease, fun) do
+    fun.()
+  catch
+    kind, reason ->
+      # (a stream whose callback raised was cancelled: its tool may still run)
+      if lease, do: Pool.checkin(lease, :abandoned)
+
+      Telemetry.call_exception(
+        start,
+        kind,
+        reason,
+        __STACKTRACE__,
+        Map.merge(meta, worker_metadata(lease))
+      )
+
+      :erlang.raise(kind, reason, __STACKTRACE__)
+  end
+
+  # A pool slot, and its [:snakepit, :queue, :wait] event: how long the caller waited for it.
+  defp checkout(pool, meta, opts) do
+    start = System.monotonic_time()
+    checkout = Pool.checkout(pool, opts)
+    waited = System.monotonic_time() - start
+
+    {lease, outcome} =
+      case checkout do
+        {:ok, lease} -> {lease, %{result: :ok, error_reason: nil, queued: lease.queued}}
+        {:error, e} -> {nil, %{result: :error, error_reason: error_reason(e), queued: false}}
+      end
+
+    metadata =
+      meta
+      |> Map.take([:pool, :tool, :operation, :trace_id, :traceparent])
+      |> Map.merge(outcome)
+      |> Map.merge(worker_metadata(lease))
+
+    Telemetry.execute([:snakepit, :queue, :wait], %{duration: waited}, metadata)
+    checkout
+  end
+
+  defp span(operation, tool), do: %{operation: operation, tool: tool}
+
+  # The option :traceparent replaced by the traceparent the call sends (see Snakepit.TraceContext),
+  # nil for none: what CallEngine sends. Once per call: resolving again would read the process
+  # dictionary when the option was invalid.
+  defp put_traceparent(opts), do: Keyword.put(opts, :traceparent, TraceContext.resolve(opts))
+
+  defp call_metadata(pool, span, opts) do
+    traceparent = opts[:traceparent]
+
+    Map.merge(
+      %{
+        pool: pool,
+        session_id: opts[:session_id],
+        request_id: opts[:request_id],
+        traceparent: traceparent,
+        trace_id: traceparent && TraceContext.trace_id(traceparent)
+      },
+      span
+    )
+  end
+
+  defp stop_metadata(meta, lease, result) do
+    outcome =
+      case result do
+        {:error, e} -> %{result: :error, error: e, error_reason: error_reason(e)}
+        :halted -> %{result: :halted, error: nil, error_reason: nil}
+        _ -> %{result: :ok, error: nil, error_reason: nil}
+      end
+
+    meta |> Map.merge(worker_metadata(lease)) |> Map.merge(outcome)
+  end
+
+  defp error_reason(%Error{reason: reason}), do: reason
+  defp error_reason(_other), do: nil
+
+  defp worker_metadata(nil), do: %{worker: nil, worker_pid: nil, os_pid: nil, port: nil}
+
+  defp worker_metadata(lease) do
+    %{
+      worker: lease.worker_id,
+      worker_pid: lease.worker,
+      os_pid: Map.get(lease, :os_pid),
+      port: Map.get(lease, :port)
+    }
   end
 
   # How a call's result is checked in (see Snakepit.Pool.checkin/2).
@@ -601,7 +750,7 @@ defmodule Snakepit do
            req,
            :initialize_session_response,
            nil,
-           []
+           Keyword.take(opts, [:traceparent])
          ) do
       {:ok, _} ->
         :ok

@@ -616,4 +616,90 @@ defmodule Snakepit.PoolStateTest do
     for status <- [:starting, :draining, :server_draining, :unhealthy, :stopping],
         do: refute(State.routable?(%{status: status}))
   end
+
+  ## telemetry effects and per-slot counters
+
+  defp worker_events(actions, kind),
+    do: for({:telemetry, [:snakepit, :worker, ^kind], m, md} <- actions, do: {m, md})
+
+  test "a worker becoming ready is a worker start event with its startup time and why it started" do
+    s = new_pool(pool_size: 1)
+    {_s, actions} = ev(s, {:worker_ready, 1, %{channel: :ch, os_pid: 101, port: 5001}}, @t0 + 250)
+
+    assert [{%{duration: duration}, metadata}] = worker_events(actions, :start)
+    assert System.convert_time_unit(duration, :native, :millisecond) == 250
+
+    assert %{pool: :sm, worker: 1, slot: 1, os_pid: 101, port: 5001, reason: :initial} = metadata
+  end
+
+  test "a recycle at max requests is a recycle event and counts for the worker's slot; its replacement starts as :replacement" do
+    s = ready_pool(pool_size: 2, worker_max_requests: 1)
+    {s, actions, ref} = checkout(s)
+    worker = lease!(actions, ref).worker_id
+
+    assert [{%{uptime: _}, %{worker: ^worker, reason: :max_requests, requests: 1}}] =
+             worker_events(actions, :recycle)
+
+    [replacement] = started(actions)
+    {s, actions} = ready(s, replacement)
+    assert [{_, %{worker: ^replacement, reason: :replacement}}] = worker_events(actions, :start)
+
+    stats = stats(s)
+    assert stats.recycles == 1
+    slot = s.workers[replacement].slot
+    assert %{recycles: 1, crashes: 0, worker: ^replacement} = Enum.at(stats.slots, slot - 1)
+    assert [%{recycles: 0}] = Enum.reject(stats.slots, &(&1.slot == slot))
+
+    assert %{slot_recycles: 1, slot_crashes: 0} =
+             Enum.find(stats.workers, &(&1.id == replacement))
+  end
+
+  test "a worker that goes down is a crash event with its exit status, counted for its slot, which keeps the count across restarts" do
+    s = ready_pool(pool_size: 1)
+    {s, actions} = ev(s, {:worker_exited, 1, {:shutdown, {:python_exited, 137}}})
+
+    assert [{_, %{worker: 1, slot: 1, os_pid: 101, exit_status: 137, status: :ready} = md}] =
+             worker_events(actions, :crash)
+
+    assert md.reason == {:shutdown, {:python_exited, 137}}
+
+    {s, actions} = ev(s, {:start_worker, 1})
+    assert started(actions) == [2]
+    {s, actions} = ready(s, 2)
+    assert [{_, %{worker: 2, slot: 1, reason: :restart}}] = worker_events(actions, :start)
+    assert [%{id: 2, slot_crashes: 1, slot_recycles: 0}] = stats(s).workers
+    assert [%{slot: 1, crashes: 1, worker: 2}] = stats(s).slots
+  end
+
+  test "a recycle on purpose is not a crash: the recycled worker's exit emits no crash event" do
+    s = ready_pool(pool_size: 1, worker_max_requests: 1)
+    {s, _, ref} = checkout(s)
+    {s, _} = ready(s, 2)
+    {s, _} = ev(s, {:checkin, ref, :ok})
+    {s, actions} = ev(s, {:worker_exited, 1, :normal})
+    assert worker_events(actions, :crash) == []
+    assert [%{crashes: 0, recycles: 1}] = stats(s).slots
+  end
+
+  test "a worker replaced for failing its health check is a recycle event with reason :unhealthy and why" do
+    s = new_pool(pool_size: 1, health_check_interval: 1_000, health_check_timeout: 300)
+    {s, _} = ready(s, 1)
+    {s, actions} = ev(s, {:health_check, 1})
+    [ref] = for {:check, 1, ref, :health, _, _} <- actions, do: ref
+    {_s, actions} = ev(s, {:check_result, 1, ref, {:error, "no answer within 300 ms"}})
+
+    assert [{_, %{reason: :unhealthy, message: message}}] = worker_events(actions, :recycle)
+    assert message =~ "failed its health check"
+  end
+
+  test "queue wait is measured from enqueueing to the lease: a caller served at once waited 0 ms" do
+    s = ready_pool(pool_size: 1)
+    {s, a1, r1} = checkout(s)
+    assert %{queued: false} = lease!(a1, r1)
+    {s, _, r2} = checkout(s, now: @t0 + 10)
+    {s, actions} = ev(s, {:checkin, r1, :ok}, @t0 + 70)
+    assert %{queued: true, os_pid: 101, port: 5001} = lease!(actions, r2)
+
+    assert %{checkouts: 2, queue_wait_total_ms: 60, queue_wait_max_ms: 60} = stats(s)
+  end
 end

@@ -23,7 +23,8 @@ defmodule Snakepit.CallEngine do
 
   @doc """
   Calls BridgeService `method` with the `req_type` message `request`; decodes the response as
-  `resp_type`. Options: `:timeout` (ms, default the lease's `call_timeout`).
+  `resp_type`. Options: `:timeout` (ms, default the lease's `call_timeout`), `:traceparent` (sent
+  as the `traceparent` header when not nil; already validated, see `Snakepit.TraceContext`).
   """
   @spec unary(lease, String.t(), atom, map, atom, tool, keyword) ::
           {:ok, map} | {:error, Error.t()}
@@ -31,7 +32,8 @@ defmodule Snakepit.CallEngine do
     timeout = Keyword.get(opts, :timeout, lease.call_timeout)
 
     case Channel.unary(lease.channel, @service <> method, Proto.encode(req_type, request),
-           timeout: timeout
+           timeout: timeout,
+           metadata: trace_headers(opts)
          ) do
       {:ok, bin, _trailers} -> decode_msg(resp_type, bin)
       {:error, e} -> {:error, failure(lease, e, tool)}
@@ -40,7 +42,8 @@ defmodule Snakepit.CallEngine do
 
   @doc """
   Starts ExecuteStreamingTool with the `ExecuteToolRequest` map `request`. Options: `:timeout`
-  (covers the whole stream), `:window` (bytes of chunks the worker may be ahead of the consumer).
+  (covers the whole stream), `:window` (bytes of chunks the worker may be ahead of the consumer),
+  `:traceparent` (as in `unary/7`).
   """
   @spec start_stream(lease, String.t(), map, keyword) ::
           {:ok, Channel.Handle.t()} | {:error, Error.t()}
@@ -50,7 +53,8 @@ defmodule Snakepit.CallEngine do
            @service <> "ExecuteStreamingTool",
            Proto.encode(:execute_tool_request, request),
            timeout: Keyword.get(opts, :timeout, lease.call_timeout),
-           window: Keyword.get(opts, :window)
+           window: Keyword.get(opts, :window),
+           metadata: trace_headers(opts)
          ) do
       {:ok, call} -> {:ok, call}
       {:error, e} -> {:error, failure(lease, e, tool)}
@@ -113,6 +117,13 @@ defmodule Snakepit.CallEngine do
 
       {:error, _} = error ->
         error
+    end
+  end
+
+  defp trace_headers(opts) do
+    case Keyword.get(opts, :traceparent) do
+      nil -> []
+      traceparent -> [{"traceparent", traceparent}]
     end
   end
 

@@ -88,7 +88,8 @@ defmodule Snakepit.Pool do
 
   Every decision above is `Snakepit.Pool.State`, a pure state machine (events in, actions out).
   This process is its shell: it turns messages into events and performs the actions (worker
-  processes, monitors, timers, replies, health checks, the fates table, logs).
+  processes, monitors, timers, replies, health checks, the fates table, logs, the worker events of
+  `Snakepit.Telemetry`).
   """
 
   use GenServer
@@ -137,6 +138,9 @@ defmodule Snakepit.Pool do
           init_session: boolean,
           call_timeout: pos_integer,
           pool_name: atom,
+          os_pid: pos_integer | nil,
+          port: pos_integer | nil,
+          queued: boolean,
           fates: :ets.tid()
         }
 
@@ -430,6 +434,16 @@ defmodule Snakepit.Pool do
 
   defp perform_one(shell, {:log, level, message}) do
     Logger.log(level, message)
+    shell
+  end
+
+  defp perform_one(shell, {:telemetry, event, measurements, metadata}) do
+    Snakepit.Telemetry.execute(
+      event,
+      Map.put(measurements, :system_time, System.system_time()),
+      Map.put(metadata, :worker_pid, shell.pids[metadata.worker])
+    )
+
     shell
   end
 end

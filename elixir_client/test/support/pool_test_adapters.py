@@ -3,6 +3,7 @@
 
 Each one misbehaves in one way a real adapter can: a tool that ignores cancellation, a setup()
 that prints a fake readiness line or floods stdout without a newline, a setup() that raises.
+`TraceContextAdapter` instead shows what trace context a call brought.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 
 from snakepit_bridge.adapters.showcase import ShowcaseAdapter
+from snakepit_bridge import RequestContext
 from snakepit_bridge.adapter import tool
 
 
@@ -49,3 +51,15 @@ class BrokenSetupAdapter(ShowcaseAdapter):
 
     def setup(self) -> None:
         raise ValueError("model weights missing at /nonexistent/weights.bin")
+
+
+class TraceContextAdapter(ShowcaseAdapter):
+    """The showcase tools plus tools that return the W3C trace context their call carried."""
+
+    @tool(description="The caller's traceparent and trace id as the server saw them (\"\" when none)")
+    def trace_context(self, ctx: RequestContext) -> dict:
+        return {"traceparent": ctx.traceparent, "trace_id": ctx.trace_id}
+
+    @tool(description="One chunk: the streaming call's trace context")
+    def trace_context_stream(self, ctx: RequestContext):
+        yield {"traceparent": ctx.traceparent, "trace_id": ctx.trace_id}

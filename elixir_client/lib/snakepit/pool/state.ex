@@ -40,6 +40,9 @@ defmodule Snakepit.Pool.State do
     * `{:record_fate, id, reason, message}`, `{:forget_fate, id}` - the worker's fate (see
       `Snakepit.Pool`, "Why a worker went away")
     * `{:log, level, message}`
+    * `{:telemetry, event, measurements, metadata}` - a worker event of `Snakepit.Telemetry`
+      (`[:snakepit, :worker, :start | :recycle | :crash]`); the shell adds `system_time` to the
+      measurements and `worker_pid` to the metadata, and emits it
 
   Workers are named by the integer ids the machine gives them; the shell maps them to pids.
   """
@@ -88,7 +91,10 @@ defmodule Snakepit.Pool.State do
       crashes: 0,
       workers_started: 0,
       stuck_replacements: 0,
-      unhealthy_replacements: 0
+      unhealthy_replacements: 0,
+      # ms callers waited for a slot, over every checkout that got one (`checkouts`)
+      queue_wait_total_ms: 0,
+      queue_wait_max_ms: 0
     }
   ]
 
@@ -107,7 +113,10 @@ defmodule Snakepit.Pool.State do
           channel: pid,
           init_session: boolean,
           call_timeout: pos_integer,
-          pool_name: atom
+          pool_name: atom,
+          os_pid: pos_integer | nil,
+          port: pos_integer | nil,
+          queued: boolean
         }
   @type event ::
           {:checkout, reference, from, request}
@@ -143,6 +152,7 @@ defmodule Snakepit.Pool.State do
           | {:record_fate, worker_id, atom, String.t()}
           | {:forget_fate, worker_id}
           | {:log, Logger.level(), String.t()}
+          | {:telemetry, [atom, ...], map, map}
 
   @doc """
   A pool for `config` whose `pool_size` workers are being started. Option `:seed`: a `:rand` state
@@ -152,7 +162,7 @@ defmodule Snakepit.Pool.State do
   def new(%Config{} = config, now, opts \\ []) do
     slots =
       Map.new(1..config.pool_size, fn i ->
-        {i, %{current: nil, pending: nil, failures: 0, scheduled: false}}
+        {i, %{current: nil, pending: nil, failures: 0, scheduled: false, recycles: 0, crashes: 0}}
       end)
 
     s = %__MODULE__{
@@ -163,7 +173,7 @@ defmodule Snakepit.Pool.State do
       rand: Keyword.get_lazy(opts, :seed, fn -> :rand.seed_s(:exsss) end)
     }
 
-    s = Enum.reduce(1..config.pool_size, s, fn slot, st -> start_worker(st, slot) end)
+    s = Enum.reduce(1..config.pool_size, s, fn slot, st -> start_worker(st, slot, :initial) end)
     flush(s)
   end
 
@@ -198,10 +208,17 @@ defmodule Snakepit.Pool.State do
           requests: w.requests,
           ttl_ms: w.ttl_ms,
           sessions: MapSet.size(w.sessions),
-          uptime_ms: now - w.started_at
+          uptime_ms: now - w.started_at,
+          slot_recycles: s.slots[w.slot].recycles,
+          slot_crashes: s.slots[w.slot].crashes
         }
       end
       |> Enum.sort_by(& &1.id)
+
+    slots =
+      for {id, slot} <- Enum.sort(s.slots) do
+        %{slot: id, worker: slot.current, recycles: slot.recycles, crashes: slot.crashes}
+      end
 
     Map.merge(s.stats, %{
       name: s.name,
@@ -216,7 +233,8 @@ defmodule Snakepit.Pool.State do
         |> Enum.map(&(&1.capacity - &1.stuck_calls))
         |> Enum.sum(),
       sessions: map_size(s.sessions),
-      workers: workers
+      workers: workers,
+      slots: slots
     })
   end
 
@@ -254,7 +272,7 @@ defmodule Snakepit.Pool.State do
                 do: s.config.queue_timeout,
                 else: max(s.config.queue_timeout, s.config.startup_timeout)
 
-            waiter = Map.merge(request, %{from: from, wait: wait})
+            waiter = Map.merge(request, %{from: from, wait: wait, queued_at: s.now})
 
             %{
               s
@@ -356,7 +374,7 @@ defmodule Snakepit.Pool.State do
           "snakepit pool #{inspect(s.name)}: cannot start worker #{id}: #{inspect(reason)}"
         )
         |> put_slot(w.slot, slot)
-        |> bump(:crashes)
+        |> crashed(w, reason)
         |> start_failed(Error.new(:worker_start_failed, message))
         |> schedule_start(w.slot, backoff(slot.failures, s.config.restart_backoff_max))
     end
@@ -409,6 +427,9 @@ defmodule Snakepit.Pool.State do
           :debug,
           "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})"
         )
+        |> worker_telemetry(:start, w, %{reason: w.start_reason}, %{
+          duration: native(s.now - w.started_at)
+        })
         |> notify_ready()
         |> dispatch()
     end
@@ -473,7 +494,7 @@ defmodule Snakepit.Pool.State do
                 :warning,
                 "snakepit pool #{inspect(s.name)}: worker #{w.id} (os pid #{inspect(w.os_pid)}) went down: #{inspect(reason)}"
               )
-              |> bump(:crashes)
+              |> crashed(w, reason)
 
             s = if w.status == :starting, do: start_failed(s, start_error(w, reason)), else: s
             slot = s.slots[w.slot]
@@ -519,7 +540,7 @@ defmodule Snakepit.Pool.State do
   defp event(s, {:start_worker, slot}) do
     s
     |> put_slot(slot, %{s.slots[slot] | scheduled: false})
-    |> start_worker(slot)
+    |> start_worker(slot, :restart)
   end
 
   defp event(%{stopping: %{}} = s, {:ttl_expired, _id}), do: s
@@ -612,7 +633,7 @@ defmodule Snakepit.Pool.State do
 
   ## workers
 
-  defp start_worker(s, slot_id) do
+  defp start_worker(s, slot_id, reason) do
     id = s.next_id
 
     w = %{
@@ -636,7 +657,9 @@ defmodule Snakepit.Pool.State do
       requests: 0,
       ttl_ms: nil,
       sessions: MapSet.new(),
-      started_at: s.now
+      started_at: s.now,
+      # :initial, :replacement or :restart (see Snakepit.Telemetry, [:snakepit, :worker, :start])
+      start_reason: reason
     }
 
     slot = s.slots[slot_id]
@@ -651,6 +674,49 @@ defmodule Snakepit.Pool.State do
     |> bump(:workers_started)
     |> emit({:start_worker, id})
   end
+
+  # A worker went down without the pool asking it: counted for the pool and its slot.
+  defp crashed(s, w, reason) do
+    exit_status =
+      case reason do
+        {:shutdown, {:python_exited, status}} -> status
+        _ -> nil
+      end
+
+    s
+    |> bump(:crashes)
+    |> put_slot(w.slot, Map.update!(s.slots[w.slot], :crashes, &(&1 + 1)))
+    |> worker_telemetry(:crash, w, %{
+      reason: reason,
+      exit_status: exit_status,
+      status: w.status,
+      requests: w.requests
+    })
+  end
+
+  # A replacement on purpose: `recycles` (pool and slot) for TTL and max requests.
+  defp count_recycle(s, _w, :stuck_calls), do: bump(s, :stuck_replacements)
+
+  defp count_recycle(s, w, _why) do
+    s
+    |> bump(:recycles)
+    |> put_slot(w.slot, Map.update!(s.slots[w.slot], :recycles, &(&1 + 1)))
+  end
+
+  # A `[:snakepit, :worker, kind]` event about `w`; :recycle and :crash measure its uptime.
+  defp worker_telemetry(s, kind, w, metadata, measurements \\ nil) do
+    measurements = measurements || %{uptime: native(s.now - w.started_at)}
+
+    metadata =
+      Map.merge(
+        %{pool: s.name, worker: w.id, slot: w.slot, os_pid: w.os_pid, port: w.port},
+        metadata
+      )
+
+    emit(s, {:telemetry, [:snakepit, :worker, kind], measurements, metadata})
+  end
+
+  defp native(ms), do: System.convert_time_unit(ms, :millisecond, :native)
 
   # The slot without worker `id` (it is gone or never started).
   defp vacate(slot, id) do
@@ -723,7 +789,7 @@ defmodule Snakepit.Pool.State do
     slot = s.slots[w.slot]
 
     if slot.pending == nil and not slot.scheduled and slot.current == w.id,
-      do: start_worker(s, w.slot),
+      do: start_worker(s, w.slot, :replacement),
       else: s
   end
 
@@ -739,7 +805,8 @@ defmodule Snakepit.Pool.State do
 
         true ->
           s
-          |> bump(if why == :stuck_calls, do: :stuck_replacements, else: :recycles)
+          |> count_recycle(w, why)
+          |> worker_telemetry(:recycle, w, %{reason: why, requests: w.requests})
           |> log(
             :info,
             "snakepit pool #{inspect(s.name)}: recycling worker #{w.id} (#{why}, #{w.requests} requests)"
@@ -824,6 +891,11 @@ defmodule Snakepit.Pool.State do
     |> emit({:record_fate, w.id, :worker_unhealthy, message})
     |> start_replacement(w)
     |> bump(:unhealthy_replacements)
+    |> worker_telemetry(:recycle, w, %{
+      reason: :unhealthy,
+      requests: w.requests,
+      message: message
+    })
     |> put_worker(%{w | status: :unhealthy})
     |> maybe_stop(w.id)
   end
@@ -945,7 +1017,9 @@ defmodule Snakepit.Pool.State do
     }
 
     record = %{worker: id, weight: request.weight, session_id: sid, creates_session: creates?}
-    s = put_worker(s, w)
+    # a waiter has `queued_at`; a caller served at once waited 0 ms
+    waited = s.now - Map.get(request, :queued_at, s.now)
+    s = put_worker(s, w) |> record_queue_wait(waited)
     s = if sid, do: %{s | sessions: Map.put(s.sessions, sid, id)}, else: s
     s = %{s | leases: Map.put(s.leases, ref, record)} |> bump(:checkouts)
 
@@ -960,10 +1034,23 @@ defmodule Snakepit.Pool.State do
       worker_id: id,
       channel: w.channel,
       init_session: init?,
-      call_timeout: s.config.call_timeout
+      call_timeout: s.config.call_timeout,
+      os_pid: w.os_pid,
+      port: w.port,
+      queued: Map.has_key?(request, :queued_at)
     }
 
     emit(s, {:lease, from, lease})
+  end
+
+  defp record_queue_wait(s, ms) do
+    stats = %{
+      s.stats
+      | queue_wait_total_ms: s.stats.queue_wait_total_ms + ms,
+        queue_wait_max_ms: max(s.stats.queue_wait_max_ms, ms)
+    }
+
+    %{s | stats: stats}
   end
 
   defp release(s, ref, outcome) do
