@@ -5,9 +5,12 @@ defmodule Snakepit.ProtobufTest do
 
   alias Snakepit.{Proto, Protobuf}
 
+  # The repository's own stubs, whichever checkout this is (not an installed copy).
+  @repo_root Path.expand("../..", __DIR__)
+
   @pb_helpers """
   import sys, json
-  sys.path.insert(0, "/work/main")
+  sys.path.insert(0, #{inspect(@repo_root)})
   from google.protobuf.descriptor import FieldDescriptor as FD
   from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
 
@@ -240,7 +243,9 @@ defmodule Snakepit.ProtobufTest do
                session_id: "",
                request_id: "",
                metadata: %{},
-               seed: nil
+               seed: nil,
+               shm_result_prefix: "",
+               shm_result_min_bytes: 0
              }
 
       assert {:ok, %{error: nil, ok: false, blobs: []}} = Proto.decode(:batch_result, "")

@@ -25,7 +25,8 @@ defmodule Snakepit.Proto do
       {:server_time_unix_ms, 2, :int64, :single},
       {:pid, 3, :int32, :single},
       {:worker_mode, 4, :string, :single},
-      {:adapter, 5, :string, :single}
+      {:adapter, 5, :string, :single},
+      {:shm_dir, 6, :string, :single}
     ],
     parameter_spec: [
       {:name, 1, :string, :single},
@@ -52,7 +53,9 @@ defmodule Snakepit.Proto do
       {:session_id, 4, :string, :single},
       {:request_id, 5, :string, :single},
       {:metadata, 6, :string, :map},
-      {:seed, 7, :uint64, :optional}
+      {:seed, 7, :uint64, :optional},
+      {:shm_result_prefix, 8, :string, :single},
+      {:shm_result_min_bytes, 9, :uint64, :single}
     ],
     execute_tool_response: [
       {:result_json, 1, :string, :single},
@@ -83,7 +86,9 @@ defmodule Snakepit.Proto do
       {:session_id, 3, :string, :single},
       {:request_id, 4, :string, :single},
       {:metadata, 5, :string, :map},
-      {:max_parallelism, 6, :uint32, :single}
+      {:max_parallelism, 6, :uint32, :single},
+      {:shm_result_prefix, 7, :string, :single},
+      {:shm_result_min_bytes, 8, :uint64, :single}
     ],
     batch_result: [
       {:ok, 1, :bool, :single},
