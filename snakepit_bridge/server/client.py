@@ -18,7 +18,7 @@ import grpc
 from ..contract.errors import ERROR_TRAILER
 from ..generated import snakepit_bridge_pb2 as pb
 from ..generated import snakepit_bridge_pb2_grpc as pb_grpc
-from . import codec
+from . import codec, wire
 from .shm import DEFAULT_MIN_BYTES, CallerRegions, RegionDir
 
 
@@ -47,6 +47,10 @@ class BatchItemResult:
     error: pb.ToolError | None = None
 
 
+def _serialize(message) -> bytes:
+    return message.SerializeToString()  # a protobuf message, or a wire.WireMessage
+
+
 class BridgeClient:
     """`shm_dir`: the `--shm-dir` of a worker on this host. Bytes and arrays of `shm_min_bytes` or more
     then go both ways as shared-memory regions in it instead of inline (results come back as arrays
@@ -59,6 +63,13 @@ class BridgeClient:
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", size),
                                                                ("grpc.max_send_message_length", size)])
         self.stub = pb_grpc.BridgeServiceStub(self.channel)
+        # The two tool-value calls with large blobs serialised once and parsed without copies (wire.py).
+        self._execute_tool = self.channel.unary_unary(
+            "/snakepit.bridge.BridgeService/ExecuteTool", request_serializer=_serialize,
+            response_deserializer=lambda data: wire.split(data, pb.ExecuteToolResponse, 2))
+        self._execute_streaming_tool = self.channel.unary_stream(
+            "/snakepit.bridge.BridgeService/ExecuteStreamingTool", request_serializer=_serialize,
+            response_deserializer=lambda data: wire.split(data, pb.ToolChunk, 3))
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.shm = RegionDir(shm_dir) if shm_dir is not None else None
@@ -84,14 +95,17 @@ class BridgeClient:
 
     @staticmethod
     def _request(tool: str, args: dict | None, session_id: str | None, seed: int | None,
-                 metadata: dict | None, regions: CallerRegions | None = None) -> pb.ExecuteToolRequest:
-        args_json, blobs = codec.encode(args or {}, regions.arguments if regions is not None else None)
-        request = pb.ExecuteToolRequest(tool_name=tool, args_json=args_json, blobs=blobs, session_id=session_id or "",
+                 metadata: dict | None, regions: CallerRegions | None = None) -> Any:
+        args_json, blobs = codec.encode(args or {}, regions.arguments if regions is not None else None, views=True)
+        request = pb.ExecuteToolRequest(tool_name=tool, args_json=args_json, session_id=session_id or "",
                                         metadata=metadata or {})
         if seed is not None:
             request.seed = seed
         if regions is not None:
             request.shm_result_prefix, request.shm_result_min_bytes = regions.result_prefix, regions.min_bytes
+        if sum(memoryview(blob).nbytes for blob in blobs) >= wire.SPLIT_MIN_BYTES:
+            return wire.join(request, 3, blobs)  # one copy, straight from the arrays
+        request.blobs.extend(bytes(blob) for blob in blobs)
         return request
 
     def execute(self, tool: str, args: dict | None = None, *, session_id: str | None = None, seed: int | None = None,
@@ -100,7 +114,7 @@ class BridgeClient:
         failed = True
         try:
             request = self._request(tool, args, session_id, seed, metadata, regions)
-            response = self._call(self.stub.ExecuteTool, request, timeout)
+            response = self._call(self._execute_tool, request, timeout)
             value = codec.decode(response.result_json, response.blobs, field="result_json", regions=regions)
             failed = False
             return value
@@ -115,8 +129,8 @@ class BridgeClient:
         failed = True
         try:
             request = self._request(tool, args, session_id, seed, metadata, regions)
-            for chunk in self.stub.ExecuteStreamingTool(request, timeout=self.timeout if timeout is None else timeout,
-                                                        metadata=self.metadata):
+            for chunk in self._execute_streaming_tool(request, timeout=self.timeout if timeout is None else timeout,
+                                                      metadata=self.metadata):
                 value = codec.decode(chunk.data_json, chunk.blobs, field="data_json", regions=regions)
                 if regions is not None:
                     regions.results_read()

@@ -93,10 +93,16 @@ class _Placing:
         return name
 
 
-def encode(value: Any, regions=None) -> tuple[str, list[bytes]]:
+class _BlobViews(list):
+    """The blobs of an `encode(..., views=True)`: arrays go in as views of their memory, not copies."""
+
+
+def encode(value: Any, regions=None, *, views: bool = False) -> tuple[str, list[bytes]]:
     """Encode a value tree as (JSON text, blobs). With `regions` (shm.ResultRegions), bytes and arrays
-    of at least `regions.min_bytes` are written as shared-memory regions and referenced by name."""
-    blobs: list[bytes] = []
+    of at least `regions.min_bytes` are written as shared-memory regions and referenced by name. With
+    `views`, an array's blob is a memoryview of its (C-ordered) memory instead of a copy: for a caller
+    that copies the blobs once into the outgoing message (wire.join) while the value is alive."""
+    blobs: list[bytes] = _BlobViews() if views else []
     if type(value) in _SCALARS:
         tree = value
     else:
@@ -204,7 +210,7 @@ def _to_tree(value: Any, blobs: list[bytes], depth: int, placing: _Placing | Non
         if placing is not None and array.nbytes >= placing.min_bytes:
             name = placing.place(array.reshape(-1).view(np.uint8))  # C order: the raw buffer as it is
             return {TAG: "ndarray", "shm": name, "offset": 0, "dtype": array.dtype.str, "shape": list(array.shape)}
-        blobs.append(array.tobytes())
+        blobs.append(memoryview(array) if type(blobs) is _BlobViews else array.tobytes())  # type: ignore[arg-type]
         return {TAG: "ndarray", "blob": len(blobs) - 1, "dtype": array.dtype.str, "shape": list(array.shape)}
     if isinstance(value, np.generic):
         return _to_tree(value.item(), blobs, depth, placing)
@@ -302,10 +308,15 @@ def _from_object(tree: dict, blobs, depth: int, regions=None) -> dict:
 
 
 def _blob(tree: dict, blobs) -> bytes:
+    return bytes(_blob_buffer(tree, blobs))
+
+
+def _blob_buffer(tree: dict, blobs):
+    """The blob a tag names, as it is: bytes, or a memoryview into a received message (wire.split)."""
     index = tree.get("blob")
     if type(index) is not int or not 0 <= index < len(blobs):
         raise _ValueError(f"blob index {_short_repr(index)} out of range (have {len(blobs)} blobs)")
-    return bytes(blobs[index])
+    return blobs[index]
 
 
 def _ndarray(tree: dict, blobs, regions=None):
@@ -321,7 +332,7 @@ def _ndarray(tree: dict, blobs, regions=None):
         raise _ValueError(f"ndarray shape {_short_repr(shape)} of dtype {dtype.str} is too large to exist")
     if "shm" in tree:
         return _region(regions, "ndarray", tree.get("shm"), tree.get("offset", 0), (dtype, shape), None)
-    data = _blob(tree, blobs)
+    data = _blob_buffer(tree, blobs)
     expected = dtype.itemsize * math.prod(shape)
     if expected != len(data):
         raise _ValueError(f"ndarray of dtype {dtype.str} and shape {shape} needs {expected} bytes, "

@@ -31,10 +31,11 @@ from ..contract.errors import (
     Unavailable,
 )
 from ..generated import snakepit_bridge_pb2 as pb
-from . import codec, tracing
+from . import codec, tracing, wire
 from .failures import CallFailure, Stage, failure_for, safe_text, short_name
 from .logs import REQUEST_ID, TRACE_ID
 from .sessions import Session
+from .wire import SplitMessage
 from .shm import RegionDir, RegionError, ResultRegions
 
 if TYPE_CHECKING:
@@ -205,11 +206,10 @@ class ToolCall:
         with self.failures():
             self.prepare(streaming=False)
             with self.admitted() as slot:
-                result_json, blobs = self.run(self.kwargs)
-        response = pb.ExecuteToolResponse(result_json=result_json, request_id=self.request_id,
-                                          duration_ms=slot.elapsed * 1000.0)
-        if blobs:
-            response.blobs.extend(blobs)
+                result_json, blobs = self.run(self.kwargs, views=True)
+        self.kwargs = {}  # the arguments' memory can go before the response is sent
+        response = _with_blobs(pb.ExecuteToolResponse(result_json=result_json, request_id=self.request_id,
+                                                      duration_ms=slot.elapsed * 1000.0), 2, blobs)
         self.connection.sending()  # from here grpc sends; the send watchdog ends the call if the client never reads
         return response
 
@@ -232,19 +232,21 @@ class ToolCall:
                         self.failure = CallFailure(StatusCode.CANCELLED, f"cancelled by the client after {chunks} "
                                                    "chunks")
                         return
-                    data_json, blobs = _encode_result(item, spec.name, self.results)
+                    data_json, blobs = _encode_result(item, spec.name, self.results, views=True)
+                    chunk = _with_blobs(pb.ToolChunk(sequence=chunks, data_json=data_json), 3, blobs)
+                    del item, blobs
                     with slot.released():
                         self.connection.sending()
-                        yield pb.ToolChunk(sequence=chunks, data_json=data_json, blobs=blobs)
+                        yield chunk
                         self.connection.sent()
                     chunks += 1
-                final_json, final_blobs = _encode_result(item, spec.name, self.results)  # the return value
+                final_json, final_blobs = _encode_result(item, spec.name, self.results, views=True)  # returned
             finally:
                 close = getattr(produced, "close", None)
                 if close is not None:
                     close()  # runs the generator's finally blocks when the client went away
         self.connection.sending()
-        yield pb.ToolChunk(sequence=chunks, data_json=final_json, blobs=final_blobs, is_final=True)
+        yield _with_blobs(pb.ToolChunk(sequence=chunks, data_json=final_json, is_final=True), 3, final_blobs)
 
     def _batch(self) -> pb.ExecuteBatchResponse:
         from ..toolkit.batch import run_batch
@@ -321,6 +323,8 @@ class ToolCall:
             self.spec = self.lookup(request.tool_name, streaming=streaming)
             if bind_args:
                 self.kwargs = self.spec.bind(_decode_args(request.args_json, request.blobs, server.shm))
+                if type(request) is SplitMessage:
+                    request.release_blobs()  # decoded (copied): the received message can be freed
             self.session = server.sessions.get(request.session_id) if request.session_id else None
             if request.shm_result_prefix and server.shm is not None:  # without --shm-dir: results inline
                 self.results = _result_regions(server.shm, request)
@@ -386,7 +390,7 @@ class ToolCall:
         except Exception as exc:
             raise failure_for(exc, "", Stage.REQUEST) from None
 
-    def run(self, kwargs: dict[str, Any]) -> tuple[str, list[bytes]]:
+    def run(self, kwargs: dict[str, Any], *, views: bool = False) -> tuple[str, list[bytes]]:
         """Run the tool and encode its result; whatever the tool raises becomes its CallFailure."""
         assert self.spec is not None
         self.add_context(kwargs)
@@ -394,7 +398,7 @@ class ToolCall:
             result = getattr(self.server.adapter, self.spec.method_name)(**kwargs)
         except BaseException as exc:  # KeyboardInterrupt or SystemExit from a tool must not end a handler thread
             raise failure_for(exc, self.spec.name, Stage.TOOL) from None
-        return _encode_result(result, self.spec.name, self.results)
+        return _encode_result(result, self.spec.name, self.results, views=views)
 
     def start_stream(self) -> Iterator[Any]:
         assert self.spec is not None
@@ -412,7 +416,8 @@ class ToolCall:
         if spec.context_parameter is None:
             return
         # ExecuteBatchRequest has no seed: batch items draw from the session's seed or OS entropy.
-        seed = request.seed if isinstance(request, pb.ExecuteToolRequest) and request.HasField("seed") else None
+        seed = (request.seed if request.DESCRIPTOR is pb.ExecuteToolRequest.DESCRIPTOR and request.HasField("seed")
+                else None)
         kwargs[spec.context_parameter] = RequestContext(
             request_id=self.request_id, tool_name=spec.name, session_id=request.session_id,
             metadata=dict(request.metadata), deadline=_deadline(context), session=self.session, seed=seed,
@@ -460,9 +465,10 @@ def _next_chunk(iterator: Iterator[Any], tool: str) -> tuple[bool, Any]:
         raise failure_for(exc, tool, Stage.TOOL) from None
 
 
-def _encode_result(value: Any, tool: str, regions: ResultRegions | None = None) -> tuple[str, list[bytes]]:
+def _encode_result(value: Any, tool: str, regions: ResultRegions | None = None, *,
+                   views: bool = False) -> tuple[str, list[bytes]]:
     try:
-        return codec.encode(value, regions)
+        return codec.encode(value, regions, views=views)
     except Exception as exc:
         raise failure_for(exc, tool, Stage.RESULT) from None
 
@@ -472,6 +478,18 @@ def _result_regions(directory: RegionDir, request) -> ResultRegions:
         return ResultRegions(directory, request.shm_result_prefix, request.shm_result_min_bytes)
     except RegionError as exc:
         raise InvalidArgument(str(exc), field="shm_result_prefix") from None
+
+
+def _with_blobs(message, blob_field: int, blobs: list) -> Any:
+    """`message` with `blobs` (bytes or views of arrays) in its blob field: added by protobuf when they
+    are small, else serialised once, straight from their memory (wire.py)."""
+    if not blobs:
+        return message
+    if sum(memoryview(blob).nbytes for blob in blobs) < wire.SPLIT_MIN_BYTES:
+        getattr(message, message.DESCRIPTOR.fields_by_number[blob_field].name).extend(
+            blob if type(blob) is bytes else bytes(blob) for blob in blobs)
+        return message
+    return wire.join(message, blob_field, blobs)
 
 
 def _decode_args(args_json: str, blobs, regions: RegionDir | None = None) -> dict[str, Any]:

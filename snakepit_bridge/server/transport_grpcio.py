@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..generated import snakepit_bridge_pb2 as pb
+from . import wire
 from .auth import BearerToken
 from .failures import undecodable_request
 from .unix_socket import owner_only_umask
@@ -120,6 +121,10 @@ class UndecodableRequest:
 def _lenient(message_class) -> Callable[[bytes], Any]:
     parse = message_class.FromString
     name = message_class.DESCRIPTOR.full_name
+    blob_field = wire.REQUEST_BLOB_FIELDS.get(name)
+    if blob_field is not None:  # large blobs stay in the received bytes (wire.py)
+        def parse(data: bytes, split=wire.split, message_class=message_class):
+            return split(data, message_class, blob_field)
 
     def deserialize(data: bytes):
         try:
@@ -128,6 +133,11 @@ def _lenient(message_class) -> Callable[[bytes], Any]:
             return UndecodableRequest(name, exc)
 
     return deserialize
+
+
+def _serialize(message) -> bytes:
+    """A protobuf message, or a wire.WireMessage already serialised: both answer SerializeToString."""
+    return message.SerializeToString()
 
 
 def _refuse_undecodable(behaviour: Callable) -> Callable:
@@ -148,10 +158,9 @@ def add_servicer_to_server(servicer: BridgeServicer, server: grpc.Server) -> Non
     handlers = {}
     for method in SERVICE.methods:
         request_class = getattr(pb, method.input_type.name)
-        response_class = getattr(pb, method.output_type.name)
         behaviour = _refuse_undecodable(getattr(servicer, method.name))
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(behaviour, request_deserializer=_lenient(request_class),
-                                     response_serializer=response_class.SerializeToString)
+                                     response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)

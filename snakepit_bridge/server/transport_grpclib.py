@@ -32,6 +32,7 @@ from grpclib.server import Server
 
 from ..contract.errors import StatusCode
 from ..generated import snakepit_bridge_pb2 as pb
+from . import wire
 from .failures import undecodable_request
 from .unix_socket import owner_only_umask
 
@@ -137,7 +138,8 @@ class LimitedProtoCodec(ProtoCodec):
         self.max_bytes = max_bytes
 
     def encode(self, message, message_type) -> bytes:
-        data = super().encode(message, message_type)
+        # a wire.WireMessage is serialised already (large blobs, straight from their memory)
+        data = message.data if type(message) is wire.WireMessage else super().encode(message, message_type)
         if len(data) > self.max_bytes:
             raise GRPCError(Status.RESOURCE_EXHAUSTED,
                             f"response of {len(data)} bytes is over the limit of {self.max_bytes} (--max-message-mb)")
@@ -148,6 +150,9 @@ class LimitedProtoCodec(ProtoCodec):
             raise GRPCError(Status.RESOURCE_EXHAUSTED,
                             f"received message larger than max ({len(data)} vs. {self.max_bytes})")
         try:
+            blob_field = wire.REQUEST_BLOB_FIELDS.get(message_type.DESCRIPTOR.full_name)
+            if blob_field is not None:  # large blobs stay in the received bytes
+                return wire.split(data, message_type, blob_field)
             return super().decode(data, message_type)
         except Exception as exc:
             raise GRPCError(Status.INVALID_ARGUMENT,
