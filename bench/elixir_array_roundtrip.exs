@@ -51,7 +51,13 @@ defmodule ArrayRoundTrip do
 
       _ ->
         n = trunc(size_mb * 1.0e6) |> div(8)
-        array = %Snakepit.NDArray{data: :crypto.strong_rand_bytes(n * 8), dtype: "<f8", shape: [n]}
+
+        array = %Snakepit.NDArray{
+          data: :crypto.strong_rand_bytes(n * 8),
+          dtype: "<f8",
+          shape: [n]
+        }
+
         {array, Map.put(arrays, size_mb, array)}
     end
   end

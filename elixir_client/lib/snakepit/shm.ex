@@ -231,16 +231,27 @@ defmodule Snakepit.Shm do
 
   defp beam_alive?(pid, start) do
     cond do
-      File.exists?("/proc/self/stat") -> process_start(pid) == start
+      File.exists?("/proc/self/stat") -> match?({:running, ^start}, process_state(pid))
       true -> kill_0(pid)
     end
   end
 
   defp process_start(pid) do
+    case process_state(pid) do
+      {_, start} -> start
+      nil -> nil
+    end
+  end
+
+  # {:running | :exited, start time} of an OS process from /proc (a zombie has exited: it is only
+  # waiting for its parent to reap it), or nil
+  defp process_state(pid) do
     with {:ok, stat} <- File.read("/proc/#{pid}/stat"),
          [_comm, fields] <- :binary.split(stat, ") ", [:global]) |> Enum.take(-2) do
       # fields from the 3rd (state) on; the 22nd is starttime
-      fields |> String.split(" ") |> Enum.at(19)
+      fields = String.split(fields, " ")
+      state = if hd(fields) in ["Z", "X"], do: :exited, else: :running
+      {state, Enum.at(fields, 19)}
     else
       _ -> nil
     end
