@@ -134,6 +134,22 @@ defmodule Snakepit.ShmTest do
       refute File.exists?(dir)
     end
 
+    test "killed and restarted by its supervisor, deletes the directory of its earlier run" do
+      pool = shm_pool!()
+      old_pid = Snakepit.Pool.whereis(pool)
+      old_dir = dir(pool)
+      Process.exit(old_pid, :kill)
+
+      eventually(fn ->
+        pid = Snakepit.Pool.whereis(pool)
+        pid != nil and pid != old_pid and Snakepit.Pool.shm(pool) != nil
+      end)
+
+      refute File.exists?(old_dir)
+      assert dir(pool) != old_dir
+      assert File.dir?(dir(pool))
+    end
+
     test "with shm: false sends everything inline and has no directory" do
       pool = shm_pool!(%{shm: false})
       assert Snakepit.Pool.shm(pool) == nil
