@@ -134,6 +134,24 @@ defmodule Snakepit.ShmTest do
       refute File.exists?(dir)
     end
 
+    test "at start deletes the directories of gone BEAMs of its pid namespace, no other" do
+      {:ok, link} = File.read_link("/proc/self/ns/pid")
+      [_, ns] = Regex.run(~r/\[(\d+)\]/, link)
+      # no process has a pid above pid_max
+      gone = "99999999"
+      hex = fn -> Base.encode16(:crypto.strong_rand_bytes(8), case: :lower) end
+      make = fn name -> Path.join("/dev/shm", name) |> tap(&File.mkdir!/1) end
+      gone_here = make.("snakepit-#{gone}-1-#{ns}-old-#{hex.()}-#{hex.()}")
+      gone_elsewhere = make.("snakepit-#{gone}-1-#{ns}1-old-#{hex.()}-#{hex.()}")
+      File.write!(Path.join(gone_here, "region"), "x")
+      on_exit(fn -> Enum.each([gone_here, gone_elsewhere], &File.rm_rf!/1) end)
+
+      shm_pool!()
+      refute File.exists?(gone_here)
+      # another container's BEAM, sharing this tmpfs: its pid means nothing here
+      assert File.dir?(gone_elsewhere)
+    end
+
     test "killed and restarted by its supervisor, deletes the directory of its earlier run" do
       pool = shm_pool!()
       old_pid = Snakepit.Pool.whereis(pool)

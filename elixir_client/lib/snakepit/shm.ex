@@ -5,8 +5,8 @@ defmodule Snakepit.Shm do
   "Shared memory" section of the header of `proto/snakepit_bridge.proto`; the Python side is
   `snakepit_bridge/server/shm.py`).
 
-  A pool with `shm: true` has one directory, `<base>/snakepit-<beam os pid>-<beam start>-<pool>-<id>`
-  (mode 0700; `base` is `/dev/shm` when it exists), made by `open_pool_dir/3` and passed to every
+  A pool with `shm: true` has one directory,
+  `<base>/snakepit-<beam os pid>-<beam start>-<pid namespace>-<pool>-<id>` (mode 0700; `base` is `/dev/shm` when it exists), made by `open_pool_dir/3` and passed to every
   worker as `--shm-dir`; it is deleted when the pool stops. Directories of BEAMs that are gone
   (a `kill -9`, a `System.halt/1`) and of an earlier run of the same pool in this BEAM are deleted
   by the next pool that starts.
@@ -47,8 +47,8 @@ defmodule Snakepit.Shm do
 
   @default_min_bytes 65_536
   @dir_prefix "snakepit-"
-  # <pid>-<start>-<pool slug>-<hash of the pool name>-<random>
-  @dir_pattern ~r/^snakepit-(\d+)-(\d+)-([A-Za-z0-9_]*)-([0-9a-f]{16})-([0-9a-f]{16})$/
+  # <pid>-<start>-<pid namespace>-<pool slug>-<hash of the pool name>-<random>
+  @dir_pattern ~r/^snakepit-(\d+)-(\d+)-(\d+)-([A-Za-z0-9_]*)-([0-9a-f]{16})-([0-9a-f]{16})$/
 
   @doc "The smallest blob sent as a region unless a pool says otherwise (`shm_min_bytes`)."
   @spec default_min_bytes() :: pos_integer
@@ -112,10 +112,10 @@ defmodule Snakepit.Shm do
   defp make_private_dir(base, _owner, _pool_name, 0),
     do: {:error, "cannot make a shared-memory directory in #{base}"}
 
-  defp make_private_dir(base, {pid, start}, pool_name, tries) do
+  defp make_private_dir(base, {pid, start, ns} = owner, pool_name, tries) do
     name =
       Enum.join(
-        [@dir_prefix <> pid, start, slug(pool_name), name_hash(pool_name), random_hex(8)],
+        [@dir_prefix <> pid, start, ns, slug(pool_name), name_hash(pool_name), random_hex(8)],
         "-"
       )
 
@@ -135,7 +135,7 @@ defmodule Snakepit.Shm do
         end
 
       {:error, :eexist} ->
-        make_private_dir(base, {pid, start}, pool_name, tries - 1)
+        make_private_dir(base, owner, pool_name, tries - 1)
 
       {:error, why} ->
         {:error, "cannot make a shared-memory directory in #{base}: #{:file.format_error(why)}"}
@@ -146,7 +146,6 @@ defmodule Snakepit.Shm do
   # BEAM and an earlier run of the pool named `pool_name` (not `keep`, the new one): deleted, and
   # their names returned.
   defp sweep(base, owner, pool_name, keep) do
-    {my_pid, my_start} = owner
     my_hash = name_hash(pool_name)
     my_uid = my_uid(keep)
 
@@ -154,10 +153,10 @@ defmodule Snakepit.Shm do
       {:ok, names} ->
         for name <- names,
             String.starts_with?(name, @dir_prefix),
-            [_, pid, start, _slug, hash, _rand] <- [Regex.run(@dir_pattern, name)],
+            [_, pid, start, ns, _slug, hash, _rand] <- [Regex.run(@dir_pattern, name)],
             path = Path.join(base, name),
             path != keep,
-            stale?({pid, start}, {my_pid, my_start}, hash == my_hash),
+            stale?({pid, start, ns}, owner, hash == my_hash),
             owned_dir?(path, my_uid),
             removed?(path) do
           name
@@ -170,8 +169,11 @@ defmodule Snakepit.Shm do
 
   defp removed?(path), do: match?({:ok, _}, File.rm_rf(path))
 
-  defp stale?({pid, start}, {pid, start}, same_pool?), do: same_pool?
-  defp stale?({pid, start}, _me, _same_pool?), do: not beam_alive?(pid, start)
+  defp stale?(beam, beam, same_pool?), do: same_pool?
+  defp stale?({pid, start, ns}, {_, _, ns}, _same_pool?), do: not beam_alive?(pid, start)
+  # a BEAM in another pid namespace (another container sharing this tmpfs): its pid means
+  # nothing here, so it is never taken for gone
+  defp stale?(_beam, _me, _same_pool?), do: false
 
   defp owned_dir?(path, uid) do
     case File.lstat(path) do
@@ -222,11 +224,20 @@ defmodule Snakepit.Shm do
     end
   end
 
-  # This BEAM as its directories name it: OS pid and start time (clock ticks after boot, from
-  # /proc), so that a pid reused by another process does not keep a dead BEAM's directory.
+  # This BEAM as its directories name it: OS pid, start time (clock ticks after boot, from /proc:
+  # a pid reused by another process does not keep a dead BEAM's directory) and pid namespace.
   defp beam_tag do
     pid = System.pid()
-    {pid, process_start(pid) || "0"}
+    {pid, process_start(pid) || "0", pid_namespace()}
+  end
+
+  defp pid_namespace do
+    with {:ok, link} <- File.read_link("/proc/self/ns/pid"),
+         [_, inode] <- Regex.run(~r/\[(\d+)\]/, link) do
+      inode
+    else
+      _ -> "0"
+    end
   end
 
   defp beam_alive?(pid, start) do
