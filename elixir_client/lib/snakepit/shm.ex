@@ -6,10 +6,12 @@ defmodule Snakepit.Shm do
   `snakepit_bridge/server/shm.py`).
 
   A pool with `shm: true` has one directory,
-  `<base>/snakepit-<beam os pid>-<beam start>-<pid namespace>-<pool>-<id>` (mode 0700; `base` is `/dev/shm` when it exists), made by `open_pool_dir/3` and passed to every
-  worker as `--shm-dir`; it is deleted when the pool stops. Directories of BEAMs that are gone
-  (a `kill -9`, a `System.halt/1`) and of an earlier run of the same pool in this BEAM are deleted
-  by the next pool that starts.
+  `<base>/snakepit-<beam os pid>-<beam start>-<pid namespace>-<pool>-<id>` (mode 0700; `base` is
+  `/dev/shm` when it exists), made by `open_pool_dir/3` and passed to every worker as
+  `--shm-dir`; it is deleted when the pool stops. Directories of BEAMs that are gone (a `kill -9`,
+  a `System.halt/1`) and of an earlier run of the same pool in this BEAM are deleted by the next
+  pool that starts on the host; those of BEAMs in another pid namespace (another container
+  sharing the tmpfs) are left alone, since their pids cannot be checked from here.
 
   One call (`t:call/0`, from `new_call/1`):
 
