@@ -3,6 +3,7 @@ side by side with a plain TCP loopback echo and a memory copy, in one run.
 
     python3 bench/array_roundtrip.py                  # 1, 16 and 64 MB float64, 7 rounds
     python3 bench/array_roundtrip.py --sizes-mb 16 --rounds 3
+    python3 bench/array_roundtrip.py --elixir         # and the Elixir client's rows (needs mix)
 
 One threaded server (showcase adapter, `echo` returns its arguments) serves both client paths; the
 TCP echo is a separate Python process that sends back every byte it reads (the floor any socket path
@@ -10,12 +11,19 @@ pays: two copies through the kernel each way). Each round runs every path once, 
 see the same machine; the table shows the median round trip and its range over the rounds, MB/s as
 payload / round trip, and each path against the TCP echo of the same size measured in the same run.
 
-Not measured here: the Elixir client (bench/elixir_client.exs), many calls at once, remote hosts
-(regions need the same host; remote callers always go inline).
+With --elixir, the Elixir client's rows come from bench/elixir_array_roundtrip.exs (`mix run` in
+elixir_client/, with the BEAM's schedulers told not to busy-wait): two pools of one threaded worker
+each, `shm: false` (inline) and `shm: true`, timing `Snakepit.execute(pool, "echo", %{x: array})`
+for an NDArray of the same size, one round trip per request from this script, so that its paths are
+interleaved with the others round by round.
+
+Not measured here: many calls at once, remote hosts (regions need the same host; remote callers
+always go inline).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -81,6 +89,47 @@ class TcpEcho:
         self.process.wait()
 
 
+class ElixirClient:
+    """bench/elixir_array_roundtrip.exs in a BEAM of its own: one timed Elixir round trip per call."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "SNAKEPIT_PYTHON": sys.executable,
+               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               # schedulers that busy-wait take the CPUs the workers and this script need
+               "ELIXIR_ERL_OPTIONS": "+sbwt none +sbwtdcpu none +sbwtdio none"}
+        self.process = subprocess.Popen(["mix", "run", "../bench/elixir_array_roundtrip.exs"],
+                                        cwd=ROOT / "elixir_client", env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self._reply()  # {"ready": true}, once both pools are up (after mix compiled, the first time)
+
+    def _reply(self) -> dict:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("{"):  # mix may print other lines first (compiling)
+                return json.loads(line)
+        raise RuntimeError(f"the Elixir bench exited with {self.process.wait()}")
+
+    def round_trip(self, path: str, size_mb: float) -> float:
+        """Seconds of one `Snakepit.execute(pool, "echo", %{x: array})`, as the BEAM timed it."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"path": path, "size_mb": size_mb}) + "\n")
+        self.process.stdin.flush()
+        return float(self._reply()["seconds"])
+
+    def close(self) -> int | None:
+        """Stop it; the regions left in its shared-memory pool's directory (None if it did not say)."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            left = self._reply().get("regions_left")
+            self.process.wait(timeout=30)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            left = None
+            self.process.kill()
+            self.process.wait()
+        return left
+
+
 def timed(fn, array: np.ndarray) -> float:
     start = time.perf_counter()
     result = fn(array)
@@ -95,6 +144,8 @@ def main() -> int:
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 16, 64])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--max-seconds", type=float, default=240, help="stop starting rounds after this long")
+    parser.add_argument("--elixir", action="store_true",
+                        help="add the Elixir client's rows, inline and shared memory (mix run in elixir_client/)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -104,23 +155,29 @@ def main() -> int:
     server = WorkerServer("threaded", "--shm-dir", shm_dir, "--max-workers", "4").start()
     inline = BridgeClient(server.address, max_message_mb=256)
     shared = BridgeClient(server.address, shm_dir=shm_dir)
+    elixir = ElixirClient() if args.elixir else None
+    # each path: (array, size in MB) -> seconds of one round trip
     paths = {
-        "numpy copy (memcpy)": lambda a: a.copy(),
-        "TCP loopback echo (plain Python sockets)": echo.round_trip,
-        "Python client, inline": lambda a: inline.execute("echo", {"x": a})["x"],
-        "Python client, shared memory": lambda a: shared.execute("echo", {"x": a})["x"],
+        "numpy copy (memcpy)": lambda a, _mb: timed(lambda a: a.copy(), a),
+        "TCP loopback echo (plain Python sockets)": lambda a, _mb: timed(echo.round_trip, a),
+        "Python client, inline": lambda a, _mb: timed(lambda a: inline.execute("echo", {"x": a})["x"], a),
+        "Python client, shared memory": lambda a, _mb: timed(lambda a: shared.execute("echo", {"x": a})["x"], a),
     }
+    if elixir is not None:
+        paths["Elixir client, inline"] = lambda _a, mb: elixir.round_trip("inline", mb)
+        paths["Elixir client, shared memory"] = lambda _a, mb: elixir.round_trip("shm", mb)
     rows = []
+    elixir_left = None
     started = time.monotonic()
     try:
         for size_mb in args.sizes_mb:
             array = np.random.default_rng(1).random(int(size_mb * 1e6) // 8)
             for fn in paths.values():
-                timed(fn, array)  # warm-up: connections, first page faults of the server's buffers
+                fn(array, size_mb)  # warm-up: connections, first page faults of the server's buffers
             samples: dict[str, list[float]] = {name: [] for name in paths}
             for _ in range(args.rounds):
                 for name, fn in paths.items():
-                    samples[name].append(timed(fn, array))
+                    samples[name].append(fn(array, size_mb))
                 if time.monotonic() - started > args.max_seconds:
                     break
             rows.append((size_mb, samples))
@@ -128,6 +185,8 @@ def main() -> int:
     finally:
         inline.close()
         shared.close()
+        if elixir is not None:
+            elixir_left = elixir.close()
         server.terminate()
         echo.close()
         leftover = os.listdir(shm_dir)
@@ -148,7 +207,8 @@ def main() -> int:
                   f"| {size_mb / median:,.0f} | {echo_median / median:.2f}x |")
     print()
     print(f"{len(rows[0][1][next(iter(paths))]) if rows else 0} rounds per size. Server peak RSS over the whole run "
-          f"(VmHWM): {server_rss_peak:.0f} MB. Regions left in the directory after the run: {len(leftover)}.")
+          f"(VmHWM): {server_rss_peak:.0f} MB. Regions left in the directory after the run: {len(leftover)}"
+          + (f"; in the Elixir pool's: {elixir_left}." if args.elixir else "."))
     return 0
 
 

@@ -34,7 +34,7 @@ defmodule Snakepit do
   """
 
   require Logger
-  alias Snakepit.{CallEngine, Codec, Error, Pool, Proto, Telemetry, TraceContext}
+  alias Snakepit.{CallEngine, Codec, Error, Pool, Proto, Shm, Telemetry, TraceContext}
   alias Snakepit.GRPC.Channel
 
   @service "/snakepit.bridge.BridgeService/"
@@ -178,8 +178,8 @@ defmodule Snakepit do
     tool = to_string(tool)
     opts = put_traceparent(opts)
 
-    with_slot(pool, tool, args, opts, span(:execute, tool), fn lease, json, blobs ->
-      req = tool_request(tool, json, blobs, opts)
+    call = fn lease, {json, blobs}, shm ->
+      req = tool_request(tool, json, blobs, opts, shm)
 
       with {:ok, resp} <-
              unary(
@@ -191,9 +191,11 @@ defmodule Snakepit do
                tool,
                opts
              ) do
-        decode_value(resp.result_json, resp.blobs, tool, opts)
+        decode_value(resp.result_json, resp.blobs, tool, with_regions(opts, shm))
       end
-    end)
+    end
+
+    with_slot(pool, tool, args_encoder(args, tool), opts, span(:execute, tool), call)
   end
 
   @doc """
@@ -230,7 +232,7 @@ defmodule Snakepit do
     with_slot(
       pool,
       "GetSession",
-      %{},
+      nil,
       opts,
       span(:get_session, nil),
       fn lease, _, _ ->
@@ -329,10 +331,12 @@ defmodule Snakepit do
     tool = to_string(tool)
     opts = put_traceparent(opts)
 
-    with_slot(pool, tool, args, opts, span(:stream, tool), fn lease, json, blobs ->
-      with {:ok, call} <- open_stream(lease, tool, json, blobs, opts),
-           do: CallEngine.run_stream(lease, call, tool, opts, callback)
-    end)
+    run = fn lease, {json, blobs}, shm ->
+      with {:ok, call} <- open_stream(lease, tool, json, blobs, opts, shm),
+           do: CallEngine.run_stream(lease, call, tool, with_regions(opts, shm), callback)
+    end
+
+    with_slot(pool, tool, args_encoder(args, tool), opts, span(:stream, tool), run)
   end
 
   defp check_window!(opts) do
@@ -360,7 +364,7 @@ defmodule Snakepit do
           {:halt, st}
 
         st ->
-          case CallEngine.next_chunk(st.lease, st.call, tool, opts) do
+          case CallEngine.next_chunk(st.lease, st.call, tool, with_regions(opts, st.shm)) do
             {:chunk, value} -> {[value], st}
             {:final, _value} -> {[], st}
             :done -> {:halt, %{st | done: true}}
@@ -370,6 +374,7 @@ defmodule Snakepit do
       fn st ->
         # not done: halted early or failed; cancelled here, so its tool may still run
         unless st.done, do: CallEngine.cancel(st.call)
+        Shm.finish(st.shm, not st.done)
         Pool.checkin(st.lease, if(st.done, do: :ok, else: :abandoned))
 
         result =
@@ -389,14 +394,19 @@ defmodule Snakepit do
     start = Telemetry.call_start(meta)
 
     opened =
-      guarded(start, meta, nil, fn ->
-        with {:ok, {json, blobs}} <- encode(args, tool),
-             {:ok, lease} <- checkout(pool, meta, session_id: opts[:session_id]) do
-          case open_stream(lease, tool, json, blobs, opts) do
+      guarded(start, meta, nil, nil, fn ->
+        shm = call_regions(pool)
+
+        with {:ok, {json, blobs}, placements} <- encode(args, tool, shm),
+             shm = Shm.with_args(shm, placements),
+             {:ok, lease} <-
+               checkout(pool, meta, session_id: opts[:session_id], regions: Shm.prefixes(shm)) do
+          case write_args_and_open(lease, tool, json, blobs, opts, shm) do
             {:ok, call} ->
-              {:ok, lease, call}
+              {:ok, lease, call, shm}
 
             {:error, e} = error ->
+              Shm.finish(shm, true)
               # as with_slot/7 reports it: a failed InitializeSession leaves the session not
               # created on the worker
               Pool.checkin(lease, outcome(error, opts[:session_id]))
@@ -408,8 +418,8 @@ defmodule Snakepit do
       end)
 
     case opened do
-      {:ok, lease, call} ->
-        %{lease: lease, call: call, done: false, failed: nil, start: start}
+      {:ok, lease, call, shm} ->
+        %{lease: lease, call: call, shm: shm, done: false, failed: nil, start: start}
 
       {:error, %Error{} = e, lease} ->
         Telemetry.call_stop(start, stop_metadata(meta, lease, {:error, e}))
@@ -417,9 +427,19 @@ defmodule Snakepit do
     end
   end
 
-  defp open_stream(lease, tool, json, blobs, opts) do
+  # (the span's exception, if any, is reported by the caller's guarded/5)
+  defp write_args_and_open(lease, tool, json, blobs, opts, shm) do
+    with :ok <- write_args(shm, tool), do: open_stream(lease, tool, json, blobs, opts, shm)
+  catch
+    kind, reason ->
+      Shm.finish(shm, true)
+      Pool.checkin(lease, :abandoned)
+      :erlang.raise(kind, reason, __STACKTRACE__)
+  end
+
+  defp open_stream(lease, tool, json, blobs, opts, shm) do
     with :ok <- maybe_init_session(lease, opts) do
-      request = tool_request(tool, json, blobs, opts)
+      request = tool_request(tool, json, blobs, opts, shm)
 
       CallEngine.start_stream(
         lease,
@@ -443,31 +463,47 @@ defmodule Snakepit do
     tool = to_string(tool)
     opts = put_traceparent(opts)
 
-    encoded =
-      Enum.reduce_while(args_list, {:ok, []}, fn args, {:ok, acc} ->
-        case encode(args, tool) do
-          {:ok, {json, blobs}} -> {:cont, {:ok, [%{args_json: json, blobs: blobs} | acc]}}
-          err -> {:halt, err}
+    # each item's argument regions are "<args prefix>.<item>.<n>"
+    encoder = fn shm ->
+      args_list
+      |> Enum.with_index()
+      |> Enum.reduce_while({:ok, [], []}, fn {args, index}, {:ok, items, placed} ->
+        case encode(args, tool, shm, index) do
+          {:ok, {json, blobs}, placements} ->
+            {:cont, {:ok, [%{args_json: json, blobs: blobs} | items], [placements | placed]}}
+
+          err ->
+            {:halt, err}
         end
       end)
+      |> case do
+        {:ok, items, placed} ->
+          {:ok, Enum.reverse(items), placed |> Enum.reverse() |> Enum.concat()}
 
-    with {:ok, items} <- encoded do
-      run = fn lease, _, _ -> run_batch(lease, tool, Enum.reverse(items), opts) end
-      span = Map.put(span(:batch, tool), :items, length(items))
-      # the server counts each item as a tool call
-      with_slot(pool, tool, %{}, opts, span, run, max(length(items), 1))
+        err ->
+          err
+      end
     end
+
+    run = fn lease, items, shm -> run_batch(lease, tool, items, opts, shm) end
+    span = Map.put(span(:batch, tool), :items, length(args_list))
+    # the server counts each item as a tool call
+    with_slot(pool, tool, encoder, opts, span, run, max(length(args_list), 1))
   end
 
-  defp run_batch(lease, tool, items, opts) do
-    req = %{
-      tool_name: tool,
-      items: items,
-      session_id: opts[:session_id] || "",
-      request_id: opts[:request_id] || "",
-      metadata: opts[:metadata] || %{},
-      max_parallelism: opts[:max_parallelism] || 0
-    }
+  defp run_batch(lease, tool, items, opts, shm) do
+    req =
+      %{
+        tool_name: tool,
+        items: items,
+        session_id: opts[:session_id] || "",
+        request_id: opts[:request_id] || "",
+        metadata: opts[:metadata] || %{},
+        max_parallelism: opts[:max_parallelism] || 0
+      }
+      |> Map.merge(Shm.request_fields(shm))
+
+    opts = with_regions(opts, shm)
 
     with {:ok, resp} <-
            unary(
@@ -494,7 +530,8 @@ defmodule Snakepit do
   Pool counters (`calls`, `failures`, `checkouts`, `queued` now, `queued_total`, `queue_full`,
   `queue_timeouts`, `recycles`, `crashes`, `workers_started`, `stuck_replacements`,
   `unhealthy_replacements`, `in_flight`, `capacity` (slots of ready workers, less those stuck
-  calls hold), `sessions`) and `workers`: one map per worker (pid, id, status,
+  calls hold), `sessions`, `shm_dir` (the pool's shared-memory directory, or nil: see
+  `Snakepit.Shm`)) and `workers`: one map per worker (pid, id, status,
   os_pid, port, in_flight, capacity, requests, `abandoned_calls`, `stuck_calls`) with
   `python`: that worker's GetStats response (adapter_stats_json / thread_safety_json decoded into
   `adapter_stats` / `thread_safety`), or `{:error, e}`.
@@ -576,7 +613,13 @@ defmodule Snakepit do
   # Runs one call on a pool slot, as one telemetry span (`span`: its operation and tool, see
   # Snakepit.Telemetry). `opts` went through put_traceparent/1, as those `fun` has. `weight`: the
   # tool calls the server counts for this one (a batch: its items).
-  defp with_slot(pool, tool, args, opts, span, fun, weight \\ 1) do
+  #
+  # `encoder` (nil: a call without arguments or results, e.g. GetSession) is given the call's
+  # shared-memory regions (Snakepit.Shm; nil when the pool has none) and returns
+  # {:ok, encoded, placements}; `fun` gets the lease, `encoded` and the regions. The argument
+  # regions are written once the call has its slot (the checkout registers them: the pool deletes
+  # them should the caller die) and deleted when the call ends, with any result region it left.
+  defp with_slot(pool, tool, encoder, opts, span, fun, weight \\ 1) do
     meta = call_metadata(pool, span, opts)
     start = Telemetry.call_start(meta)
     sid = opts[:session_id]
@@ -585,27 +628,35 @@ defmodule Snakepit do
     create? = opts[:skip_session_init] != true
 
     checked_out =
-      guarded(start, meta, nil, fn ->
-        with {:ok, {json, blobs}} <- encode(args, tool),
+      guarded(start, meta, nil, nil, fn ->
+        shm = encoder && call_regions(pool)
+
+        with {:ok, encoded, placements} <- run_encoder(encoder, shm),
+             shm = Shm.with_args(shm, placements),
              {:ok, lease} <-
-               checkout(pool, meta, session_id: sid, weight: weight, create_session: create?),
-             do: {:ok, lease, json, blobs}
+               checkout(pool, meta,
+                 session_id: sid,
+                 weight: weight,
+                 create_session: create?,
+                 regions: Shm.prefixes(shm)
+               ),
+             do: {:ok, lease, encoded, shm}
       end)
 
     case checked_out do
-      {:ok, lease, json, blobs} ->
+      {:ok, lease, encoded, shm} ->
         # the log's duration is the call's on its worker; the span's includes the queue wait
         t0 = System.monotonic_time()
 
         result =
-          guarded(start, meta, lease, fn ->
-            if opts[:skip_session_init] do
-              fun.(lease, json, blobs)
-            else
-              with :ok <- maybe_init_session(lease, opts), do: fun.(lease, json, blobs)
-            end
+          guarded(start, meta, lease, shm, fn ->
+            with :ok <- write_args(shm, tool),
+                 :ok <-
+                   if(opts[:skip_session_init], do: :ok, else: maybe_init_session(lease, opts)),
+                 do: fun.(lease, encoded, shm)
           end)
 
+        Shm.finish(shm, not match?({:ok, _}, result))
         Pool.checkin(lease, outcome(result, sid))
         stop_meta = stop_metadata(meta, lease, result)
 
@@ -627,11 +678,13 @@ defmodule Snakepit do
   end
 
   # Runs `fun`; when it raises, throws or exits, the call's span ends with :exception (and the
-  # slot, if it has one, is given back as abandoned) before it goes on.
-  defp guarded(start, meta, lease, fun) do
+  # slot, if it has one, is given back as abandoned, once the call's regions are deleted) before
+  # it goes on.
+  defp guarded(start, meta, lease, shm, fun) do
     fun.()
   catch
     kind, reason ->
+      Shm.finish(shm, true)
       # (a stream whose callback raised was cancelled: its tool may still run)
       if lease, do: Pool.checkin(lease, :abandoned)
 
@@ -767,7 +820,7 @@ defmodule Snakepit do
 
   defp maybe_init_session(_lease, _opts), do: :ok
 
-  defp tool_request(tool, json, blobs, opts) do
+  defp tool_request(tool, json, blobs, opts, shm) do
     %{
       tool_name: tool,
       args_json: json,
@@ -777,6 +830,7 @@ defmodule Snakepit do
       metadata: opts[:metadata] || %{}
     }
     |> put_present(:seed, opts[:seed])
+    |> Map.merge(Shm.request_fields(shm))
   end
 
   defp put_present(map, _key, nil), do: map
@@ -789,9 +843,37 @@ defmodule Snakepit do
 
   defp decode_value(json, blobs, tool, opts), do: CallEngine.decode_value(json, blobs, tool, opts)
 
-  defp encode(args, tool) do
-    {:ok, Codec.encode_args(args)}
+  defp args_encoder(args, tool), do: fn shm -> encode(args, tool, shm) end
+
+  defp run_encoder(nil, _shm), do: {:ok, nil, []}
+  defp run_encoder(encoder, shm), do: encoder.(shm)
+
+  # {:ok, {json, blobs}, placements}: the arguments with their large blobs as regions of `shm`
+  # (`item`: a batch item's index, which names its regions)
+  defp encode(args, tool, shm, item \\ nil) do
+    {json, blobs, placements} = Codec.encode_args_placing(args, shm && Shm.args_spec(shm, item))
+
+    {:ok, {json, blobs}, placements}
   rescue
     e in ArgumentError -> {:error, Error.new(:invalid_argument, Exception.message(e), tool: tool)}
   end
+
+  # This call's regions in the pool's shared-memory directory, or nil (the pool has none).
+  defp call_regions(pool) do
+    case Pool.shm(pool) do
+      nil -> nil
+      shm -> Shm.new_call(shm)
+    end
+  end
+
+  defp write_args(shm, tool) do
+    case Shm.write_args(shm) do
+      :ok -> :ok
+      {:error, message} -> {:error, Error.new(:resource_exhausted, message, tool: tool)}
+    end
+  end
+
+  # The call options as CallEngine decodes results with: through the call's regions.
+  defp with_regions(opts, nil), do: opts
+  defp with_regions(opts, shm), do: Keyword.put(opts, :shm_call, shm)
 end

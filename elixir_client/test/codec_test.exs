@@ -171,4 +171,97 @@ defmodule Snakepit.CodecTest do
 
     assert NDArray.to_list(NDArray.from_list([true, false], "|b1")) == [true, false]
   end
+
+  describe "shared-memory regions" do
+    @regions %{prefix: "p0123456789abcdef", min_bytes: 100}
+
+    # A reader over `regions` (name => binary) that records what it was asked for.
+    defp reader(regions) do
+      test = self()
+
+      fn name, offset, nbytes ->
+        send(test, {:read, name, offset, nbytes})
+
+        case Map.fetch(regions, name) do
+          {:ok, bin} -> {:ok, binary_part(bin, offset, nbytes)}
+          :error -> {:error, "region #{name} does not exist"}
+        end
+      end
+    end
+
+    test "bytes and array buffers of min_bytes or more become placements named <prefix>.<n>" do
+      big = :binary.copy(<<1>>, 100)
+      nd = %NDArray{data: :binary.copy(<<0>>, 800), dtype: "<f8", shape: [10, 10]}
+      value = [{:bytes, big}, {:bytes, "small"}, nd, "a valid UTF-8 string of any size", <<255>>]
+
+      {json, blobs, placements} = Codec.encode_placing(value, @regions)
+      assert blobs == ["small", <<255>>]
+      assert placements == [{"p0123456789abcdef.0", big}, {"p0123456789abcdef.1", nd.data}]
+
+      assert :jiffy.decode(json, [:return_maps]) == [
+               %{
+                 "__snakepit__" => "bytes",
+                 "shm" => "p0123456789abcdef.0",
+                 "offset" => 0,
+                 "length" => 100
+               },
+               %{"__snakepit__" => "bytes", "blob" => 0},
+               %{
+                 "__snakepit__" => "ndarray",
+                 "shm" => "p0123456789abcdef.1",
+                 "offset" => 0,
+                 "dtype" => "<f8",
+                 "shape" => [10, 10]
+               },
+               "a valid UTF-8 string of any size",
+               %{"__snakepit__" => "bytes", "blob" => 1}
+             ]
+    end
+
+    test "without a region spec it is encode/1" do
+      value = %{x: {:bytes, :binary.copy(<<1>>, 1000)}}
+      {json, blobs} = Codec.encode(value)
+      assert Codec.encode_placing(value, nil) == {json, blobs, []}
+      assert Codec.encode_args_placing(nil, @regions) == {"{}", [], []}
+    end
+
+    test "region references decode through the reader, sized by length or dtype and shape" do
+      regions = %{"r.0" => "xxhello", "r.1" => <<1.5::float-little-64, 2.5::float-little-64>>}
+
+      json = ~s([{"__snakepit__": "bytes", "shm": "r.0", "offset": 2, "length": 5},
+            {"__snakepit__": "ndarray", "shm": "r.1", "dtype": "<f8", "shape": [2]}])
+
+      assert {:ok, ["hello", nd]} = Codec.decode(json, [], read_region: reader(regions))
+      assert NDArray.to_flat_list(nd) == [1.5, 2.5]
+      assert_received {:read, "r.0", 2, 5}
+      assert_received {:read, "r.1", 0, 16}
+
+      assert {:ok, [{:bytes, "hello"}, _]} =
+               Codec.decode(json, [], read_region: reader(regions), bytes: :tagged)
+    end
+
+    test "a reference without a reader, or one the reader refuses, is an error naming the region" do
+      json = ~s({"__snakepit__": "bytes", "shm": "r.9", "length": 1})
+      assert {:error, msg} = Codec.decode(json, [])
+      assert msg =~ ~s(bytes in shared-memory region "r.9")
+
+      assert {:error, "region r.9 does not exist"} =
+               Codec.decode(json, [], read_region: reader(%{}))
+    end
+
+    test "a malformed reference fails before anything is read" do
+      for {json, why} <- [
+            {~s({"__snakepit__": "bytes", "shm": "r.0"}), "length"},
+            {~s({"__snakepit__": "bytes", "shm": "r.0", "length": 1, "offset": -1}), "offset"},
+            {~s({"__snakepit__": "ndarray", "shm": "r.0", "dtype": "<x8", "shape": [1]}),
+             "dtype"},
+            {~s({"__snakepit__": "ndarray", "shm": "r.0", "dtype": "<f8", "shape": [-1]}),
+             "shape"}
+          ] do
+        assert {:error, msg} = Codec.decode(json, [], read_region: reader(%{"r.0" => "12345678"}))
+        assert msg =~ why
+        refute_received {:read, _, _, _}
+      end
+    end
+  end
 end

@@ -69,6 +69,9 @@ defmodule Snakepit.ConfigTest do
           {[name: :p, health_check_timeout: :infinity], ":health_check_timeout"},
           {[name: :p, stuck_call_grace: -1], ":stuck_call_grace"},
           {[name: :p, max_stuck_calls: 0], ":max_stuck_calls"},
+          {[name: :p, shm: :yes], ":shm"},
+          {[name: :p, shm_min_bytes: 0], ":shm_min_bytes"},
+          {[name: :p, shm_base_dir: ""], ":shm_base_dir"},
           {[name: :p, pool_sise: 2], ":pool_sise"}
         ] do
       assert {:error, msg} = Config.new(cfg)
@@ -154,5 +157,41 @@ defmodule Snakepit.ConfigTest do
   test "a launcher that does not implement Snakepit.Launcher is rejected naming :launcher" do
     assert {:error, msg} = Config.new(name: :p, launcher: NoSuchModule)
     assert msg =~ ":launcher"
+  end
+
+  defmodule RemoteLauncher do
+    @moduledoc false
+    # a launcher whose servers may run anywhere: it does not promise to pass --shm-dir
+    @behaviour Snakepit.Launcher
+    @impl true
+    def command(_config, _opts), do: {"/bin/true", [], []}
+  end
+
+  describe "shared memory" do
+    test "is on by default for the default launcher's local workers, off for other launchers" do
+      c = Config.new!(name: :p)
+      assert c.shm == true
+      assert c.shm_min_bytes == 65_536
+      assert c.shm_base_dir == if(File.dir?("/dev/shm"), do: "/dev/shm", else: System.tmp_dir!())
+      assert Config.new!(name: :p, launcher: RemoteLauncher).shm == false
+      assert Config.new!(name: :p, launcher: RemoteLauncher, shm: true).shm == true
+      assert Config.new!(name: :p, shm: false).shm == false
+    end
+
+    test "invalid values name the key and say what is expected" do
+      assert {:error, msg} = Config.new(name: :p, shm: "true")
+      assert msg =~ ":shm: must be true or false"
+      assert {:error, msg} = Config.new(name: :p, shm_min_bytes: 1.5)
+      assert msg =~ ":shm_min_bytes: must be a positive integer (bytes)"
+    end
+
+    test "the launcher passes the pool's directory as --shm-dir, and none without one" do
+      c = Config.new!(name: :p)
+      {_, args, _} = Snakepit.Launcher.GRPCPython.command(c, shm_dir: "/dev/shm/snakepit-x")
+      i = Enum.find_index(args, &(&1 == "--shm-dir"))
+      assert Enum.at(args, i + 1) == "/dev/shm/snakepit-x"
+      {_, args, _} = Snakepit.Launcher.GRPCPython.command(c, [])
+      refute "--shm-dir" in args
+    end
   end
 end

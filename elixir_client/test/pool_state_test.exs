@@ -49,6 +49,8 @@ defmodule Snakepit.PoolStateTest do
       create_session: Keyword.get(opts, :create_session, true)
     }
 
+    request = if opts[:regions], do: Map.put(request, :regions, opts[:regions]), else: request
+
     {s, actions} = ev(s, {:checkout, ref, {:caller, ref}, request}, Keyword.get(opts, :now, @t0))
     {s, actions, ref}
   end
@@ -210,6 +212,60 @@ defmodule Snakepit.PoolStateTest do
     assert stopped?(actions, 1)
     assert status(s, 1) == :stopping
     assert s.slots[1].current == 2
+  end
+
+  ## shared-memory regions
+
+  defp deleted(actions), do: for({:delete_regions, prefixes} <- actions, do: prefixes)
+
+  test "the regions of a caller that dies during its call are deleted at once" do
+    s = ready_pool(pool_size: 1)
+    {s, _, ref} = checkout(s, regions: ["args1", "result1"])
+    {_s, actions} = ev(s, {:caller_down, ref})
+    assert deleted(actions) == [["args1", "result1"]]
+  end
+
+  test "a call that ends normally leaves its regions to its caller" do
+    s = ready_pool(pool_size: 1)
+    {s, _, r1} = checkout(s, regions: ["args1", "result1"])
+    {s, _, r2} = checkout(s, regions: ["args2", "result2"])
+    {s, a1} = ev(s, {:checkin, r1, :ok})
+    {_s, a2} = ev(s, {:checkin, r2, :error})
+    assert deleted(a1 ++ a2) == []
+  end
+
+  test "the regions of abandoned calls are deleted once a check shows none runs any more" do
+    s = ready_pool(pool_size: 1, threads_per_worker: 2, worker_profile: :thread)
+    {s, _, r1} = checkout(s, regions: ["args1", "result1"])
+    {s, _, r2} = checkout(s, regions: ["args2", "result2"])
+    {s, a1} = ev(s, {:checkin, r1, :abandoned}, @t0 + 10)
+    {s, a2} = ev(s, {:checkin, r2, :abandoned}, @t0 + 20)
+    # its tool may still write result regions: not yet
+    assert deleted(a1 ++ a2) == []
+
+    {s, actions} = ev(s, {:stuck_call_check, 1}, @t0 + 60)
+    [ref] = for {:check, 1, ref, :active_calls, _, _} <- actions, do: ref
+    # one of the two still runs
+    {s, actions} = ev(s, {:check_result, 1, ref, {:ok, 1}}, @t0 + 61)
+    assert deleted(actions) == []
+
+    {s, actions} = ev(s, {:stuck_call_check, 1}, @t0 + 200)
+    [ref] = for {:check, 1, ref, :active_calls, _, _} <- actions, do: ref
+    {s, actions} = ev(s, {:check_result, 1, ref, {:ok, 0}}, @t0 + 201)
+    assert [prefixes] = deleted(actions)
+    assert Enum.sort(prefixes) == ["args1", "args2", "result1", "result2"]
+
+    # once
+    {_s, actions} = ev(s, {:worker_exited, 1, :killed})
+    assert deleted(actions) == []
+  end
+
+  test "the regions of abandoned calls are deleted when their worker is gone" do
+    s = ready_pool(pool_size: 1)
+    {s, _, r1} = checkout(s, regions: ["args1", "result1"])
+    {s, _} = ev(s, {:checkin, r1, :abandoned})
+    {_s, actions} = ev(s, {:worker_exited, 1, {:shutdown, {:python_exited, 137}}})
+    assert deleted(actions) == [["args1", "result1"]]
   end
 
   ## sessions

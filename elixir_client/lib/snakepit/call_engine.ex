@@ -10,7 +10,7 @@ defmodule Snakepit.CallEngine do
   decodes each message as a `ToolChunk`.
   """
 
-  alias Snakepit.{Codec, Error, Pool, Proto}
+  alias Snakepit.{Codec, Error, Pool, Proto, Shm}
   alias Snakepit.GRPC.Channel
 
   @service "/snakepit.bridge.BridgeService/"
@@ -195,10 +195,16 @@ defmodule Snakepit.CallEngine do
     end
   end
 
-  @doc "Decodes a result's JSON and blobs (option `:bytes`); `:invalid_response` when it cannot."
+  @doc """
+  Decodes a result's JSON and blobs (option `:bytes`; `:shm_call`, the call's `Snakepit.Shm`
+  regions, which its result region references are read from); `:invalid_response` when it cannot.
+  """
   @spec decode_value(binary, list, tool, keyword) :: {:ok, term} | {:error, Error.t()}
   def decode_value(json, blobs, tool, opts) do
-    case Codec.decode(json, blobs, bytes: Keyword.get(opts, :bytes, :binary)) do
+    case Codec.decode(json, blobs,
+           bytes: Keyword.get(opts, :bytes, :binary),
+           read_region: Shm.reader(opts[:shm_call])
+         ) do
       {:ok, v} -> {:ok, v}
       {:error, msg} -> {:error, Error.new(:invalid_response, msg, tool: tool)}
     end

@@ -163,6 +163,19 @@ defmodule Snakepit.Codec do
 
   Other structs, pids, references and functions raise `ArgumentError`.
 
+  ## Shared-memory regions (`encode_placing/2`, `decode/3`'s `:read_region`)
+
+  For a worker on this host (see `Snakepit.Shm`), `encode_placing/2` sends every bytes blob and
+  NDArray buffer of at least `min_bytes` as a region reference instead of a blob,
+  `{"__snakepit__": "bytes", "shm": name, "offset": 0, "length": n}` or
+  `{"__snakepit__": "ndarray", "shm": name, "offset": 0, "dtype", "shape"}`, and returns the
+  `{name, binary}` pairs to write. It does no I/O itself: the call writes them once it has its
+  slot (and the pool can delete them should the caller die), so the codec stays a pure function
+  of its input. Decoding is given a reader for the same reason: `decode/3` with
+  `read_region: fun` calls `fun.(name, offset, nbytes)` for each region reference (the caller's
+  reader checks the name, reads the file and deletes it); without one, a region reference is an
+  error. Strings (valid UTF-8 binaries) are never regions.
+
   ## wire -> Elixir (`decode/3`)
 
   JSON strings become binaries, objects become maps **with string keys**, `null` becomes `nil`,
@@ -177,6 +190,13 @@ defmodule Snakepit.Codec do
   @tag "__snakepit__"
 
   @type blobs :: [binary]
+  @typedoc "A region to write: its name and contents."
+  @type placement :: {String.t(), binary}
+  @typedoc "How `encode_placing/2` names regions (`\"<prefix>.<n>\"`) and which blobs go there."
+  @type region_spec :: %{prefix: String.t(), min_bytes: pos_integer}
+  @typedoc "Reads `nbytes` from `offset` of region `name`, for `decode/3`'s `:read_region`."
+  @type region_reader ::
+          (String.t(), non_neg_integer, non_neg_integer -> {:ok, binary} | {:error, String.t()})
 
   @doc """
   Encodes a value tree into `{json_binary, blobs}`.
@@ -184,28 +204,56 @@ defmodule Snakepit.Codec do
   """
   @spec encode(term) :: {binary, blobs}
   def encode(term) do
-    {json_term, {_n, rev_blobs}} = enc(term, {0, []})
-    {IO.iodata_to_binary(:jiffy.encode(json_term)), Enum.reverse(rev_blobs)}
+    {json, blobs, []} = encode_placing(term, nil)
+    {json, blobs}
+  end
+
+  @doc """
+  Encodes like `encode/1`, except that bytes and NDArray buffers of at least
+  `regions.min_bytes` become references to shared-memory regions named `"<prefix>.<n>"`
+  (n = 0, 1, ...), returned as `placements` for the caller to write (see "Shared-memory
+  regions"). With `nil`, exactly `encode/1` and no placements.
+  """
+  @spec encode_placing(term, region_spec | nil) :: {binary, blobs, [placement]}
+  def encode_placing(term, regions) do
+    {json_term, {_n, rev_blobs, _regions, _k, rev_placed}} = enc(term, {0, [], regions, 0, []})
+
+    {IO.iodata_to_binary(:jiffy.encode(json_term)), Enum.reverse(rev_blobs),
+     Enum.reverse(rev_placed)}
   end
 
   @doc """
   Encodes tool arguments: `nil` and `%{}` give `"{}"`; anything else must be a map (or keyword list).
   """
   @spec encode_args(map | keyword | nil) :: {binary, blobs}
-  def encode_args(nil), do: {"{}", []}
-  def encode_args(args) when is_map(args) and not is_struct(args), do: encode(args)
+  def encode_args(args) do
+    {json, blobs, []} = encode_args_placing(args, nil)
+    {json, blobs}
+  end
 
-  def encode_args(args) when is_list(args) do
+  @doc "`encode_args/1` with regions, as `encode_placing/2`."
+  @spec encode_args_placing(map | keyword | nil, region_spec | nil) ::
+          {binary, blobs, [placement]}
+  def encode_args_placing(nil, _regions), do: {"{}", [], []}
+
+  def encode_args_placing(args, regions) when is_map(args) and not is_struct(args),
+    do: encode_placing(args, regions)
+
+  def encode_args_placing(args, regions) when is_list(args) do
     if Keyword.keyword?(args),
-      do: encode(Map.new(args)),
+      do: encode_placing(Map.new(args), regions),
       else: raise(ArgumentError, "tool arguments must be a map or keyword list, got a list")
   end
 
-  def encode_args(other),
+  def encode_args_placing(other, _regions),
     do:
       raise(ArgumentError, "tool arguments must be a map or keyword list, got #{inspect(other)}")
 
-  @doc "Decodes `json` (empty means `nil`) with its `blobs`. Options: `bytes: :binary | :tagged`."
+  @doc """
+  Decodes `json` (empty means `nil`) with its `blobs`. Options: `bytes: :binary | :tagged`,
+  `read_region:` a `t:region_reader/0` for shared-memory region references (see "Shared-memory
+  regions"; without one they are an error).
+  """
   @spec decode(binary, blobs, keyword) :: {:ok, term} | {:error, String.t()}
   def decode(json, blobs \\ [], opts \\ [])
   def decode("", _blobs, _opts), do: {:ok, nil}
@@ -220,7 +268,13 @@ defmodule Snakepit.Codec do
 
     with {:ok, term} <- parsed do
       try do
-        {:ok, dec(term, List.to_tuple(blobs), Keyword.get(opts, :bytes, :binary))}
+        ctx = %{
+          blobs: List.to_tuple(blobs),
+          mode: Keyword.get(opts, :bytes, :binary),
+          read_region: Keyword.get(opts, :read_region)
+        }
+
+        {:ok, dec(term, ctx)}
       catch
         {:snakepit_codec, msg} -> {:error, msg}
       end
@@ -256,8 +310,8 @@ defmodule Snakepit.Codec do
   defp enc(%NDArray{} = nd, acc) do
     case NDArray.validate(nd) do
       :ok ->
-        {%{"blob" => i}, acc} = blob_ref(nd.data, acc)
-        {%{@tag => "ndarray", "blob" => i, "dtype" => nd.dtype, "shape" => nd.shape}, acc}
+        {ref, acc} = blob_ref(nd.data, acc)
+        {Map.merge(ref, %{@tag => "ndarray", "dtype" => nd.dtype, "shape" => nd.shape}), acc}
 
       {:error, msg} ->
         raise ArgumentError, msg
@@ -293,11 +347,25 @@ defmodule Snakepit.Codec do
     do: raise(ArgumentError, "cannot encode #{inspect(other)} for the bridge")
 
   defp blob(bin, acc) do
-    {ref, acc} = blob_ref(bin, acc)
-    {Map.put(ref, @tag, "bytes"), acc}
+    case blob_ref(bin, acc) do
+      {%{"shm" => _} = ref, acc} ->
+        {Map.merge(ref, %{@tag => "bytes", "length" => byte_size(bin)}), acc}
+
+      {ref, acc} ->
+        {Map.put(ref, @tag, "bytes"), acc}
+    end
   end
 
-  defp blob_ref(bin, {n, rev}), do: {%{"blob" => n}, {n + 1, [bin | rev]}}
+  # A reference to `bin`: the next region when it is large enough to go to one, else the next
+  # blob. acc: {blobs so far, their reverse, region spec or nil, regions so far, their reverse}
+  defp blob_ref(bin, {n, rev, %{min_bytes: min} = regions, k, placed})
+       when byte_size(bin) >= min do
+    name = "#{regions.prefix}.#{k}"
+    {%{"shm" => name, "offset" => 0}, {n, rev, regions, k + 1, [{name, bin} | placed]}}
+  end
+
+  defp blob_ref(bin, {n, rev, regions, k, placed}),
+    do: {%{"blob" => n}, {n + 1, [bin | rev], regions, k, placed}}
 
   defp key(k) when is_binary(k) do
     if String.valid?(k),
@@ -311,44 +379,92 @@ defmodule Snakepit.Codec do
 
   ## decoding
 
-  defp dec(%{@tag => tag} = obj, blobs, mode), do: dec_tagged(tag, obj, blobs, mode)
+  defp dec(%{@tag => tag} = obj, ctx), do: dec_tagged(tag, obj, ctx)
+  defp dec(map, ctx) when is_map(map), do: Map.new(map, fn {k, v} -> {k, dec(v, ctx)} end)
+  defp dec(list, ctx) when is_list(list), do: Enum.map(list, &dec(&1, ctx))
+  defp dec(other, _ctx), do: other
 
-  defp dec(map, blobs, mode) when is_map(map),
-    do: Map.new(map, fn {k, v} -> {k, dec(v, blobs, mode)} end)
+  defp dec_tagged("bytes", %{"shm" => name} = obj, ctx) do
+    length = obj["length"]
 
-  defp dec(list, blobs, mode) when is_list(list), do: Enum.map(list, &dec(&1, blobs, mode))
-  defp dec(other, _blobs, _mode), do: other
+    unless is_integer(length) and length >= 0,
+      do: fail("bytes region length must be a non-negative integer, got #{inspect(length)}")
 
-  defp dec_tagged("bytes", obj, blobs, mode) do
-    bin = fetch_blob(obj, blobs, "bytes")
-    if mode == :tagged, do: {:bytes, bin}, else: bin
+    tag_bytes(read_region(ctx, "bytes", name, obj, length), ctx.mode)
   end
 
-  defp dec_tagged("ndarray", obj, blobs, _mode) do
-    nd = %NDArray{
-      data: fetch_blob(obj, blobs, "ndarray"),
-      dtype: obj["dtype"],
-      shape: obj["shape"]
-    }
+  defp dec_tagged("bytes", obj, ctx), do: tag_bytes(fetch_blob(obj, ctx.blobs, "bytes"), ctx.mode)
+
+  defp dec_tagged("ndarray", obj, ctx) do
+    data =
+      case obj do
+        %{"shm" => name} -> read_region(ctx, "ndarray", name, obj, ndarray_bytes(obj))
+        _ -> fetch_blob(obj, ctx.blobs, "ndarray")
+      end
+
+    nd = %NDArray{data: data, dtype: obj["dtype"], shape: obj["shape"]}
 
     case NDArray.validate(nd) do
       :ok -> nd
-      {:error, msg} -> throw({:snakepit_codec, msg})
+      {:error, msg} -> fail(msg)
     end
   end
 
-  defp dec_tagged("float", %{"value" => "nan"}, _, _), do: :nan
-  defp dec_tagged("float", %{"value" => "inf"}, _, _), do: :infinity
-  defp dec_tagged("float", %{"value" => "-inf"}, _, _), do: :neg_infinity
+  defp dec_tagged("float", %{"value" => "nan"}, _), do: :nan
+  defp dec_tagged("float", %{"value" => "inf"}, _), do: :infinity
+  defp dec_tagged("float", %{"value" => "-inf"}, _), do: :neg_infinity
 
-  defp dec_tagged("float", obj, _, _),
-    do: throw({:snakepit_codec, "float tag with unknown value #{inspect(obj["value"])}"})
+  defp dec_tagged("float", obj, _),
+    do: fail("float tag with unknown value #{inspect(obj["value"])}")
 
-  defp dec_tagged("object", %{"value" => value}, blobs, mode) when is_map(value),
-    do: Map.new(value, fn {k, v} -> {k, dec(v, blobs, mode)} end)
+  defp dec_tagged("object", %{"value" => value}, ctx) when is_map(value),
+    do: Map.new(value, fn {k, v} -> {k, dec(v, ctx)} end)
 
-  defp dec_tagged(tag, _obj, _blobs, _mode),
-    do: throw({:snakepit_codec, "unknown __snakepit__ tag #{inspect(tag)}"})
+  defp dec_tagged(tag, _obj, _ctx), do: fail("unknown __snakepit__ tag #{inspect(tag)}")
+
+  defp tag_bytes(bin, :tagged), do: {:bytes, bin}
+  defp tag_bytes(bin, _mode), do: bin
+
+  # The buffer size of a region's ndarray, from its dtype and shape (checked first: they size
+  # the read).
+  defp ndarray_bytes(%{"dtype" => dtype, "shape" => shape}) do
+    itemsize = if is_binary(dtype), do: NDArray.itemsize(dtype), else: :error
+
+    cond do
+      itemsize == :error ->
+        fail("ndarray dtype #{inspect(dtype)} is not an array-interface string like \"<f8\"")
+
+      not (is_list(shape) and Enum.all?(shape, &(is_integer(&1) and &1 >= 0))) ->
+        fail("ndarray shape must be a list of non-negative integers, got #{inspect(shape)}")
+
+      true ->
+        itemsize * NDArray.size(shape)
+    end
+  end
+
+  defp ndarray_bytes(obj),
+    do: fail("ndarray region needs dtype and shape, got #{inspect(Map.keys(obj))}")
+
+  defp read_region(%{read_region: nil}, kind, name, _obj, _nbytes),
+    do:
+      fail(
+        "#{kind} in shared-memory region #{inspect(name)}: this call takes no regions " <>
+          "(its pool has shm: false)"
+      )
+
+  defp read_region(%{read_region: read}, kind, name, obj, nbytes) do
+    offset = Map.get(obj, "offset", 0)
+
+    unless is_integer(offset) and offset >= 0,
+      do: fail("#{kind} region offset must be a non-negative integer, got #{inspect(offset)}")
+
+    case read.(name, offset, nbytes) do
+      {:ok, bin} -> bin
+      {:error, msg} -> fail(msg)
+    end
+  end
+
+  defp fail(msg), do: throw({:snakepit_codec, msg})
 
   defp fetch_blob(%{"blob" => i}, blobs, _kind)
        when is_integer(i) and i >= 0 and i < tuple_size(blobs),
@@ -356,8 +472,5 @@ defmodule Snakepit.Codec do
 
   defp fetch_blob(obj, blobs, kind),
     do:
-      throw(
-        {:snakepit_codec,
-         "#{kind} blob index #{inspect(obj["blob"])} out of range (#{tuple_size(blobs)} blobs)"}
-      )
+      fail("#{kind} blob index #{inspect(obj["blob"])} out of range (#{tuple_size(blobs)} blobs)")
 end

@@ -19,6 +19,19 @@ defmodule Snakepit.Config do
       server after that is *stuck*. Default `1_000`.
     * `:max_stuck_calls` - stuck calls on one worker that make the pool replace it (a worker all of
       whose slots are stuck is replaced whatever this says). Default `1`.
+
+  ## Shared memory
+
+  Large bytes and arrays go to and from the pool's workers as files in a private directory on a
+  tmpfs instead of inline in gRPC messages (see `Snakepit.Shm`):
+
+    * `:shm` - `true` or `false`. Default `true` with the default launcher (its workers run on this
+      host), `false` with any other: a custom launcher's pool with `shm: true` must pass the
+      command option `:shm_dir` to its server as `--shm-dir`.
+    * `:shm_min_bytes` - the smallest bytes blob or array buffer sent as a region, both ways
+      (smaller ones stay inline). Default `65_536`.
+    * `:shm_base_dir` - where the pool makes its directory. Default `/dev/shm` when it exists, else
+      the system tmp dir (logged as not a tmpfs).
   """
 
   require Logger
@@ -49,7 +62,10 @@ defmodule Snakepit.Config do
     :health_check_interval,
     :health_check_timeout,
     :stuck_call_grace,
-    :max_stuck_calls
+    :max_stuck_calls,
+    :shm,
+    :shm_min_bytes,
+    :shm_base_dir
   ]
 
   # accepted but not kept: the old name of :launcher
@@ -82,7 +98,10 @@ defmodule Snakepit.Config do
           health_check_interval: pos_integer | :infinity,
           health_check_timeout: pos_integer,
           stuck_call_grace: non_neg_integer,
-          max_stuck_calls: pos_integer
+          max_stuck_calls: pos_integer,
+          shm: boolean,
+          shm_min_bytes: pos_integer,
+          shm_base_dir: String.t()
         }
 
   @doc "The keys a pool config accepts (`:adapter_module` is the deprecated name of `:launcher`)."
@@ -270,7 +289,31 @@ defmodule Snakepit.Config do
         fetch(c, :health_check_timeout, 5_000, &pos_int?/1, "must be a positive integer (ms)"),
       stuck_call_grace:
         fetch(c, :stuck_call_grace, 1_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
-      max_stuck_calls: fetch(c, :max_stuck_calls, 1, &pos_int?/1, "must be a positive integer")
+      max_stuck_calls: fetch(c, :max_stuck_calls, 1, &pos_int?/1, "must be a positive integer"),
+      shm:
+        fetch(
+          c,
+          :shm,
+          launcher == Snakepit.Launcher.GRPCPython,
+          &is_boolean/1,
+          "must be true or false"
+        ),
+      shm_min_bytes:
+        fetch(
+          c,
+          :shm_min_bytes,
+          Snakepit.Shm.default_min_bytes(),
+          &pos_int?/1,
+          "must be a positive integer (bytes)"
+        ),
+      shm_base_dir:
+        fetch(
+          c,
+          :shm_base_dir,
+          Snakepit.Shm.default_base(),
+          &nonempty_string?/1,
+          "must be a non-empty string (a directory, on a tmpfs such as /dev/shm)"
+        )
     }
   end
 

@@ -15,7 +15,8 @@ defmodule Snakepit.Launcher do
   @doc """
   `{executable, args, env}` for one worker of the pool. `opts` carries `:auth_token_env`, the name of
   the environment variable that holds the pool's auth token (set in `env` by the worker), when the
-  pool has one.
+  pool has one, and `:shm_dir`, the pool's shared-memory directory to pass as `--shm-dir`, when
+  the pool has `shm: true` (see `Snakepit.Shm`).
   """
   @callback command(config :: Snakepit.Config.t(), opts :: keyword) ::
               {executable :: String.t(), args :: [String.t()], env :: [{String.t(), String.t()}]}

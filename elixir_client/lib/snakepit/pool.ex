@@ -70,6 +70,16 @@ defmodule Snakepit.Pool do
   (`shutdown_grace` unless given) to finish; then every worker is stopped, and a call still running
   fails with `:pool_stopped` (its message names the grace period), not `:worker_crashed`.
 
+  ## Shared memory
+
+  A pool with `shm: true` (the default for the default launcher) has a private directory for
+  shared-memory regions (`Snakepit.Shm`), passed to each worker as `--shm-dir` and deleted when
+  the pool stops; callers find it with `shm/1`. A checkout names the prefixes of its call's
+  regions (`:regions`): when the caller dies during the call, the pool deletes them, and when a
+  call was abandoned (caller gone, deadline passed, stream cancelled) while its tool may still
+  write results, the pool deletes them again once the worker's server no longer runs it (see
+  "Stuck calls") or the worker is gone.
+
   ## Why a worker went away
 
   Before the pool stops a worker on purpose while calls may still run on it, it records why (its
@@ -95,7 +105,7 @@ defmodule Snakepit.Pool do
   use GenServer
   require Logger
 
-  alias Snakepit.{Config, Error, Worker}
+  alias Snakepit.{Config, Error, Shm, Worker}
   alias Snakepit.Pool.State
   alias Snakepit.Worker.Health
 
@@ -149,7 +159,8 @@ defmodule Snakepit.Pool do
   many tool calls the server will count for this one, e.g. the items of a batch; default 1),
   `:create_session` (default true; false for a call that only reads an existing session: the
   pool then does not count the session as created on the worker, and the lease's
-  `init_session` says the worker does not know it).
+  `init_session` says the worker does not know it), `:regions` (the prefixes of the call's
+  shared-memory regions, `Snakepit.Shm.prefixes/1`: see "Shared memory").
   Returns `{:ok, lease}` or `{:error, %Snakepit.Error{}}` (`:queue_full`, `:queue_timeout`,
   `:pool_not_found`, `:unavailable`, `:pool_stopped`, `:worker_start_failed`, `:startup_timeout`).
   """
@@ -164,7 +175,8 @@ defmodule Snakepit.Pool do
           request = %{
             session_id: Keyword.get(opts, :session_id),
             weight: Keyword.get(opts, :weight, 1),
-            create_session: Keyword.get(opts, :create_session, true)
+            create_session: Keyword.get(opts, :create_session, true),
+            regions: Keyword.get(opts, :regions, [])
           }
 
           GenServer.call(pid, {:checkout, self(), request}, :infinity)
@@ -232,6 +244,25 @@ defmodule Snakepit.Pool do
     ArgumentError -> nil
   end
 
+  @doc """
+  The pool's shared memory (`%Snakepit.Shm{dir, min_bytes}`), or nil: the pool has `shm: false`,
+  could not make its directory, or is not running.
+  """
+  @spec shm(atom | pid) :: Snakepit.Shm.t() | nil
+  def shm(pool) when is_pid(pool) do
+    case Registry.keys(Snakepit.Registry, pool) do
+      [name] -> shm(name)
+      _ -> nil
+    end
+  end
+
+  def shm(name) do
+    case Registry.lookup(Snakepit.Registry, name) do
+      [{_pid, %{shm: shm}}] -> shm
+      _ -> nil
+    end
+  end
+
   @doc "Pool counters and worker table (no Python calls)."
   def stats(pool),
     do: GenServer.call(whereis(pool) || raise(ArgumentError, "no pool #{inspect(pool)}"), :stats)
@@ -245,7 +276,8 @@ defmodule Snakepit.Pool do
   # The shell's state: the machine, and what it needs to perform actions. `pids` maps worker ids to
   # pids (kept until the worker's fate is forgotten), `ids` the other way; `timers` holds the
   # cancellable timers by their event.
-  defstruct [:pool, :config, :fates, pids: %{}, ids: %{}, timers: %{}]
+  # `shm`: the pool's Snakepit.Shm, or nil.
+  defstruct [:pool, :config, :fates, :shm, pids: %{}, ids: %{}, timers: %{}]
 
   @impl true
   def init(config) do
@@ -254,7 +286,8 @@ defmodule Snakepit.Pool do
 
     shell = %__MODULE__{
       config: config,
-      fates: :ets.new(:snakepit_worker_fates, [:set, :public, read_concurrency: true])
+      fates: :ets.new(:snakepit_worker_fates, [:set, :public, read_concurrency: true]),
+      shm: open_shm(config)
     }
 
     {pool, actions} = State.new(config, now())
@@ -277,7 +310,7 @@ defmodule Snakepit.Pool do
   def handle_call(:stats, _from, shell) do
     stats = State.stats(shell.pool, now())
     workers = Enum.map(stats.workers, &Map.put(&1, :pid, shell.pids[&1.id]))
-    {:reply, %{stats | workers: workers}, shell}
+    {:reply, Map.merge(stats, %{workers: workers, shm_dir: shell.shm && shell.shm.dir}), shell}
   end
 
   @impl true
@@ -325,6 +358,7 @@ defmodule Snakepit.Pool do
       end
     end
 
+    Shm.remove_dir(shell.shm)
     :ok
   end
 
@@ -335,6 +369,25 @@ defmodule Snakepit.Pool do
   ## the shell
 
   defp now, do: System.monotonic_time(:millisecond)
+
+  # The pool's shared-memory directory, registered for its callers (Pool.shm/1). A pool that
+  # cannot make one works inline.
+  defp open_shm(%{shm: false}), do: nil
+
+  defp open_shm(config) do
+    case Shm.open_pool_dir(config.name, config.shm_base_dir, config.shm_min_bytes) do
+      {:ok, shm} ->
+        {_, _} = Registry.update_value(Snakepit.Registry, config.name, fn _ -> %{shm: shm} end)
+        shm
+
+      {:error, message} ->
+        Logger.warning(
+          "snakepit pool #{inspect(config.name)}: no shared memory, every blob goes inline: #{message}"
+        )
+
+        nil
+    end
+  end
 
   defp apply_event(shell, event) do
     {pool, actions} = State.handle(shell.pool, event, now())
@@ -369,7 +422,9 @@ defmodule Snakepit.Pool do
   end
 
   defp perform_one(shell, {:start_worker, id}) do
-    case Worker.start_link(config: shell.config, pool: self(), id: id) do
+    shm_dir = shell.shm && shell.shm.dir
+
+    case Worker.start_link(config: shell.config, pool: self(), id: id, shm_dir: shm_dir) do
       {:ok, pid} ->
         %{shell | pids: Map.put(shell.pids, id, pid), ids: Map.put(shell.ids, pid, id)}
 
@@ -431,6 +486,14 @@ defmodule Snakepit.Pool do
     :ets.delete(shell.fates, pid)
     %{shell | pids: pids, ids: Map.delete(shell.ids, pid)}
   end
+
+  # (in a process of its own: the pool does no file I/O)
+  defp perform_one(%{shm: %Shm{dir: dir}} = shell, {:delete_regions, prefixes}) do
+    spawn(fn -> Shm.delete_prefixes(dir, prefixes) end)
+    shell
+  end
+
+  defp perform_one(shell, {:delete_regions, _prefixes}), do: shell
 
   defp perform_one(shell, {:log, level, message}) do
     Logger.log(level, message)

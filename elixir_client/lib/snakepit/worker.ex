@@ -58,7 +58,8 @@ defmodule Snakepit.Worker do
         tok -> {[auth_token_env: "SNAKEPIT_AUTH_TOKEN"], [{"SNAKEPIT_AUTH_TOKEN", tok}]}
       end
 
-    {exe, args, env} = config.launcher.command(config, token_opts)
+    shm_opts = if dir = Keyword.get(opts, :shm_dir), do: [shm_dir: dir], else: []
+    {exe, args, env} = config.launcher.command(config, token_opts ++ shm_opts)
     nonce = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
 
     env =

@@ -6,7 +6,8 @@ defmodule Snakepit.Launcher.GRPCPython do
 
   Command line: `<python> <script> --adapter <python_adapter> --host 127.0.0.1 --port 0
   --exit-on-stdin-eof [--max-workers <threads_per_worker>] [--auth-token-env NAME]
-  --grace <seconds> <adapter_args...>`. `--max-workers` is added for thread workers only when
+  [--shm-dir DIR] --grace <seconds> <adapter_args...>`; `--shm-dir` is the pool's shared-memory
+  directory (command option `:shm_dir`, see `Snakepit.Shm`). `--max-workers` is added for thread workers only when
   `adapter_args` does not already set it.
   """
 
@@ -27,6 +28,12 @@ defmodule Snakepit.Launcher.GRPCPython do
         var -> ["--auth-token-env", var]
       end
 
+    shm =
+      case Keyword.get(opts, :shm_dir) do
+        nil -> []
+        dir -> ["--shm-dir", dir]
+      end
+
     grace = :erlang.float_to_binary(config.shutdown_grace / 1000, decimals: 3)
 
     args =
@@ -39,7 +46,7 @@ defmodule Snakepit.Launcher.GRPCPython do
         "--port",
         "0"
       ] ++
-        ["--exit-on-stdin-eof", "--grace", grace] ++ threads ++ auth ++ config.adapter_args
+        ["--exit-on-stdin-eof", "--grace", grace] ++ threads ++ auth ++ shm ++ config.adapter_args
 
     {exe, args, [{"PYTHONUNBUFFERED", "1"} | config.adapter_env]}
   end

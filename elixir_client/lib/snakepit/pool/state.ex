@@ -40,6 +40,9 @@ defmodule Snakepit.Pool.State do
     * `{:record_fate, id, reason, message}`, `{:forget_fate, id}` - the worker's fate (see
       `Snakepit.Pool`, "Why a worker went away")
     * `{:log, level, message}`
+    * `{:delete_regions, prefixes}` - delete the shared-memory regions `"<prefix>.*"` of calls
+      whose caller died, or that were abandoned and are known to have ended (see `Snakepit.Pool`,
+      "Shared memory")
     * `{:telemetry, event, measurements, metadata}` - a worker event of `Snakepit.Telemetry`
       (`[:snakepit, :worker, :start | :recycle | :crash]`); the shell adds `system_time` to the
       measurements and `worker_pid` to the metadata, and emits it
@@ -104,7 +107,9 @@ defmodule Snakepit.Pool.State do
   @type request :: %{
           session_id: String.t() | nil,
           weight: pos_integer,
-          create_session: boolean
+          create_session: boolean,
+          # optional: the prefixes of the call's shared-memory regions
+          regions: [String.t()]
         }
   @type outcome :: :ok | :error | :abandoned | {:session_init_failed, String.t()}
   @type lease :: %{
@@ -152,6 +157,7 @@ defmodule Snakepit.Pool.State do
           | {:record_fate, worker_id, atom, String.t()}
           | {:forget_fate, worker_id}
           | {:log, Logger.level(), String.t()}
+          | {:delete_regions, [String.t()]}
           | {:telemetry, [atom, ...], map, map}
 
   @doc """
@@ -294,7 +300,11 @@ defmodule Snakepit.Pool.State do
     cond do
       # the channel cancels the dead caller's stream; its tool may go on running on the server
       Map.has_key?(s.leases, ref) ->
-        s |> release(ref, :abandoned) |> dispatch() |> maybe_end_drain()
+        s
+        |> delete_regions(s.leases[ref].regions)
+        |> release(ref, :abandoned)
+        |> dispatch()
+        |> maybe_end_drain()
 
       Map.has_key?(s.waiters, ref) ->
         %{s | queue: :queue.delete(ref, s.queue), queue_len: s.queue_len - 1}
@@ -461,7 +471,10 @@ defmodule Snakepit.Pool.State do
   end
 
   defp event(%{stopping: %{}} = s, {:worker_exited, id, _reason}) do
-    %{s | workers: Map.delete(s.workers, id)} |> forget_fate(id) |> maybe_end_drain()
+    %{s | workers: Map.delete(s.workers, id)}
+    |> delete_regions(orphan_regions(s, id))
+    |> forget_fate(id)
+    |> maybe_end_drain()
   end
 
   defp event(s, {:worker_exited, id, reason}) do
@@ -472,7 +485,8 @@ defmodule Snakepit.Pool.State do
       {w, workers} ->
         # its sessions move to whichever worker serves them next (and are created there again)
         sessions = Map.reject(s.sessions, fn {_sid, wid} -> wid == id end)
-        s = %{s | workers: workers, sessions: sessions}
+        # nothing of it writes regions any more
+        s = delete_regions(%{s | workers: workers, sessions: sessions}, w.orphan_regions)
 
         s =
           if w.status in [:draining, :stopping] do
@@ -649,6 +663,9 @@ defmodule Snakepit.Pool.State do
       # when calls the caller gave up on were checked in (oldest first), while the server may
       # still run them; each keeps a slot (see "Stuck calls" in Snakepit.Pool)
       abandoned: [],
+      # the region prefixes of those calls: deleted once none is running (their tools may still
+      # write result regions)
+      orphan_regions: [],
       stuck_calls: 0,
       # the check in flight, %{ref, kind, load, sent_at}, and whether another is wanted after it
       check: nil,
@@ -866,6 +883,13 @@ defmodule Snakepit.Pool.State do
     kept = Enum.take(measured, still_running)
     stuck = Enum.count(kept, &(check.sent_at - &1 >= grace))
     w = %{w | abandoned: kept ++ later, stuck_calls: stuck}
+
+    # none of its abandoned calls runs any more: the results they wrote can go
+    {w, s} =
+      if w.abandoned == [],
+        do: {%{w | orphan_regions: []}, delete_regions(s, w.orphan_regions)},
+        else: {w, s}
+
     s = put_worker(s, w)
 
     if stuck > 0 and stuck >= min(s.config.max_stuck_calls, w.capacity) do
@@ -1016,7 +1040,14 @@ defmodule Snakepit.Pool.State do
         sessions: sessions
     }
 
-    record = %{worker: id, weight: request.weight, session_id: sid, creates_session: creates?}
+    record = %{
+      worker: id,
+      weight: request.weight,
+      session_id: sid,
+      creates_session: creates?,
+      regions: Map.get(request, :regions, [])
+    }
+
     # a waiter has `queued_at`; a caller served at once waited 0 ms
     waited = s.now - Map.get(request, :queued_at, s.now)
     s = put_worker(s, w) |> record_queue_wait(waited)
@@ -1078,7 +1109,12 @@ defmodule Snakepit.Pool.State do
               end
 
             w = %{w | in_flight: w.in_flight - 1, load: w.load - lease.weight, sessions: sessions}
-            s = if outcome == :abandoned, do: abandon(s, w, lease.weight), else: put_worker(s, w)
+
+            s =
+              if outcome == :abandoned,
+                do: abandon(s, w, lease.weight, lease.regions),
+                else: put_worker(s, w)
+
             maybe_stop(s, w.id)
         end
     end
@@ -1088,8 +1124,14 @@ defmodule Snakepit.Pool.State do
   # server shows them ended. Checks soon and more rarely after (a tool that honours cancellation
   # ends within milliseconds, one that polls for it within its polling period), and once
   # `stuck_call_grace` has passed.
-  defp abandon(s, w, weight) do
-    w = %{w | abandoned: w.abandoned ++ List.duplicate(s.now, min(weight, w.capacity))}
+  # Its shared-memory regions are deleted once no abandoned call runs there.
+  defp abandon(s, w, weight, regions) do
+    w = %{
+      w
+      | abandoned: w.abandoned ++ List.duplicate(s.now, min(weight, w.capacity)),
+        orphan_regions: regions ++ w.orphan_regions
+    }
+
     grace = s.config.stuck_call_grace
 
     Enum.filter(@stuck_check_delays, &(&1 < grace))
@@ -1154,6 +1196,17 @@ defmodule Snakepit.Pool.State do
   defp flush(s), do: {%{s | actions: []}, Enum.reverse(s.actions)}
 
   defp put_worker(s, w), do: %{s | workers: Map.put(s.workers, w.id, w)}
+
+  defp delete_regions(s, []), do: s
+  defp delete_regions(s, prefixes), do: emit(s, {:delete_regions, prefixes})
+
+  defp orphan_regions(s, id) do
+    case s.workers[id] do
+      nil -> []
+      w -> w.orphan_regions
+    end
+  end
+
   defp put_slot(s, id, slot), do: %{s | slots: Map.put(s.slots, id, slot)}
   defp bump(s, key), do: %{s | stats: Map.update!(s.stats, key, &(&1 + 1))}
 end
