@@ -40,6 +40,15 @@ defmodule Snakepit.ConfigTest do
              :infinity
   end
 
+  test "workers listen on Unix sockets unless transport: :tcp" do
+    assert Config.new!(name: :p).transport == :uds
+    assert Config.new!(name: :p, transport: :tcp).transport == :tcp
+
+    assert {:error, msg} = Config.new(name: :p, transport: "uds")
+    assert msg =~ "invalid pool config key :transport: must be :uds"
+    assert msg =~ ":tcp"
+  end
+
   test "ttl units" do
     assert Config.new!(name: :p, worker_ttl: {2, :minutes}).worker_ttl == 120_000
     assert Config.new!(name: :p, worker_ttl: {250, :milliseconds}).worker_ttl == 250
@@ -69,6 +78,7 @@ defmodule Snakepit.ConfigTest do
           {[name: :p, health_check_timeout: :infinity], ":health_check_timeout"},
           {[name: :p, stuck_call_grace: -1], ":stuck_call_grace"},
           {[name: :p, max_stuck_calls: 0], ":max_stuck_calls"},
+          {[name: :p, transport: :unix], ":transport"},
           {[name: :p, pool_sise: 2], ":pool_sise"}
         ] do
       assert {:error, msg} = Config.new(cfg)
@@ -119,6 +129,15 @@ defmodule Snakepit.ConfigTest do
 
     assert List.last(args) == "threaded"
     assert {"PYTHONUNBUFFERED", "1"} in env
+
+    # a worker given a socket path: --uds instead of --host/--port
+    {_exe, uds_args, _env} = Snakepit.Launcher.GRPCPython.command(c, uds: "/tmp/s/w1.sock")
+
+    assert ["--uds", "/tmp/s/w1.sock"] ==
+             Enum.slice(uds_args, Enum.find_index(uds_args, &(&1 == "--uds")), 2)
+
+    refute "--port" in uds_args or "--host" in uds_args
+    assert "--exit-on-stdin-eof" in uds_args
 
     c2 = Config.new!(name: :p, worker_profile: :thread, adapter_args: ["--max-workers", "16"])
     {_, args2, _} = Snakepit.Launcher.GRPCPython.command(c2, [])

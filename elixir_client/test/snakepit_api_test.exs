@@ -378,6 +378,7 @@ defmodule Snakepit.ApiTest do
       assert w.status == :ready
       assert is_integer(w.os_pid) and os_alive?(w.os_pid)
       assert w.capacity == 1
+      assert is_binary(w.uds) and w.port == nil
     end
   end
 

@@ -19,6 +19,12 @@ defmodule Snakepit.Config do
       server after that is *stuck*. Default `1_000`.
     * `:max_stuck_calls` - stuck calls on one worker that make the pool replace it (a worker all of
       whose slots are stuck is replaced whatever this says). Default `1`.
+
+  ## Transport
+
+    * `:transport` - how the pool reaches its workers: `:uds` (default), a Unix domain socket per
+      worker in a private directory of the pool (see `Snakepit.Pool`, "Unix sockets"); `:tcp`,
+      `127.0.0.1` on a free port. (Not the Python server's `--transport`, which picks its gRPC stack.)
   """
 
   require Logger
@@ -49,7 +55,8 @@ defmodule Snakepit.Config do
     :health_check_interval,
     :health_check_timeout,
     :stuck_call_grace,
-    :max_stuck_calls
+    :max_stuck_calls,
+    :transport
   ]
 
   # accepted but not kept: the old name of :launcher
@@ -82,7 +89,8 @@ defmodule Snakepit.Config do
           health_check_interval: pos_integer | :infinity,
           health_check_timeout: pos_integer,
           stuck_call_grace: non_neg_integer,
-          max_stuck_calls: pos_integer
+          max_stuck_calls: pos_integer,
+          transport: :uds | :tcp
         }
 
   @doc "The keys a pool config accepts (`:adapter_module` is the deprecated name of `:launcher`)."
@@ -270,7 +278,15 @@ defmodule Snakepit.Config do
         fetch(c, :health_check_timeout, 5_000, &pos_int?/1, "must be a positive integer (ms)"),
       stuck_call_grace:
         fetch(c, :stuck_call_grace, 1_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
-      max_stuck_calls: fetch(c, :max_stuck_calls, 1, &pos_int?/1, "must be a positive integer")
+      max_stuck_calls: fetch(c, :max_stuck_calls, 1, &pos_int?/1, "must be a positive integer"),
+      transport:
+        fetch(
+          c,
+          :transport,
+          :uds,
+          &(&1 in [:uds, :tcp]),
+          "must be :uds (a Unix domain socket per worker) or :tcp (127.0.0.1, a free port)"
+        )
     }
   end
 

@@ -19,6 +19,20 @@ defmodule Snakepit.Pool do
   after an exponential backoff (100 ms doubling up to `restart_backoff_max`, reset when a worker of
   that slot becomes ready).
 
+  ## Unix sockets
+
+  With `transport: :uds` (the default) each worker's server listens on a Unix domain socket
+  instead of a TCP port (`--uds`): no port to find or to collide on, and only this OS user can
+  connect. The pool makes a private directory (mode 0700, `Snakepit.Pool.SocketDir`) under
+  `$XDG_RUNTIME_DIR`, or the temporary directory, named after the BEAM's OS pid; worker `id`
+  listens on `w<id>.sock` in it (mode 0600, made so by the server), a new name per spawn, so a
+  replacement never contends for the lock of the worker it replaces. The server removes its socket
+  when it exits cleanly; when a worker goes away the pool removes what is left (a `kill -9`ed
+  server's socket and `.lock` file), and the directory when the pool stops. At start it removes the
+  directories of BEAMs that are gone. `list_workers/1` shows each worker's `uds` (or, with
+  `transport: :tcp`, its `port`). A pool whose directory cannot be made fails to start with
+  `:worker_start_failed` saying why.
+
   ## Start failures
 
   A worker that exits before it is ready (its adapter fails to import, `setup()` raises, Python lacks
@@ -96,7 +110,7 @@ defmodule Snakepit.Pool do
   require Logger
 
   alias Snakepit.{Config, Error, Worker}
-  alias Snakepit.Pool.State
+  alias Snakepit.Pool.{SocketDir, State}
   alias Snakepit.Worker.Health
 
   ## client API
@@ -140,6 +154,7 @@ defmodule Snakepit.Pool do
           pool_name: atom,
           os_pid: pos_integer | nil,
           port: pos_integer | nil,
+          uds: Path.t() | nil,
           queued: boolean,
           fates: :ets.tid()
         }
@@ -244,22 +259,33 @@ defmodule Snakepit.Pool do
 
   # The shell's state: the machine, and what it needs to perform actions. `pids` maps worker ids to
   # pids (kept until the worker's fate is forgotten), `ids` the other way; `timers` holds the
-  # cancellable timers by their event.
-  defstruct [:pool, :config, :fates, pids: %{}, ids: %{}, timers: %{}]
+  # cancellable timers by their event; `socket_dir` is the directory of the workers' Unix sockets
+  # (nil for a TCP pool).
+  defstruct [:pool, :config, :fates, :socket_dir, pids: %{}, ids: %{}, timers: %{}]
 
   @impl true
   def init(config) do
     Process.flag(:trap_exit, true)
     Logger.metadata(pool: config.name)
 
-    shell = %__MODULE__{
-      config: config,
-      fates: :ets.new(:snakepit_worker_fates, [:set, :public, read_concurrency: true])
-    }
+    case socket_dir(config) do
+      {:ok, dir} ->
+        shell = %__MODULE__{
+          config: config,
+          socket_dir: dir,
+          fates: :ets.new(:snakepit_worker_fates, [:set, :public, read_concurrency: true])
+        }
 
-    {pool, actions} = State.new(config, now())
-    {:ok, perform(%{shell | pool: pool}, actions)}
+        {pool, actions} = State.new(config, now())
+        {:ok, perform(%{shell | pool: pool}, actions)}
+
+      {:error, message} ->
+        {:stop, Error.new(:worker_start_failed, "pool #{inspect(config.name)}: #{message}")}
+    end
   end
+
+  defp socket_dir(%{transport: :uds}), do: SocketDir.create()
+  defp socket_dir(%{transport: :tcp}), do: {:ok, nil}
 
   @impl true
   def handle_call({:checkout, caller, request}, from, shell),
@@ -295,8 +321,10 @@ defmodule Snakepit.Pool do
     do: {:noreply, worker_event(shell, wpid, &{:worker_spawned, &1, os_pid})}
 
   # (not a worker of ours, e.g. one whose init failed: its start failure was an event already)
-  def handle_info({:EXIT, wpid, reason}, shell),
-    do: {:noreply, worker_event(shell, wpid, &{:worker_exited, &1, reason})}
+  def handle_info({:EXIT, wpid, reason}, shell) do
+    remove_socket(shell, shell.ids[wpid])
+    {:noreply, worker_event(shell, wpid, &{:worker_exited, &1, reason})}
+  end
 
   def handle_info({:DOWN, ref, :process, _pid, _reason}, shell),
     do: {:noreply, apply_event(shell, {:caller_down, ref})}
@@ -325,6 +353,7 @@ defmodule Snakepit.Pool do
       end
     end
 
+    if shell.socket_dir, do: SocketDir.remove(shell.socket_dir)
     :ok
   end
 
@@ -335,6 +364,12 @@ defmodule Snakepit.Pool do
   ## the shell
 
   defp now, do: System.monotonic_time(:millisecond)
+
+  # What a worker's server left of its socket: nothing after a clean exit (it removes its own),
+  # the socket and its lock file after a kill -9.
+  defp remove_socket(%{socket_dir: nil}, _id), do: :ok
+  defp remove_socket(_shell, nil), do: :ok
+  defp remove_socket(shell, id), do: SocketDir.remove_socket(shell.socket_dir, id)
 
   defp apply_event(shell, event) do
     {pool, actions} = State.handle(shell.pool, event, now())
@@ -369,7 +404,9 @@ defmodule Snakepit.Pool do
   end
 
   defp perform_one(shell, {:start_worker, id}) do
-    case Worker.start_link(config: shell.config, pool: self(), id: id) do
+    uds = shell.socket_dir && SocketDir.socket_path(shell.socket_dir, id)
+
+    case Worker.start_link(config: shell.config, pool: self(), id: id, uds: uds) do
       {:ok, pid} ->
         %{shell | pids: Map.put(shell.pids, id, pid), ids: Map.put(shell.ids, pid, id)}
 

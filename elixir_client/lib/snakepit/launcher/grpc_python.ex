@@ -6,8 +6,9 @@ defmodule Snakepit.Launcher.GRPCPython do
 
   Command line: `<python> <script> --adapter <python_adapter> --host 127.0.0.1 --port 0
   --exit-on-stdin-eof [--max-workers <threads_per_worker>] [--auth-token-env NAME]
-  --grace <seconds> <adapter_args...>`. `--max-workers` is added for thread workers only when
-  `adapter_args` does not already set it.
+  --grace <seconds> <adapter_args...>`, with `--uds <path>` in place of `--host 127.0.0.1 --port 0`
+  when the worker gives a socket path (`opts[:uds]`, a `transport: :uds` pool). `--max-workers` is
+  added for thread workers only when `adapter_args` does not already set it.
   """
 
   @behaviour Snakepit.Launcher
@@ -29,16 +30,15 @@ defmodule Snakepit.Launcher.GRPCPython do
 
     grace = :erlang.float_to_binary(config.shutdown_grace / 1000, decimals: 3)
 
+    listen =
+      case Keyword.get(opts, :uds) do
+        nil -> ["--host", "127.0.0.1", "--port", "0"]
+        path -> ["--uds", path]
+      end
+
     args =
-      [
-        script_path(config),
-        "--adapter",
-        config.python_adapter,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0"
-      ] ++
+      [script_path(config), "--adapter", config.python_adapter] ++
+        listen ++
         ["--exit-on-stdin-eof", "--grace", grace] ++ threads ++ auth ++ config.adapter_args
 
     {exe, args, [{"PYTHONUNBUFFERED", "1"} | config.adapter_env]}

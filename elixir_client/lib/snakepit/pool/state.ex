@@ -116,6 +116,7 @@ defmodule Snakepit.Pool.State do
           pool_name: atom,
           os_pid: pos_integer | nil,
           port: pos_integer | nil,
+          uds: Path.t() | nil,
           queued: boolean
         }
   @type event ::
@@ -127,7 +128,13 @@ defmodule Snakepit.Pool.State do
           | {:forget_session, from, String.t()}
           | {:worker_spawn_failed, worker_id, term}
           | {:worker_spawned, worker_id, pos_integer}
-          | {:worker_ready, worker_id, %{channel: pid, os_pid: pos_integer, port: pos_integer}}
+          | {:worker_ready, worker_id,
+             %{
+               required(:channel) => pid,
+               required(:os_pid) => pos_integer,
+               required(:port) => pos_integer | nil,
+               optional(:uds) => Path.t() | nil
+             }}
           | {:worker_exited, worker_id, term}
           | {:worker_draining, worker_id}
           | {:check_result, worker_id, pos_integer, :ok | {:ok, non_neg_integer} | {:error, term}}
@@ -200,6 +207,7 @@ defmodule Snakepit.Pool.State do
           status: w.status,
           os_pid: w.os_pid,
           port: w.port,
+          uds: w.uds,
           channel: w.channel,
           in_flight: w.in_flight,
           capacity: w.capacity,
@@ -400,7 +408,15 @@ defmodule Snakepit.Pool.State do
         s
 
       w ->
-        w = %{w | status: :ready, channel: info.channel, os_pid: info.os_pid, port: info.port}
+        w = %{
+          w
+          | status: :ready,
+            channel: info.channel,
+            os_pid: info.os_pid,
+            port: info.port,
+            uds: Map.get(info, :uds)
+        }
+
         s = put_worker(s, w)
         slot = s.slots[w.slot]
 
@@ -425,7 +441,7 @@ defmodule Snakepit.Pool.State do
         |> schedule_health_check(id)
         |> log(
           :debug,
-          "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})"
+          "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, #{listens_on(w)})"
         )
         |> worker_telemetry(:start, w, %{reason: w.start_reason}, %{
           duration: native(s.now - w.started_at)
@@ -642,7 +658,9 @@ defmodule Snakepit.Pool.State do
       status: :starting,
       channel: nil,
       os_pid: nil,
+      # where its server listens: a TCP port or a Unix socket path (the other is nil)
       port: nil,
+      uds: nil,
       in_flight: 0,
       # tool calls the server counts for the leases in flight (a batch counts its items)
       load: 0,
@@ -709,7 +727,7 @@ defmodule Snakepit.Pool.State do
 
     metadata =
       Map.merge(
-        %{pool: s.name, worker: w.id, slot: w.slot, os_pid: w.os_pid, port: w.port},
+        %{pool: s.name, worker: w.id, slot: w.slot, os_pid: w.os_pid, port: w.port, uds: w.uds},
         metadata
       )
 
@@ -717,6 +735,9 @@ defmodule Snakepit.Pool.State do
   end
 
   defp native(ms), do: System.convert_time_unit(ms, :millisecond, :native)
+
+  defp listens_on(%{uds: path}) when is_binary(path), do: "socket #{path}"
+  defp listens_on(w), do: "port #{w.port}"
 
   # The slot without worker `id` (it is gone or never started).
   defp vacate(slot, id) do
@@ -1037,6 +1058,7 @@ defmodule Snakepit.Pool.State do
       call_timeout: s.config.call_timeout,
       os_pid: w.os_pid,
       port: w.port,
+      uds: w.uds,
       queued: Map.has_key?(request, :queued_at)
     }
 
