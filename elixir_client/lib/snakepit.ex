@@ -496,7 +496,7 @@ defmodule Snakepit do
   `unhealthy_replacements`, `in_flight`, `capacity` (slots of ready workers, less those stuck
   calls hold), `sessions`) and `workers`: one map per worker (pid, id, status,
   os_pid, where its server listens (`uds`: its Unix socket's path, or `port`: its TCP port; the
-  other is nil), in_flight, capacity, requests, `abandoned_calls`, `stuck_calls`) with
+  other is nil), in_flight, capacity, requests, max_requests, `abandoned_calls`, `stuck_calls`) with
   `python`: that worker's GetStats response (adapter_stats_json / thread_safety_json decoded into
   `adapter_stats` / `thread_safety`), or `{:error, e}`.
 
@@ -567,7 +567,8 @@ defmodule Snakepit do
   The pool's workers: pid, id, slot, status (`:starting`, `:ready`, `:retiring`, `:draining`,
   `:server_draining` (its server shuts down on its own), `:unhealthy`, `:stopping`), os_pid,
   `uds` (its server's Unix socket path; nil for `transport: :tcp`) or `port` (its TCP port; nil
-  for `transport: :uds`), in_flight, capacity, requests, `abandoned_calls` (calls
+  for `transport: :uds`), in_flight, capacity, requests, max_requests (its jittered
+  `worker_max_requests`), `abandoned_calls` (calls
   given up on that may still run on the server), `stuck_calls` (those confirmed still running after
   `stuck_call_grace`), uptime_ms, `slot_recycles`, `slot_crashes` (see `get_stats/1`).
   """

@@ -49,6 +49,11 @@ defmodule Snakepit.ConfigTest do
     assert msg =~ ":tcp"
   end
 
+  test "each worker's max requests are jittered by up to 0.1 unless max_requests_jitter says otherwise" do
+    assert Config.new!(name: :p).max_requests_jitter == 0.1
+    assert Config.new!(name: :p, max_requests_jitter: 0).max_requests_jitter === 0.0
+  end
+
   test "ttl units" do
     assert Config.new!(name: :p, worker_ttl: {2, :minutes}).worker_ttl == 120_000
     assert Config.new!(name: :p, worker_ttl: {250, :milliseconds}).worker_ttl == 250
@@ -79,6 +84,7 @@ defmodule Snakepit.ConfigTest do
           {[name: :p, stuck_call_grace: -1], ":stuck_call_grace"},
           {[name: :p, max_stuck_calls: 0], ":max_stuck_calls"},
           {[name: :p, transport: :unix], ":transport"},
+          {[name: :p, max_requests_jitter: 1], ":max_requests_jitter"},
           {[name: :p, pool_sise: 2], ":pool_sise"}
         ] do
       assert {:error, msg} = Config.new(cfg)

@@ -9,10 +9,17 @@ defmodule Snakepit.PoolStateTest do
 
   ## helpers
 
+  # No jitter unless a test says otherwise.
   defp config(overrides) do
     Config.new!(
       Map.merge(
-        %{name: :sm, pool_size: 2, health_check_interval: :infinity, ttl_jitter: 0},
+        %{
+          name: :sm,
+          pool_size: 2,
+          health_check_interval: :infinity,
+          ttl_jitter: 0,
+          max_requests_jitter: 0
+        },
         Map.new(overrides)
       )
     )
@@ -298,38 +305,147 @@ defmodule Snakepit.PoolStateTest do
 
   ## recycling
 
-  test "at worker_max_requests a worker takes no new call, its replacement starts, and it stops once idle" do
+  test "at worker_max_requests a worker takes no new call while another serves; its replacement starts, and it stops once idle" do
     s =
       ready_pool(
         worker_profile: :thread,
         threads_per_worker: 4,
-        pool_size: 1,
+        pool_size: 2,
         worker_max_requests: 2
       )
 
-    {s, _, r1} = checkout(s)
+    # both idle: worker 1 (the first) takes both calls
+    {s, a1, r1} = checkout(s)
+    assert lease!(a1, r1).worker_id == 1
+    {s, _} = ev(s, {:checkin, r1, :ok})
     {s, actions, r2} = checkout(s)
-    assert leased?(actions, r2)
-    assert started(actions) == [2]
+    assert lease!(actions, r2).worker_id == 1
+    assert started(actions) == [3]
     assert status(s, 1) == :draining
     assert stats(s).recycles == 1
 
     {s, actions, r3} = checkout(s)
-    refute leased?(actions, r3)
+    assert lease!(actions, r3).worker_id == 2
 
-    {s, actions} = ev(s, {:checkin, r1, :ok})
-    refute stopped?(actions, 1)
     {s, actions} = ev(s, {:checkin, r2, :ok})
     assert stopped?(actions, 1)
 
-    {s, actions} = ready(s, 2)
-    assert lease!(actions, r3).worker_id == 2
+    {s, _} = ready(s, 3)
+    assert s.slots[1].current == 3
 
     # its exit is the end of a recycle, not a crash: nothing is restarted
     {s, actions} = ev(s, {:worker_exited, 1, :normal})
     assert {:forget_fate, 1} in actions
     refute Enum.any?(actions, &match?({:schedule, _, {:start_worker, _}}, &1))
-    assert %{crashes: 0, workers_started: 2} = stats(s)
+    assert %{crashes: 0, workers_started: 3} = stats(s)
+  end
+
+  test "the last routable worker at worker_max_requests keeps serving until its replacement is ready, then drains" do
+    s = ready_pool(pool_size: 1, worker_max_requests: 1)
+    {s, actions, r1} = checkout(s)
+    assert lease!(actions, r1).worker_id == 1
+    assert started(actions) == [2]
+    assert status(s, 1) == :retiring
+    assert stats(s).capacity == 1
+
+    # past its limit it still serves: the replacement is not ready
+    {s, _} = ev(s, {:checkin, r1, :ok})
+    {s, actions, r2} = checkout(s)
+    assert lease!(actions, r2).worker_id == 1
+    assert started(actions) == []
+    assert %{recycles: 1} = stats(s)
+
+    {s, actions} = ready(s, 2)
+    assert status(s, 1) == :draining
+    refute stopped?(actions, 1)
+
+    {s, actions, r3} = checkout(s)
+    assert lease!(actions, r3).worker_id == 2
+    {_s, actions} = ev(s, {:checkin, r2, :ok})
+    assert stopped?(actions, 1)
+  end
+
+  test "a worker at max requests while every other worker is out of rotation keeps serving; once another is routable it drains at its next call" do
+    s = ready_pool(pool_size: 2, worker_max_requests: 2)
+    {s, _} = ev(s, {:worker_draining, 2})
+    {s, a1, r1} = checkout(s)
+    assert lease!(a1, r1).worker_id == 1
+    {s, _} = ev(s, {:checkin, r1, :ok})
+    {s, a2, r2} = checkout(s)
+    assert lease!(a2, r2).worker_id == 1
+    [replacement] = started(a2)
+    assert status(s, 1) == :retiring
+    {s, _} = ev(s, {:checkin, r2, :ok})
+
+    # worker 2's server is gone and its slot restarted: a routable worker that is not worker 1's
+    # replacement
+    {s, _} = ev(s, {:worker_exited, 2, {:shutdown, {:channel_down, :closed}}})
+    {s, actions} = ev(s, {:start_worker, 2})
+    [restarted] = started(actions)
+    {s, _} = ready(s, restarted)
+    assert status(s, 1) == :retiring
+
+    {s, a3, r3} = checkout(s)
+    assert lease!(a3, r3).worker_id == 1
+    assert status(s, 1) == :draining
+    assert stats(s).recycles == 1
+    {_s, actions} = ev(s, {:checkin, r3, :ok})
+    assert stopped?(actions, 1)
+    assert s.slots[1].pending == replacement
+  end
+
+  test "workers that reach max requests one after the other before any replacement is ready leave one serving" do
+    s =
+      ready_pool(
+        worker_profile: :thread,
+        threads_per_worker: 4,
+        pool_size: 2,
+        worker_max_requests: 1
+      )
+
+    {s, a1, r1} = checkout(s)
+    {s, a2, r2} = checkout(s)
+    assert Enum.sort([lease!(a1, r1).worker_id, lease!(a2, r2).worker_id]) == [1, 2]
+    assert {status(s, 1), status(s, 2)} == {:draining, :retiring}
+    assert stats(s).capacity == 4
+
+    # the one still serving takes every call until a replacement is ready
+    {s, a3, r3} = checkout(s)
+    assert lease!(a3, r3).worker_id == 2
+    {s, _} = ready(s, 3)
+    {s, a4, r4} = checkout(s)
+    assert lease!(a4, r4).worker_id == 3
+    assert status(s, 2) == :retiring
+    {s, _} = ready(s, 4)
+    assert status(s, 2) == :draining
+    assert stats(s).recycles == 3
+    for r <- [r1, r2, r3, r4], reduce: s, do: (s -> elem(ev(s, {:checkin, r, :ok}), 0))
+  end
+
+  test "each worker's max requests is lowered by a random fraction below max_requests_jitter" do
+    s = ready_pool(pool_size: 8, worker_max_requests: 100, max_requests_jitter: 0.5)
+    limits = for %{max_requests: n} <- stats(s).workers, do: n
+    assert Enum.all?(limits, &(&1 > 50 and &1 <= 100))
+    assert length(Enum.uniq(limits)) > 1, "limits #{inspect(limits)} should differ"
+
+    # a worker is recycled at its own limit: one call at a time goes to worker 1 (the first idle)
+    [%{id: 1, max_requests: limit} | _] = stats(s).workers
+
+    s =
+      Enum.reduce(1..limit, s, fn n, s ->
+        assert status(s, 1) == :ready, "recycled after #{n - 1} of its #{limit} calls"
+        {s, actions, ref} = checkout(s)
+        assert lease!(actions, ref).worker_id == 1
+        elem(ev(s, {:checkin, ref, :ok}), 0)
+      end)
+
+    assert status(s, 1) == :stopping
+    assert stats(s).recycles == 1
+
+    assert [%{max_requests: 100}] =
+             stats(ready_pool(pool_size: 1, worker_max_requests: 100)).workers
+
+    assert [%{max_requests: :infinity}] = stats(ready_pool(pool_size: 1)).workers
   end
 
   test "on TTL a worker keeps serving until its replacement is ready, then drains" do
@@ -447,7 +563,7 @@ defmodule Snakepit.PoolStateTest do
   end
 
   test "a worker the pool is already taking out of service keeps its status when its server drains" do
-    s = ready_pool(pool_size: 1, worker_max_requests: 1)
+    s = ready_pool(pool_size: 2, worker_max_requests: 1)
     {s, _, _r1} = checkout(s)
     assert status(s, 1) == :draining
     {s, _} = ev(s, {:worker_draining, 1})

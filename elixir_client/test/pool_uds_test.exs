@@ -56,7 +56,7 @@ defmodule Snakepit.PoolUDSTest do
   end
 
   test "a recycled worker's socket is gone once it exits; its replacement listens on a new one" do
-    pool = start_pool!(pool_size: 1, worker_max_requests: 2)
+    pool = start_pool!(pool_size: 1, worker_max_requests: 2, max_requests_jitter: 0)
     [old] = Snakepit.list_workers(pool)
     assert socket?(old.uds)
 

@@ -20,11 +20,14 @@ defmodule Snakepit.Config do
     * `:max_stuck_calls` - stuck calls on one worker that make the pool replace it (a worker all of
       whose slots are stuck is replaced whatever this says). Default `1`.
 
-  ## Transport
+  ## Transport, recycling jitter
 
     * `:transport` - how the pool reaches its workers: `:uds` (default), a Unix domain socket per
       worker in a private directory of the pool (see `Snakepit.Pool`, "Unix sockets"); `:tcp`,
       `127.0.0.1` on a free port. (Not the Python server's `--transport`, which picks its gRPC stack.)
+    * `:max_requests_jitter` - each worker's `worker_max_requests` is lowered by a random fraction
+      in `[0, max_requests_jitter)`, so workers started together do not reach it together.
+      Default `0.1`.
   """
 
   require Logger
@@ -56,7 +59,8 @@ defmodule Snakepit.Config do
     :health_check_timeout,
     :stuck_call_grace,
     :max_stuck_calls,
-    :transport
+    :transport,
+    :max_requests_jitter
   ]
 
   # accepted but not kept: the old name of :launcher
@@ -90,7 +94,8 @@ defmodule Snakepit.Config do
           health_check_timeout: pos_integer,
           stuck_call_grace: non_neg_integer,
           max_stuck_calls: pos_integer,
-          transport: :uds | :tcp
+          transport: :uds | :tcp,
+          max_requests_jitter: float
         }
 
   @doc "The keys a pool config accepts (`:adapter_module` is the deprecated name of `:launcher`)."
@@ -286,7 +291,15 @@ defmodule Snakepit.Config do
           :uds,
           &(&1 in [:uds, :tcp]),
           "must be :uds (a Unix domain socket per worker) or :tcp (127.0.0.1, a free port)"
-        )
+        ),
+      max_requests_jitter:
+        fetch(
+          c,
+          :max_requests_jitter,
+          0.1,
+          &(is_number(&1) and &1 >= 0 and &1 < 1),
+          "must be a number in [0, 1)"
+        ) * 1.0
     }
   end
 

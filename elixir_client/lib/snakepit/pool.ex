@@ -46,10 +46,15 @@ defmodule Snakepit.Pool do
 
   A worker is recycled when its TTL passes (each worker's TTL is shortened by a random fraction of at
   most `ttl_jitter`, so workers started together do not recycle together) or when it has been given
-  `worker_max_requests` calls. Its replacement is started first. On TTL the old worker keeps serving
-  until the replacement is ready; on max requests it takes no new call at once (a worker never serves
-  more than `worker_max_requests` calls). Either way, once it takes no new calls, its in-flight calls
-  finish and it is stopped gracefully (SIGTERM, the server drains). No call fails because of a recycle.
+  its `worker_max_requests` calls (each worker's limit is lowered likewise by up to
+  `max_requests_jitter`). Its replacement is started first. On TTL the old worker keeps serving
+  until the replacement is ready; on max requests it takes no new call at once, unless it is the
+  last worker taking calls (`pool_size: 1`, or every other one is itself recycling, starting or out
+  of rotation): then it keeps serving, past its limit, until its replacement is ready, so a recycle
+  never leaves the pool without a worker. Under load that outruns a worker's start, a worker may
+  thus serve many calls more than its limit. Either way, once it takes no new calls, its in-flight
+  calls finish and it is stopped gracefully (SIGTERM, the server drains). No call fails because of a
+  recycle.
 
   ## Workers whose server shuts down
 

@@ -63,3 +63,10 @@ class TraceContextAdapter(ShowcaseAdapter):
     @tool(description="One chunk: the streaming call's trace context")
     def trace_context_stream(self, ctx: RequestContext):
         yield {"traceparent": ctx.traceparent, "trace_id": ctx.trace_id}
+
+
+class SlowStartAdapter(ShowcaseAdapter):
+    """setup() takes a second, as loading a model does: a replacement worker is a while coming."""
+
+    def setup(self) -> None:
+        time.sleep(1.0)

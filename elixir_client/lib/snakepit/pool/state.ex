@@ -163,7 +163,7 @@ defmodule Snakepit.Pool.State do
 
   @doc """
   A pool for `config` whose `pool_size` workers are being started. Option `:seed`: a `:rand` state
-  for the TTL jitter (default: a fresh one).
+  for the TTL and max-requests jitter (default: a fresh one).
   """
   @spec new(Config.t(), integer, keyword) :: {t, [action]}
   def new(%Config{} = config, now, opts \\ []) do
@@ -214,6 +214,7 @@ defmodule Snakepit.Pool.State do
           abandoned_calls: length(w.abandoned),
           stuck_calls: w.stuck_calls,
           requests: w.requests,
+          max_requests: w.max_requests,
           ttl_ms: w.ttl_ms,
           sessions: MapSet.size(w.sessions),
           uptime_ms: now - w.started_at,
@@ -651,6 +652,7 @@ defmodule Snakepit.Pool.State do
 
   defp start_worker(s, slot_id, reason) do
     id = s.next_id
+    {max_requests, s} = draw_max_requests(s)
 
     w = %{
       id: id,
@@ -673,6 +675,8 @@ defmodule Snakepit.Pool.State do
       check_again: false,
       capacity: s.config.threads_per_worker,
       requests: 0,
+      # its jittered worker_max_requests
+      max_requests: max_requests,
       ttl_ms: nil,
       sessions: MapSet.new(),
       started_at: s.now,
@@ -795,6 +799,16 @@ defmodule Snakepit.Pool.State do
         |> put_slot(slot_id, %{slot | scheduled: true})
   end
 
+  # A new worker's worker_max_requests, lowered by a random fraction below max_requests_jitter (so
+  # workers started together do not all reach it together); never below 1.
+  defp draw_max_requests(%{config: %{worker_max_requests: :infinity}} = s), do: {:infinity, s}
+
+  defp draw_max_requests(s) do
+    {x, rand} = :rand.uniform_s(s.rand)
+    limit = s.config.worker_max_requests * (1.0 - x * s.config.max_requests_jitter)
+    {max(round(limit), 1), %{s | rand: rand}}
+  end
+
   # The worker's jittered TTL in ms (or :infinity), and its expiry scheduled.
   defp schedule_ttl(%{config: %{worker_ttl: :infinity}} = s, _id), do: {:infinity, s}
 
@@ -814,8 +828,9 @@ defmodule Snakepit.Pool.State do
       else: s
   end
 
-  # Starts the replacement (once) and stops routing to `w` (at once for :max_requests, when the
-  # replacement is ready for :ttl and :stuck_calls).
+  # Starts the replacement (once) and stops routing to `w`: when the replacement is ready, or for
+  # :max_requests at once, unless `w` is the last worker that takes calls (it must not leave the
+  # pool without one: it serves on until its replacement, or another worker, is ready).
   defp retire(s, w, why) do
     already? = w.status in [:retiring, :draining, :stopping, :unhealthy]
 
@@ -837,10 +852,11 @@ defmodule Snakepit.Pool.State do
     s = start_replacement(s, w)
 
     cond do
-      why == :max_requests and routable?(w) ->
+      why == :max_requests and routable?(w) and another_routable?(s, w.id) ->
         s |> put_worker(%{w | status: :draining}) |> maybe_stop(w.id)
 
-      # :ttl, :stuck_calls: it serves what it can until its replacement is ready
+      # :ttl, :stuck_calls, the last routable worker: it serves what it can until its
+      # replacement is ready
       w.status == :ready ->
         put_worker(s, %{w | status: :retiring})
 
@@ -980,6 +996,9 @@ defmodule Snakepit.Pool.State do
   # Slots taken: calls in flight, and abandoned calls the server may still be running.
   defp busy(w), do: w.in_flight + length(w.abandoned)
 
+  defp another_routable?(s, id),
+    do: Enum.any?(s.workers, fn {other, w} -> other != id and routable?(w) end)
+
   defp free?(w), do: routable?(w) and busy(w) < w.capacity
 
   defp routable_worker(s, id) do
@@ -1045,7 +1064,7 @@ defmodule Snakepit.Pool.State do
     s = %{s | leases: Map.put(s.leases, ref, record)} |> bump(:checkouts)
 
     s =
-      if s.config.worker_max_requests != :infinity and w.requests >= s.config.worker_max_requests,
+      if w.max_requests != :infinity and w.requests >= w.max_requests,
         do: retire(s, w, :max_requests),
         else: s
 
