@@ -250,6 +250,32 @@ defmodule Snakepit.PoolStateTest do
     assert %{worker_id: ^home, init_session: false} = lease!(actions, r2)
   end
 
+  test "a new session's concurrent calls wait for the call that creates it, then share its worker" do
+    s = ready_pool(worker_profile: :thread, pool_size: 1, threads_per_worker: 4)
+    {s, a1, r1} = checkout(s, session: "s1")
+    assert lease!(a1, r1).init_session
+    # a free slot, but its call would skip InitializeSession and could reach the server first
+    {s, a2, r2} = checkout(s, session: "s1")
+    refute leased?(a2, r2)
+    {s, a3, r3} = checkout(s)
+    assert leased?(a3, r3)
+
+    {s, actions} = ev(s, {:checkin, r1, :ok})
+    assert %{worker_id: 1, init_session: false} = lease!(actions, r2)
+    # created: its calls no longer wait for each other
+    {_s, a4, r4} = checkout(s, session: "s1")
+    assert %{init_session: false} = lease!(a4, r4)
+  end
+
+  test "a session whose creating call failed to initialise it is created by the call that waited" do
+    s = ready_pool(worker_profile: :thread, pool_size: 1, threads_per_worker: 4)
+    {s, _, r1} = checkout(s, session: "s1")
+    {s, a2, r2} = checkout(s, session: "s1")
+    refute leased?(a2, r2)
+    {_s, actions} = ev(s, {:checkin, r1, {:session_init_failed, "s1"}})
+    assert %{init_session: true} = lease!(actions, r2)
+  end
+
   test "when a session's worker goes down its session moves to another worker and is created there again" do
     s = ready_pool()
     {s, a1, r1} = checkout(s, session: "s1")

@@ -325,18 +325,23 @@ defmodule Snakepit.ApiTest do
     end
   end
 
-  test "concurrent calls of one session all run on its worker", %{proc: proc} do
-    sid = "pinned-#{System.unique_integer([:positive])}"
+  test "concurrent calls of a new session all run on its worker, none before it is created", %{
+    thr: thr,
+    proc: proc
+  } do
+    for pool <- [thr, proc] do
+      sid = "pinned-#{System.unique_integer([:positive])}"
 
-    pids =
-      1..8
-      |> Enum.map(fn _ ->
-        Task.async(fn -> Snakepit.execute_in_session(proc, sid, "ping", %{}) end)
-      end)
-      |> Task.await_many(20_000)
-      |> Enum.map(fn {:ok, %{"pid" => pid}} -> pid end)
+      pids =
+        1..8
+        |> Enum.map(fn _ ->
+          Task.async(fn -> Snakepit.execute_in_session(pool, sid, "ping", %{}) end)
+        end)
+        |> Task.await_many(20_000)
+        |> Enum.map(fn {:ok, %{"pid" => pid}} -> pid end)
 
-    assert [_one] = Enum.uniq(pids)
+      assert [_one] = Enum.uniq(pids)
+    end
   end
 
   test "execute_in_session on the default pool", %{thr: thr} do

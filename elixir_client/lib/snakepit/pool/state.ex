@@ -69,6 +69,8 @@ defmodule Snakepit.Pool.State do
     leases: %{},
     # session_id => worker id it is pinned to
     sessions: %{},
+    # sessions whose creating call (the lease that initialises them on their worker) is out
+    sessions_being_created: MapSet.new(),
     ever_ready: false,
     # the last start failure, while no worker has become ready since (see "Start failures")
     start_error: nil,
@@ -1010,14 +1012,20 @@ defmodule Snakepit.Pool.State do
 
   defp ready_count(s), do: Enum.count(s.workers, fn {_id, w} -> routable?(w) end)
 
-  # The session's worker while it is routable (when busy, the caller waits for it); else the
-  # least-loaded worker with a free slot.
+  # The session's worker while it is routable (when busy, or while the call creating the session
+  # there is out, the caller waits for it: a call that skips the initialisation could reach the
+  # server before it); else the least-loaded worker with a free slot.
   defp pick(s, session_id) do
     pinned = session_id && Map.get(s.sessions, session_id)
 
     case pinned && routable_worker(s, pinned) do
-      nil -> pick_any(s)
-      w -> if free?(w), do: {:ok, pinned}, else: :none
+      nil ->
+        pick_any(s)
+
+      w ->
+        if free?(w) and not MapSet.member?(s.sessions_being_created, session_id),
+          do: {:ok, pinned},
+          else: :none
     end
   end
 
@@ -1061,6 +1069,12 @@ defmodule Snakepit.Pool.State do
     waited = s.now - Map.get(request, :queued_at, s.now)
     s = put_worker(s, w) |> record_queue_wait(waited)
     s = if sid, do: %{s | sessions: Map.put(s.sessions, sid, id)}, else: s
+
+    s =
+      if creates?,
+        do: %{s | sessions_being_created: MapSet.put(s.sessions_being_created, sid)},
+        else: s
+
     s = %{s | leases: Map.put(s.leases, ref, record)} |> bump(:checkouts)
 
     s =
@@ -1101,6 +1115,15 @@ defmodule Snakepit.Pool.State do
 
       {lease, leases} ->
         s = %{s | leases: leases} |> bump(:calls)
+
+        s =
+          if lease.creates_session,
+            do: %{
+              s
+              | sessions_being_created: MapSet.delete(s.sessions_being_created, lease.session_id)
+            },
+            else: s
+
         s = if outcome == :ok, do: s, else: bump(s, :failures)
 
         case s.workers[lease.worker] do
