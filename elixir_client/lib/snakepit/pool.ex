@@ -99,7 +99,9 @@ defmodule Snakepit.Pool do
 
   `session_id`s are pinned to the worker that first served them while it lives and serves; the
   checkout tells the caller when the session must be initialised on its worker (first use there).
-  When that worker goes away, the session's next call goes to any worker and is initialised there.
+  Until the call that initialises it there is checked in, the session's other calls wait (a call
+  that skips the initialisation could otherwise reach the server before it). When that worker goes
+  away, the session's next call goes to any worker and is initialised there.
   A call whose initialisation fails is checked in as `{:session_init_failed, session_id}`: the
   session then counts as not created on that worker.
 
