@@ -567,7 +567,8 @@ defmodule Snakepit do
   The pool's workers: pid, id, slot, status (`:starting`, `:ready`, `:retiring`, `:draining`,
   `:server_draining` (its server shuts down on its own), `:unhealthy`, `:stopping`), os_pid,
   `uds` (its server's Unix socket path; nil for `transport: :tcp`) or `port` (its TCP port; nil
-  for `transport: :uds`), in_flight, capacity, requests, max_requests (its jittered
+  for `transport: :uds`), in_flight, capacity (calls it is given at once: `threads_per_worker`, or
+  `process_pipeline_depth` for a process worker), requests, max_requests (its jittered
   `worker_max_requests`), `abandoned_calls` (calls
   given up on that may still run on the server), `stuck_calls` (those confirmed still running after
   `stuck_call_grace`), uptime_ms, `slot_recycles`, `slot_crashes` (see `get_stats/1`).

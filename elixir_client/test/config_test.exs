@@ -54,6 +54,11 @@ defmodule Snakepit.ConfigTest do
     assert Config.new!(name: :p, max_requests_jitter: 0).max_requests_jitter === 0.0
   end
 
+  test "a process worker is given two calls at once unless process_pipeline_depth says otherwise" do
+    assert Config.new!(name: :p).process_pipeline_depth == 2
+    assert Config.new!(name: :p, process_pipeline_depth: 1).process_pipeline_depth == 1
+  end
+
   test "ttl units" do
     assert Config.new!(name: :p, worker_ttl: {2, :minutes}).worker_ttl == 120_000
     assert Config.new!(name: :p, worker_ttl: {250, :milliseconds}).worker_ttl == 250
@@ -85,6 +90,7 @@ defmodule Snakepit.ConfigTest do
           {[name: :p, max_stuck_calls: 0], ":max_stuck_calls"},
           {[name: :p, transport: :unix], ":transport"},
           {[name: :p, max_requests_jitter: 1], ":max_requests_jitter"},
+          {[name: :p, process_pipeline_depth: 0], ":process_pipeline_depth"},
           {[name: :p, pool_sise: 2], ":pool_sise"}
         ] do
       assert {:error, msg} = Config.new(cfg)

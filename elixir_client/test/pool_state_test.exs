@@ -9,7 +9,8 @@ defmodule Snakepit.PoolStateTest do
 
   ## helpers
 
-  # No jitter unless a test says otherwise.
+  # One call at a time per process worker and no jitter unless a test says otherwise: most tests
+  # here are about slots, and are easier to read with one per worker.
   defp config(overrides) do
     Config.new!(
       Map.merge(
@@ -18,7 +19,8 @@ defmodule Snakepit.PoolStateTest do
           pool_size: 2,
           health_check_interval: :infinity,
           ttl_jitter: 0,
-          max_requests_jitter: 0
+          max_requests_jitter: 0,
+          process_pipeline_depth: 1
         },
         Map.new(overrides)
       )
@@ -125,6 +127,97 @@ defmodule Snakepit.PoolStateTest do
 
     {_s, actions, ref} = checkout(s)
     refute leased?(actions, ref)
+  end
+
+  ## pipelining on process workers
+
+  test "a process worker takes process_pipeline_depth calls (default 2), but only once every worker has one" do
+    s = ready_pool(process_pipeline_depth: Config.new!(name: :x).process_pipeline_depth)
+    assert %{capacity: 4} = stats(s)
+    assert Enum.all?(stats(s).workers, &(&1.capacity == 2))
+
+    {s, a1, r1} = checkout(s)
+    {s, a2, r2} = checkout(s)
+    # least-loaded first: the idle worker before a second call on the busy one
+    assert Enum.sort([lease!(a1, r1).worker_id, lease!(a2, r2).worker_id]) == [1, 2]
+    {s, a3, r3} = checkout(s)
+    {s, a4, r4} = checkout(s)
+    assert Enum.sort([lease!(a3, r3).worker_id, lease!(a4, r4).worker_id]) == [1, 2]
+
+    {s, a5, r5} = checkout(s)
+    refute leased?(a5, r5)
+    assert %{in_flight: 4, queued: 1} = stats(s)
+
+    # a call ends on worker 1: the waiter is pipelined there
+    w1 = if lease!(a1, r1).worker_id == 1, do: r1, else: r2
+    {_s, actions} = ev(s, {:checkin, w1, :ok})
+    assert lease!(actions, r5).worker_id == 1
+  end
+
+  test "process_pipeline_depth 1 gives a process worker one call at a time; thread workers ignore it" do
+    s = ready_pool(pool_size: 1, process_pipeline_depth: 1)
+    {s, _, _} = checkout(s)
+    {_s, actions, r2} = checkout(s)
+    refute leased?(actions, r2)
+
+    s =
+      ready_pool(
+        worker_profile: :thread,
+        pool_size: 1,
+        threads_per_worker: 3,
+        process_pipeline_depth: 5
+      )
+
+    assert %{capacity: 3} = stats(s)
+  end
+
+  test "a process worker whose given-up call may still run takes no pipelined call behind it" do
+    s = ready_pool(pool_size: 1, process_pipeline_depth: 2, stuck_call_grace: 1_000)
+    {s, _, r1} = checkout(s)
+    {s, _} = ev(s, {:checkin, r1, :abandoned}, @t0 + 10)
+    {s, actions, r2} = checkout(s)
+    refute leased?(actions, r2)
+    assert %{capacity: 2, in_flight: 0, queued: 1} = stats(s)
+
+    # the server ran it to its end (no call active): both slots are free again
+    {s, actions} = ev(s, {:stuck_call_check, 1}, @t0 + 60)
+    [ref] = for {:check, 1, ref, :active_calls, _, _} <- actions, do: ref
+    {s, actions} = ev(s, {:check_result, 1, ref, {:ok, 0}}, @t0 + 61)
+    assert lease!(actions, r2).worker_id == 1
+    {_s, actions, r3} = checkout(s)
+    assert leased?(actions, r3)
+  end
+
+  test "one stuck call replaces a pipelined process worker whatever max_stuck_calls says: its server runs nothing else" do
+    s =
+      ready_pool(
+        pool_size: 1,
+        process_pipeline_depth: 3,
+        stuck_call_grace: 100,
+        max_stuck_calls: 2
+      )
+
+    {s, _, r1} = checkout(s)
+    {s, _, r2} = checkout(s)
+    {s, _} = ev(s, {:checkin, r1, :abandoned}, @t0)
+    {s, actions} = ev(s, {:stuck_call_check, 1}, @t0 + 200)
+    [ref] = for {:check, 1, ref, :active_calls, _, _} <- actions, do: ref
+    # the server runs two calls: the given-up one, and r2 waiting in its queue behind it
+    {s, actions} = ev(s, {:check_result, 1, ref, {:ok, 2}}, @t0 + 201)
+    assert started(actions) == [2]
+    assert %{capacity: 0, stuck_replacements: 1, unhealthy_replacements: 0} = stats(s)
+    assert [%{stuck_calls: 1}] = Enum.filter(stats(s).workers, &(&1.id == 1))
+
+    # r2 cannot run behind the stuck call: the worker is stopped once its replacement is ready,
+    # and r2's caller learns why
+    assert [{:record_fate, 1, :worker_unhealthy, message}] =
+             for({:record_fate, _, _, _} = a <- actions, do: a)
+
+    assert message =~ "waited behind it"
+    {s, actions} = ready(s, 2)
+    assert stopped?(actions, 1)
+    {s, _} = ev(s, {:checkin, r2, :error})
+    assert {:forget_fate, 1} in elem(ev(s, {:worker_exited, 1, :normal}), 1)
   end
 
   test "beyond queue_size waiters a caller gets queue_full at once" do

@@ -371,7 +371,8 @@ defmodule Snakepit.ApiTest do
     assert w.python.requests_total >= 1
     assert w.python.pid == w.os_pid
 
-    assert {:ok, %{workers: [p1, p2], capacity: 2}} = Snakepit.get_stats(proc)
+    # two process workers, each given two calls at once (process_pipeline_depth)
+    assert {:ok, %{workers: [p1, p2], capacity: 4}} = Snakepit.get_stats(proc)
     assert p1.python.worker_mode == "process" and p2.python.worker_mode == "process"
   end
 
@@ -382,7 +383,7 @@ defmodule Snakepit.ApiTest do
     for w <- workers do
       assert w.status == :ready
       assert is_integer(w.os_pid) and os_alive?(w.os_pid)
-      assert w.capacity == 1
+      assert w.capacity == 2
       assert is_binary(w.uds) and w.port == nil
     end
   end

@@ -262,7 +262,14 @@ defmodule Snakepit.TelemetryTest do
   ## queue wait
 
   test "a saturated pool reports a queue wait as long as the caller waited" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 20_000)
+    pool =
+      start_pool!(
+        worker_profile: :process,
+        pool_size: 1,
+        queue_timeout: 20_000,
+        process_pipeline_depth: 1
+      )
+
     first = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 0.4}) end)
 
     {m, md} = assert_event([:snakepit, :queue, :wait], ^pool)

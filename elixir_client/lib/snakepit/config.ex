@@ -20,11 +20,14 @@ defmodule Snakepit.Config do
     * `:max_stuck_calls` - stuck calls on one worker that make the pool replace it (a worker all of
       whose slots are stuck is replaced whatever this says). Default `1`.
 
-  ## Transport, recycling jitter
+  ## Transport, pipelining, recycling jitter
 
     * `:transport` - how the pool reaches its workers: `:uds` (default), a Unix domain socket per
       worker in a private directory of the pool (see `Snakepit.Pool`, "Unix sockets"); `:tcp`,
       `127.0.0.1` on a free port. (Not the Python server's `--transport`, which picks its gRPC stack.)
+    * `:process_pipeline_depth` - calls a `:process` worker may have in flight at once: its server
+      runs one and queues the others, so the next call is already there when the running one
+      ends. Default `2`; `1` gives a process worker one call at a time. Ignored for `:thread`.
     * `:max_requests_jitter` - each worker's `worker_max_requests` is lowered by a random fraction
       in `[0, max_requests_jitter)`, so workers started together do not reach it together.
       Default `0.1`.
@@ -60,7 +63,8 @@ defmodule Snakepit.Config do
     :stuck_call_grace,
     :max_stuck_calls,
     :transport,
-    :max_requests_jitter
+    :max_requests_jitter,
+    :process_pipeline_depth
   ]
 
   # accepted but not kept: the old name of :launcher
@@ -95,7 +99,8 @@ defmodule Snakepit.Config do
           stuck_call_grace: non_neg_integer,
           max_stuck_calls: pos_integer,
           transport: :uds | :tcp,
-          max_requests_jitter: float
+          max_requests_jitter: float,
+          process_pipeline_depth: pos_integer
         }
 
   @doc "The keys a pool config accepts (`:adapter_module` is the deprecated name of `:launcher`)."
@@ -299,7 +304,9 @@ defmodule Snakepit.Config do
           0.1,
           &(is_number(&1) and &1 >= 0 and &1 < 1),
           "must be a number in [0, 1)"
-        ) * 1.0
+        ) * 1.0,
+      process_pipeline_depth:
+        fetch(c, :process_pipeline_depth, 2, &pos_int?/1, "must be a positive integer")
     }
   end
 

@@ -3,15 +3,28 @@ defmodule Snakepit.Pool do
   A pool of Python workers and the capacity bookkeeping that dispatches calls to them.
 
   The pool process never does I/O for a call. A caller checks out a *slot* (`checkout/3`): the pool
-  picks the least-loaded ready worker that has a free slot (a process worker has 1, a thread worker
-  `threads_per_worker`) and answers with the worker's channel; the caller runs the gRPC call in its
-  own process over that channel (one HTTP/2 connection per worker, many concurrent streams) and
-  checks the slot back in (`checkin/3`). The pool monitors every caller holding or waiting for a
-  slot, so a caller that dies frees its slot.
+  picks the least-loaded ready worker that has a free slot (a process worker has
+  `process_pipeline_depth`, a thread worker `threads_per_worker`) and answers with the worker's
+  channel; the caller runs the gRPC call in its own process over that channel (one HTTP/2
+  connection per worker, many concurrent streams) and checks the slot back in (`checkin/3`). The
+  pool monitors every caller holding or waiting for a slot, so a caller that dies frees its slot.
 
   When every slot is busy, callers wait FIFO, up to `queue_size` of them (more get `:queue_full`),
   each for at most `queue_timeout` ms (then `:queue_timeout`). While the pool has never had a ready
   worker (start-up), a waiter may wait up to `startup_timeout` instead.
+
+  ## Pipelining on process workers
+
+  A process worker's server runs one tool call at a time and queues the others (its `--max-queue`).
+  With one slot per process worker, the worker would idle while a reply travels back and the next
+  request comes; with `process_pipeline_depth: 2` (the default) the pool gives it a second call,
+  which waits in the server's queue and starts as soon as the first ends. Least-loaded first: a
+  call goes to an idle worker before it is pipelined behind a busy one. The price: a pipelined call
+  waits for the call ahead of it, however long that takes, even when another worker becomes idle
+  meanwhile (its `timeout:` includes that wait). Pools of long or uneven calls, or callers that
+  need the lowest latency over throughput, should set `process_pipeline_depth: 1`. A process
+  worker with a call its caller gave up on that may still be running gets no call behind it
+  (see "Stuck calls").
 
   ## Workers and slots
 
@@ -71,10 +84,12 @@ defmodule Snakepit.Pool do
     * **Stuck calls.** A call its caller gave up on (deadline passed, caller died, stream cancelled;
       checked in as `:abandoned`) may still run in the server: a tool that ignores cancellation
       keeps its server slot. Such a call keeps its slot in the pool too (a process worker with one
-      takes no call) until the server's `GetStats.requests_active`, compared with the calls the pool
+      takes no call, not even a pipelined one) until the server's `GetStats.requests_active`, compared with the calls the pool
       knows to be running there, shows it ended. One still running `stuck_call_grace` ms after it was
       given up is *stuck*; at `max_stuck_calls` stuck calls (or when every slot is stuck) the worker
-      is replaced; its other calls finish normally.
+      is replaced; its other calls finish normally, except when stuck calls hold every slot of its
+      server (a process worker's one): the calls waiting behind them there cannot run, so it is
+      stopped once its replacement is ready and they fail with `:worker_unhealthy`.
     * **Health checks.** Every `health_check_interval` ms each ready worker gets a
       `grpc.health.v1.Health/Check` on its channel. One that gets no SERVING answer within
       `health_check_timeout` (a SIGSTOPped or wedged server), like a stuck-call check without an

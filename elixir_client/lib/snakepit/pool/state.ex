@@ -241,7 +241,7 @@ defmodule Snakepit.Pool.State do
         s.workers
         |> Map.values()
         |> Enum.filter(&routable?/1)
-        |> Enum.map(&(&1.capacity - &1.stuck_calls))
+        |> Enum.map(&usable_capacity/1)
         |> Enum.sum(),
       sessions: map_size(s.sessions),
       workers: workers,
@@ -675,7 +675,10 @@ defmodule Snakepit.Pool.State do
       # the check in flight, %{ref, kind, load, sent_at}, and whether another is wanted after it
       check: nil,
       check_again: false,
-      capacity: s.config.threads_per_worker,
+      # calls the pool routes to it at once (a process worker's beyond the first wait in its
+      # server's queue: pipelining), and how many of them its server runs at once
+      capacity: capacity(s.config),
+      server_slots: s.config.threads_per_worker,
       requests: 0,
       # its jittered worker_max_requests
       max_requests: max_requests,
@@ -801,6 +804,11 @@ defmodule Snakepit.Pool.State do
         |> put_slot(slot_id, %{slot | scheduled: true})
   end
 
+  # Calls a worker of this config is given at once: a thread worker's threads; a process worker's
+  # server runs one call and queues the others, process_pipeline_depth in all.
+  defp capacity(%{worker_profile: :process} = config), do: config.process_pipeline_depth
+  defp capacity(config), do: config.threads_per_worker
+
   # A new worker's worker_max_requests, lowered by a random fraction below max_requests_jitter (so
   # workers started together do not all reach it together); never below 1.
   defp draw_max_requests(%{config: %{worker_max_requests: :infinity}} = s), do: {:infinity, s}
@@ -907,7 +915,7 @@ defmodule Snakepit.Pool.State do
     w = %{w | abandoned: kept ++ later, stuck_calls: stuck}
     s = put_worker(s, w)
 
-    if stuck > 0 and stuck >= min(s.config.max_stuck_calls, w.capacity) do
+    if stuck > 0 and stuck >= min(s.config.max_stuck_calls, w.server_slots) do
       s
       |> log(
         :warning,
@@ -915,8 +923,30 @@ defmodule Snakepit.Pool.State do
           "still running more than #{grace} ms after their callers gave up; replacing it"
       )
       |> retire(w, :stuck_calls)
+      |> cut_off_calls_behind_stuck(w.id)
     else
       s
+    end
+  end
+
+  # Stuck calls hold every slot of the worker's server, so the calls in flight on it wait in its
+  # queue behind them (pipelined on a process worker) and may never run. Like a worker that failed
+  # a health check, it is then stopped once its replacement is ready, and those calls fail saying
+  # why instead of waiting for their deadlines.
+  defp cut_off_calls_behind_stuck(s, id) do
+    case s.workers[id] do
+      %{status: :retiring, in_flight: n, stuck_calls: stuck, server_slots: slots} = w
+      when n > 0 and stuck >= slots ->
+        message =
+          "worker #{w.id} (os pid #{w.os_pid}) was replaced: every slot of its server was held by " <>
+            "a call its caller had given up on, and this call waited behind it"
+
+        s
+        |> emit({:record_fate, id, :worker_unhealthy, message})
+        |> put_worker(%{w | status: :unhealthy})
+
+      _ ->
+        s
     end
   end
 
@@ -995,8 +1025,18 @@ defmodule Snakepit.Pool.State do
 
   ## capacity, sessions and the queue
 
-  # Slots taken: calls in flight, and abandoned calls the server may still be running.
-  defp busy(w), do: w.in_flight + length(w.abandoned)
+  # Slots taken: calls in flight, and abandoned calls the server may still be running. When those
+  # may hold every slot its server runs calls in (a process worker's one), the worker is full: a
+  # call pipelined behind them would wait for calls nobody waits for.
+  defp busy(w) do
+    taken = w.in_flight + length(w.abandoned)
+    if length(w.abandoned) >= w.server_slots, do: max(taken, w.capacity), else: taken
+  end
+
+  # Calls it can take while it is routable: its capacity, less the slots stuck calls hold (none
+  # when they hold all its server's).
+  defp usable_capacity(w),
+    do: if(w.stuck_calls >= w.server_slots, do: 0, else: w.capacity - w.stuck_calls)
 
   defp another_routable?(s, id),
     do: Enum.any?(s.workers, fn {other, w} -> other != id and routable?(w) end)
@@ -1153,7 +1193,7 @@ defmodule Snakepit.Pool.State do
   # ends within milliseconds, one that polls for it within its polling period), and once
   # `stuck_call_grace` has passed.
   defp abandon(s, w, weight) do
-    w = %{w | abandoned: w.abandoned ++ List.duplicate(s.now, min(weight, w.capacity))}
+    w = %{w | abandoned: w.abandoned ++ List.duplicate(s.now, min(weight, w.server_slots))}
     grace = s.config.stuck_call_grace
 
     Enum.filter(@stuck_check_delays, &(&1 < grace))
