@@ -134,6 +134,33 @@ defmodule Snakepit.PoolUDSTest do
     end
   end
 
+  test "a pool whose socket directory cannot hold a socket path fails to start saying why" do
+    long = Path.join(System.tmp_dir!(), String.duplicate("t", 90))
+    File.mkdir_p!(long)
+    env = for var <- ["TMPDIR", "XDG_RUNTIME_DIR"], do: {var, System.get_env(var)}
+
+    try do
+      System.put_env("TMPDIR", long)
+      System.delete_env("XDG_RUNTIME_DIR")
+
+      assert {:error, %Snakepit.Error{reason: :worker_start_failed, message: message}} =
+               Snakepit.start_pool(name: :uds_too_long, pool_size: 1)
+
+      assert message =~ "107 bytes"
+      assert message =~ "transport: :tcp"
+      refute Snakepit.Pool.whereis(:uds_too_long)
+
+      # TCP workers need no directory
+      pool = start_pool!(pool_size: 1, transport: :tcp)
+      assert {:ok, 5} = Snakepit.execute(pool, "add", %{a: 2, b: 3})
+    after
+      for {var, value} <- env,
+          do: if(value, do: System.put_env(var, value), else: System.delete_env(var))
+
+      File.rm_rf!(long)
+    end
+  end
+
   test "the sweep removes the socket directories of dead BEAMs only" do
     base = Path.join(System.tmp_dir!(), "sweep-#{System.unique_integer([:positive])}")
     File.mkdir_p!(base)
