@@ -13,8 +13,9 @@ defmodule Snakepit.Pool.SocketDir do
 
   Clean-up: the server removes its socket and lock file when it exits cleanly; `remove_socket/2`
   removes what a killed one left; `remove/1` the directory when the pool stops. `create/0` also
-  sweeps the directories of BEAMs that are gone (the OS pid in the name is not running, and no socket in
-  the directory accepts a connection), so a BEAM killed with `kill -9` leaves nothing for long.
+  sweeps the directories of BEAMs that are gone (the OS pid in the name is not running, and no
+  socket in the directory accepts a connection), so a BEAM killed with `kill -9` leaves nothing for
+  long. (A pool process killed outright in a BEAM that lives on leaves its directory until then.)
   """
 
   require Logger
@@ -25,8 +26,8 @@ defmodule Snakepit.Pool.SocketDir do
   @prefix "snakepit-"
 
   @doc """
-  Creates a fresh directory for one pool (after sweeping those of dead BEAMs). Returns
-  `{:ok, dir}` or `{:error, message}`.
+  Creates a fresh directory for one pool, then sweeps those of dead BEAMs (this user's: the new
+  directory's owner). Returns `{:ok, dir}` or `{:error, message}`.
   """
   @spec create() :: {:ok, Path.t()} | {:error, String.t()}
   def create do
