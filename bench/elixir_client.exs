@@ -1,13 +1,23 @@
-# Elixir client vs the Python gRPC client, same server, same no-op tool.
+# Elixir client vs the Python gRPC client, same server, same no-op tool; and process workers with
+# and without pipelining against plain Python processes.
 #
 #     cd elixir_client && mix run ../bench/elixir_client.exs
+#     BENCH_PARTS=pipeline mix run ../bench/elixir_client.exs     # one part only
 #
-# Starts one threaded worker (a pool of 1, 32 threads) and measures calls/s, p50 and p99 latency of
-# `ping` through Snakepit.execute/4 at 1 and 32 concurrent callers; then runs
+# Part "client": starts one threaded worker (a pool of 1, 32 threads) and measures calls/s, p50 and
+# p99 latency of `ping` through Snakepit.execute/4 at 1 and 32 concurrent callers; then runs
 # bench/elixir_vs_python_client.py (grpc.insecure_channel + generated stubs, 32 threads) against the
-# same server and prints both with the Elixir/Python ratio. Rounds alternate Elixir and Python and
-# each figure is the median of BENCH_ROUNDS rounds (default 3) of BENCH_CALLS calls (default 3000).
-# Other knobs: BENCH_TOOL (default "ping"), BENCH_CONCURRENCY (default "1,32").
+# same server (on the pool's transport: its Unix socket, or with BENCH_TRANSPORT=tcp its port) and
+# prints both with the Elixir/Python ratio. Rounds alternate Elixir and Python and each figure is
+# the median of BENCH_ROUNDS rounds (default 3) of BENCH_CALLS calls (default 3000). Other knobs:
+# BENCH_TOOL (default "ping"), BENCH_CONCURRENCY (default "1,32").
+#
+# Part "pipeline": two process workers calling a pure-Python tool of about 2 ms (the threaded
+# showcase's `python_intensive`, n = BENCH_PIPE_N, default 55000) from BENCH_PIPE_CALLERS callers
+# (default 8), with process_pipeline_depth 1 and 2, against two plain Python processes calling the
+# same method in a loop (no RPC: what two cores allow, about 1000 calls/s for 2 ms calls). Each
+# figure is the median of BENCH_ROUNDS rounds, alternating the three, of BENCH_PIPE_CALLS calls
+# (default 1000; a round also stops issuing calls after BENCH_PIPE_SECONDS, default 10).
 #
 # On a machine where the Python workers share few cores with the BEAM, the BEAM's scheduler
 # busy-waiting takes CPU from them; compare with
@@ -16,120 +26,24 @@
 Logger.configure(level: :warning)
 {:ok, _} = Application.ensure_all_started(:snakepit)
 
-calls = String.to_integer(System.get_env("BENCH_CALLS", "3000"))
+parts = System.get_env("BENCH_PARTS", "client,pipeline") |> String.split(",", trim: true)
 rounds = String.to_integer(System.get_env("BENCH_ROUNDS", "3"))
-tool = System.get_env("BENCH_TOOL", "ping")
 
-levels =
-  System.get_env("BENCH_CONCURRENCY", "1,32")
-  |> String.split(",")
-  |> Enum.map(&String.to_integer/1)
-
-max_level = Enum.max(levels)
-
-{:ok, _} =
-  Snakepit.start_pool(
-    name: :bench,
-    worker_profile: :thread,
-    pool_size: 1,
-    threads_per_worker: max_level,
-    queue_size: 10_000
-  )
-
-[worker] = Snakepit.list_workers(:bench)
-
-defmodule Bench do
-  def percentile(sorted, q) do
-    idx = min(length(sorted) - 1, max(0, round(q * (length(sorted) - 1))))
-    Enum.at(sorted, idx)
+transport =
+  case System.get_env("BENCH_TRANSPORT", "uds") do
+    "tcp" -> :tcp
+    "uds" -> :uds
   end
-
-  def run(tool, calls, concurrency) do
-    per =
-      for i <- 0..(concurrency - 1),
-          do: div(calls, concurrency) + if(i < rem(calls, concurrency), do: 1, else: 0)
-
-    t0 = System.monotonic_time()
-
-    lat =
-      per
-      |> Enum.map(fn n ->
-        Task.async(fn ->
-          for _ <- 1..n//1 do
-            s = System.monotonic_time()
-            {:ok, _} = Snakepit.execute(:bench, tool, %{})
-            System.monotonic_time() - s
-          end
-        end)
-      end)
-      |> Task.await_many(:infinity)
-      |> List.flatten()
-      |> Enum.map(&(System.convert_time_unit(&1, :native, :nanosecond) / 1.0e6))
-      |> Enum.sort()
-
-    secs = System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e9
-
-    %{
-      "concurrency" => concurrency,
-      "calls" => calls,
-      "seconds" => secs,
-      "calls_per_s" => calls / secs,
-      "p50_ms" => percentile(lat, 0.5),
-      "p99_ms" => percentile(lat, 0.99)
-    }
-  end
-end
-
-# warm-up
-for _ <- 1..500, do: {:ok, _} = Snakepit.execute(:bench, tool, %{})
 
 python = Snakepit.Config.default_python()
 script = Path.join(Snakepit.Config.repo_root(), "bench/elixir_vs_python_client.py")
 
-python_run = fn level ->
-  {out, 0} =
-    System.cmd(python, [
-      script,
-      "--port",
-      Integer.to_string(worker.port),
-      "--tool",
-      tool,
-      "--calls",
-      Integer.to_string(calls),
-      "--concurrency",
-      Integer.to_string(level)
-    ])
-
-  out |> String.split("\n", trim: true) |> List.last() |> :jiffy.decode([:return_maps])
+load_average = fn ->
+  case File.read("/proc/loadavg") do
+    {:ok, l} -> l |> String.split(" ") |> Enum.take(3) |> Enum.join(" ")
+    _ -> "n/a"
+  end
 end
-
-# Rounds alternate Elixir and Python so that load from other processes hits both alike; each
-# metric is the median over the rounds.
-median = fn runs, key ->
-  sorted = runs |> Enum.map(& &1[key]) |> Enum.sort()
-  Enum.at(sorted, div(length(sorted), 2))
-end
-
-summarize = fn runs, level ->
-  %{
-    "concurrency" => level,
-    "calls_per_s" => median.(runs, "calls_per_s"),
-    "p50_ms" => median.(runs, "p50_ms"),
-    "p99_ms" => median.(runs, "p99_ms")
-  }
-end
-
-{elixir, py} =
-  levels
-  |> Enum.map(fn level ->
-    runs = for _ <- 1..rounds, do: {Bench.run(tool, calls, level), python_run.(level)}
-
-    {summarize.(Enum.map(runs, &elem(&1, 0)), level),
-     summarize.(Enum.map(runs, &elem(&1, 1)), level)}
-  end)
-  |> Enum.unzip()
-
-{:ok, stats} = Snakepit.get_stats(:bench)
 
 busy_wait =
   case System.get_env("ELIXIR_ERL_OPTIONS", "") do
@@ -137,49 +51,294 @@ busy_wait =
     opts -> opts
   end
 
-load =
-  case File.read("/proc/loadavg") do
-    {:ok, l} -> l |> String.split(" ") |> Enum.take(3) |> Enum.join(" ")
-    _ -> "n/a"
-  end
-
-[%{python: pystats}] = stats.workers
-
-IO.puts("""
-
-snakepit client benchmark: tool #{inspect(tool)}, median of #{rounds} rounds of #{calls} calls per level, one threaded worker \
-(#{pystats.max_workers} threads, Python #{pystats.python_version}, GIL #{if pystats.gil_enabled, do: "on", else: "off"}), \
-#{System.schedulers_online()} schedulers, ELIXIR_ERL_OPTIONS: #{busy_wait}, \
-load average #{load}
-""")
-
-header = ["client", "conc", "calls/s", "p50 ms", "p99 ms"]
-fmt = fn v -> :erlang.float_to_binary(v * 1.0, decimals: 3) end
-
-rows =
-  Enum.zip(elixir, py)
-  |> Enum.flat_map(fn {e, p} ->
-    [
-      ["elixir", e["concurrency"], fmt.(e["calls_per_s"]), fmt.(e["p50_ms"]), fmt.(e["p99_ms"])],
-      ["python", p["concurrency"], fmt.(p["calls_per_s"]), fmt.(p["p50_ms"]), fmt.(p["p99_ms"])],
-      [
-        "ratio e/p",
-        e["concurrency"],
-        fmt.(e["calls_per_s"] / p["calls_per_s"]),
-        fmt.(e["p50_ms"] / p["p50_ms"]),
-        fmt.(e["p99_ms"] / p["p99_ms"])
-      ]
-    ]
-  end)
-
-for row <- [header | rows] do
-  row |> Enum.map(&String.pad_leading(to_string(&1), 11)) |> Enum.join(" ") |> IO.puts()
+# the median of `key` over a list of result maps
+median = fn runs, key ->
+  sorted = runs |> Enum.map(& &1[key]) |> Enum.sort()
+  Enum.at(sorted, div(length(sorted), 2))
 end
 
-IO.puts("""
+fmt = fn v -> :erlang.float_to_binary(v * 1.0, decimals: 3) end
 
-ratio e/p: Elixir divided by Python (calls/s: higher is better for Elixir; latency: lower is better; \
-target: Elixir latency within 1.3x of Python's).
-""")
+print_table = fn rows ->
+  for row <- rows do
+    row |> Enum.map(&String.pad_leading(to_string(&1), 11)) |> Enum.join(" ") |> IO.puts()
+  end
+end
 
-Snakepit.stop_pool(:bench)
+if "client" in parts do
+  calls = String.to_integer(System.get_env("BENCH_CALLS", "3000"))
+  tool = System.get_env("BENCH_TOOL", "ping")
+
+  levels =
+    System.get_env("BENCH_CONCURRENCY", "1,32")
+    |> String.split(",")
+    |> Enum.map(&String.to_integer/1)
+
+  max_level = Enum.max(levels)
+
+  {:ok, _} =
+    Snakepit.start_pool(
+      name: :bench,
+      worker_profile: :thread,
+      pool_size: 1,
+      threads_per_worker: max_level,
+      queue_size: 10_000,
+      transport: transport
+    )
+
+  [worker] = Snakepit.list_workers(:bench)
+
+  defmodule Bench do
+    def percentile(sorted, q) do
+      idx = min(length(sorted) - 1, max(0, round(q * (length(sorted) - 1))))
+      Enum.at(sorted, idx)
+    end
+
+    def run(tool, calls, concurrency) do
+      per =
+        for i <- 0..(concurrency - 1),
+            do: div(calls, concurrency) + if(i < rem(calls, concurrency), do: 1, else: 0)
+
+      t0 = System.monotonic_time()
+
+      lat =
+        per
+        |> Enum.map(fn n ->
+          Task.async(fn ->
+            for _ <- 1..n//1 do
+              s = System.monotonic_time()
+              {:ok, _} = Snakepit.execute(:bench, tool, %{})
+              System.monotonic_time() - s
+            end
+          end)
+        end)
+        |> Task.await_many(:infinity)
+        |> List.flatten()
+        |> Enum.map(&(System.convert_time_unit(&1, :native, :nanosecond) / 1.0e6))
+        |> Enum.sort()
+
+      secs = System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e9
+
+      %{
+        "concurrency" => concurrency,
+        "calls" => calls,
+        "seconds" => secs,
+        "calls_per_s" => calls / secs,
+        "p50_ms" => percentile(lat, 0.5),
+        "p99_ms" => percentile(lat, 0.99)
+      }
+    end
+  end
+
+  # warm-up
+  for _ <- 1..500, do: {:ok, _} = Snakepit.execute(:bench, tool, %{})
+
+  # the Python client dials the same socket or port as the pool
+  target =
+    if worker.uds, do: ["--uds", worker.uds], else: ["--port", Integer.to_string(worker.port)]
+
+  python_run = fn level ->
+    {out, 0} =
+      System.cmd(
+        python,
+        [script | target] ++
+          [
+            "--tool",
+            tool,
+            "--calls",
+            Integer.to_string(calls),
+            "--concurrency",
+            Integer.to_string(level)
+          ]
+      )
+
+    out |> String.split("\n", trim: true) |> List.last() |> :jiffy.decode([:return_maps])
+  end
+
+  # Rounds alternate Elixir and Python so that load from other processes hits both alike; each
+  # metric is the median over the rounds.
+
+  summarize = fn runs, level ->
+    %{
+      "concurrency" => level,
+      "calls_per_s" => median.(runs, "calls_per_s"),
+      "p50_ms" => median.(runs, "p50_ms"),
+      "p99_ms" => median.(runs, "p99_ms")
+    }
+  end
+
+  {elixir, py} =
+    levels
+    |> Enum.map(fn level ->
+      runs = for _ <- 1..rounds, do: {Bench.run(tool, calls, level), python_run.(level)}
+
+      {summarize.(Enum.map(runs, &elem(&1, 0)), level),
+       summarize.(Enum.map(runs, &elem(&1, 1)), level)}
+    end)
+    |> Enum.unzip()
+
+  {:ok, stats} = Snakepit.get_stats(:bench)
+
+  [%{python: pystats}] = stats.workers
+
+  IO.puts("""
+
+  snakepit client benchmark: tool #{inspect(tool)}, median of #{rounds} rounds of #{calls} calls per level, one threaded worker \
+  (#{pystats.max_workers} threads, Python #{pystats.python_version}, GIL #{if pystats.gil_enabled, do: "on", else: "off"}), \
+  #{System.schedulers_online()} schedulers, ELIXIR_ERL_OPTIONS: #{busy_wait}, transport #{transport}, \
+  load average #{load_average.()}
+  """)
+
+  header = ["client", "conc", "calls/s", "p50 ms", "p99 ms"]
+
+  rows =
+    Enum.zip(elixir, py)
+    |> Enum.flat_map(fn {e, p} ->
+      [
+        [
+          "elixir",
+          e["concurrency"],
+          fmt.(e["calls_per_s"]),
+          fmt.(e["p50_ms"]),
+          fmt.(e["p99_ms"])
+        ],
+        [
+          "python",
+          p["concurrency"],
+          fmt.(p["calls_per_s"]),
+          fmt.(p["p50_ms"]),
+          fmt.(p["p99_ms"])
+        ],
+        [
+          "ratio e/p",
+          e["concurrency"],
+          fmt.(e["calls_per_s"] / p["calls_per_s"]),
+          fmt.(e["p50_ms"] / p["p50_ms"]),
+          fmt.(e["p99_ms"] / p["p99_ms"])
+        ]
+      ]
+    end)
+
+  print_table.([header | rows])
+
+  IO.puts("""
+
+  ratio e/p: Elixir divided by Python (calls/s: higher is better for Elixir; latency: lower is better; \
+  target: Elixir latency within 1.3x of Python's).
+  """)
+
+  Snakepit.stop_pool(:bench)
+end
+
+if "pipeline" in parts do
+  pipe_calls = String.to_integer(System.get_env("BENCH_PIPE_CALLS", "1000"))
+  pipe_seconds = String.to_integer(System.get_env("BENCH_PIPE_SECONDS", "10"))
+  pipe_callers = String.to_integer(System.get_env("BENCH_PIPE_CALLERS", "8"))
+  n = String.to_integer(System.get_env("BENCH_PIPE_N", "55000"))
+  adapter = "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
+  pipe_tool = "python_intensive"
+  args = %{n: n}
+
+  pools =
+    for depth <- [1, 2], into: %{} do
+      name = :"bench_pipeline_#{depth}"
+
+      {:ok, _} =
+        Snakepit.start_pool(
+          name: name,
+          worker_profile: :process,
+          pool_size: 2,
+          python_adapter: adapter,
+          process_pipeline_depth: depth,
+          queue_size: 10_000,
+          queue_timeout: 60_000,
+          transport: transport
+        )
+
+      for _ <- 1..20, do: {:ok, _} = Snakepit.execute(name, pipe_tool, args)
+      {depth, name}
+    end
+
+  # `pipe_calls` calls from `pipe_callers` callers, each stopping early once `pipe_seconds` passed
+  pool_run = fn name ->
+    deadline = System.monotonic_time(:millisecond) + pipe_seconds * 1_000
+    per = div(pipe_calls, pipe_callers)
+    t0 = System.monotonic_time()
+
+    done =
+      1..pipe_callers
+      |> Enum.map(fn _ ->
+        Task.async(fn ->
+          Enum.reduce_while(1..per, 0, fn _, k ->
+            if System.monotonic_time(:millisecond) > deadline do
+              {:halt, k}
+            else
+              {:ok, _} = Snakepit.execute(name, pipe_tool, args, timeout: 60_000)
+              {:cont, k + 1}
+            end
+          end)
+        end)
+      end)
+      |> Task.await_many(:infinity)
+      |> Enum.sum()
+
+    secs = System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e9
+    %{"calls" => done, "seconds" => secs, "calls_per_s" => done / secs}
+  end
+
+  plain_run = fn ->
+    {out, 0} =
+      System.cmd(python, [
+        script,
+        "--plain",
+        "2",
+        "--adapter",
+        adapter,
+        "--tool",
+        pipe_tool,
+        "--args",
+        :jiffy.encode(args),
+        "--calls",
+        Integer.to_string(pipe_calls)
+      ])
+
+    out |> String.split("\n", trim: true) |> List.last() |> :jiffy.decode([:return_maps])
+  end
+
+  runs =
+    for _ <- 1..rounds do
+      d1 = pool_run.(pools[1])
+      d2 = pool_run.(pools[2])
+      %{depth1: d1, depth2: d2, plain: plain_run.()}
+    end
+
+  pick = fn key -> Enum.map(runs, & &1[key]) end
+  d1 = median.(pick.(:depth1), "calls_per_s")
+  d2 = median.(pick.(:depth2), "calls_per_s")
+  plain = median.(pick.(:plain), "calls_per_s")
+  ms_per_call = median.(pick.(:plain), "ms_per_call")
+  issued = (pick.(:depth1) ++ pick.(:depth2)) |> Enum.map(& &1["calls"]) |> Enum.min()
+
+  IO.puts("""
+
+  process pipelining: 2 process workers vs 2 plain Python processes, #{pipe_tool}(n=#{n}) \
+  (#{fmt.(ms_per_call)} ms a call in a plain process), #{pipe_callers} callers, median of #{rounds} \
+  rounds of #{pipe_calls} calls (fewest done in a round: #{issued}), #{System.schedulers_online()} schedulers, \
+  ELIXIR_ERL_OPTIONS: #{busy_wait}, transport #{transport}, load average #{load_average.()}
+  """)
+
+  print_table.([
+    ["run", "calls/s", "vs plain", "vs depth 1"],
+    ["plain x2", fmt.(plain), fmt.(1.0), fmt.(plain / d1)],
+    ["depth 1", fmt.(d1), fmt.(d1 / plain), fmt.(1.0)],
+    ["depth 2", fmt.(d2), fmt.(d2 / plain), fmt.(d2 / d1)]
+  ])
+
+  IO.puts("""
+
+  plain x2: two Python processes calling the method in a loop, no RPC (the ceiling); depth 1 / 2: \
+  process_pipeline_depth of the pool's 2 process workers. vs plain: calls/s divided by plain's.
+  """)
+
+  for {_depth, name} <- pools, do: Snakepit.stop_pool(name)
+end

@@ -532,7 +532,8 @@ defmodule Snakepit do
   `unhealthy_replacements`, `in_flight`, `capacity` (slots of ready workers, less those stuck
   calls hold), `sessions`, `shm_dir` (the pool's shared-memory directory, or nil: see
   `Snakepit.Shm`)) and `workers`: one map per worker (pid, id, status,
-  os_pid, port, in_flight, capacity, requests, `abandoned_calls`, `stuck_calls`) with
+  os_pid, where its server listens (`uds`: its Unix socket's path, or `port`: its TCP port; the
+  other is nil), in_flight, capacity, requests, max_requests, `abandoned_calls`, `stuck_calls`) with
   `python`: that worker's GetStats response (adapter_stats_json / thread_safety_json decoded into
   `adapter_stats` / `thread_safety`), or `{:error, e}`.
 
@@ -601,7 +602,11 @@ defmodule Snakepit do
 
   @doc """
   The pool's workers: pid, id, slot, status (`:starting`, `:ready`, `:retiring`, `:draining`,
-  `:server_draining` (its server shuts down on its own), `:unhealthy`, `:stopping`), os_pid, port, in_flight, capacity, requests, `abandoned_calls` (calls
+  `:server_draining` (its server shuts down on its own), `:unhealthy`, `:stopping`), os_pid,
+  `uds` (its server's Unix socket path; nil for `transport: :tcp`) or `port` (its TCP port; nil
+  for `transport: :uds`), in_flight, capacity (calls it is given at once: `threads_per_worker`, or
+  `process_pipeline_depth` for a process worker), requests, max_requests (its jittered
+  `worker_max_requests`), `abandoned_calls` (calls
   given up on that may still run on the server), `stuck_calls` (those confirmed still running after
   `stuck_call_grace`), uptime_ms, `slot_recycles`, `slot_crashes` (see `get_stats/1`).
   """
@@ -757,14 +762,16 @@ defmodule Snakepit do
   defp error_reason(%Error{reason: reason}), do: reason
   defp error_reason(_other), do: nil
 
-  defp worker_metadata(nil), do: %{worker: nil, worker_pid: nil, os_pid: nil, port: nil}
+  defp worker_metadata(nil),
+    do: %{worker: nil, worker_pid: nil, os_pid: nil, port: nil, uds: nil}
 
   defp worker_metadata(lease) do
     %{
       worker: lease.worker_id,
       worker_pid: lease.worker,
       os_pid: Map.get(lease, :os_pid),
-      port: Map.get(lease, :port)
+      port: Map.get(lease, :port),
+      uds: Map.get(lease, :uds)
     }
   end
 

@@ -40,6 +40,25 @@ defmodule Snakepit.ConfigTest do
              :infinity
   end
 
+  test "workers listen on Unix sockets unless transport: :tcp" do
+    assert Config.new!(name: :p).transport == :uds
+    assert Config.new!(name: :p, transport: :tcp).transport == :tcp
+
+    assert {:error, msg} = Config.new(name: :p, transport: "uds")
+    assert msg =~ "invalid pool config key :transport: must be :uds"
+    assert msg =~ ":tcp"
+  end
+
+  test "each worker's max requests are jittered by up to 0.1 unless max_requests_jitter says otherwise" do
+    assert Config.new!(name: :p).max_requests_jitter == 0.1
+    assert Config.new!(name: :p, max_requests_jitter: 0).max_requests_jitter === 0.0
+  end
+
+  test "a process worker is given two calls at once unless process_pipeline_depth says otherwise" do
+    assert Config.new!(name: :p).process_pipeline_depth == 2
+    assert Config.new!(name: :p, process_pipeline_depth: 1).process_pipeline_depth == 1
+  end
+
   test "ttl units" do
     assert Config.new!(name: :p, worker_ttl: {2, :minutes}).worker_ttl == 120_000
     assert Config.new!(name: :p, worker_ttl: {250, :milliseconds}).worker_ttl == 250
@@ -72,6 +91,9 @@ defmodule Snakepit.ConfigTest do
           {[name: :p, shm: :yes], ":shm"},
           {[name: :p, shm_min_bytes: 0], ":shm_min_bytes"},
           {[name: :p, shm_base_dir: ""], ":shm_base_dir"},
+          {[name: :p, transport: :unix], ":transport"},
+          {[name: :p, max_requests_jitter: 1], ":max_requests_jitter"},
+          {[name: :p, process_pipeline_depth: 0], ":process_pipeline_depth"},
           {[name: :p, pool_sise: 2], ":pool_sise"}
         ] do
       assert {:error, msg} = Config.new(cfg)
@@ -122,6 +144,15 @@ defmodule Snakepit.ConfigTest do
 
     assert List.last(args) == "threaded"
     assert {"PYTHONUNBUFFERED", "1"} in env
+
+    # a worker given a socket path: --uds instead of --host/--port
+    {_exe, uds_args, _env} = Snakepit.Launcher.GRPCPython.command(c, uds: "/tmp/s/w1.sock")
+
+    assert ["--uds", "/tmp/s/w1.sock"] ==
+             Enum.slice(uds_args, Enum.find_index(uds_args, &(&1 == "--uds")), 2)
+
+    refute "--port" in uds_args or "--host" in uds_args
+    assert "--exit-on-stdin-eof" in uds_args
 
     c2 = Config.new!(name: :p, worker_profile: :thread, adapter_args: ["--max-workers", "16"])
     {_, args2, _} = Snakepit.Launcher.GRPCPython.command(c2, [])

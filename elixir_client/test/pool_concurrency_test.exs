@@ -53,19 +53,46 @@ defmodule Snakepit.PoolConcurrencyTest do
   end
 
   test "callers beyond capacity + queue_size get :queue_full" do
+    # capacity 2: a process worker takes a second call into its server's queue (pipelining)
     pool =
       start_pool!(worker_profile: :process, pool_size: 1, queue_size: 2, queue_timeout: 10_000)
 
-    results = sleep_calls(pool, 5, 0.4)
+    assert [%{capacity: 2}] = Snakepit.list_workers(pool)
+    results = sleep_calls(pool, 6, 0.3)
     {ok, err} = Enum.split_with(results, &match?({:ok, _}, &1))
-    assert length(ok) == 3
+    assert length(ok) == 4
     assert length(err) == 2
     assert Enum.all?(err, &match?({:error, %Error{reason: :queue_full}}, &1))
     assert {:ok, %{queue_full: 2}} = Snakepit.get_stats(pool)
   end
 
+  test "a process worker takes a second call while the first runs; an idle worker gets a call first" do
+    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 10_000)
+    first = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 0.5}) end)
+    eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)
+    # not queued in the pool: on its way to the server, which runs it after the first
+    second = Task.async(fn -> Snakepit.execute(pool, "ping", %{}) end)
+    eventually(fn -> match?({:ok, %{in_flight: 2, queued: 0}}, Snakepit.get_stats(pool)) end)
+    assert {:ok, %{"cancelled" => false}} = Task.await(first, 10_000)
+    assert {:ok, %{"message" => "pong"}} = Task.await(second, 10_000)
+
+    # two workers: two calls at once go one to each, not both to one
+    pool2 = start_pool!(worker_profile: :process, pool_size: 2, queue_timeout: 10_000)
+
+    assert [{:ok, _}, {:ok, _}] = sleep_calls(pool2, 2, 0.5)
+    assert [1, 1] = Enum.map(Snakepit.list_workers(pool2), & &1.requests)
+  end
+
+  # (process_pipeline_depth: 1 in the queue tests: one busy call fills the pool)
   test "a caller that waits longer than queue_timeout gets :queue_timeout" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 200)
+    pool =
+      start_pool!(
+        worker_profile: :process,
+        pool_size: 1,
+        queue_timeout: 200,
+        process_pipeline_depth: 1
+      )
+
     busy = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 1.0}) end)
     Process.sleep(100)
     {ms, result} = timed(fn -> Snakepit.execute(pool, "ping", %{}) end)
@@ -76,7 +103,7 @@ defmodule Snakepit.PoolConcurrencyTest do
   end
 
   test "queued callers are served first in, first out" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1)
+    pool = start_pool!(worker_profile: :process, pool_size: 1, process_pipeline_depth: 1)
     parent = self()
     busy = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 0.3}) end)
     Process.sleep(50)
@@ -111,7 +138,14 @@ defmodule Snakepit.PoolConcurrencyTest do
   end
 
   test "a caller that dies while queued leaves the queue" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 5_000)
+    pool =
+      start_pool!(
+        worker_profile: :process,
+        pool_size: 1,
+        queue_timeout: 5_000,
+        process_pipeline_depth: 1
+      )
+
     busy = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 0.5}) end)
     Process.sleep(50)
     {pid, ref} = spawn_monitor(fn -> Snakepit.execute(pool, "ping", %{}) end)

@@ -59,7 +59,7 @@ defmodule Snakepit.PoolFaultTest do
   end
 
   test "callers queued while the only worker crashes are served by its replacement" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 20_000)
+    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 20_000, process_pipeline_depth: 1)
     [w] = Snakepit.list_workers(pool)
     busy = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 10}) end)
     eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)

@@ -55,6 +55,8 @@ defmodule Snakepit.PoolHealthTest do
     caller = spawn(fn -> Snakepit.execute(pool, "hang", %{seconds: 3600}, timeout: 60_000) end)
     eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)
     Process.exit(caller, :kill)
+    # the pool knows the call was given up (else the next call could be pipelined behind it)
+    eventually(fn -> Snakepit.Pool.stats(pool).in_flight == 0 end)
 
     assert {:ok, 5} = Snakepit.execute(pool, "add", %{a: 2, b: 3}, timeout: 10_000)
     assert [%{os_pid: os_pid}] = ready_workers(pool)

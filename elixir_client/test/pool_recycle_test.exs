@@ -62,8 +62,15 @@ defmodule Snakepit.PoolRecycleTest do
 
     assert stats.crashes == 0
     assert stats.failures == 0
-    # no worker ever served more than max_requests
-    assert Enum.all?(stats.workers, &(&1.requests <= 20))
+    # each worker's limit is max_requests less its jitter; one past it takes calls only while no
+    # other worker could (it is :retiring, waiting for its replacement), never as a :ready worker
+    assert Enum.all?(stats.workers, &(&1.max_requests in 18..20))
+
+    assert Enum.all?(stats.workers, &(&1.requests <= &1.max_requests or &1.status != :ready)),
+           inspect(
+             Enum.map(stats.workers, &Map.take(&1, [:id, :status, :requests, :max_requests]))
+           )
+
     # recycled workers' Python processes are gone, and the pool is back to full size
     eventually(fn -> Enum.all?(first, &(not os_alive?(&1))) end, 15_000)
     eventually(fn -> length(ready_workers(pool)) == 2 end, 15_000)
@@ -104,7 +111,7 @@ defmodule Snakepit.PoolRecycleTest do
     assert Enum.all?(ttls, &(&1 >= 3_240_000 and &1 <= 3_600_000))
   end
 
-  test "a recycled worker finishes its in-flight call before it stops" do
+  test "the only worker, recycled, serves until its replacement is ready, and finishes its in-flight call before it stops" do
     pool =
       start_pool!(
         worker_profile: :process,
@@ -116,11 +123,64 @@ defmodule Snakepit.PoolRecycleTest do
     [w] = Snakepit.list_workers(pool)
     slow = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 1.0}) end)
     eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)
-    # the next call waits for the replacement (the old worker took its last call)
+    # past its limit, but without it the pool would have no worker: it still takes calls
+    assert %{status: :retiring} = Enum.find(Snakepit.list_workers(pool), &(&1.id == w.id))
+
+    # once the replacement is ready, calls go there; the old worker's call finishes, then it stops
+    eventually(fn -> match?([%{os_pid: p}] when p != w.os_pid, ready_workers(pool)) end)
     assert {:ok, %{"pid" => new_pid}} = Snakepit.execute(pool, "ping", %{})
     assert new_pid != w.os_pid
     assert {:ok, %{"cancelled" => false}} = Task.await(slow, 10_000)
     eventually(fn -> not os_alive?(w.os_pid) end, 10_000)
+  end
+
+  test "max_requests recycling leaves no gap: calls keep completing while replacements start" do
+    # workers that take a second to start (a model load): a recycle that left the pool without a
+    # routable worker would stop calls for about that long
+    pool =
+      start_pool!(
+        Map.merge(test_adapter("SlowStartAdapter"), %{
+          worker_profile: :process,
+          pool_size: 2,
+          worker_max_requests: 50,
+          queue_timeout: 30_000
+        })
+      )
+
+    # 5 ms calls: a few hundred calls/s on two process workers, so that several recycles happen
+    # within the bounded number of calls
+    callers = 16
+    calls_each = 64
+    t0 = System.monotonic_time(:millisecond)
+
+    results =
+      1..callers
+      |> Enum.map(fn c ->
+        Task.async(fn ->
+          for i <- 1..calls_each do
+            r = Snakepit.execute(pool, "sleep", %{seconds: 0.005}, timeout: 30_000)
+            _ = {c, i}
+            {System.monotonic_time(:millisecond), r}
+          end
+        end)
+      end)
+      |> Task.await_many(120_000)
+      |> List.flatten()
+
+    failures = for {_, r} <- results, not match?({:ok, _}, r), do: r
+    assert failures == [], "#{length(failures)} calls failed: #{inspect(Enum.take(failures, 3))}"
+
+    done = results |> Enum.map(&elem(&1, 0)) |> Enum.sort()
+    gaps = Enum.zip_with([t0 | done], done, &(&2 - &1))
+    {:ok, stats} = Snakepit.get_stats(pool)
+    assert stats.recycles >= 3, "#{stats.recycles} recycles for #{callers * calls_each} calls"
+    assert stats.crashes == 0
+
+    # Without a worker left serving while a replacement starts, calls would stop for up to the
+    # second a worker takes to start; 200 ms leaves room for a loaded machine.
+    assert Enum.max(gaps) <= 200,
+           "longest gap between completions #{Enum.max(gaps)} ms " <>
+             "(#{stats.recycles} recycles, #{List.last(done) - t0} ms in all)"
   end
 
   test "a session whose worker was recycled is re-created on the new worker" do
@@ -137,10 +197,10 @@ defmodule Snakepit.PoolRecycleTest do
     assert {:ok, 1} = Snakepit.execute_in_session(pool, "recycled-sess", "session_counter", %{})
     assert {:ok, 2} = Snakepit.execute_in_session(pool, "recycled-sess", "session_counter", %{})
     assert {:ok, 3} = Snakepit.execute_in_session(pool, "recycled-sess", "session_counter", %{})
-    # the worker reached max requests: the next call runs on its replacement, in a new session
+    # the worker reached max requests: once its replacement is ready, the session's next call runs
+    # there, in a new session
+    eventually(fn -> match?([%{os_pid: p}] when p != w.os_pid, ready_workers(pool)) end)
     assert {:ok, 1} = Snakepit.execute_in_session(pool, "recycled-sess", "session_counter", %{})
-    assert [%{os_pid: new}] = ready_workers(pool)
-    assert new != w.os_pid
     assert {:ok, %{state: %{"count" => 1}}} = Snakepit.get_session(pool, "recycled-sess")
   end
 end

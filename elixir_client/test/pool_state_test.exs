@@ -9,10 +9,19 @@ defmodule Snakepit.PoolStateTest do
 
   ## helpers
 
+  # One call at a time per process worker and no jitter unless a test says otherwise: most tests
+  # here are about slots, and are easier to read with one per worker.
   defp config(overrides) do
     Config.new!(
       Map.merge(
-        %{name: :sm, pool_size: 2, health_check_interval: :infinity, ttl_jitter: 0},
+        %{
+          name: :sm,
+          pool_size: 2,
+          health_check_interval: :infinity,
+          ttl_jitter: 0,
+          max_requests_jitter: 0,
+          process_pipeline_depth: 1
+        },
         Map.new(overrides)
       )
     )
@@ -120,6 +129,97 @@ defmodule Snakepit.PoolStateTest do
 
     {_s, actions, ref} = checkout(s)
     refute leased?(actions, ref)
+  end
+
+  ## pipelining on process workers
+
+  test "a process worker takes process_pipeline_depth calls (default 2), but only once every worker has one" do
+    s = ready_pool(process_pipeline_depth: Config.new!(name: :x).process_pipeline_depth)
+    assert %{capacity: 4} = stats(s)
+    assert Enum.all?(stats(s).workers, &(&1.capacity == 2))
+
+    {s, a1, r1} = checkout(s)
+    {s, a2, r2} = checkout(s)
+    # least-loaded first: the idle worker before a second call on the busy one
+    assert Enum.sort([lease!(a1, r1).worker_id, lease!(a2, r2).worker_id]) == [1, 2]
+    {s, a3, r3} = checkout(s)
+    {s, a4, r4} = checkout(s)
+    assert Enum.sort([lease!(a3, r3).worker_id, lease!(a4, r4).worker_id]) == [1, 2]
+
+    {s, a5, r5} = checkout(s)
+    refute leased?(a5, r5)
+    assert %{in_flight: 4, queued: 1} = stats(s)
+
+    # a call ends on worker 1: the waiter is pipelined there
+    w1 = if lease!(a1, r1).worker_id == 1, do: r1, else: r2
+    {_s, actions} = ev(s, {:checkin, w1, :ok})
+    assert lease!(actions, r5).worker_id == 1
+  end
+
+  test "process_pipeline_depth 1 gives a process worker one call at a time; thread workers ignore it" do
+    s = ready_pool(pool_size: 1, process_pipeline_depth: 1)
+    {s, _, _} = checkout(s)
+    {_s, actions, r2} = checkout(s)
+    refute leased?(actions, r2)
+
+    s =
+      ready_pool(
+        worker_profile: :thread,
+        pool_size: 1,
+        threads_per_worker: 3,
+        process_pipeline_depth: 5
+      )
+
+    assert %{capacity: 3} = stats(s)
+  end
+
+  test "a process worker whose given-up call may still run takes no pipelined call behind it" do
+    s = ready_pool(pool_size: 1, process_pipeline_depth: 2, stuck_call_grace: 1_000)
+    {s, _, r1} = checkout(s)
+    {s, _} = ev(s, {:checkin, r1, :abandoned}, @t0 + 10)
+    {s, actions, r2} = checkout(s)
+    refute leased?(actions, r2)
+    assert %{capacity: 2, in_flight: 0, queued: 1} = stats(s)
+
+    # the server ran it to its end (no call active): both slots are free again
+    {s, actions} = ev(s, {:stuck_call_check, 1}, @t0 + 60)
+    [ref] = for {:check, 1, ref, :active_calls, _, _} <- actions, do: ref
+    {s, actions} = ev(s, {:check_result, 1, ref, {:ok, 0}}, @t0 + 61)
+    assert lease!(actions, r2).worker_id == 1
+    {_s, actions, r3} = checkout(s)
+    assert leased?(actions, r3)
+  end
+
+  test "one stuck call replaces a pipelined process worker whatever max_stuck_calls says: its server runs nothing else" do
+    s =
+      ready_pool(
+        pool_size: 1,
+        process_pipeline_depth: 3,
+        stuck_call_grace: 100,
+        max_stuck_calls: 2
+      )
+
+    {s, _, r1} = checkout(s)
+    {s, _, r2} = checkout(s)
+    {s, _} = ev(s, {:checkin, r1, :abandoned}, @t0)
+    {s, actions} = ev(s, {:stuck_call_check, 1}, @t0 + 200)
+    [ref] = for {:check, 1, ref, :active_calls, _, _} <- actions, do: ref
+    # the server runs two calls: the given-up one, and r2 waiting in its queue behind it
+    {s, actions} = ev(s, {:check_result, 1, ref, {:ok, 2}}, @t0 + 201)
+    assert started(actions) == [2]
+    assert %{capacity: 0, stuck_replacements: 1, unhealthy_replacements: 0} = stats(s)
+    assert [%{stuck_calls: 1}] = Enum.filter(stats(s).workers, &(&1.id == 1))
+
+    # r2 cannot run behind the stuck call: the worker is stopped once its replacement is ready,
+    # and r2's caller learns why
+    assert [{:record_fate, 1, :worker_unhealthy, message}] =
+             for({:record_fate, _, _, _} = a <- actions, do: a)
+
+    assert message =~ "waited behind it"
+    {s, actions} = ready(s, 2)
+    assert stopped?(actions, 1)
+    {s, _} = ev(s, {:checkin, r2, :error})
+    assert {:forget_fate, 1} in elem(ev(s, {:worker_exited, 1, :normal}), 1)
   end
 
   test "beyond queue_size waiters a caller gets queue_full at once" do
@@ -299,6 +399,32 @@ defmodule Snakepit.PoolStateTest do
     assert %{worker_id: ^home, init_session: false} = lease!(actions, r2)
   end
 
+  test "a new session's concurrent calls wait for the call that creates it, then share its worker" do
+    s = ready_pool(worker_profile: :thread, pool_size: 1, threads_per_worker: 4)
+    {s, a1, r1} = checkout(s, session: "s1")
+    assert lease!(a1, r1).init_session
+    # a free slot, but its call would skip InitializeSession and could reach the server first
+    {s, a2, r2} = checkout(s, session: "s1")
+    refute leased?(a2, r2)
+    {s, a3, r3} = checkout(s)
+    assert leased?(a3, r3)
+
+    {s, actions} = ev(s, {:checkin, r1, :ok})
+    assert %{worker_id: 1, init_session: false} = lease!(actions, r2)
+    # created: its calls no longer wait for each other
+    {_s, a4, r4} = checkout(s, session: "s1")
+    assert %{init_session: false} = lease!(a4, r4)
+  end
+
+  test "a session whose creating call failed to initialise it is created by the call that waited" do
+    s = ready_pool(worker_profile: :thread, pool_size: 1, threads_per_worker: 4)
+    {s, _, r1} = checkout(s, session: "s1")
+    {s, a2, r2} = checkout(s, session: "s1")
+    refute leased?(a2, r2)
+    {_s, actions} = ev(s, {:checkin, r1, {:session_init_failed, "s1"}})
+    assert %{init_session: true} = lease!(actions, r2)
+  end
+
   test "when a session's worker goes down its session moves to another worker and is created there again" do
     s = ready_pool()
     {s, a1, r1} = checkout(s, session: "s1")
@@ -354,38 +480,147 @@ defmodule Snakepit.PoolStateTest do
 
   ## recycling
 
-  test "at worker_max_requests a worker takes no new call, its replacement starts, and it stops once idle" do
+  test "at worker_max_requests a worker takes no new call while another serves; its replacement starts, and it stops once idle" do
     s =
       ready_pool(
         worker_profile: :thread,
         threads_per_worker: 4,
-        pool_size: 1,
+        pool_size: 2,
         worker_max_requests: 2
       )
 
-    {s, _, r1} = checkout(s)
+    # both idle: worker 1 (the first) takes both calls
+    {s, a1, r1} = checkout(s)
+    assert lease!(a1, r1).worker_id == 1
+    {s, _} = ev(s, {:checkin, r1, :ok})
     {s, actions, r2} = checkout(s)
-    assert leased?(actions, r2)
-    assert started(actions) == [2]
+    assert lease!(actions, r2).worker_id == 1
+    assert started(actions) == [3]
     assert status(s, 1) == :draining
     assert stats(s).recycles == 1
 
     {s, actions, r3} = checkout(s)
-    refute leased?(actions, r3)
+    assert lease!(actions, r3).worker_id == 2
 
-    {s, actions} = ev(s, {:checkin, r1, :ok})
-    refute stopped?(actions, 1)
     {s, actions} = ev(s, {:checkin, r2, :ok})
     assert stopped?(actions, 1)
 
-    {s, actions} = ready(s, 2)
-    assert lease!(actions, r3).worker_id == 2
+    {s, _} = ready(s, 3)
+    assert s.slots[1].current == 3
 
     # its exit is the end of a recycle, not a crash: nothing is restarted
     {s, actions} = ev(s, {:worker_exited, 1, :normal})
     assert {:forget_fate, 1} in actions
     refute Enum.any?(actions, &match?({:schedule, _, {:start_worker, _}}, &1))
-    assert %{crashes: 0, workers_started: 2} = stats(s)
+    assert %{crashes: 0, workers_started: 3} = stats(s)
+  end
+
+  test "the last routable worker at worker_max_requests keeps serving until its replacement is ready, then drains" do
+    s = ready_pool(pool_size: 1, worker_max_requests: 1)
+    {s, actions, r1} = checkout(s)
+    assert lease!(actions, r1).worker_id == 1
+    assert started(actions) == [2]
+    assert status(s, 1) == :retiring
+    assert stats(s).capacity == 1
+
+    # past its limit it still serves: the replacement is not ready
+    {s, _} = ev(s, {:checkin, r1, :ok})
+    {s, actions, r2} = checkout(s)
+    assert lease!(actions, r2).worker_id == 1
+    assert started(actions) == []
+    assert %{recycles: 1} = stats(s)
+
+    {s, actions} = ready(s, 2)
+    assert status(s, 1) == :draining
+    refute stopped?(actions, 1)
+
+    {s, actions, r3} = checkout(s)
+    assert lease!(actions, r3).worker_id == 2
+    {_s, actions} = ev(s, {:checkin, r2, :ok})
+    assert stopped?(actions, 1)
+  end
+
+  test "a worker at max requests while every other worker is out of rotation keeps serving; once another is routable it drains at its next call" do
+    s = ready_pool(pool_size: 2, worker_max_requests: 2)
+    {s, _} = ev(s, {:worker_draining, 2})
+    {s, a1, r1} = checkout(s)
+    assert lease!(a1, r1).worker_id == 1
+    {s, _} = ev(s, {:checkin, r1, :ok})
+    {s, a2, r2} = checkout(s)
+    assert lease!(a2, r2).worker_id == 1
+    [replacement] = started(a2)
+    assert status(s, 1) == :retiring
+    {s, _} = ev(s, {:checkin, r2, :ok})
+
+    # worker 2's server is gone and its slot restarted: a routable worker that is not worker 1's
+    # replacement
+    {s, _} = ev(s, {:worker_exited, 2, {:shutdown, {:channel_down, :closed}}})
+    {s, actions} = ev(s, {:start_worker, 2})
+    [restarted] = started(actions)
+    {s, _} = ready(s, restarted)
+    assert status(s, 1) == :retiring
+
+    {s, a3, r3} = checkout(s)
+    assert lease!(a3, r3).worker_id == 1
+    assert status(s, 1) == :draining
+    assert stats(s).recycles == 1
+    {_s, actions} = ev(s, {:checkin, r3, :ok})
+    assert stopped?(actions, 1)
+    assert s.slots[1].pending == replacement
+  end
+
+  test "workers that reach max requests one after the other before any replacement is ready leave one serving" do
+    s =
+      ready_pool(
+        worker_profile: :thread,
+        threads_per_worker: 4,
+        pool_size: 2,
+        worker_max_requests: 1
+      )
+
+    {s, a1, r1} = checkout(s)
+    {s, a2, r2} = checkout(s)
+    assert Enum.sort([lease!(a1, r1).worker_id, lease!(a2, r2).worker_id]) == [1, 2]
+    assert {status(s, 1), status(s, 2)} == {:draining, :retiring}
+    assert stats(s).capacity == 4
+
+    # the one still serving takes every call until a replacement is ready
+    {s, a3, r3} = checkout(s)
+    assert lease!(a3, r3).worker_id == 2
+    {s, _} = ready(s, 3)
+    {s, a4, r4} = checkout(s)
+    assert lease!(a4, r4).worker_id == 3
+    assert status(s, 2) == :retiring
+    {s, _} = ready(s, 4)
+    assert status(s, 2) == :draining
+    assert stats(s).recycles == 3
+    for r <- [r1, r2, r3, r4], reduce: s, do: (s -> elem(ev(s, {:checkin, r, :ok}), 0))
+  end
+
+  test "each worker's max requests is lowered by a random fraction below max_requests_jitter" do
+    s = ready_pool(pool_size: 8, worker_max_requests: 100, max_requests_jitter: 0.5)
+    limits = for %{max_requests: n} <- stats(s).workers, do: n
+    assert Enum.all?(limits, &(&1 > 50 and &1 <= 100))
+    assert length(Enum.uniq(limits)) > 1, "limits #{inspect(limits)} should differ"
+
+    # a worker is recycled at its own limit: one call at a time goes to worker 1 (the first idle)
+    [%{id: 1, max_requests: limit} | _] = stats(s).workers
+
+    s =
+      Enum.reduce(1..limit, s, fn n, s ->
+        assert status(s, 1) == :ready, "recycled after #{n - 1} of its #{limit} calls"
+        {s, actions, ref} = checkout(s)
+        assert lease!(actions, ref).worker_id == 1
+        elem(ev(s, {:checkin, ref, :ok}), 0)
+      end)
+
+    assert status(s, 1) == :stopping
+    assert stats(s).recycles == 1
+
+    assert [%{max_requests: 100}] =
+             stats(ready_pool(pool_size: 1, worker_max_requests: 100)).workers
+
+    assert [%{max_requests: :infinity}] = stats(ready_pool(pool_size: 1)).workers
   end
 
   test "on TTL a worker keeps serving until its replacement is ready, then drains" do
@@ -503,7 +738,7 @@ defmodule Snakepit.PoolStateTest do
   end
 
   test "a worker the pool is already taking out of service keeps its status when its server drains" do
-    s = ready_pool(pool_size: 1, worker_max_requests: 1)
+    s = ready_pool(pool_size: 2, worker_max_requests: 1)
     {s, _, _r1} = checkout(s)
     assert status(s, 1) == :draining
     {s, _} = ev(s, {:worker_draining, 1})

@@ -43,7 +43,9 @@ defmodule Snakepit.PoolStopTest do
         worker_profile: :process,
         pool_size: 1,
         shutdown_grace: grace,
-        queue_timeout: 20_000
+        queue_timeout: 20_000,
+        # the busy call fills the worker: the next one queues in the pool
+        process_pipeline_depth: 1
       )
 
     [w] = Snakepit.list_workers(pool)

@@ -27,8 +27,9 @@ defmodule Snakepit.PoolWorkerOutputTest do
 
       assert {:ok, 5} = Snakepit.execute(pool, "add", %{a: 2, b: 3})
       assert {:ok, %{crashes: 0, workers_started: 1}} = Snakepit.get_stats(pool)
-      assert [%{port: port}] = ready_workers(pool)
-      assert port != 1
+      # the server's own line: its socket, not the fake port=1
+      assert [%{port: nil, uds: "/" <> _ = uds}] = ready_workers(pool)
+      assert File.exists?(uds)
     end
   end
 

@@ -325,18 +325,23 @@ defmodule Snakepit.ApiTest do
     end
   end
 
-  test "concurrent calls of one session all run on its worker", %{proc: proc} do
-    sid = "pinned-#{System.unique_integer([:positive])}"
+  test "concurrent calls of a new session all run on its worker, none before it is created", %{
+    thr: thr,
+    proc: proc
+  } do
+    for pool <- [thr, proc] do
+      sid = "pinned-#{System.unique_integer([:positive])}"
 
-    pids =
-      1..8
-      |> Enum.map(fn _ ->
-        Task.async(fn -> Snakepit.execute_in_session(proc, sid, "ping", %{}) end)
-      end)
-      |> Task.await_many(20_000)
-      |> Enum.map(fn {:ok, %{"pid" => pid}} -> pid end)
+      pids =
+        1..8
+        |> Enum.map(fn _ ->
+          Task.async(fn -> Snakepit.execute_in_session(pool, sid, "ping", %{}) end)
+        end)
+        |> Task.await_many(20_000)
+        |> Enum.map(fn {:ok, %{"pid" => pid}} -> pid end)
 
-    assert [_one] = Enum.uniq(pids)
+      assert [_one] = Enum.uniq(pids)
+    end
   end
 
   test "execute_in_session on the default pool", %{thr: thr} do
@@ -366,7 +371,8 @@ defmodule Snakepit.ApiTest do
     assert w.python.requests_total >= 1
     assert w.python.pid == w.os_pid
 
-    assert {:ok, %{workers: [p1, p2], capacity: 2}} = Snakepit.get_stats(proc)
+    # two process workers, each given two calls at once (process_pipeline_depth)
+    assert {:ok, %{workers: [p1, p2], capacity: 4}} = Snakepit.get_stats(proc)
     assert p1.python.worker_mode == "process" and p2.python.worker_mode == "process"
   end
 
@@ -377,7 +383,8 @@ defmodule Snakepit.ApiTest do
     for w <- workers do
       assert w.status == :ready
       assert is_integer(w.os_pid) and os_alive?(w.os_pid)
-      assert w.capacity == 1
+      assert w.capacity == 2
+      assert is_binary(w.uds) and w.port == nil
     end
   end
 

@@ -89,7 +89,10 @@ defmodule Snakepit.TelemetryTest do
     assert %{tool: "add", operation: :execute, result: :ok, error: nil, worker: ^worker_id} =
              stop_md
 
-    assert {stop_md.worker_pid, stop_md.os_pid, stop_md.port} == {w.pid, w.os_pid, w.port}
+    assert {stop_md.worker_pid, stop_md.os_pid, stop_md.port, stop_md.uds} ==
+             {w.pid, w.os_pid, w.port, w.uds}
+
+    assert is_binary(w.uds)
     refute_received {:handler, [:snakepit, :call, :exception], _, _}
   end
 
@@ -187,12 +190,19 @@ defmodule Snakepit.TelemetryTest do
       for _ <- 1..2 do
         {m, md} = assert_event([:snakepit, :worker, :start], ^pool, %{reason: :initial})
         assert m.duration > 0 and is_integer(m.system_time)
-        Map.take(md, [:worker, :slot, :worker_pid, :os_pid, :port])
+        Map.take(md, [:worker, :slot, :worker_pid, :os_pid, :port, :uds])
       end
 
     expected =
       for w <- workers,
-          do: %{worker: w.id, slot: w.slot, worker_pid: w.pid, os_pid: w.os_pid, port: w.port}
+          do: %{
+            worker: w.id,
+            slot: w.slot,
+            worker_pid: w.pid,
+            os_pid: w.os_pid,
+            port: w.port,
+            uds: w.uds
+          }
 
     assert Enum.sort(events) == Enum.sort(expected)
   end
@@ -207,7 +217,7 @@ defmodule Snakepit.TelemetryTest do
     assert m.uptime > 0
 
     assert %{slot: 1, status: :ready, requests: 0} = md
-    assert {md.os_pid, md.port, md.worker_pid} == {w.os_pid, w.port, w.pid}
+    assert {md.os_pid, md.port, md.uds, md.worker_pid} == {w.os_pid, w.port, w.uds, w.pid}
     # the Python process' exit (status 137 = SIGKILL) or its connection dropping, whichever the
     # worker saw first
     assert md.reason == {:shutdown, {:python_exited, 137}} or
@@ -252,7 +262,14 @@ defmodule Snakepit.TelemetryTest do
   ## queue wait
 
   test "a saturated pool reports a queue wait as long as the caller waited" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 20_000)
+    pool =
+      start_pool!(
+        worker_profile: :process,
+        pool_size: 1,
+        queue_timeout: 20_000,
+        process_pipeline_depth: 1
+      )
+
     first = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 0.4}) end)
 
     {m, md} = assert_event([:snakepit, :queue, :wait], ^pool)

@@ -32,6 +32,18 @@ defmodule Snakepit.Config do
       (smaller ones stay inline). Default `65_536`.
     * `:shm_base_dir` - where the pool makes its directory. Default `/dev/shm` when it exists, else
       the system tmp dir (logged as not a tmpfs).
+
+  ## Transport, pipelining, recycling jitter
+
+    * `:transport` - how the pool reaches its workers: `:uds` (default), a Unix domain socket per
+      worker in a private directory of the pool (see `Snakepit.Pool`, "Unix sockets"); `:tcp`,
+      `127.0.0.1` on a free port. (Not the Python server's `--transport`, which picks its gRPC stack.)
+    * `:process_pipeline_depth` - calls a `:process` worker may have in flight at once: its server
+      runs one and queues the others, so the next call is already there when the running one
+      ends. Default `2`; `1` gives a process worker one call at a time. Ignored for `:thread`.
+    * `:max_requests_jitter` - each worker's `worker_max_requests` is lowered by a random fraction
+      in `[0, max_requests_jitter)`, so workers started together do not reach it together.
+      Default `0.1`.
   """
 
   require Logger
@@ -65,7 +77,10 @@ defmodule Snakepit.Config do
     :max_stuck_calls,
     :shm,
     :shm_min_bytes,
-    :shm_base_dir
+    :shm_base_dir,
+    :transport,
+    :max_requests_jitter,
+    :process_pipeline_depth
   ]
 
   # accepted but not kept: the old name of :launcher
@@ -101,7 +116,10 @@ defmodule Snakepit.Config do
           max_stuck_calls: pos_integer,
           shm: boolean,
           shm_min_bytes: pos_integer,
-          shm_base_dir: String.t()
+          shm_base_dir: String.t(),
+          transport: :uds | :tcp,
+          max_requests_jitter: float,
+          process_pipeline_depth: pos_integer
         }
 
   @doc "The keys a pool config accepts (`:adapter_module` is the deprecated name of `:launcher`)."
@@ -313,7 +331,25 @@ defmodule Snakepit.Config do
           Snakepit.Shm.default_base(),
           &nonempty_string?/1,
           "must be a non-empty string (a directory, on a tmpfs such as /dev/shm)"
-        )
+        ),
+      transport:
+        fetch(
+          c,
+          :transport,
+          :uds,
+          &(&1 in [:uds, :tcp]),
+          "must be :uds (a Unix domain socket per worker) or :tcp (127.0.0.1, a free port)"
+        ),
+      max_requests_jitter:
+        fetch(
+          c,
+          :max_requests_jitter,
+          0.1,
+          &(is_number(&1) and &1 >= 0 and &1 < 1),
+          "must be a number in [0, 1)"
+        ) * 1.0,
+      process_pipeline_depth:
+        fetch(c, :process_pipeline_depth, 2, &pos_int?/1, "must be a positive integer")
     }
   end
 

@@ -4,8 +4,9 @@ defmodule Snakepit.Launcher do
   default is `Snakepit.Launcher.GRPCPython`). Not to be confused with the *adapter*, the Python
   class whose tools the server serves (`python_adapter`).
 
-  The command must start a snakepit_bridge gRPC server that binds `127.0.0.1` on a free port, prints
-  one stdout line `SNAKEPIT_READY port=<port> pid=<pid> nonce=<nonce>` once serving (`<nonce>` is the
+  The command must start a snakepit_bridge gRPC server that listens on the Unix socket `opts[:uds]`
+  when given (a `transport: :uds` pool), else on `127.0.0.1` on a free port, prints one stdout line
+  `SNAKEPIT_READY uds=<path> pid=<pid> nonce=<nonce>` (or `port=<port>` for TCP) once serving (`<nonce>` is the
   value the worker puts in the environment variable `SNAKEPIT_READY_NONCE`; the server should remove
   it from its environment before it runs adapter code), exits when its stdin closes, and drains
   in-flight calls on SIGTERM. A server that cannot start should say why in its last line of output
@@ -15,8 +16,10 @@ defmodule Snakepit.Launcher do
   @doc """
   `{executable, args, env}` for one worker of the pool. `opts` carries `:auth_token_env`, the name of
   the environment variable that holds the pool's auth token (set in `env` by the worker), when the
-  pool has one, and `:shm_dir`, the pool's shared-memory directory to pass as `--shm-dir`, when
-  the pool has `shm: true` (see `Snakepit.Shm`).
+  pool has one; `:shm_dir`, the pool's shared-memory directory to pass as `--shm-dir`, when
+  the pool has `shm: true` (see `Snakepit.Shm`); and `:uds`, the socket path the server is to listen
+  on, when the pool's transport is `:uds` (the worker connects to whichever the ready line names, so
+  a launcher that ignores `:uds` and listens on TCP still works).
   """
   @callback command(config :: Snakepit.Config.t(), opts :: keyword) ::
               {executable :: String.t(), args :: [String.t()], env :: [{String.t(), String.t()}]}

@@ -3,21 +3,48 @@ defmodule Snakepit.Pool do
   A pool of Python workers and the capacity bookkeeping that dispatches calls to them.
 
   The pool process never does I/O for a call. A caller checks out a *slot* (`checkout/3`): the pool
-  picks the least-loaded ready worker that has a free slot (a process worker has 1, a thread worker
-  `threads_per_worker`) and answers with the worker's channel; the caller runs the gRPC call in its
-  own process over that channel (one HTTP/2 connection per worker, many concurrent streams) and
-  checks the slot back in (`checkin/3`). The pool monitors every caller holding or waiting for a
-  slot, so a caller that dies frees its slot.
+  picks the least-loaded ready worker that has a free slot (a process worker has
+  `process_pipeline_depth`, a thread worker `threads_per_worker`) and answers with the worker's
+  channel; the caller runs the gRPC call in its own process over that channel (one HTTP/2
+  connection per worker, many concurrent streams) and checks the slot back in (`checkin/3`). The
+  pool monitors every caller holding or waiting for a slot, so a caller that dies frees its slot.
 
   When every slot is busy, callers wait FIFO, up to `queue_size` of them (more get `:queue_full`),
   each for at most `queue_timeout` ms (then `:queue_timeout`). While the pool has never had a ready
   worker (start-up), a waiter may wait up to `startup_timeout` instead.
+
+  ## Pipelining on process workers
+
+  A process worker's server runs one tool call at a time and queues the others (its `--max-queue`).
+  With one slot per process worker, the worker would idle while a reply travels back and the next
+  request comes; with `process_pipeline_depth: 2` (the default) the pool gives it a second call,
+  which waits in the server's queue and starts as soon as the first ends. Least-loaded first: a
+  call goes to an idle worker before it is pipelined behind a busy one. The price: a pipelined call
+  waits for the call ahead of it, however long that takes, even when another worker becomes idle
+  meanwhile (its `timeout:` includes that wait). Pools of long or uneven calls, or callers that
+  need the lowest latency over throughput, should set `process_pipeline_depth: 1`. A process
+  worker with a call its caller gave up on that may still be running gets no call behind it
+  (see "Stuck calls").
 
   ## Workers and slots
 
   The pool keeps `pool_size` worker *slots*. A worker that crashes or fails to start is replaced
   after an exponential backoff (100 ms doubling up to `restart_backoff_max`, reset when a worker of
   that slot becomes ready).
+
+  ## Unix sockets
+
+  With `transport: :uds` (the default) each worker's server listens on a Unix domain socket
+  instead of a TCP port (`--uds`): no port to find or to collide on, and only this OS user can
+  connect. The pool makes a private directory (mode 0700, `Snakepit.Pool.SocketDir`) under
+  `$XDG_RUNTIME_DIR`, or the temporary directory, named after the BEAM's OS pid; worker `id`
+  listens on `w<id>.sock` in it (mode 0600, made so by the server), a new name per spawn, so a
+  replacement never contends for the lock of the worker it replaces. The server removes its socket
+  when it exits cleanly; when a worker goes away the pool removes what is left (a `kill -9`ed
+  server's socket and `.lock` file), and the directory when the pool stops. At start it removes the
+  directories of BEAMs that are gone. `list_workers/1` shows each worker's `uds` (or, with
+  `transport: :tcp`, its `port`). A pool whose directory cannot be made fails to start with
+  `:worker_start_failed` saying why.
 
   ## Start failures
 
@@ -32,10 +59,15 @@ defmodule Snakepit.Pool do
 
   A worker is recycled when its TTL passes (each worker's TTL is shortened by a random fraction of at
   most `ttl_jitter`, so workers started together do not recycle together) or when it has been given
-  `worker_max_requests` calls. Its replacement is started first. On TTL the old worker keeps serving
-  until the replacement is ready; on max requests it takes no new call at once (a worker never serves
-  more than `worker_max_requests` calls). Either way, once it takes no new calls, its in-flight calls
-  finish and it is stopped gracefully (SIGTERM, the server drains). No call fails because of a recycle.
+  its `worker_max_requests` calls (each worker's limit is lowered likewise by up to
+  `max_requests_jitter`). Its replacement is started first. On TTL the old worker keeps serving
+  until the replacement is ready; on max requests it takes no new call at once, unless it is the
+  last worker taking calls (`pool_size: 1`, or every other one is itself recycling, starting or out
+  of rotation): then it keeps serving, past its limit, until its replacement is ready, so a recycle
+  never leaves the pool without a worker. Under load that outruns a worker's start, a worker may
+  thus serve many calls more than its limit. Either way, once it takes no new calls, its in-flight
+  calls finish and it is stopped gracefully (SIGTERM, the server drains). No call fails because of a
+  recycle.
 
   ## Workers whose server shuts down
 
@@ -52,10 +84,12 @@ defmodule Snakepit.Pool do
     * **Stuck calls.** A call its caller gave up on (deadline passed, caller died, stream cancelled;
       checked in as `:abandoned`) may still run in the server: a tool that ignores cancellation
       keeps its server slot. Such a call keeps its slot in the pool too (a process worker with one
-      takes no call) until the server's `GetStats.requests_active`, compared with the calls the pool
+      takes no call, not even a pipelined one) until the server's `GetStats.requests_active`, compared with the calls the pool
       knows to be running there, shows it ended. One still running `stuck_call_grace` ms after it was
       given up is *stuck*; at `max_stuck_calls` stuck calls (or when every slot is stuck) the worker
-      is replaced; its other calls finish normally.
+      is replaced; its other calls finish normally, except when stuck calls hold every slot of its
+      server (a process worker's one): the calls waiting behind them there cannot run, so it is
+      stopped once its replacement is ready and they fail with `:worker_unhealthy`.
     * **Health checks.** Every `health_check_interval` ms each ready worker gets a
       `grpc.health.v1.Health/Check` on its channel. One that gets no SERVING answer within
       `health_check_timeout` (a SIGSTOPped or wedged server), like a stuck-call check without an
@@ -90,7 +124,9 @@ defmodule Snakepit.Pool do
 
   `session_id`s are pinned to the worker that first served them while it lives and serves; the
   checkout tells the caller when the session must be initialised on its worker (first use there).
-  When that worker goes away, the session's next call goes to any worker and is initialised there.
+  Until the call that initialises it there is checked in, the session's other calls wait (a call
+  that skips the initialisation could otherwise reach the server before it). When that worker goes
+  away, the session's next call goes to any worker and is initialised there.
   A call whose initialisation fails is checked in as `{:session_init_failed, session_id}`: the
   session then counts as not created on that worker.
 
@@ -106,7 +142,7 @@ defmodule Snakepit.Pool do
   require Logger
 
   alias Snakepit.{Config, Error, Shm, Worker}
-  alias Snakepit.Pool.State
+  alias Snakepit.Pool.{SocketDir, State}
   alias Snakepit.Worker.Health
 
   ## client API
@@ -150,6 +186,7 @@ defmodule Snakepit.Pool do
           pool_name: atom,
           os_pid: pos_integer | nil,
           port: pos_integer | nil,
+          uds: Path.t() | nil,
           queued: boolean,
           fates: :ets.tid()
         }
@@ -275,24 +312,34 @@ defmodule Snakepit.Pool do
 
   # The shell's state: the machine, and what it needs to perform actions. `pids` maps worker ids to
   # pids (kept until the worker's fate is forgotten), `ids` the other way; `timers` holds the
-  # cancellable timers by their event.
-  # `shm`: the pool's Snakepit.Shm, or nil.
-  defstruct [:pool, :config, :fates, :shm, pids: %{}, ids: %{}, timers: %{}]
+  # cancellable timers by their event; `socket_dir` is the directory of the workers' Unix sockets
+  # (nil for a TCP pool); `shm`: the pool's Snakepit.Shm, or nil.
+  defstruct [:pool, :config, :fates, :socket_dir, :shm, pids: %{}, ids: %{}, timers: %{}]
 
   @impl true
   def init(config) do
     Process.flag(:trap_exit, true)
     Logger.metadata(pool: config.name)
 
-    shell = %__MODULE__{
-      config: config,
-      fates: :ets.new(:snakepit_worker_fates, [:set, :public, read_concurrency: true]),
-      shm: open_shm(config)
-    }
+    case socket_dir(config) do
+      {:ok, dir} ->
+        shell = %__MODULE__{
+          config: config,
+          socket_dir: dir,
+          fates: :ets.new(:snakepit_worker_fates, [:set, :public, read_concurrency: true]),
+          shm: open_shm(config)
+        }
 
-    {pool, actions} = State.new(config, now())
-    {:ok, perform(%{shell | pool: pool}, actions)}
+        {pool, actions} = State.new(config, now())
+        {:ok, perform(%{shell | pool: pool}, actions)}
+
+      {:error, message} ->
+        {:stop, Error.new(:worker_start_failed, "pool #{inspect(config.name)}: #{message}")}
+    end
   end
+
+  defp socket_dir(%{transport: :uds}), do: SocketDir.create()
+  defp socket_dir(%{transport: :tcp}), do: {:ok, nil}
 
   @impl true
   def handle_call({:checkout, caller, request}, from, shell),
@@ -328,8 +375,10 @@ defmodule Snakepit.Pool do
     do: {:noreply, worker_event(shell, wpid, &{:worker_spawned, &1, os_pid})}
 
   # (not a worker of ours, e.g. one whose init failed: its start failure was an event already)
-  def handle_info({:EXIT, wpid, reason}, shell),
-    do: {:noreply, worker_event(shell, wpid, &{:worker_exited, &1, reason})}
+  def handle_info({:EXIT, wpid, reason}, shell) do
+    remove_socket(shell, shell.ids[wpid])
+    {:noreply, worker_event(shell, wpid, &{:worker_exited, &1, reason})}
+  end
 
   def handle_info({:DOWN, ref, :process, _pid, _reason}, shell),
     do: {:noreply, apply_event(shell, {:caller_down, ref})}
@@ -359,6 +408,7 @@ defmodule Snakepit.Pool do
     end
 
     Shm.remove_dir(shell.shm)
+    if shell.socket_dir, do: SocketDir.remove(shell.socket_dir)
     :ok
   end
 
@@ -388,6 +438,12 @@ defmodule Snakepit.Pool do
         nil
     end
   end
+
+  # What a worker's server left of its socket: nothing after a clean exit (it removes its own),
+  # the socket and its lock file after a kill -9.
+  defp remove_socket(%{socket_dir: nil}, _id), do: :ok
+  defp remove_socket(_shell, nil), do: :ok
+  defp remove_socket(shell, id), do: SocketDir.remove_socket(shell.socket_dir, id)
 
   defp apply_event(shell, event) do
     {pool, actions} = State.handle(shell.pool, event, now())
@@ -423,8 +479,9 @@ defmodule Snakepit.Pool do
 
   defp perform_one(shell, {:start_worker, id}) do
     shm_dir = shell.shm && shell.shm.dir
+    uds = shell.socket_dir && SocketDir.socket_path(shell.socket_dir, id)
 
-    case Worker.start_link(config: shell.config, pool: self(), id: id, shm_dir: shm_dir) do
+    case Worker.start_link(config: shell.config, pool: self(), id: id, shm_dir: shm_dir, uds: uds) do
       {:ok, pid} ->
         %{shell | pids: Map.put(shell.pids, id, pid), ids: Map.put(shell.ids, pid, id)}
 

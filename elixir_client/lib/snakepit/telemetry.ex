@@ -67,7 +67,8 @@ defmodule Snakepit.Telemetry do
   Emitted by the pool's process (`Snakepit.Pool`), from the decisions of `Snakepit.Pool.State`.
   Metadata of all three: `pool` (its name), `worker` (the pool's id of the worker, as in
   `Snakepit.list_workers/1`), `slot` (the worker slot; a replacement takes its predecessor's
-  slot), `worker_pid` (nil when it was never spawned), `os_pid`, `port` (nil before it was ready),
+  slot), `worker_pid` (nil when it was never spawned), `os_pid`, `port` or `uds` (where its server
+  listens: a TCP port or a Unix socket path, the other nil; both nil before it was ready),
   `reason`.
 
     * `[:snakepit, :worker, :start]` - a worker became ready
@@ -114,8 +115,8 @@ defmodule Snakepit.Telemetry do
     * `session_id`, `request_id` - from the call's options, or nil
     * `trace_id`, `traceparent` - the W3C trace context the call sent, or nil
     * `items` - a batch's number of items (`:batch` only)
-    * `worker`, `worker_pid`, `os_pid`, `port` - the worker that served the call (`:stop` and
-      `:exception`; nil when it got no slot)
+    * `worker`, `worker_pid`, `os_pid`, `port`, `uds` - the worker that served the call (`:stop`
+      and `:exception`; nil when it got no slot); `port` or `uds` says where it listens
   """
   @type call_metadata :: %{
           required(:pool) => atom | pid | nil,
@@ -130,6 +131,7 @@ defmodule Snakepit.Telemetry do
           optional(:worker_pid) => pid | nil,
           optional(:os_pid) => pos_integer | nil,
           optional(:port) => pos_integer | nil,
+          optional(:uds) => Path.t() | nil,
           optional(atom) => term
         }
 

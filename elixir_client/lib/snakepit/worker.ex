@@ -3,10 +3,13 @@ defmodule Snakepit.Worker do
   One Python worker: a process that owns the OS process (through a `Port`) and one multiplexed
   `Snakepit.GRPC.Channel` to it.
 
-  Lifecycle: the port is opened at init (the server gets `--port 0 --exit-on-stdin-eof`, and a fresh
-  random nonce in the environment variable `SNAKEPIT_READY_NONCE`); the worker is ready once the
-  server prints `SNAKEPIT_READY port=<p> pid=<pid> nonce=<that nonce>`, then it connects the channel
-  and tells its pool `{:snakepit_worker_ready, worker_pid, info}`. A ready line without the nonce
+  Lifecycle: the port is opened at init (the server gets `--uds <path>` when the pool gives the
+  worker a socket path (option `:uds`), else `--port 0`; `--exit-on-stdin-eof`; and a fresh random
+  nonce in the environment variable `SNAKEPIT_READY_NONCE`); the worker is ready once the server
+  prints `SNAKEPIT_READY uds=<path> pid=<pid> nonce=<that nonce>` (or `port=<p>`), then it connects
+  the channel to that socket (or `127.0.0.1:<p>`) and tells its pool
+  `{:snakepit_worker_ready, worker_pid, info}` (`info`: channel, os_pid, and `port` or `uds`, the
+  other nil). A ready line without the nonce
   (an adapter printing one during its setup) is only logged. It stops (and the pool is told
   through the link) when the Python process exits, when the channel goes down, when
   `startup_timeout` passes before readiness, or when its pool exits. When its server sends GOAWAY
@@ -42,7 +45,7 @@ defmodule Snakepit.Worker do
   @doc "Stops the worker gracefully: SIGTERM (the server drains in-flight calls), then waits."
   def stop_gracefully(pid), do: GenServer.cast(pid, :stop_gracefully)
 
-  @doc "Worker facts: os pid, port, status, channel."
+  @doc "Worker facts: os pid, where its server listens (`listen_port` or `listen_uds`), status, channel."
   def info(pid), do: GenServer.call(pid, :info)
 
   @impl true
@@ -51,6 +54,7 @@ defmodule Snakepit.Worker do
     config = Keyword.fetch!(opts, :config)
     pool = Keyword.fetch!(opts, :pool)
     id = Keyword.fetch!(opts, :id)
+    uds = Keyword.get(opts, :uds)
 
     {token_opts, token_env} =
       case config.auth_token do
@@ -59,7 +63,8 @@ defmodule Snakepit.Worker do
       end
 
     shm_opts = if dir = Keyword.get(opts, :shm_dir), do: [shm_dir: dir], else: []
-    {exe, args, env} = config.launcher.command(config, token_opts ++ shm_opts)
+    listen_opts = if uds, do: [uds: uds], else: []
+    {exe, args, env} = config.launcher.command(config, token_opts ++ shm_opts ++ listen_opts)
     nonce = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
 
     env =
@@ -98,6 +103,7 @@ defmodule Snakepit.Worker do
          port: port,
          os_pid: os_pid,
          listen_port: nil,
+         listen_uds: nil,
          channel: nil,
          status: :starting,
          started_at: System.monotonic_time(:millisecond),
@@ -115,7 +121,8 @@ defmodule Snakepit.Worker do
 
   @impl true
   def handle_call(:info, _from, s) do
-    {:reply, Map.take(s, [:id, :os_pid, :listen_port, :channel, :status, :started_at]), s}
+    {:reply,
+     Map.take(s, [:id, :os_pid, :listen_port, :listen_uds, :channel, :status, :started_at]), s}
   end
 
   @impl true
@@ -149,8 +156,8 @@ defmodule Snakepit.Worker do
         {:noreply, s}
 
       s.status == :starting and match?({:ok, _, _}, parse_ready(line, s.ready_nonce)) ->
-        {:ok, listen_port, _pid} = parse_ready(line, s.ready_nonce)
-        become_ready(s, listen_port)
+        {:ok, endpoint, _pid} = parse_ready(line, s.ready_nonce)
+        become_ready(s, endpoint)
 
       true ->
         Logger.debug("[python #{s.os_pid}] " <> line)
@@ -248,7 +255,7 @@ defmodule Snakepit.Worker do
     :ok
   end
 
-  defp become_ready(s, listen_port) do
+  defp become_ready(s, endpoint) do
     Process.cancel_timer(s.startup_timer)
 
     metadata =
@@ -257,21 +264,24 @@ defmodule Snakepit.Worker do
         tok -> [{"authorization", "Bearer " <> tok}]
       end
 
-    case Snakepit.GRPC.Channel.start_link(
-           host: "127.0.0.1",
-           port: listen_port,
-           metadata: metadata
-         ) do
+    {address, port, uds, where} =
+      case endpoint do
+        {:uds, path} -> {[host: {:local, path}], nil, path, "socket #{path}"}
+        {:port, p} -> {[host: "127.0.0.1", port: p], p, nil, "port #{p}"}
+      end
+
+    case Snakepit.GRPC.Channel.start_link(address ++ [metadata: metadata]) do
       {:ok, ch} ->
-        info = %{channel: ch, os_pid: s.os_pid, port: listen_port}
+        info = %{channel: ch, os_pid: s.os_pid, port: port, uds: uds}
         send(s.pool, {:snakepit_worker_ready, self(), info})
         ms = System.monotonic_time(:millisecond) - s.started_at
-        Logger.debug("snakepit worker #{s.id} ready on port #{listen_port} in #{ms} ms")
-        {:noreply, %{s | status: :ready, channel: ch, listen_port: listen_port}}
+        Logger.debug("snakepit worker #{s.id} ready on #{where} in #{ms} ms")
+
+        {:noreply, %{s | status: :ready, channel: ch, listen_port: port, listen_uds: uds}}
 
       {:error, reason} ->
         message =
-          "worker #{s.id} (os pid #{s.os_pid}) cannot connect to its server on port #{listen_port}: " <>
+          "worker #{s.id} (os pid #{s.os_pid}) cannot connect to its server on #{where}: " <>
             inspect(reason)
 
         {:stop, {:shutdown, {:start_failed, message}}, s}
@@ -327,10 +337,12 @@ defmodule Snakepit.Worker do
   end
 
   @doc """
-  Parses the server's ready line `SNAKEPIT_READY port=<port> pid=<pid> nonce=<nonce>`: `{:ok, port,
-  pid}` only when its nonce is `nonce` (the one this worker gave the server), else `:error`.
+  Parses the server's ready line `SNAKEPIT_READY uds=<path> pid=<pid> nonce=<nonce>` or
+  `SNAKEPIT_READY port=<port> pid=<pid> nonce=<nonce>`: `{:ok, {:uds, path} | {:port, port}, pid}`
+  only when its nonce is `nonce` (the one this worker gave the server), else `:error`.
   """
-  @spec parse_ready(String.t(), String.t()) :: {:ok, pos_integer, pos_integer} | :error
+  @spec parse_ready(String.t(), String.t()) ::
+          {:ok, {:uds, Path.t()} | {:port, pos_integer}, pos_integer} | :error
   def parse_ready("SNAKEPIT_READY " <> rest, nonce) do
     kv =
       rest
@@ -344,15 +356,27 @@ defmodule Snakepit.Worker do
       |> Map.new()
 
     with true <- is_binary(nonce) and kv["nonce"] == nonce,
-         {p, ""} when p > 0 <- Integer.parse(kv["port"] || ""),
+         {:ok, endpoint} <- ready_endpoint(kv),
          {pid, ""} <- Integer.parse(kv["pid"] || "") do
-      {:ok, p, pid}
+      {:ok, endpoint, pid}
     else
       _ -> :error
     end
   end
 
   def parse_ready(_line, _nonce), do: :error
+
+  # A socket path is absolute (the server makes it so); a port is positive.
+  defp ready_endpoint(%{"uds" => "/" <> _ = path}), do: {:ok, {:uds, path}}
+
+  defp ready_endpoint(%{"port" => port}) do
+    case Integer.parse(port) do
+      {p, ""} when p > 0 -> {:ok, {:port, p}}
+      _ -> :error
+    end
+  end
+
+  defp ready_endpoint(_kv), do: :error
 
   defp signal(nil, _sig), do: :ok
 

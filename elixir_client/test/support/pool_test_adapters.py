@@ -107,3 +107,10 @@ class SharedMemoryAdapter(ShowcaseAdapter):
     @tool(description="Return an array of `n` float64 ones and a value that cannot be encoded")
     def big_then_unencodable(self, n: int) -> list:
         return [np.ones(n), object()]
+
+
+class SlowStartAdapter(ShowcaseAdapter):
+    """setup() takes a second, as loading a model does: a replacement worker is a while coming."""
+
+    def setup(self) -> None:
+        time.sleep(1.0)

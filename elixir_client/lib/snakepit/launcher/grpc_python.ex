@@ -6,9 +6,11 @@ defmodule Snakepit.Launcher.GRPCPython do
 
   Command line: `<python> <script> --adapter <python_adapter> --host 127.0.0.1 --port 0
   --exit-on-stdin-eof [--max-workers <threads_per_worker>] [--auth-token-env NAME]
-  [--shm-dir DIR] --grace <seconds> <adapter_args...>`; `--shm-dir` is the pool's shared-memory
-  directory (command option `:shm_dir`, see `Snakepit.Shm`). `--max-workers` is added for thread workers only when
-  `adapter_args` does not already set it.
+  [--shm-dir DIR] --grace <seconds> <adapter_args...>`, with `--uds <path>` in place of
+  `--host 127.0.0.1 --port 0` when the worker gives a socket path (`opts[:uds]`, a `transport: :uds`
+  pool); `--shm-dir` is the pool's shared-memory directory (command option `:shm_dir`, see
+  `Snakepit.Shm`). `--max-workers` is added for thread workers only when `adapter_args` does not
+  already set it.
   """
 
   @behaviour Snakepit.Launcher
@@ -36,16 +38,15 @@ defmodule Snakepit.Launcher.GRPCPython do
 
     grace = :erlang.float_to_binary(config.shutdown_grace / 1000, decimals: 3)
 
+    listen =
+      case Keyword.get(opts, :uds) do
+        nil -> ["--host", "127.0.0.1", "--port", "0"]
+        path -> ["--uds", path]
+      end
+
     args =
-      [
-        script_path(config),
-        "--adapter",
-        config.python_adapter,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0"
-      ] ++
+      [script_path(config), "--adapter", config.python_adapter] ++
+        listen ++
         ["--exit-on-stdin-eof", "--grace", grace] ++ threads ++ auth ++ shm ++ config.adapter_args
 
     {exe, args, [{"PYTHONUNBUFFERED", "1"} | config.adapter_env]}

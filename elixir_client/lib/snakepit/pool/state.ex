@@ -72,6 +72,8 @@ defmodule Snakepit.Pool.State do
     leases: %{},
     # session_id => worker id it is pinned to
     sessions: %{},
+    # sessions whose creating call (the lease that initialises them on their worker) is out
+    sessions_being_created: MapSet.new(),
     ever_ready: false,
     # the last start failure, while no worker has become ready since (see "Start failures")
     start_error: nil,
@@ -121,6 +123,7 @@ defmodule Snakepit.Pool.State do
           pool_name: atom,
           os_pid: pos_integer | nil,
           port: pos_integer | nil,
+          uds: Path.t() | nil,
           queued: boolean
         }
   @type event ::
@@ -132,7 +135,13 @@ defmodule Snakepit.Pool.State do
           | {:forget_session, from, String.t()}
           | {:worker_spawn_failed, worker_id, term}
           | {:worker_spawned, worker_id, pos_integer}
-          | {:worker_ready, worker_id, %{channel: pid, os_pid: pos_integer, port: pos_integer}}
+          | {:worker_ready, worker_id,
+             %{
+               required(:channel) => pid,
+               required(:os_pid) => pos_integer,
+               required(:port) => pos_integer | nil,
+               optional(:uds) => Path.t() | nil
+             }}
           | {:worker_exited, worker_id, term}
           | {:worker_draining, worker_id}
           | {:check_result, worker_id, pos_integer, :ok | {:ok, non_neg_integer} | {:error, term}}
@@ -162,7 +171,7 @@ defmodule Snakepit.Pool.State do
 
   @doc """
   A pool for `config` whose `pool_size` workers are being started. Option `:seed`: a `:rand` state
-  for the TTL jitter (default: a fresh one).
+  for the TTL and max-requests jitter (default: a fresh one).
   """
   @spec new(Config.t(), integer, keyword) :: {t, [action]}
   def new(%Config{} = config, now, opts \\ []) do
@@ -206,12 +215,14 @@ defmodule Snakepit.Pool.State do
           status: w.status,
           os_pid: w.os_pid,
           port: w.port,
+          uds: w.uds,
           channel: w.channel,
           in_flight: w.in_flight,
           capacity: w.capacity,
           abandoned_calls: length(w.abandoned),
           stuck_calls: w.stuck_calls,
           requests: w.requests,
+          max_requests: w.max_requests,
           ttl_ms: w.ttl_ms,
           sessions: MapSet.size(w.sessions),
           uptime_ms: now - w.started_at,
@@ -236,7 +247,7 @@ defmodule Snakepit.Pool.State do
         s.workers
         |> Map.values()
         |> Enum.filter(&routable?/1)
-        |> Enum.map(&(&1.capacity - &1.stuck_calls))
+        |> Enum.map(&usable_capacity/1)
         |> Enum.sum(),
       sessions: map_size(s.sessions),
       workers: workers,
@@ -410,7 +421,15 @@ defmodule Snakepit.Pool.State do
         s
 
       w ->
-        w = %{w | status: :ready, channel: info.channel, os_pid: info.os_pid, port: info.port}
+        w = %{
+          w
+          | status: :ready,
+            channel: info.channel,
+            os_pid: info.os_pid,
+            port: info.port,
+            uds: Map.get(info, :uds)
+        }
+
         s = put_worker(s, w)
         slot = s.slots[w.slot]
 
@@ -435,7 +454,7 @@ defmodule Snakepit.Pool.State do
         |> schedule_health_check(id)
         |> log(
           :debug,
-          "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, port #{info.port})"
+          "snakepit pool #{inspect(s.name)}: worker #{w.id} ready (os pid #{info.os_pid}, #{listens_on(w)})"
         )
         |> worker_telemetry(:start, w, %{reason: w.start_reason}, %{
           duration: native(s.now - w.started_at)
@@ -649,6 +668,7 @@ defmodule Snakepit.Pool.State do
 
   defp start_worker(s, slot_id, reason) do
     id = s.next_id
+    {max_requests, s} = draw_max_requests(s)
 
     w = %{
       id: id,
@@ -656,7 +676,9 @@ defmodule Snakepit.Pool.State do
       status: :starting,
       channel: nil,
       os_pid: nil,
+      # where its server listens: a TCP port or a Unix socket path (the other is nil)
       port: nil,
+      uds: nil,
       in_flight: 0,
       # tool calls the server counts for the leases in flight (a batch counts its items)
       load: 0,
@@ -670,8 +692,13 @@ defmodule Snakepit.Pool.State do
       # the check in flight, %{ref, kind, load, sent_at}, and whether another is wanted after it
       check: nil,
       check_again: false,
-      capacity: s.config.threads_per_worker,
+      # calls the pool routes to it at once (a process worker's beyond the first wait in its
+      # server's queue: pipelining), and how many of them its server runs at once
+      capacity: capacity(s.config),
+      server_slots: s.config.threads_per_worker,
       requests: 0,
+      # its jittered worker_max_requests
+      max_requests: max_requests,
       ttl_ms: nil,
       sessions: MapSet.new(),
       started_at: s.now,
@@ -726,7 +753,7 @@ defmodule Snakepit.Pool.State do
 
     metadata =
       Map.merge(
-        %{pool: s.name, worker: w.id, slot: w.slot, os_pid: w.os_pid, port: w.port},
+        %{pool: s.name, worker: w.id, slot: w.slot, os_pid: w.os_pid, port: w.port, uds: w.uds},
         metadata
       )
 
@@ -734,6 +761,9 @@ defmodule Snakepit.Pool.State do
   end
 
   defp native(ms), do: System.convert_time_unit(ms, :millisecond, :native)
+
+  defp listens_on(%{uds: path}) when is_binary(path), do: "socket #{path}"
+  defp listens_on(w), do: "port #{w.port}"
 
   # The slot without worker `id` (it is gone or never started).
   defp vacate(slot, id) do
@@ -791,6 +821,21 @@ defmodule Snakepit.Pool.State do
         |> put_slot(slot_id, %{slot | scheduled: true})
   end
 
+  # Calls a worker of this config is given at once: a thread worker's threads; a process worker's
+  # server runs one call and queues the others, process_pipeline_depth in all.
+  defp capacity(%{worker_profile: :process} = config), do: config.process_pipeline_depth
+  defp capacity(config), do: config.threads_per_worker
+
+  # A new worker's worker_max_requests, lowered by a random fraction below max_requests_jitter (so
+  # workers started together do not all reach it together); never below 1.
+  defp draw_max_requests(%{config: %{worker_max_requests: :infinity}} = s), do: {:infinity, s}
+
+  defp draw_max_requests(s) do
+    {x, rand} = :rand.uniform_s(s.rand)
+    limit = s.config.worker_max_requests * (1.0 - x * s.config.max_requests_jitter)
+    {max(round(limit), 1), %{s | rand: rand}}
+  end
+
   # The worker's jittered TTL in ms (or :infinity), and its expiry scheduled.
   defp schedule_ttl(%{config: %{worker_ttl: :infinity}} = s, _id), do: {:infinity, s}
 
@@ -810,8 +855,9 @@ defmodule Snakepit.Pool.State do
       else: s
   end
 
-  # Starts the replacement (once) and stops routing to `w` (at once for :max_requests, when the
-  # replacement is ready for :ttl and :stuck_calls).
+  # Starts the replacement (once) and stops routing to `w`: when the replacement is ready, or for
+  # :max_requests at once, unless `w` is the last worker that takes calls (it must not leave the
+  # pool without one: it serves on until its replacement, or another worker, is ready).
   defp retire(s, w, why) do
     already? = w.status in [:retiring, :draining, :stopping, :unhealthy]
 
@@ -833,10 +879,11 @@ defmodule Snakepit.Pool.State do
     s = start_replacement(s, w)
 
     cond do
-      why == :max_requests and routable?(w) ->
+      why == :max_requests and routable?(w) and another_routable?(s, w.id) ->
         s |> put_worker(%{w | status: :draining}) |> maybe_stop(w.id)
 
-      # :ttl, :stuck_calls: it serves what it can until its replacement is ready
+      # :ttl, :stuck_calls, the last routable worker: it serves what it can until its
+      # replacement is ready
       w.status == :ready ->
         put_worker(s, %{w | status: :retiring})
 
@@ -892,7 +939,7 @@ defmodule Snakepit.Pool.State do
 
     s = put_worker(s, w)
 
-    if stuck > 0 and stuck >= min(s.config.max_stuck_calls, w.capacity) do
+    if stuck > 0 and stuck >= min(s.config.max_stuck_calls, w.server_slots) do
       s
       |> log(
         :warning,
@@ -900,8 +947,30 @@ defmodule Snakepit.Pool.State do
           "still running more than #{grace} ms after their callers gave up; replacing it"
       )
       |> retire(w, :stuck_calls)
+      |> cut_off_calls_behind_stuck(w.id)
     else
       s
+    end
+  end
+
+  # Stuck calls hold every slot of the worker's server, so the calls in flight on it wait in its
+  # queue behind them (pipelined on a process worker) and may never run. Like a worker that failed
+  # a health check, it is then stopped once its replacement is ready, and those calls fail saying
+  # why instead of waiting for their deadlines.
+  defp cut_off_calls_behind_stuck(s, id) do
+    case s.workers[id] do
+      %{status: :retiring, in_flight: n, stuck_calls: stuck, server_slots: slots} = w
+      when n > 0 and stuck >= slots ->
+        message =
+          "worker #{w.id} (os pid #{w.os_pid}) was replaced: every slot of its server was held by " <>
+            "a call its caller had given up on, and this call waited behind it"
+
+        s
+        |> emit({:record_fate, id, :worker_unhealthy, message})
+        |> put_worker(%{w | status: :unhealthy})
+
+      _ ->
+        s
     end
   end
 
@@ -980,8 +1049,21 @@ defmodule Snakepit.Pool.State do
 
   ## capacity, sessions and the queue
 
-  # Slots taken: calls in flight, and abandoned calls the server may still be running.
-  defp busy(w), do: w.in_flight + length(w.abandoned)
+  # Slots taken: calls in flight, and abandoned calls the server may still be running. When those
+  # may hold every slot its server runs calls in (a process worker's one), the worker is full: a
+  # call pipelined behind them would wait for calls nobody waits for.
+  defp busy(w) do
+    taken = w.in_flight + length(w.abandoned)
+    if length(w.abandoned) >= w.server_slots, do: max(taken, w.capacity), else: taken
+  end
+
+  # Calls it can take while it is routable: its capacity, less the slots stuck calls hold (none
+  # when they hold all its server's).
+  defp usable_capacity(w),
+    do: if(w.stuck_calls >= w.server_slots, do: 0, else: w.capacity - w.stuck_calls)
+
+  defp another_routable?(s, id),
+    do: Enum.any?(s.workers, fn {other, w} -> other != id and routable?(w) end)
 
   defp free?(w), do: routable?(w) and busy(w) < w.capacity
 
@@ -994,14 +1076,20 @@ defmodule Snakepit.Pool.State do
 
   defp ready_count(s), do: Enum.count(s.workers, fn {_id, w} -> routable?(w) end)
 
-  # The session's worker while it is routable (when busy, the caller waits for it); else the
-  # least-loaded worker with a free slot.
+  # The session's worker while it is routable (when busy, or while the call creating the session
+  # there is out, the caller waits for it: a call that skips the initialisation could reach the
+  # server before it); else the least-loaded worker with a free slot.
   defp pick(s, session_id) do
     pinned = session_id && Map.get(s.sessions, session_id)
 
     case pinned && routable_worker(s, pinned) do
-      nil -> pick_any(s)
-      w -> if free?(w), do: {:ok, pinned}, else: :none
+      nil ->
+        pick_any(s)
+
+      w ->
+        if free?(w) and not MapSet.member?(s.sessions_being_created, session_id),
+          do: {:ok, pinned},
+          else: :none
     end
   end
 
@@ -1052,10 +1140,16 @@ defmodule Snakepit.Pool.State do
     waited = s.now - Map.get(request, :queued_at, s.now)
     s = put_worker(s, w) |> record_queue_wait(waited)
     s = if sid, do: %{s | sessions: Map.put(s.sessions, sid, id)}, else: s
+
+    s =
+      if creates?,
+        do: %{s | sessions_being_created: MapSet.put(s.sessions_being_created, sid)},
+        else: s
+
     s = %{s | leases: Map.put(s.leases, ref, record)} |> bump(:checkouts)
 
     s =
-      if s.config.worker_max_requests != :infinity and w.requests >= s.config.worker_max_requests,
+      if w.max_requests != :infinity and w.requests >= w.max_requests,
         do: retire(s, w, :max_requests),
         else: s
 
@@ -1068,6 +1162,7 @@ defmodule Snakepit.Pool.State do
       call_timeout: s.config.call_timeout,
       os_pid: w.os_pid,
       port: w.port,
+      uds: w.uds,
       queued: Map.has_key?(request, :queued_at)
     }
 
@@ -1091,6 +1186,15 @@ defmodule Snakepit.Pool.State do
 
       {lease, leases} ->
         s = %{s | leases: leases} |> bump(:calls)
+
+        s =
+          if lease.creates_session,
+            do: %{
+              s
+              | sessions_being_created: MapSet.delete(s.sessions_being_created, lease.session_id)
+            },
+            else: s
+
         s = if outcome == :ok, do: s, else: bump(s, :failures)
 
         case s.workers[lease.worker] do
@@ -1128,7 +1232,7 @@ defmodule Snakepit.Pool.State do
   defp abandon(s, w, weight, regions) do
     w = %{
       w
-      | abandoned: w.abandoned ++ List.duplicate(s.now, min(weight, w.capacity)),
+      | abandoned: w.abandoned ++ List.duplicate(s.now, min(weight, w.server_slots)),
         orphan_regions: regions ++ w.orphan_regions
     }
 
