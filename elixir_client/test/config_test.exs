@@ -159,6 +159,27 @@ defmodule Snakepit.ConfigTest do
     assert Enum.count(args2, &(&1 == "--max-workers")) == 1
   end
 
+  test "max_message_mb is one setting: the workers get it as --max-message-mb" do
+    {_, args, _} = Snakepit.Launcher.GRPCPython.command(Config.new!(name: :p), [])
+
+    assert ["--max-message-mb", "64"] ==
+             Enum.slice(args, Enum.find_index(args, &(&1 == "--max-message-mb")), 2)
+
+    {_, args, _} =
+      Snakepit.Launcher.GRPCPython.command(Config.new!(name: :p, max_message_mb: 256), [])
+
+    assert ["--max-message-mb", "256"] ==
+             Enum.slice(args, Enum.find_index(args, &(&1 == "--max-message-mb")), 2)
+
+    own = Config.new!(name: :p, max_message_mb: 8, adapter_args: ["--max-message-mb", "2"])
+    {_, args, _} = Snakepit.Launcher.GRPCPython.command(own, [])
+    assert Enum.count(args, &(&1 == "--max-message-mb")) == 1
+
+    assert_raise ArgumentError, ~r/:max_message_mb/, fn ->
+      Config.new!(name: :p, max_message_mb: 0)
+    end
+  end
+
   describe "the deprecated :adapter_module key" do
     import ExUnit.CaptureLog
 

@@ -44,6 +44,13 @@ defmodule Snakepit.Config do
     * `:max_requests_jitter` - each worker's `worker_max_requests` is lowered by a random fraction
       in `[0, max_requests_jitter)`, so workers started together do not reach it together.
       Default `0.1`.
+
+  ## Message size
+
+    * `:max_message_mb` - the largest gRPC message in MiB, both ways, as one setting: the workers
+      get it as `--max-message-mb` (unless `adapter_args` set that) and the pool's channels refuse
+      larger responses. Default `64`. It bounds what travels inline; shared-memory regions are not
+      messages and have no such limit (see `Snakepit.Shm`).
   """
 
   require Logger
@@ -80,7 +87,8 @@ defmodule Snakepit.Config do
     :shm_base_dir,
     :transport,
     :max_requests_jitter,
-    :process_pipeline_depth
+    :process_pipeline_depth,
+    :max_message_mb
   ]
 
   # accepted but not kept: the old name of :launcher
@@ -119,7 +127,8 @@ defmodule Snakepit.Config do
           shm_base_dir: String.t(),
           transport: :uds | :tcp,
           max_requests_jitter: float,
-          process_pipeline_depth: pos_integer
+          process_pipeline_depth: pos_integer,
+          max_message_mb: pos_integer
         }
 
   @doc "The keys a pool config accepts (`:adapter_module` is the deprecated name of `:launcher`)."
@@ -349,7 +358,9 @@ defmodule Snakepit.Config do
           "must be a number in [0, 1)"
         ) * 1.0,
       process_pipeline_depth:
-        fetch(c, :process_pipeline_depth, 2, &pos_int?/1, "must be a positive integer")
+        fetch(c, :process_pipeline_depth, 2, &pos_int?/1, "must be a positive integer"),
+      max_message_mb:
+        fetch(c, :max_message_mb, 64, &pos_int?/1, "must be a positive integer (MiB)")
     }
   end
 

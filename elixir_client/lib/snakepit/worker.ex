@@ -270,7 +270,11 @@ defmodule Snakepit.Worker do
         {:port, p} -> {[host: "127.0.0.1", port: p], p, nil, "port #{p}"}
       end
 
-    case Snakepit.GRPC.Channel.start_link(address ++ [metadata: metadata]) do
+    max_message_size = s.config.max_message_mb * 1024 * 1024
+
+    case Snakepit.GRPC.Channel.start_link(
+           address ++ [metadata: metadata, max_message_size: max_message_size]
+         ) do
       {:ok, ch} ->
         info = %{channel: ch, os_pid: s.os_pid, port: port, uds: uds}
         send(s.pool, {:snakepit_worker_ready, self(), info})

@@ -38,6 +38,12 @@ defmodule Snakepit.Launcher.GRPCPython do
 
     grace = :erlang.float_to_binary(config.shutdown_grace / 1000, decimals: 3)
 
+    # One message-size setting for both ends (the pool's channels use it too).
+    message_size =
+      if "--max-message-mb" in config.adapter_args,
+        do: [],
+        else: ["--max-message-mb", Integer.to_string(config.max_message_mb)]
+
     listen =
       case Keyword.get(opts, :uds) do
         nil -> ["--host", "127.0.0.1", "--port", "0"]
@@ -47,7 +53,8 @@ defmodule Snakepit.Launcher.GRPCPython do
     args =
       [script_path(config), "--adapter", config.python_adapter] ++
         listen ++
-        ["--exit-on-stdin-eof", "--grace", grace] ++ threads ++ auth ++ shm ++ config.adapter_args
+        ["--exit-on-stdin-eof", "--grace", grace] ++
+        message_size ++ threads ++ auth ++ shm ++ config.adapter_args
 
     {exe, args, [{"PYTHONUNBUFFERED", "1"} | config.adapter_env]}
   end
