@@ -197,9 +197,14 @@ def test_showcase_progress_refuses_an_unbounded_delay():
 def test_showcase_progress_gives_its_slot_back_soon_after_its_deadline():
     with WorkerServer("threaded", "--adapter", SHOWCASE, "--max-workers", "1") as server:
         request = pb.ExecuteToolRequest(tool_name="progress", args_json='{"steps": 2, "delay": 30}')
-        with pytest.raises(grpc.RpcError) as caught:
-            list(server.stub().ExecuteStreamingTool(request, timeout=1))
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        try:
+            chunks = list(server.stub().ExecuteStreamingTool(request, timeout=1))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        else:
+            # On a loaded machine the tool can see its deadline and return before the client's own
+            # deadline timer fires: then the final chunk says so.
+            assert json.loads(chunks[-1].data_json) == {"completed": 0, "cancelled": True}
         started = time.monotonic()
         assert server.client().execute("add", {"a": 1, "b": 2}, timeout=5) == 3  # the one slot is free again
         assert time.monotonic() - started < QUICK
