@@ -2,7 +2,7 @@
 # and without pipelining against plain Python processes.
 #
 #     cd elixir_client && mix run ../bench/elixir_client.exs
-#     BENCH_PARTS=pipeline mix run ../bench/elixir_client.exs     # one part only
+#     BENCH_PARTS=pipeline mix run ../bench/elixir_client.exs     # one part only (client, pipeline, transport)
 #
 # Part "client": starts one threaded worker (a pool of 1, 32 threads) and measures calls/s, p50 and
 # p99 latency of `ping` through Snakepit.execute/4 at 1 and 32 concurrent callers; then runs
@@ -26,7 +26,9 @@
 Logger.configure(level: :warning)
 {:ok, _} = Application.ensure_all_started(:snakepit)
 
-parts = System.get_env("BENCH_PARTS", "client,pipeline") |> String.split(",", trim: true)
+parts =
+  System.get_env("BENCH_PARTS", "client,pipeline,transport") |> String.split(",", trim: true)
+
 rounds = String.to_integer(System.get_env("BENCH_ROUNDS", "3"))
 
 transport =
@@ -341,4 +343,76 @@ if "pipeline" in parts do
   """)
 
   for {_depth, name} <- pools, do: Snakepit.stop_pool(name)
+end
+
+if "transport" in parts do
+  # Part "transport": the same threaded worker setup on a Unix socket and on TCP loopback, rounds
+  # alternating, ping at 1 and 32 callers through Snakepit.execute/4.
+  calls = String.to_integer(System.get_env("BENCH_CALLS", "3000"))
+
+  for t <- [:uds, :tcp] do
+    {:ok, _} =
+      Snakepit.start_pool(
+        name: :"bench_#{t}",
+        worker_profile: :thread,
+        pool_size: 1,
+        threads_per_worker: 32,
+        queue_size: 10_000,
+        transport: t
+      )
+
+    for _ <- 1..500, do: {:ok, _} = Snakepit.execute(:"bench_#{t}", "ping", %{})
+  end
+
+  run = fn pool, level ->
+    per =
+      for i <- 0..(level - 1), do: div(calls, level) + if(i < rem(calls, level), do: 1, else: 0)
+
+    t0 = System.monotonic_time()
+
+    lat =
+      per
+      |> Enum.map(fn n ->
+        Task.async(fn ->
+          for _ <- 1..n//1 do
+            s = System.monotonic_time()
+            {:ok, _} = Snakepit.execute(pool, "ping", %{})
+            System.monotonic_time() - s
+          end
+        end)
+      end)
+      |> Task.await_many(:infinity)
+      |> List.flatten()
+      |> Enum.map(&(System.convert_time_unit(&1, :native, :nanosecond) / 1.0e6))
+      |> Enum.sort()
+
+    secs = System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e9
+    %{"calls_per_s" => calls / secs, "p50_ms" => Enum.at(lat, div(length(lat), 2))}
+  end
+
+  rows =
+    for level <- [1, 32] do
+      runs = for _ <- 1..rounds, do: {run.(:bench_uds, level), run.(:bench_tcp, level)}
+      uds = Enum.map(runs, &elem(&1, 0))
+      tcp = Enum.map(runs, &elem(&1, 1))
+
+      [
+        level,
+        fmt.(median.(uds, "p50_ms")),
+        fmt.(median.(tcp, "p50_ms")),
+        fmt.(median.(uds, "calls_per_s")),
+        fmt.(median.(tcp, "calls_per_s")),
+        fmt.(median.(uds, "calls_per_s") / median.(tcp, "calls_per_s"))
+      ]
+    end
+
+  IO.puts("""
+
+  Elixir client over a Unix socket vs TCP loopback: ping through Snakepit.execute/4, one threaded \
+  worker (32 threads) per transport, median of #{rounds} alternating rounds of #{calls} calls, \
+  #{System.schedulers_online()} schedulers, ELIXIR_ERL_OPTIONS: #{busy_wait}, load average #{load_average.()}
+  """)
+
+  print_table.([["callers", "UDS p50", "TCP p50", "UDS c/s", "TCP c/s", "UDS/TCP"] | rows])
+  for t <- [:uds, :tcp], do: Snakepit.stop_pool(:"bench_#{t}")
 end
