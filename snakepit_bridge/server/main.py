@@ -7,7 +7,6 @@ of those imports the other's caller.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import sys
 
@@ -21,8 +20,6 @@ TRANSPORT_PACKAGES = {
     "grpcio": ("grpc", "grpc_health", "grpc_reflection", "google.protobuf"),
     "grpclib": ("grpclib", "h2", "google.protobuf"),
 }
-
-log = logging.getLogger("snakepit_bridge.server")
 
 
 def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
@@ -40,30 +37,11 @@ def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return 1
     from .prefork import serve_preforked
-    from .worker import StartupError, Worker, announce_ready, install_stop_triggers, start_serving
+    from .worker import serve_worker
 
     if not settings.mode.many_calls and settings.args.processes > 1:
         return serve_preforked(settings, ready_nonce)
-    worker = Worker(settings)
-    try:
-        endpoint = start_serving(worker)
-    except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    install_stop_triggers(worker.request_stop, settings.args.exit_on_stdin_eof)
-    announce_ready(endpoint, ready_nonce)
-    while not worker.stop_requested.wait(0.5):
-        pass
-    worker.shutdown()
-    if worker.servicer.stats.requests_active > 0:
-        # Calls still running after --grace were cancelled for their clients; the interpreter's normal
-        # exit would join their handler threads and wait for the tools anyway, so leave now.
-        log.warning("exiting with %d tool calls still running after the grace period",
-                    worker.servicer.stats.requests_active)
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(0)
-    return 0
+    return serve_worker(settings, ready_nonce)
 
 
 def missing_package(transport: str) -> str | None:
