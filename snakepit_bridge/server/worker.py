@@ -53,7 +53,7 @@ class StartupError(Exception):
     """A configuration or start-up failure: printed as one line, exit code 1."""
 
 
-def load_adapter_class(path: str) -> type:
+def load_adapter_class(path: str) -> type[BaseAdapter]:
     from ..contract.adapter import BaseAdapter
 
     module_name, _, class_name = path.rpartition(".")
@@ -76,7 +76,7 @@ def load_adapter_class(path: str) -> type:
     return cls
 
 
-def create_adapter(adapter_cls: type, info: ServerInfo, name: str) -> BaseAdapter:
+def create_adapter(adapter_cls: type[BaseAdapter], info: ServerInfo, name: str) -> BaseAdapter:
     """An instance of the adapter, bound to the server and set up (its setup() raising is a StartupError)."""
     try:
         adapter = adapter_cls()
