@@ -3,15 +3,19 @@ serve like script-started ones, their output and deaths reach the pool at once, 
 the pool."""
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
 from snakepit_bridge.server.forkserver_protocol import LineSplitter, RequestReader, parse_request
-from tests.servers import SPEC_ADAPTER, ForkServer, pid_alive
+from tests.servers import ROOT, SCRIPTS, SPEC_ADAPTER, ForkServer, pid_alive
 
 PRELOADED = "tests.adapters_for_tests.PreloadedSpecAdapter"
 
@@ -279,6 +283,43 @@ def test_the_pools_death_leaves_no_python_process_within_5_s_even_with_a_call_in
         assert time.monotonic() - closed < 5
         assert fork_server.wait_exit("w1", 0) == -signal.SIGKILL
         future.cancel()
+
+
+BEAM_STAND_IN = """
+import json, subprocess, sys, time
+fork_server = subprocess.Popen([sys.executable, sys.argv[1], "--fork-server", "--adapter", sys.argv[2]],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+fork_server.stdout.readline()
+fork_server.stdin.write(b'spawn w1 {"args": ["--port", "0"]}\\n')
+fork_server.stdin.flush()
+child = None
+for line in fork_server.stdout:
+    words = line.decode().split()
+    if words[1] == "spawned":
+        child = int(words[2])
+    if "SNAKEPIT_READY" in words:
+        break
+print(json.dumps([fork_server.pid, child]), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_pool_killed_with_sigkill_leaves_no_python_process_within_5_s():
+    """A stand-in for the BEAM holds the fork server's stdin and stdout, as an Erlang port does, and is killed -9."""
+    beam = subprocess.Popen([sys.executable, "-c", BEAM_STAND_IN, str(SCRIPTS["process"]), SPEC_ADAPTER], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        ready = select.select([beam.stdout], [], [], 30)[0]
+        assert ready, "the stand-in's fork server did not fork a ready worker within 30 s"
+        pids = json.loads(beam.stdout.readline())
+        assert all(pid_alive(pid) for pid in pids)
+        beam.kill()
+        killed = time.monotonic()
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in pids), 5), [pid_alive(pid) for pid in pids]
+        assert time.monotonic() - killed < 5
+    finally:
+        beam.kill()
+        beam.wait(10)
 
 
 def test_a_fork_server_killed_with_sigkill_takes_its_children_with_it_within_5_s():
