@@ -362,3 +362,18 @@ def test_parse_request_reads_spawn_and_signal():
     assert (spawn.id, spawn.args, spawn.env, spawn.nonce) == ("w-1", ("--uds", "/tmp/w.sock"), {"A": "1"}, "n1")
     assert parse_request(b"spawn w2").args == ()
     assert parse_request(b"signal w2 SIGKILL").signum == signal.SIGKILL
+
+
+def test_a_child_whose_parent_died_before_it_asked_for_the_parent_death_signal_exits_at_once():
+    """parent_death.die_with_parent: when the parent it expects is not its parent any more (pid 1 never
+    is this test's child's parent), it exits 1 instead of serving; with the right parent it carries on."""
+    def run_expecting(parent: str) -> tuple[int, str]:
+        code = ("import os, sys; sys.path.insert(0, sys.argv[1])\n"
+                "from snakepit_bridge.server.parent_death import die_with_parent\n"
+                f"die_with_parent(9, {parent})\n"
+                "print('still running')\n")
+        result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=30)
+        return result.returncode, result.stdout
+
+    assert run_expecting("1") == (1, "")
+    assert run_expecting("os.getppid()") == (0, "still running\n")

@@ -28,7 +28,9 @@ Requests, one per line (blank lines are ignored; a line may have at most 1 MiB):
                             <json> (may be omitted, meaning {}): an object with the optional keys
                               "args":  ["--port", "0"]  flags appended to the fork server's (the later
                                        of a repeated flag wins), e.g. ["--uds", "/run/w3.sock"]
-                              "env":   {"NAME": "value"}  set in the child before the adapter loads
+                              "env":   {"NAME": "value"}  set in the child before its setup() runs
+                                       (after the fork server's imports: a variable that a library
+                                       reads when it is imported, OMP_NUM_THREADS say, was read there)
                               "nonce": "<word>"  for the child's ready line (as $SNAKEPIT_READY_NONCE)
     signal <id> <SIGNAME>   send SIGTERM, SIGKILL, SIGINT, SIGUSR1, ... to a running child.
 
@@ -365,6 +367,8 @@ class ForkServer:
 
     def read_output(self, child: Child, fd: int) -> bool:
         """Relay what is in one of the child's pipes; False once nothing more is there for now."""
+        if fd not in child.streams:  # closed earlier in this round of the loop
+            return False
         try:
             data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
