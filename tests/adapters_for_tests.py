@@ -6,6 +6,7 @@ call, what the request context carried, whether a tool saw its call cancelled.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -152,6 +153,14 @@ class SpecAdapter(BaseAdapter):
             value = [value]
         return value
 
+    @tool(description="A draw from numpy's legacy global generator (np.random.random)")
+    def legacy_random(self) -> float:
+        return float(np.random.random())
+
+    @tool(description="Print one line of `size` characters `char` on stdout or stderr")
+    def print_line(self, size: int, stream: str = "stdout", char: str = "x") -> None:
+        print(char * size, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
+
     # --- not tools ----------------------------------------------------------------------------------
     @tool(description="Marked, but private: must never be callable")
     def _private_tool(self) -> str:
@@ -168,6 +177,31 @@ class CustomBaseException(BaseException):
 
 _BASE_EXCEPTIONS = {"KeyboardInterrupt": KeyboardInterrupt, "SystemExit": SystemExit, "GeneratorExit": GeneratorExit,
                     "CustomBaseException": CustomBaseException}
+
+
+class PreloadedSpecAdapter(SpecAdapter):
+    """SpecAdapter that lets the fork server run its setup() once, before it forks (tests/test_forkserver.py).
+    teardown() appends its pid to $SPEC_ADAPTER_TEARDOWN_FILE, so a test can count where it ran."""
+
+    __fork_preload__ = True
+
+    def setup(self) -> None:
+        super().setup()
+        self.initial_weights = np.random.random(4)  # as a model's random initialisation would
+
+    def teardown(self) -> None:
+        path = os.environ.get("SPEC_ADAPTER_TEARDOWN_FILE")
+        if path:
+            with open(path, "a") as handle:
+                handle.write(f"{os.getpid()}\n")
+
+
+class FailingPreloadAdapter(BaseAdapter):
+    __thread_safe__ = True
+    __fork_preload__ = True
+
+    def setup(self) -> None:
+        raise RuntimeError("model file missing")
 
 
 class FailingSetupAdapter(BaseAdapter):

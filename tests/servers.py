@@ -1,5 +1,5 @@
 """Start real worker servers as subprocesses on 127.0.0.1 (or on a Unix socket, given --uds PATH) for
-tests and benchmarks.
+tests and benchmarks, and fork servers that fork workers on request (ForkServer).
 
     with WorkerServer("threaded", "--max-workers", "4") as server:
         client = server.client()
@@ -7,6 +7,8 @@ tests and benchmarks.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -155,6 +157,203 @@ class WorkerServer:
                 self.terminate(timeout=20)
         finally:
             self.kill()
+
+
+FORKSERVER_READY = re.compile(r"^SNAKEPIT_FORKSERVER_READY pid=(?P<pid>\d+)(?: nonce=(?P<nonce>\S+))?$")
+
+
+class ForkServer:
+    """A fork server subprocess (`--fork-server`, snakepit_bridge/server/forkserver.py) and its events.
+
+        with ForkServer("process", "--adapter", SPEC_ADAPTER) as fork_server:
+            worker = fork_server.spawn("w1", "--port", "0")   # waits for the worker's ready line
+            worker.client().ping()
+
+    Every stdout line is kept in `self.lines`; `self.events` holds them split as (first word, second
+    word, rest): (id, "spawned" | "out" | "err" | "exit", text) or ("error", id, message).
+    """
+
+    def __init__(self, mode: str = "process", *args: str, env: dict | None = None,
+                 startup_timeout: float = 30.0, transport: str | None = None, expect_ready: bool = True) -> None:
+        self.mode = mode
+        self.expect_ready = expect_ready  # False: a test of start-up failure reads the lines itself
+        self.args = list(args)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.python = os.environ.get("SNAKEPIT_TEST_SERVER_PYTHON") or sys.executable
+        self.transport = transport or os.environ.get("SNAKEPIT_TEST_TRANSPORT")
+        self.process: subprocess.Popen | None = None
+        self.pid = 0
+        self.lines: list[str] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.stderr_lines: list[str] = []
+        self.changed = threading.Condition()
+        self.stdout_closed = False
+        self._clients: list = []
+
+    def command(self) -> list[str]:
+        args = self.args
+        if self.transport and not any(arg.startswith("--transport") for arg in args):
+            args = [*args, "--transport", self.transport]
+        return [self.python, str(SCRIPTS[self.mode]), "--fork-server", *args]
+
+    def start(self) -> "ForkServer":
+        self.process = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        if self.expect_ready:
+            ready = self.wait_line(lambda line: FORKSERVER_READY.match(line), self.startup_timeout)
+            if ready is None:
+                self.kill()
+                raise ServerFailedToStart(f"{' '.join(self.command())}: no SNAKEPIT_FORKSERVER_READY line; stdout: "
+                                          f"{self.lines}; stderr:\n" + "\n".join(self.stderr_lines[-30:]))
+            self.pid = int(FORKSERVER_READY.match(ready)["pid"])
+        return self
+
+    def _read_stdout(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "backslashreplace").removesuffix("\n")
+            words = line.split(" ", 2)
+            with self.changed:
+                self.lines.append(line)
+                if len(words) >= 2:
+                    self.events.append((words[0], words[1], words[2] if len(words) > 2 else ""))
+                self.changed.notify_all()
+        with self.changed:
+            self.stdout_closed = True
+            self.changed.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        for raw in self.process.stderr:
+            self.stderr_lines.append(raw.decode("utf-8", "backslashreplace").rstrip("\n"))
+
+    def wait_line(self, predicate, timeout: float = 10.0):
+        """The first stdout line that satisfies `predicate`, or None after `timeout` s (or at stdout's end)."""
+        return self._wait(lambda: next((line for line in self.lines if predicate(line)), None), timeout)
+
+    def wait_event(self, predicate, timeout: float = 10.0, since: int = 0):
+        """The first event (a, b, rest) from index `since` on that satisfies `predicate`, or None after
+        `timeout` s."""
+        return self._wait(lambda: next((e for e in self.events[since:] if predicate(e)), None), timeout)
+
+    def last_spawned(self, id: str) -> int:
+        """The index of the latest `<id> spawned` event (ids are reused once a child exited), else 0."""
+        with self.changed:
+            found = [index for index, e in enumerate(self.events) if e[0] == id and e[1] == "spawned"]
+        return found[-1] if found else 0
+
+    def _wait(self, find, timeout: float):
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                found = find()
+                if found is not None or self.stdout_closed:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.changed.wait(left)
+
+    def events_of(self, id: str) -> list[tuple[str, str]]:
+        with self.changed:
+            return [(kind, text) for first, kind, text in self.events if first == id]
+
+    def request(self, line: str | bytes) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(line if isinstance(line, bytes) else line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def request_spawn(self, id: str, *args: str, env: dict | None = None, nonce: str | None = None) -> None:
+        spec: dict = {"args": list(args)}
+        if env:
+            spec["env"] = env
+        if nonce:
+            spec["nonce"] = nonce
+        self.request(f"spawn {id} {json.dumps(spec)}")
+
+    def spawn(self, id: str, *args: str, env: dict | None = None, nonce: str | None = None,
+              timeout: float = 30.0) -> "ForkedWorker":
+        """Request a worker and wait for its ready line (ServerFailedToStart if it exits first)."""
+        if not args:
+            args = ("--port", "0")
+        since = len(self.events)
+        self.request_spawn(id, *args, env=env, nonce=nonce)
+        return self.wait_ready(id, timeout, since)
+
+    def wait_ready(self, id: str, timeout: float = 30.0, since: int = 0) -> "ForkedWorker":
+        found = self.wait_event(lambda e: e[0] == id and (e[1] == "exit" or (e[1] == "out" and READY.match(e[2])))
+                                or (e[0] == "error" and e[1] == id), timeout, since)
+        if found is None or found[1] != "out":
+            raise ServerFailedToStart(f"{id} did not get ready: {found}; its events: {self.events_of(id)}")
+        match = READY.match(found[2])
+        assert match is not None
+        spawned = self.wait_event(lambda e: e[0] == id and e[1] == "spawned", 0, since)
+        assert spawned is not None, self.events_of(id)
+        worker = ForkedWorker(self, id, int(spawned[2]), int(match["port"] or 0), match["uds"], found[2])
+        return worker
+
+    def wait_exit(self, id: str, timeout: float = 10.0) -> int | None:
+        """The exit code of the latest child with this id, once its exit event came (None after `timeout` s)."""
+        found = self.wait_event(lambda e: e[0] == id and e[1] == "exit", timeout, self.last_spawned(id))
+        return None if found is None else int(found[2])
+
+    def close_stdin(self) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def __enter__(self) -> "ForkServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        for client in self._clients:
+            client.close()
+        try:
+            if self.process is not None and self.process.poll() is None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.close_stdin()
+                self.process.wait(20)
+        finally:
+            self.kill()
+
+
+class ForkedWorker:
+    """A worker that a ForkServer forked, once it printed its ready line."""
+
+    def __init__(self, fork_server: ForkServer, id: str, pid: int, port: int, uds: str | None, ready_line: str):
+        self.fork_server = fork_server
+        self.id = id
+        self.pid = pid
+        self.port = port
+        self.uds = uds
+        self.ready_line = ready_line
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.uds}" if self.uds else f"127.0.0.1:{self.port}"
+
+    def client(self, **kwargs):
+        from snakepit_bridge.client import BridgeClient
+
+        client = BridgeClient(self.address, **kwargs)
+        self.fork_server._clients.append(client)
+        return client
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def proc_status_mb(pid: int, key: str) -> float:

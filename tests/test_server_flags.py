@@ -17,7 +17,7 @@ from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
 from tests.servers import ROOT, SCRIPTS, SHOWCASE, SPEC_ADAPTER, WorkerServer
 
 COMMON_FLAGS = ["--adapter", "--host", "--port", "--elixir-address", "--mode", "--log-level", "--max-message-mb",
-                "--auth-token-env", "--max-queue", "--grace", "--exit-on-stdin-eof", "--session-ttl"]
+                "--auth-token-env", "--max-queue", "--grace", "--exit-on-stdin-eof", "--session-ttl", "--fork-server"]
 
 
 def run_script(mode, *args, timeout=60):

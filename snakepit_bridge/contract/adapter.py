@@ -138,7 +138,13 @@ class BaseAdapter:
 
     Override `setup()` to load models once (it runs after construction, before serving) and
     `teardown()` to release them at shutdown.
+
+    `__fork_preload__ = True` lets a fork server (`--fork-server`) run setup() once, before it forks its
+    workers, instead of once in each worker: only for a setup() whose state survives fork (Python and
+    numpy data, files; not thread pools of OpenMP/MKL/torch, not CUDA). See server/forkserver.py.
     """
+
+    __fork_preload__: bool = False
 
     def __init__(self) -> None:
         self.server_info = None

@@ -1,28 +1,17 @@
 """Entry points of the two worker servers: `grpc_server_threaded.py` and `grpc_server_process.py`
 call `main_threaded` / `main_process` (also the `snakepit-threaded` / `snakepit-process` scripts).
 
-It sits above both `server` (one serving process) and `prefork` (several, sharing a port), so neither
-of those imports the other's caller.
+It sits above `worker` (one serving process), `prefork` (several, sharing a port) and `forkserver`
+(workers forked on request), so none of those imports the other's caller.
 """
 from __future__ import annotations
 
-import importlib.util
-import logging
 import os
 import sys
 
 from . import logs
-from .settings import PROCESS, THREADED, Mode, parse_settings
-
-READY_NONCE_ENV = "SNAKEPIT_READY_NONCE"
-# What each transport imports, checked before anything is loaded so that a Python without them fails
-# with one line that names the missing module (the Elixir pool shows that line).
-TRANSPORT_PACKAGES = {
-    "grpcio": ("grpc", "grpc_health", "grpc_reflection", "google.protobuf"),
-    "grpclib": ("grpclib", "h2", "google.protobuf"),
-}
-
-log = logging.getLogger("snakepit_bridge.server")
+from .settings import PROCESS, READY_NONCE_ENV, THREADED, Mode, parse_settings
+from .transport import missing_transport_package
 
 
 def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
@@ -33,47 +22,20 @@ def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
     # Taken out before any adapter code runs, so an adapter cannot print a ready line that passes.
     ready_nonce = os.environ.pop(READY_NONCE_ENV, None)
     logs.configure(settings.args.log_level)
-    missing = missing_package(settings.transport)
+    if settings.args.fork_server:
+        from .forkserver import serve_fork_server
+
+        return serve_fork_server(settings, list(sys.argv[1:] if argv is None else argv), ready_nonce)
+    missing = missing_transport_package(settings.transport)
     if missing:
-        print(f"error: ModuleNotFoundError: No module named '{missing}' (the {settings.transport} transport needs "
-              f"it: pip install the snakepit_bridge package into this Python, {sys.executable})",
-              file=sys.stderr, flush=True)
+        print(f"error: {missing}", file=sys.stderr, flush=True)
         return 1
     from .prefork import serve_preforked
-    from .worker import StartupError, Worker, announce_ready, install_stop_triggers, start_serving
+    from .worker import serve_worker
 
     if not settings.mode.many_calls and settings.args.processes > 1:
         return serve_preforked(settings, ready_nonce)
-    worker = Worker(settings)
-    try:
-        endpoint = start_serving(worker)
-    except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    install_stop_triggers(worker.request_stop, settings.args.exit_on_stdin_eof)
-    announce_ready(endpoint, ready_nonce)
-    while not worker.stop_requested.wait(0.5):
-        pass
-    worker.shutdown()
-    if worker.servicer.stats.requests_active > 0:
-        # Calls still running after --grace were cancelled for their clients; the interpreter's normal
-        # exit would join their handler threads and wait for the tools anyway, so leave now.
-        log.warning("exiting with %d tool calls still running after the grace period",
-                    worker.servicer.stats.requests_active)
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(0)
-    return 0
-
-
-def missing_package(transport: str) -> str | None:
-    for name in TRANSPORT_PACKAGES[transport]:
-        try:
-            if importlib.util.find_spec(name) is None:
-                return name
-        except ModuleNotFoundError:  # its parent package is missing
-            return name
-    return None
+    return serve_worker(settings, ready_nonce)
 
 
 def main_threaded(argv: list[str] | None = None) -> int:

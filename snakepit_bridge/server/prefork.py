@@ -9,7 +9,6 @@ gracefully.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -20,6 +19,7 @@ import threading
 import time
 
 from .endpoint import Endpoint
+from .parent_death import die_with_parent
 from .worker import StartupError, Worker, announce_ready, install_stop_triggers, start_serving
 
 log = logging.getLogger("snakepit_bridge.server")
@@ -27,16 +27,9 @@ STARTUP_TIMEOUT_SECONDS = 120.0
 RESTART_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
 
 
-def _die_with_parent() -> None:
-    # Linux: the kernel sends SIGTERM to this child when the parent dies, even by SIGKILL.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _child_main(settings, index: int, port: int, conn) -> None:
-    _die_with_parent()
+def _child_main(settings, index: int, port: int, conn, parent: int) -> None:
+    # SIGTERM: the child drains like its siblings do when the parent stops them.
+    die_with_parent(signal.SIGTERM, parent)
     settings.args.port = port
     worker = Worker(settings, worker_index=index, reuse_port=True)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("SIGTERM"))
@@ -93,7 +86,7 @@ def serve_preforked(settings, ready_nonce: str | None = None) -> int:
     restarts: dict[int, int] = {}
 
     def spawn(index: int) -> None:
-        child = context.Process(target=_child_main, args=(settings, index, port, sender),
+        child = context.Process(target=_child_main, args=(settings, index, port, sender, os.getpid()),
                                 name=f"snakepit-worker-{index}", daemon=False)
         child.start()
         children[index] = child

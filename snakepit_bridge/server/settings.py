@@ -16,6 +16,9 @@ from .unix_socket import path_problem
 CONTROL_THREADS = 8  # handler threads beyond tool slots + queue, so Ping/health/stats never starve
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50052
+# The spawner's per-spawn nonce for the ready line (worker.announce_ready); removed from the environment
+# before any adapter code runs.
+READY_NONCE_ENV = "SNAKEPIT_READY_NONCE"
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         help="take blobs from same-host callers as shared-memory regions in DIR (a directory of this user, "
              "mode 0700, on a tmpfs such as /dev/shm), and write large results there when a call asks "
              "(default: off, every blob inline)")
+    add("--fork-server", action="store_true",
+        help="serve no calls: import the adapter once, then fork workers on request (the pool's protocol on "
+             "stdin/stdout: snakepit_bridge/server/forkserver.py); the other flags are every worker's")
     add("--transport", choices=TRANSPORTS, default="auto",
         help="gRPC stack: grpcio (C core) or grpclib (pure Python on h2, runs with the GIL off); auto picks "
              "grpclib on a free-threaded build, else grpcio (default: %(default)s)")
@@ -191,6 +197,9 @@ def parse_settings(mode: Mode | str, argv: list[str] | None) -> Settings:
             parser.error("--thread-safety-strict and --thread-safety-report need --thread-safety-check")
     elif args.processes < 1:
         parser.error("--processes must be at least 1")
+    elif args.processes > 1 and args.fork_server:
+        parser.error(f"--processes {args.processes} with --fork-server: the fork server's workers are one process "
+                     "each; request as many as you need")
     elif args.processes > 1 and args.metrics_port is not None:
         parser.error("--metrics-port serves one process's counters; with --processes each process would need a port "
                      "of its own: run one worker per port (as the Elixir pool does) or use grpc_server_threaded.py")

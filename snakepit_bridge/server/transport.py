@@ -3,6 +3,8 @@
 Both serve the same BridgeService, health and reflection, so callers cannot tell them apart."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 from typing import TYPE_CHECKING, Protocol
 
@@ -14,6 +16,12 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 TRANSPORTS = ("auto", "grpcio", "grpclib")
+# What each transport imports, checked before anything is loaded so that a Python without them fails
+# with one line that names the missing module (the Elixir pool shows that line).
+TRANSPORT_PACKAGES = {
+    "grpcio": ("grpc", "grpc_health", "grpc_reflection", "google.protobuf"),
+    "grpclib": ("grpclib", "h2", "google.protobuf"),
+}
 
 
 class Transport(Protocol):
@@ -49,3 +57,17 @@ def open_transport(name: str) -> Transport:
     from .transport_grpcio import GrpcioTransport
 
     return GrpcioTransport()
+
+
+def missing_transport_package(name: str) -> str | None:
+    """The error message when this Python lacks a package the transport `name` needs, else None."""
+    name = resolve(name)
+    for package in TRANSPORT_PACKAGES[name]:
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            found = False
+        if not found:
+            return (f"ModuleNotFoundError: No module named '{package}' (the {name} transport needs it: "
+                    f"pip install the snakepit_bridge package into this Python, {sys.executable})")
+    return None

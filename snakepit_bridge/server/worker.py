@@ -41,6 +41,7 @@ from .transport import Transport, open_transport
 from .unix_socket import UnixSocketClaim, UnixSocketError
 
 if TYPE_CHECKING:
+    from ..contract.adapter import BaseAdapter
     from ..threadsafety.checker import ThreadSafetyChecker
     from .auth import BearerToken
     from .otel import CallTracing
@@ -52,7 +53,7 @@ class StartupError(Exception):
     """A configuration or start-up failure: printed as one line, exit code 1."""
 
 
-def load_adapter_class(path: str) -> type:
+def load_adapter_class(path: str) -> type[BaseAdapter]:
     from ..contract.adapter import BaseAdapter
 
     module_name, _, class_name = path.rpartition(".")
@@ -75,11 +76,34 @@ def load_adapter_class(path: str) -> type:
     return cls
 
 
+def create_adapter(adapter_cls: type[BaseAdapter], info: ServerInfo, name: str) -> BaseAdapter:
+    """An instance of the adapter, bound to the server and set up (its setup() raising is a StartupError)."""
+    try:
+        adapter = adapter_cls()
+        adapter.bind_server(info)
+        adapter.setup()
+    except Exception as exc:
+        log.error("adapter %s setup failed", name, exc_info=True)
+        raise StartupError(f"adapter setup failed: {type(exc).__name__}: {exc}") from None
+    return adapter
+
+
+def teardown_adapter(adapter: BaseAdapter) -> None:
+    try:
+        adapter.teardown()
+    except Exception:
+        log.exception("adapter teardown failed")
+
+
 class Worker:
     """One serving process: adapter, grpc server, lifecycle."""
 
-    def __init__(self, settings: Settings, *, worker_index: int = 0, reuse_port: bool = False) -> None:
+    def __init__(self, settings: Settings, *, worker_index: int = 0, reuse_port: bool = False,
+                 preloaded_adapter: BaseAdapter | None = None) -> None:
         self.settings = settings
+        # An adapter whose setup() already ran in the fork server (forkserver.py, `__fork_preload__`):
+        # this worker serves it as it is, and its teardown() is the fork server's to run, once.
+        self.preloaded_adapter = preloaded_adapter
         self.args = settings.args
         self.worker_index = worker_index
         self.reuse_port = reuse_port
@@ -106,13 +130,11 @@ class Worker:
 
             self.checker = ThreadSafetyChecker(enabled=True, strict_mode=args.thread_safety_strict)
         info = ServerInfo(worker_mode=mode.name, max_workers=self.settings.max_workers, worker_index=self.worker_index)
-        try:
-            adapter = adapter_cls()
-            adapter.bind_server(info)
-            adapter.setup()
-        except Exception as exc:
-            log.error("adapter %s setup failed", args.adapter, exc_info=True)
-            raise StartupError(f"adapter setup failed: {type(exc).__name__}: {exc}") from None
+        if self.preloaded_adapter is not None:
+            adapter = self.preloaded_adapter
+            adapter.bind_server(info)  # this process's ServerInfo; setup() saw the fork server's
+        else:
+            adapter = create_adapter(adapter_cls, info, args.adapter)
         if self.checker is not None:
             self.checker.check_declaration(adapter_cls)
             self.checker.attach(adapter)
@@ -251,10 +273,8 @@ class Worker:
         if self.batch_executor is not None:
             self.batch_executor.shutdown(wait=False)
         self.sessions.close()
-        try:
-            self.adapter.teardown()
-        except Exception:
-            log.exception("adapter teardown failed")
+        if self.preloaded_adapter is None:
+            teardown_adapter(self.adapter)
         if self.checker is not None:
             if self.args.thread_safety_report:
                 self.checker.write_report(self.args.thread_safety_report)
@@ -294,6 +314,31 @@ def start_serving(worker: Worker) -> Endpoint:
             else "it was enabled at start-up (PYTHON_GIL=1 or -X gil=1)")
         raise StartupError(f"--require-free-threading: the GIL is enabled: {why}")
     return endpoint
+
+
+def serve_worker(settings: Settings, ready_nonce: str | None, preloaded_adapter: BaseAdapter | None = None) -> int:
+    """Serve until told to stop (install_stop_triggers), then shut down: the exit code of one serving
+    process, whether the script started it or the fork server forked it."""
+    worker = Worker(settings, preloaded_adapter=preloaded_adapter)
+    try:
+        endpoint = start_serving(worker)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    install_stop_triggers(worker.request_stop, settings.args.exit_on_stdin_eof)
+    announce_ready(endpoint, ready_nonce)
+    while not worker.stop_requested.wait(0.5):
+        pass
+    worker.shutdown()
+    if worker.servicer.stats.requests_active > 0:
+        # Calls still running after --grace were cancelled for their clients; the interpreter's normal
+        # exit would join their handler threads and wait for the tools anyway, so leave now.
+        log.warning("exiting with %d tool calls still running after the grace period",
+                    worker.servicer.stats.requests_active)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
+    return 0
 
 
 def announce_ready(endpoint: Endpoint, nonce: str | None = None) -> None:
