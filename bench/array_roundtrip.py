@@ -139,6 +139,26 @@ def timed(fn, array: np.ndarray) -> float:
     return elapsed
 
 
+def peak_memory(size_mb: float) -> None:
+    """The worker's peak memory for one inline round trip of `size_mb`, on each transport: a fresh
+    server, one small call, then the large one; VmHWM before and after."""
+    array = np.random.default_rng(1).random(int(size_mb * 1e6) // 8)
+    print(f"| transport | {size_mb:g} MB inline echo, ms | worker peak RSS before | after | growth / payload |")
+    print("|---|---:|---:|---:|---:|")
+    for transport in ("grpcio", "grpclib"):
+        with WorkerServer("threaded", "--transport", transport, "--max-message-mb", "256") as server:
+            client = BridgeClient(server.address, max_message_mb=256)
+            client.execute("echo", {"x": np.zeros(10)})
+            before = proc_status_mb(server.pid, "VmHWM")
+            started = time.perf_counter()
+            client.execute("echo", {"x": array})
+            elapsed = time.perf_counter() - started
+            after = proc_status_mb(server.pid, "VmHWM")
+            client.close()
+        print(f"| {transport} | {elapsed * 1e3:.0f} | {before:.0f} MB | {after:.0f} MB | "
+              f"{(after - before) / (array.nbytes / 2 ** 20):.1f}x |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 16, 64])
@@ -146,7 +166,12 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=240, help="stop starting rounds after this long")
     parser.add_argument("--elixir", action="store_true",
                         help="add the Elixir client's rows, inline and shared memory (mix run in elixir_client/)")
+    parser.add_argument("--peak-memory-mb", type=float, default=None,
+                        help="only measure the worker's peak memory for one inline round trip of this size")
     args = parser.parse_args()
+    if args.peak_memory_mb is not None:
+        peak_memory(args.peak_memory_mb)
+        return 0
 
     load_before = os.getloadavg()
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
