@@ -111,36 +111,18 @@ defmodule Snakepit.Shm do
       else: {:error, "shared-memory base directory #{base} does not exist"}
   end
 
-  defp make_private_dir(base, _owner, _pool_name, 0),
-    do: {:error, "cannot make a shared-memory directory in #{base}"}
-
-  defp make_private_dir(base, {pid, start, ns} = owner, pool_name, tries) do
-    name =
+  # A name someone else made first is not ours: then another (random) name.
+  defp make_private_dir(base, {pid, start, ns}, pool_name, tries) do
+    name = fn ->
       Enum.join(
         [@dir_prefix <> pid, start, ns, slug(pool_name), name_hash(pool_name), random_hex(8)],
         "-"
       )
+    end
 
-    dir = Path.join(base, name)
-
-    # mkdir, never mkdir_p: a name someone else made first is not ours (then another name)
-    case File.mkdir(dir) do
-      :ok ->
-        # nobody can enter the directory from here on; no region is in it yet
-        case File.chmod(dir, 0o700) do
-          :ok ->
-            {:ok, dir}
-
-          {:error, why} ->
-            File.rmdir(dir)
-            {:error, "cannot make #{dir} private: #{:file.format_error(why)}"}
-        end
-
-      {:error, :eexist} ->
-        make_private_dir(base, owner, pool_name, tries - 1)
-
-      {:error, why} ->
-        {:error, "cannot make a shared-memory directory in #{base}: #{:file.format_error(why)}"}
+    case Snakepit.PrivateDir.create(base, name, tries) do
+      {:ok, dir} -> {:ok, dir}
+      {:error, _dir, why} -> {:error, "cannot make a shared-memory directory in #{base}: #{why}"}
     end
   end
 

@@ -32,7 +32,7 @@ defmodule Snakepit.Pool.SocketDir do
   @spec create() :: {:ok, Path.t()} | {:error, String.t()}
   def create do
     with {:ok, base} <- base(),
-         {:ok, dir} <- make(base, 0) do
+         {:ok, dir} <- make(base) do
       {:ok, %File.Stat{uid: uid}} = File.lstat(dir)
       sweep(base, uid)
       {:ok, dir}
@@ -99,28 +99,16 @@ defmodule Snakepit.Pool.SocketDir do
       byte_size(base) + byte_size("/" <> @prefix <> System.pid() <> "-") + 10 +
         @longest_socket_name <= @max_path_bytes
 
-  defp make(base, attempt) do
-    dir = Path.join(base, "#{@prefix}#{System.pid()}-#{System.unique_integer([:positive])}")
+  defp make(base) do
+    case Snakepit.PrivateDir.create(base, fn ->
+           "#{@prefix}#{System.pid()}-#{System.unique_integer([:positive])}"
+         end) do
+      {:ok, dir} ->
+        {:ok, dir}
 
-    # mkdir does not follow a symlink already at the path (it fails), so nobody can slip one in;
-    # the directory is 0700 before any socket is made in it.
-    case File.mkdir(dir) do
-      :ok ->
-        case File.chmod(dir, 0o700) do
-          :ok ->
-            {:ok, dir}
-
-          {:error, why} ->
-            _ = File.rmdir(dir)
-            {:error, "cannot make #{dir} private (chmod 0700): #{:file.format_error(why)}"}
-        end
-
-      {:error, :eexist} when attempt < 10 ->
-        make(base, attempt + 1)
-
-      {:error, why} ->
+      {:error, dir, why} ->
         {:error,
-         "cannot create #{dir} for the workers' Unix sockets: #{:file.format_error(why)} " <>
+         "cannot create #{dir} for the workers' Unix sockets: #{why} " <>
            "(use transport: :tcp, or set XDG_RUNTIME_DIR / TMPDIR to a writable directory)"}
     end
   end
