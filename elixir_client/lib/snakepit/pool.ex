@@ -300,7 +300,10 @@ defmodule Snakepit.Pool do
     end
   end
 
-  @doc "Pool counters and worker table (no Python calls)."
+  @doc """
+  Pool counters and worker table (no Python calls); `fork_server_os_pid`: the OS pid of the pool's
+  fork server (`start_mode: :fork_server`), nil when it has none running.
+  """
   def stats(pool),
     do: GenServer.call(whereis(pool) || raise(ArgumentError, "no pool #{inspect(pool)}"), :stats)
 
@@ -323,6 +326,7 @@ defmodule Snakepit.Pool do
     :socket_dir,
     :shm,
     :fork_server,
+    :fork_server_os_pid,
     pids: %{},
     ids: %{},
     timers: %{}
@@ -369,7 +373,14 @@ defmodule Snakepit.Pool do
   def handle_call(:stats, _from, shell) do
     stats = State.stats(shell.pool, now())
     workers = Enum.map(stats.workers, &Map.put(&1, :pid, shell.pids[&1.id]))
-    {:reply, Map.merge(stats, %{workers: workers, shm_dir: shell.shm && shell.shm.dir}), shell}
+
+    extra = %{
+      workers: workers,
+      shm_dir: shell.shm && shell.shm.dir,
+      fork_server_os_pid: shell.fork_server_os_pid
+    }
+
+    {:reply, Map.merge(stats, extra), shell}
   end
 
   @impl true
@@ -393,7 +404,7 @@ defmodule Snakepit.Pool do
       "snakepit pool #{inspect(shell.config.name)}: its fork server went down: #{inspect(reason)}"
     )
 
-    {:noreply, %{shell | fork_server: nil}}
+    {:noreply, %{shell | fork_server: nil, fork_server_os_pid: nil}}
   end
 
   # (not a worker of ours, e.g. one whose init failed: its start failure was an event already)
@@ -598,7 +609,7 @@ defmodule Snakepit.Pool do
 
   defp ensure_fork_server(shell) do
     case ForkServer.start_link(shell.config, shm_dir: shell.shm && shell.shm.dir) do
-      {:ok, pid} -> {:ok, %{shell | fork_server: pid}}
+      {:ok, pid} -> {:ok, %{shell | fork_server: pid, fork_server_os_pid: ForkServer.os_pid(pid)}}
       {:error, {:shutdown, {:start_failed, message}}} -> {:error, {:spawn_failed, message}}
       {:error, reason} -> {:error, reason}
     end
