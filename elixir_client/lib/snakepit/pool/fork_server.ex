@@ -265,28 +265,15 @@ defmodule Snakepit.Pool.ForkServer do
     {:noreply, handle_line(%{s | partial: ""}, line)}
   end
 
-  def handle_info({port, {:exit_status, status}}, %{port: port} = s) do
-    s = %{s | port: nil}
-    tail = s.lines |> Enum.reverse() |> Enum.join("\n")
-
-    case s.status do
-      :starting ->
-        message =
-          "the fork server (os pid #{s.os_pid}) exited with status #{status} before it was ready: " <>
-            (List.first(s.lines) || "it printed nothing")
-
-        Logger.warning("snakepit " <> message <> "\n" <> tail)
-        {:stop, {:shutdown, {:start_failed, message}}, s}
-
-      :ready ->
-        Logger.warning(
-          "snakepit fork server (os pid #{s.os_pid}) exited with status #{status}; " <>
-            "its #{map_size(s.children)} workers are gone\n#{tail}"
-        )
-
-        {:stop, {:shutdown, {:fork_server_exited, status}}, s}
-    end
+  # A request written to a fork server that just died closes the port (EPIPE) before its
+  # exit_status comes: the same death, its status unknown.
+  def handle_info({:EXIT, port, reason}, %{port: port} = s) do
+    kill(s.os_pid, "KILL")
+    fork_server_exited(%{s | port: nil}, "unknown (its port closed: #{inspect(reason)})")
   end
+
+  def handle_info({port, {:exit_status, status}}, %{port: port} = s),
+    do: fork_server_exited(%{s | port: nil}, status)
 
   def handle_info(:startup_timeout, %{status: :starting} = s) do
     message =
@@ -343,6 +330,28 @@ defmodule Snakepit.Pool.ForkServer do
   end
 
   def terminate(_reason, _s), do: :ok
+
+  defp fork_server_exited(s, status) do
+    tail = s.lines |> Enum.reverse() |> Enum.join("\n")
+
+    case s.status do
+      :starting ->
+        message =
+          "the fork server (os pid #{s.os_pid}) exited with status #{status} before it was ready: " <>
+            (List.first(s.lines) || "it printed nothing")
+
+        Logger.warning("snakepit " <> message <> "\n" <> tail)
+        {:stop, {:shutdown, {:start_failed, message}}, s}
+
+      :ready ->
+        Logger.warning(
+          "snakepit fork server (os pid #{s.os_pid}) exited with status #{status}; " <>
+            "its #{map_size(s.children)} workers are gone\n#{tail}"
+        )
+
+        {:stop, {:shutdown, {:fork_server_exited, status}}, s}
+    end
+  end
 
   ## the lines
 
@@ -402,9 +411,12 @@ defmodule Snakepit.Pool.ForkServer do
   defp request(%{status: :starting} = s, line), do: %{s | pending: s.pending ++ [line]}
   defp request(%{port: nil} = s, _line), do: s
 
+  # (a port whose process just exited is closed before its exit_status message is handled here)
   defp request(s, line) do
     Port.command(s.port, line)
     s
+  rescue
+    ArgumentError -> s
   end
 
   defp keep(partial, chunk) do
