@@ -2,7 +2,7 @@
 # and without pipelining against plain Python processes.
 #
 #     cd elixir_client && mix run ../bench/elixir_client.exs
-#     BENCH_PARTS=pipeline mix run ../bench/elixir_client.exs     # one part only (client, pipeline, transport)
+#     BENCH_PARTS=pipeline mix run ../bench/elixir_client.exs     # one part only (client, pipeline, transport, start)
 #
 # Part "client": starts one threaded worker (a pool of 1, 32 threads) and measures calls/s, p50 and
 # p99 latency of `ping` through Snakepit.execute/4 at 1 and 32 concurrent callers; then runs
@@ -19,6 +19,14 @@
 # figure is the median of BENCH_ROUNDS rounds, alternating the three, of BENCH_PIPE_CALLS calls
 # (default 1000; a round also stops issuing calls after BENCH_PIPE_SECONDS, default 10).
 #
+# Part "start": worker start-up with start_mode :spawn (a fresh interpreter per worker) vs
+# :fork_server (workers forked from one fork server): the time a pool of BENCH_START_POOL process
+# workers (default 8) takes to be ready (Snakepit.start_pool returning; for :fork_server this
+# includes the fork server's own start), and the time from a worker's kill -9 to its replacement's
+# [:snakepit, :worker, :start] event (BENCH_START_KILLS kills per round, default 5). Medians of
+# BENCH_ROUNDS rounds alternating the modes. The replacement time includes the pool's restart
+# backoff after a crash (100 ms, the same in both modes).
+#
 # On a machine where the Python workers share few cores with the BEAM, the BEAM's scheduler
 # busy-waiting takes CPU from them; compare with
 #     ELIXIR_ERL_OPTIONS="+sbwt none +sbwtdcpu none +sbwtdio none" mix run ../bench/elixir_client.exs
@@ -27,7 +35,8 @@ Logger.configure(level: :warning)
 {:ok, _} = Application.ensure_all_started(:snakepit)
 
 parts =
-  System.get_env("BENCH_PARTS", "client,pipeline,transport") |> String.split(",", trim: true)
+  System.get_env("BENCH_PARTS", "client,pipeline,transport,start")
+  |> String.split(",", trim: true)
 
 rounds = String.to_integer(System.get_env("BENCH_ROUNDS", "3"))
 
@@ -415,4 +424,78 @@ if "transport" in parts do
 
   print_table.([["callers", "UDS p50", "TCP p50", "UDS c/s", "TCP c/s", "UDS/TCP"] | rows])
   for t <- [:uds, :tcp], do: Snakepit.stop_pool(:"bench_#{t}")
+end
+
+if "start" in parts do
+  # Part "start": pool ready time and replacement time after kill -9, :spawn vs :fork_server.
+  size = String.to_integer(System.get_env("BENCH_START_POOL", "8"))
+  kills = String.to_integer(System.get_env("BENCH_START_KILLS", "5"))
+  # Worker start events to this process, through the telemetry handler module (snakepit has no
+  # :telemetry dependency).
+  defmodule BenchStartEvents do
+    def handle_event([:snakepit, :worker, :start], _measurements, meta),
+      do: send(:bench_start, {:worker_ready, meta.pool, meta.os_pid})
+
+    def handle_event(_event, _measurements, _meta), do: :ok
+  end
+
+  Process.register(self(), :bench_start)
+  Application.put_env(:snakepit, :telemetry_handler, BenchStartEvents)
+  Snakepit.Telemetry.reset_cache()
+
+  ms_since = fn t0 ->
+    System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1000
+  end
+
+  round = fn mode ->
+    name = :"bench_start_#{mode}"
+    t0 = System.monotonic_time()
+
+    {:ok, _} =
+      Snakepit.start_pool(name: name, worker_profile: :process, pool_size: size, start_mode: mode)
+
+    ready_ms = ms_since.(t0)
+    # (the start events of the pool's first workers)
+    for _ <- 1..size, do: receive(do: ({:worker_ready, ^name, _} -> :ok))
+
+    replacements =
+      for _ <- 1..kills do
+        victim = hd(Snakepit.list_workers(name)).os_pid
+        t0 = System.monotonic_time()
+        System.cmd("kill", ["-9", Integer.to_string(victim)])
+
+        receive do
+          {:worker_ready, ^name, pid} when pid != victim -> ms_since.(t0)
+        after
+          30_000 -> raise "no replacement for #{victim} in 30 s"
+        end
+      end
+
+    Snakepit.stop_pool(name)
+    %{"ready_ms" => ready_ms, "replace_ms" => Enum.at(Enum.sort(replacements), div(kills, 2))}
+  end
+
+  runs = for _ <- 1..rounds, do: {round.(:spawn), round.(:fork_server)}
+  Application.delete_env(:snakepit, :telemetry_handler)
+  spawned = Enum.map(runs, &elem(&1, 0))
+  forked = Enum.map(runs, &elem(&1, 1))
+
+  IO.puts("""
+
+  Worker start: a pool of #{size} process workers (showcase adapter) ready, and a worker's \
+  replacement ready after kill -9 (median of #{kills} per round), median of #{rounds} alternating \
+  rounds (a replacement includes the 100 ms restart backoff after a crash), \
+  #{System.schedulers_online()} schedulers, load average #{load_average.()}
+  """)
+
+  print_table.([
+    ["start_mode", "pool ready ms", "replacement ms"],
+    ["spawn", fmt.(median.(spawned, "ready_ms")), fmt.(median.(spawned, "replace_ms"))],
+    ["fork_server", fmt.(median.(forked, "ready_ms")), fmt.(median.(forked, "replace_ms"))],
+    [
+      "spawn/fork",
+      fmt.(median.(spawned, "ready_ms") / median.(forked, "ready_ms")),
+      fmt.(median.(spawned, "replace_ms") / median.(forked, "replace_ms"))
+    ]
+  ])
 end

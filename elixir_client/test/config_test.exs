@@ -49,6 +49,27 @@ defmodule Snakepit.ConfigTest do
     assert msg =~ ":tcp"
   end
 
+  defmodule SpawnOnlyLauncher do
+    @behaviour Snakepit.Launcher
+    @impl true
+    def command(_config, _opts), do: {"/bin/true", [], []}
+  end
+
+  test "workers are spawned unless start_mode: :fork_server, which needs a launcher that can fork" do
+    assert Config.new!(name: :p).start_mode == :spawn
+    assert Config.new!(name: :p, start_mode: :fork_server).start_mode == :fork_server
+
+    assert {:error, msg} = Config.new(name: :p, start_mode: :fork)
+    assert msg =~ "invalid pool config key :start_mode: must be :spawn"
+
+    assert {:error, msg} =
+             Config.new(name: :p, start_mode: :fork_server, launcher: SpawnOnlyLauncher)
+
+    assert msg =~ "invalid pool config key :start_mode"
+    assert msg =~ "does not implement fork_server_command/2"
+    assert Config.new!(name: :p, launcher: SpawnOnlyLauncher).start_mode == :spawn
+  end
+
   test "each worker's max requests are jittered by up to 0.1 unless max_requests_jitter says otherwise" do
     assert Config.new!(name: :p).max_requests_jitter == 0.1
     assert Config.new!(name: :p, max_requests_jitter: 0).max_requests_jitter === 0.0

@@ -45,6 +45,17 @@ defmodule Snakepit.Config do
       in `[0, max_requests_jitter)`, so workers started together do not reach it together.
       Default `0.1`.
 
+  ## Start mode
+
+    * `:start_mode` - how the pool gets a worker's Python process. `:spawn` (default): a fresh
+      interpreter per worker (its start-up and imports each time, ~250 ms for the showcase
+      adapters, seconds with torch). `:fork_server`: the pool starts one fork server per pool
+      (`--fork-server`, which does the imports once) and every new and replacement worker is
+      forked from it (ready in tens of ms). One more process, whose death takes every worker of the
+      pool down (they are restarted); the adapter's `setup()` runs in each child unless the adapter
+      class sets `__fork_preload__ = True` (see `Snakepit.Pool.ForkServer`). Needs a launcher with
+      `fork_server_command/2` (the default one has it).
+
   ## Message size
 
     * `:max_message_mb` - the largest gRPC message in MiB, both ways, as one setting: the workers
@@ -88,7 +99,8 @@ defmodule Snakepit.Config do
     :transport,
     :max_requests_jitter,
     :process_pipeline_depth,
-    :max_message_mb
+    :max_message_mb,
+    :start_mode
   ]
 
   # accepted but not kept: the old name of :launcher
@@ -128,7 +140,8 @@ defmodule Snakepit.Config do
           transport: :uds | :tcp,
           max_requests_jitter: float,
           process_pipeline_depth: pos_integer,
-          max_message_mb: pos_integer
+          max_message_mb: pos_integer,
+          start_mode: :spawn | :fork_server
         }
 
   @doc "The keys a pool config accepts (`:adapter_module` is the deprecated name of `:launcher`)."
@@ -360,8 +373,32 @@ defmodule Snakepit.Config do
       process_pipeline_depth:
         fetch(c, :process_pipeline_depth, 2, &pos_int?/1, "must be a positive integer"),
       max_message_mb:
-        fetch(c, :max_message_mb, 64, &pos_int?/1, "must be a positive integer (MiB)")
+        fetch(c, :max_message_mb, 64, &pos_int?/1, "must be a positive integer (MiB)"),
+      start_mode: start_mode(c, launcher)
     }
+  end
+
+  # `:fork_server` needs a launcher that can build the fork server's command line.
+  defp start_mode(c, launcher) do
+    mode =
+      fetch(
+        c,
+        :start_mode,
+        :spawn,
+        &(&1 in [:spawn, :fork_server]),
+        "must be :spawn (a fresh Python process per worker) or :fork_server (workers forked from one fork server)"
+      )
+
+    if mode == :fork_server and
+         not (function_exported?(launcher, :fork_server_command, 2) and
+                function_exported?(launcher, :fork_child_args, 2)),
+       do:
+         throw(
+           {:invalid, :start_mode,
+            "is :fork_server, but #{inspect(launcher)} does not implement fork_server_command/2 and fork_child_args/2"}
+         )
+
+    mode
   end
 
   # `:launcher`, or its deprecated name `:adapter_module` (which the error then names).

@@ -27,5 +27,16 @@ defmodule Snakepit.Launcher do
   @doc "Checks the config at pool start (executable present, script found); the error names the key."
   @callback validate(config :: Snakepit.Config.t()) :: :ok | {:error, String.t()}
 
-  @optional_callbacks validate: 1
+  @doc """
+  For `start_mode: :fork_server`: the command of the pool's fork server (a snakepit_bridge server
+  started with `--fork-server`, see `Snakepit.Pool.ForkServer`), with `command/2`'s `opts` less
+  `:uds`, and without the flags that differ per worker.
+  """
+  @callback fork_server_command(config :: Snakepit.Config.t(), opts :: keyword) ::
+              {executable :: String.t(), args :: [String.t()], env :: [{String.t(), String.t()}]}
+
+  @doc "For `start_mode: :fork_server`: the flags one forked worker adds (`opts[:uds]`: where it listens)."
+  @callback fork_child_args(config :: Snakepit.Config.t(), opts :: keyword) :: [String.t()]
+
+  @optional_callbacks validate: 1, fork_server_command: 2, fork_child_args: 2
 end

@@ -142,7 +142,7 @@ defmodule Snakepit.Pool do
   require Logger
 
   alias Snakepit.{Config, Error, Shm, Worker}
-  alias Snakepit.Pool.{SocketDir, State}
+  alias Snakepit.Pool.{ForkServer, SocketDir, State}
   alias Snakepit.Worker.Health
 
   ## client API
@@ -300,7 +300,10 @@ defmodule Snakepit.Pool do
     end
   end
 
-  @doc "Pool counters and worker table (no Python calls)."
+  @doc """
+  Pool counters and worker table (no Python calls); `fork_server_os_pid`: the OS pid of the pool's
+  fork server (`start_mode: :fork_server`), nil when it has none running.
+  """
   def stats(pool),
     do: GenServer.call(whereis(pool) || raise(ArgumentError, "no pool #{inspect(pool)}"), :stats)
 
@@ -314,7 +317,20 @@ defmodule Snakepit.Pool do
   # pids (kept until the worker's fate is forgotten), `ids` the other way; `timers` holds the
   # cancellable timers by their event; `socket_dir` is the directory of the workers' Unix sockets
   # (nil for a TCP pool); `shm`: the pool's Snakepit.Shm, or nil.
-  defstruct [:pool, :config, :fates, :socket_dir, :shm, pids: %{}, ids: %{}, timers: %{}]
+  # `fork_server`: the pool's Snakepit.Pool.ForkServer with start_mode: :fork_server, started when a
+  # worker is to start and there is none (at start-up, and after the last one went down).
+  defstruct [
+    :pool,
+    :config,
+    :fates,
+    :socket_dir,
+    :shm,
+    :fork_server,
+    :fork_server_os_pid,
+    pids: %{},
+    ids: %{},
+    timers: %{}
+  ]
 
   @impl true
   def init(config) do
@@ -357,7 +373,14 @@ defmodule Snakepit.Pool do
   def handle_call(:stats, _from, shell) do
     stats = State.stats(shell.pool, now())
     workers = Enum.map(stats.workers, &Map.put(&1, :pid, shell.pids[&1.id]))
-    {:reply, Map.merge(stats, %{workers: workers, shm_dir: shell.shm && shell.shm.dir}), shell}
+
+    extra = %{
+      workers: workers,
+      shm_dir: shell.shm && shell.shm.dir,
+      fork_server_os_pid: shell.fork_server_os_pid
+    }
+
+    {:reply, Map.merge(stats, extra), shell}
   end
 
   @impl true
@@ -373,6 +396,16 @@ defmodule Snakepit.Pool do
 
   def handle_info({:snakepit_worker_spawned, wpid, os_pid}, shell),
     do: {:noreply, worker_event(shell, wpid, &{:worker_spawned, &1, os_pid})}
+
+  # Its workers monitor it and go down with it (their servers die with it): their restarts, with
+  # backoff, start the next fork server.
+  def handle_info({:EXIT, fork_server, reason}, %{fork_server: fork_server} = shell) do
+    Logger.warning(
+      "snakepit pool #{inspect(shell.config.name)}: its fork server went down: #{inspect(reason)}"
+    )
+
+    {:noreply, %{shell | fork_server: nil, fork_server_os_pid: nil}}
+  end
 
   # (not a worker of ours, e.g. one whose init failed: its start failure was an event already)
   def handle_info({:EXIT, wpid, reason}, shell) do
@@ -406,6 +439,9 @@ defmodule Snakepit.Pool do
         5_000 -> Process.exit(pid, :kill)
       end
     end
+
+    # (after the workers: it stops the children still running and waits for them)
+    if shell.fork_server, do: stop_fork_server(shell.fork_server)
 
     Shm.remove_dir(shell.shm)
     if shell.socket_dir, do: SocketDir.remove(shell.socket_dir)
@@ -481,12 +517,12 @@ defmodule Snakepit.Pool do
     shm_dir = shell.shm && shell.shm.dir
     uds = shell.socket_dir && SocketDir.socket_path(shell.socket_dir, id)
 
-    case Worker.start_link(config: shell.config, pool: self(), id: id, shm_dir: shm_dir, uds: uds) do
-      {:ok, pid} ->
-        %{shell | pids: Map.put(shell.pids, id, pid), ids: Map.put(shell.ids, pid, id)}
-
-      {:error, reason} ->
-        apply_event(shell, {:worker_spawn_failed, id, reason})
+    with {:ok, shell} <- ensure_fork_server(shell),
+         opts = [config: shell.config, pool: self(), id: id, shm_dir: shm_dir, uds: uds],
+         {:ok, pid} <- Worker.start_link([fork_server: shell.fork_server] ++ opts) do
+      %{shell | pids: Map.put(shell.pids, id, pid), ids: Map.put(shell.ids, pid, id)}
+    else
+      {:error, reason} -> apply_event(shell, {:worker_spawn_failed, id, reason})
     end
   end
 
@@ -565,5 +601,23 @@ defmodule Snakepit.Pool do
     )
 
     shell
+  end
+
+  # The fork server workers are forked from; its spawn requests wait in it until it is ready.
+  defp ensure_fork_server(%{config: %{start_mode: :spawn}} = shell), do: {:ok, shell}
+  defp ensure_fork_server(%{fork_server: pid} = shell) when is_pid(pid), do: {:ok, shell}
+
+  defp ensure_fork_server(shell) do
+    case ForkServer.start_link(shell.config, shm_dir: shell.shm && shell.shm.dir) do
+      {:ok, pid} -> {:ok, %{shell | fork_server: pid, fork_server_os_pid: ForkServer.os_pid(pid)}}
+      {:error, {:shutdown, {:start_failed, message}}} -> {:error, {:spawn_failed, message}}
+      {:error, reason} -> {:error, reason}
+    end
+  end
+
+  defp stop_fork_server(pid) do
+    GenServer.stop(pid, :shutdown, 15_000)
+  catch
+    :exit, _ -> :ok
   end
 end

@@ -20,6 +20,13 @@ defmodule Snakepit.Worker do
   message}}`; `message` ends with the server's last line of output (snakepit_bridge's `error: ...`,
   or the last line of a Python traceback).
 
+  With `start_mode: :fork_server` the pool gives the worker its fork server (option `:fork_server`,
+  a `Snakepit.Pool.ForkServer`): the worker asks it for a child (the launcher's `fork_child_args/2`
+  and the nonce, in the spawn request) instead of opening a port, and gets that child's os pid,
+  output lines (the ready line among them) and exit status from it; SIGTERM and SIGKILL go through
+  it too. The child dies with the fork server, so this worker stops when the fork server does
+  (`{:shutdown, {:fork_server_down, reason}}`, or a start failure naming the fork server's error).
+
   Because the port holds the server's stdin, the server exits when this process dies, and also when
   the whole BEAM dies, even by `kill -9` (the OS closes the pipe).
 
@@ -33,6 +40,8 @@ defmodule Snakepit.Worker do
 
   use GenServer, restart: :temporary
   require Logger
+
+  alias Snakepit.Pool.ForkServer
 
   @log_lines 30
   # Longest line kept of the server's output; the Port delivers longer lines in chunks of this size.
@@ -64,11 +73,42 @@ defmodule Snakepit.Worker do
 
     shm_opts = if dir = Keyword.get(opts, :shm_dir), do: [shm_dir: dir], else: []
     listen_opts = if uds, do: [uds: uds], else: []
-    {exe, args, env} = config.launcher.command(config, token_opts ++ shm_opts ++ listen_opts)
     nonce = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
+    Logger.metadata(pool: config.name, worker: id)
+
+    base = %{
+      id: id,
+      pool: pool,
+      config: config,
+      port: nil,
+      fork: nil,
+      os_pid: nil,
+      listen_port: nil,
+      listen_uds: nil,
+      channel: nil,
+      status: :starting,
+      started_at: System.monotonic_time(:millisecond),
+      startup_timer: nil,
+      ready_nonce: nonce,
+      partial: "",
+      dropped_bytes: 0,
+      lines: [],
+      kill_timer: nil
+    }
+
+    case Keyword.get(opts, :fork_server) do
+      nil -> init_spawned(base, token_opts ++ shm_opts ++ listen_opts, token_env)
+      server -> init_forked(base, server, listen_opts)
+    end
+  end
+
+  # Its own Python process, a Port of this process.
+  defp init_spawned(s, command_opts, token_env) do
+    config = s.config
+    {exe, args, env} = config.launcher.command(config, command_opts)
 
     env =
-      Enum.map(env ++ token_env ++ [{@ready_nonce_env, nonce}], fn {k, v} ->
+      Enum.map(env ++ token_env ++ [{@ready_nonce_env, s.ready_nonce}], fn {k, v} ->
         {String.to_charlist(k), String.to_charlist(v)}
       end)
 
@@ -83,39 +123,36 @@ defmodule Snakepit.Worker do
       {:cd, config.script_dir}
     ]
 
-    Logger.metadata(pool: config.name, worker: id)
-
     try do
       port = Port.open({:spawn_executable, exe}, port_opts)
       {:os_pid, os_pid} = Port.info(port, :os_pid)
       timer = Process.send_after(self(), :startup_timeout, config.startup_timeout)
-      send(pool, {:snakepit_worker_spawned, self(), os_pid})
+      send(s.pool, {:snakepit_worker_spawned, self(), os_pid})
 
       Logger.debug(
-        "snakepit worker #{id} spawned os pid #{os_pid}: #{exe} #{Enum.join(args, " ")}"
+        "snakepit worker #{s.id} spawned os pid #{os_pid}: #{exe} #{Enum.join(args, " ")}"
       )
 
-      {:ok,
-       %{
-         id: id,
-         pool: pool,
-         config: config,
-         port: port,
-         os_pid: os_pid,
-         listen_port: nil,
-         listen_uds: nil,
-         channel: nil,
-         status: :starting,
-         started_at: System.monotonic_time(:millisecond),
-         startup_timer: timer,
-         ready_nonce: nonce,
-         partial: "",
-         dropped_bytes: 0,
-         lines: [],
-         kill_timer: nil
-       }}
+      {:ok, %{s | port: port, os_pid: os_pid, startup_timer: timer}}
     rescue
       e -> {:stop, {:spawn_failed, Exception.message(e)}}
+    end
+  end
+
+  # A child of the pool's fork server (start_mode: :fork_server): its output, os pid and exit come
+  # as {:snakepit_fork_event, child_id, event} messages; the fork server's death is this child's.
+  defp init_forked(s, server, listen_opts) do
+    args = s.config.launcher.fork_child_args(s.config, listen_opts)
+
+    case ForkServer.spawn_child(server, args, s.ready_nonce) do
+      {:ok, child_id} ->
+        Process.monitor(server)
+        timer = Process.send_after(self(), :startup_timeout, s.config.startup_timeout)
+        Logger.debug("snakepit worker #{s.id}: fork server child #{child_id} asked for")
+        {:ok, %{s | fork: %{server: server, child: child_id}, startup_timer: timer}}
+
+      {:error, message} ->
+        {:stop, {:spawn_failed, message}}
     end
   end
 
@@ -130,7 +167,7 @@ defmodule Snakepit.Worker do
 
   def handle_cast(:stop_gracefully, s) do
     if s.channel, do: safe_close(s.channel)
-    signal(s.os_pid, "TERM")
+    signal(s, "TERM")
     timer = Process.send_after(self(), :kill_now, s.config.shutdown_grace + 2_000)
     {:noreply, %{s | status: :stopping, kill_timer: timer}}
   end
@@ -149,47 +186,17 @@ defmodule Snakepit.Worker do
           "snakepit worker #{s.id} (os pid #{s.os_pid}): output line truncated to #{@max_line_bytes} bytes (#{s.dropped_bytes} bytes dropped)"
         )
 
-    s = %{s | partial: "", dropped_bytes: 0}
-
-    cond do
-      line == "" ->
-        {:noreply, s}
-
-      s.status == :starting and match?({:ok, _, _}, parse_ready(line, s.ready_nonce)) ->
-        {:ok, endpoint, _pid} = parse_ready(line, s.ready_nonce)
-        become_ready(s, endpoint)
-
-      true ->
-        Logger.debug("[python #{s.os_pid}] " <> line)
-        {:noreply, %{s | lines: Enum.take([line | s.lines], @log_lines)}}
-    end
+    output_line(%{s | partial: "", dropped_bytes: 0}, line)
   end
 
-  def handle_info({port, {:exit_status, status}}, %{port: port} = s) do
-    s = %{s | port: nil}
+  def handle_info({:snakepit_fork_event, child, event}, %{fork: %{child: child}} = s),
+    do: fork_event(s, event)
 
-    case s.status do
-      :stopping ->
-        {:stop, :normal, s}
+  def handle_info({:DOWN, _ref, :process, server, reason}, %{fork: %{server: server}} = s),
+    do: fork_server_down(s, reason)
 
-      other ->
-        tail = s.lines |> Enum.reverse() |> Enum.join("\n")
-
-        Logger.warning(
-          "snakepit worker #{s.id} (os pid #{s.os_pid}) exited with status #{status} while #{other}\n#{tail}"
-        )
-
-        if other == :starting do
-          message =
-            "worker #{s.id} (os pid #{s.os_pid}) exited with status #{status} before it was ready: " <>
-              (last_output_line(s.lines) || "it printed nothing")
-
-          {:stop, {:shutdown, {:start_failed, message}}, s}
-        else
-          {:stop, {:shutdown, {:python_exited, status}}, s}
-        end
-    end
-  end
+  def handle_info({port, {:exit_status, status}}, %{port: port} = s),
+    do: python_exited(%{s | port: nil}, status)
 
   def handle_info(:startup_timeout, %{status: :starting} = s) do
     tail = s.lines |> Enum.reverse() |> Enum.join("\n")
@@ -209,7 +216,7 @@ defmodule Snakepit.Worker do
   def handle_info(:startup_timeout, s), do: {:noreply, s}
 
   def handle_info(:kill_now, s) do
-    signal(s.os_pid, "KILL")
+    signal(s, "KILL")
     {:stop, :normal, s}
   end
 
@@ -249,10 +256,94 @@ defmodule Snakepit.Worker do
         _ -> :ok
       end
 
-      signal(s.os_pid, "TERM")
+      signal(s, "TERM")
     end
 
+    # (a forked child left running is stopped by the fork server, which monitors this process)
     :ok
+  end
+
+  # One line of the server's output: its ready line, or output kept for the error report.
+  defp output_line(s, line) do
+    cond do
+      line == "" ->
+        {:noreply, s}
+
+      s.status == :starting and match?({:ok, _, _}, parse_ready(line, s.ready_nonce)) ->
+        {:ok, endpoint, _pid} = parse_ready(line, s.ready_nonce)
+        become_ready(s, endpoint)
+
+      true ->
+        Logger.debug("[python #{s.os_pid}] " <> line)
+        {:noreply, %{s | lines: Enum.take([line | s.lines], @log_lines)}}
+    end
+  end
+
+  defp fork_event(s, {:spawned, os_pid}) do
+    send(s.pool, {:snakepit_worker_spawned, self(), os_pid})
+    Logger.debug("snakepit worker #{s.id}: forked os pid #{os_pid}")
+    {:noreply, %{s | os_pid: os_pid}}
+  end
+
+  defp fork_event(s, {stream, line}) when stream in [:out, :err], do: output_line(s, line)
+  defp fork_event(s, {:exit, status}), do: python_exited(%{s | fork: nil}, status)
+
+  defp fork_event(%{status: :starting} = s, {:error, message}) do
+    message = "worker #{s.id}: the fork server cannot fork it: #{message}"
+    {:stop, {:shutdown, {:start_failed, message}}, %{s | fork: nil}}
+  end
+
+  defp fork_event(s, {:error, _message}), do: {:noreply, s}
+
+  # The fork server is gone, and its children with it (PDEATHSIG): so is this worker's server.
+  defp fork_server_down(s, reason) do
+    s = %{s | fork: nil}
+
+    case {s.status, reason} do
+      {:stopping, _} ->
+        {:stop, :normal, s}
+
+      {:starting, {:shutdown, {kind, message}}} when kind in [:start_failed, :startup_timeout] ->
+        {:stop, {:shutdown, {kind, "worker #{s.id}: " <> message}}, s}
+
+      {:starting, _} ->
+        message =
+          "worker #{s.id}: the fork server went down before it was ready: #{inspect(reason)}"
+
+        {:stop, {:shutdown, {:start_failed, message}}, s}
+
+      {other, _} ->
+        Logger.warning(
+          "snakepit worker #{s.id} (os pid #{s.os_pid}): the fork server went down while #{other}: #{inspect(reason)}"
+        )
+
+        {:stop, {:shutdown, {:fork_server_down, reason}}, s}
+    end
+  end
+
+  # The server exited: a clean stop when asked, else a crash or a start failure.
+  defp python_exited(s, status) do
+    case s.status do
+      :stopping ->
+        {:stop, :normal, s}
+
+      other ->
+        tail = s.lines |> Enum.reverse() |> Enum.join("\n")
+
+        Logger.warning(
+          "snakepit worker #{s.id} (os pid #{s.os_pid}) exited with status #{status} while #{other}\n#{tail}"
+        )
+
+        if other == :starting do
+          message =
+            "worker #{s.id} (os pid #{s.os_pid}) exited with status #{status} before it was ready: " <>
+              (last_output_line(s.lines) || "it printed nothing")
+
+          {:stop, {:shutdown, {:start_failed, message}}, s}
+        else
+          {:stop, {:shutdown, {:python_exited, status}}, s}
+        end
+    end
   end
 
   defp become_ready(s, endpoint) do
@@ -382,9 +473,13 @@ defmodule Snakepit.Worker do
 
   defp ready_endpoint(_kv), do: :error
 
-  defp signal(nil, _sig), do: :ok
+  # To the server: through the fork server for a forked one (it knows whether its child still runs).
+  defp signal(%{fork: %{server: server, child: child}}, sig),
+    do: ForkServer.signal_child(server, child, "SIG" <> sig)
 
-  defp signal(os_pid, sig) do
+  defp signal(%{os_pid: nil}, _sig), do: :ok
+
+  defp signal(%{os_pid: os_pid}, sig) do
     System.cmd("kill", ["-" <> sig, Integer.to_string(os_pid)], stderr_to_stdout: true)
     :ok
   rescue

@@ -11,12 +11,42 @@ defmodule Snakepit.Launcher.GRPCPython do
   pool); `--shm-dir` is the pool's shared-memory directory (command option `:shm_dir`, see
   `Snakepit.Shm`). `--max-workers` is added for thread workers only when `adapter_args` does not
   already set it.
+
+  With `start_mode: :fork_server` the pool runs `fork_server_command/2` once and forks each worker
+  from it with `fork_child_args/2` (see `Snakepit.Pool.ForkServer`).
   """
 
   @behaviour Snakepit.Launcher
 
   @impl true
   def command(config, opts) do
+    {exe, [script | flags], env} = common_command(config, opts)
+    {exe, [script | listen_args(opts)] ++ flags, env}
+  end
+
+  @doc """
+  The fork server's command line (`start_mode: :fork_server`): `command/2`'s with `--fork-server`
+  and without the flags that differ per worker (where it listens); each child gets those from
+  `fork_child_args/2`.
+  """
+  @impl true
+  def fork_server_command(config, opts) do
+    {exe, [script | flags], env} = common_command(config, opts)
+    {exe, [script, "--fork-server" | flags], env}
+  end
+
+  @doc "The flags one forked worker adds to the fork server's: where it listens."
+  @impl true
+  def fork_child_args(_config, opts), do: listen_args(opts)
+
+  defp listen_args(opts) do
+    case Keyword.get(opts, :uds) do
+      nil -> ["--host", "127.0.0.1", "--port", "0"]
+      path -> ["--uds", path]
+    end
+  end
+
+  defp common_command(config, opts) do
     exe = resolve_executable(config.python_executable) || config.python_executable
 
     threads =
@@ -44,15 +74,8 @@ defmodule Snakepit.Launcher.GRPCPython do
         do: [],
         else: ["--max-message-mb", Integer.to_string(config.max_message_mb)]
 
-    listen =
-      case Keyword.get(opts, :uds) do
-        nil -> ["--host", "127.0.0.1", "--port", "0"]
-        path -> ["--uds", path]
-      end
-
     args =
       [script_path(config), "--adapter", config.python_adapter] ++
-        listen ++
         ["--exit-on-stdin-eof", "--grace", grace] ++
         message_size ++ threads ++ auth ++ shm ++ config.adapter_args
 
