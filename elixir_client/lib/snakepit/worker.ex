@@ -42,6 +42,7 @@ defmodule Snakepit.Worker do
   require Logger
 
   alias Snakepit.Pool.ForkServer
+  alias Snakepit.PythonPort
 
   @log_lines 30
   # Longest line kept of the server's output; the Port delivers longer lines in chunks of this size.
@@ -106,26 +107,10 @@ defmodule Snakepit.Worker do
   defp init_spawned(s, command_opts, token_env) do
     config = s.config
     {exe, args, env} = config.launcher.command(config, command_opts)
-
-    env =
-      Enum.map(env ++ token_env ++ [{@ready_nonce_env, s.ready_nonce}], fn {k, v} ->
-        {String.to_charlist(k), String.to_charlist(v)}
-      end)
-
-    port_opts = [
-      :binary,
-      :exit_status,
-      :stderr_to_stdout,
-      :hide,
-      {:line, @max_line_bytes},
-      {:args, args},
-      {:env, env},
-      {:cd, config.script_dir}
-    ]
+    env = env ++ token_env ++ [{@ready_nonce_env, s.ready_nonce}]
 
     try do
-      port = Port.open({:spawn_executable, exe}, port_opts)
-      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      {port, os_pid} = PythonPort.open(exe, args, env, config.script_dir, @max_line_bytes)
       timer = Process.send_after(self(), :startup_timeout, config.startup_timeout)
       send(s.pool, {:snakepit_worker_spawned, self(), os_pid})
 

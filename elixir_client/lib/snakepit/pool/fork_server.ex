@@ -186,28 +186,13 @@ defmodule Snakepit.Pool.ForkServer do
     shm_opts = if dir = Keyword.get(opts, :shm_dir), do: [shm_dir: dir], else: []
     {exe, args, env} = config.launcher.fork_server_command(config, token_opts ++ shm_opts)
     nonce = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
-
-    env =
-      Enum.map(env ++ token_env ++ [{@ready_nonce_env, nonce}], fn {k, v} ->
-        {String.to_charlist(k), String.to_charlist(v)}
-      end)
-
-    port_opts = [
-      :binary,
-      :exit_status,
-      :stderr_to_stdout,
-      :hide,
-      {:line, @max_line_bytes},
-      {:args, args},
-      {:env, env},
-      {:cd, config.script_dir}
-    ]
-
+    env = env ++ token_env ++ [{@ready_nonce_env, nonce}]
     Logger.metadata(pool: config.name, fork_server: true)
 
     try do
-      port = Port.open({:spawn_executable, exe}, port_opts)
-      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      {port, os_pid} =
+        Snakepit.PythonPort.open(exe, args, env, config.script_dir, @max_line_bytes)
+
       timer = Process.send_after(self(), :startup_timeout, config.startup_timeout)
 
       Logger.debug(
