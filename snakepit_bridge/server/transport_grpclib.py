@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import socket
 import threading
@@ -324,25 +325,20 @@ def _listen(endpoint: Endpoint, reuse_port: bool) -> socket.socket | None:
         # Bound here rather than by grpclib's start(path=...): asyncio's create_unix_server would first
         # unlink whatever socket is at the path (the worker has claimed it already, see unix_socket.py).
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with owner_only_umask():
-                sock.bind(endpoint.path)
-            sock.listen(128)
-        except OSError as exc:
-            log.debug("cannot listen on %s: %s", endpoint, exc)
-            sock.close()
-            return None
-        sock.setblocking(False)
-        return sock
-    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
-    # without it every response waits for the client's delayed ACK (44 ms a call, measured).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        address: Any = endpoint.path
+        binding: Any = owner_only_umask()
+    else:
+        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+        # without it every response waits for the client's delayed ACK (44 ms a call, measured).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        address, binding = (endpoint.host, endpoint.port), contextlib.nullcontext()
     try:
-        sock.bind((endpoint.host, endpoint.port))
+        with binding:
+            sock.bind(address)
         sock.listen(128)
     except OSError as exc:
         log.debug("cannot listen on %s: %s", endpoint, exc)
