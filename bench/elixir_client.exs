@@ -2,7 +2,7 @@
 # and without pipelining against plain Python processes.
 #
 #     cd elixir_client && mix run ../bench/elixir_client.exs
-#     BENCH_PARTS=pipeline mix run ../bench/elixir_client.exs     # one part only (client, pipeline, transport, start)
+#     BENCH_PARTS=pipeline mix run ../bench/elixir_client.exs     # one part only (client, pipeline, transport, start, recycle)
 #
 # Part "client": starts one threaded worker (a pool of 1, 32 threads) and measures calls/s, p50 and
 # p99 latency of `ping` through Snakepit.execute/4 at 1 and 32 concurrent callers; then runs
@@ -27,6 +27,14 @@
 # BENCH_ROUNDS rounds alternating the modes. The replacement time includes the pool's restart
 # backoff after a crash (100 ms, the same in both modes).
 #
+# Part "recycle": what recycling at worker_max_requests costs under load. BENCH_RECYCLE_CALLERS
+# callers (default 16) call a pool of BENCH_RECYCLE_POOL process workers (default 4) for
+# BENCH_RECYCLE_SECONDS (default 6) each round, with no recycling, and with worker_max_requests
+# BENCH_RECYCLE_MAX (default 200) for start_mode :spawn and :fork_server. Per configuration: calls/s
+# (median of BENCH_ROUNDS alternating rounds) and its ratio to no recycling, p99 latency, the longest
+# gap during which no call completed, and the recycles done. Tool: BENCH_RECYCLE_TOOL (default
+# "ping").
+#
 # On a machine where the Python workers share few cores with the BEAM, the BEAM's scheduler
 # busy-waiting takes CPU from them; compare with
 #     ELIXIR_ERL_OPTIONS="+sbwt none +sbwtdcpu none +sbwtdio none" mix run ../bench/elixir_client.exs
@@ -35,7 +43,7 @@ Logger.configure(level: :warning)
 {:ok, _} = Application.ensure_all_started(:snakepit)
 
 parts =
-  System.get_env("BENCH_PARTS", "client,pipeline,transport,start")
+  System.get_env("BENCH_PARTS", "client,pipeline,transport,start,recycle")
   |> String.split(",", trim: true)
 
 rounds = String.to_integer(System.get_env("BENCH_ROUNDS", "3"))
@@ -498,4 +506,115 @@ if "start" in parts do
       fmt.(median.(spawned, "replace_ms") / median.(forked, "replace_ms"))
     ]
   ])
+end
+
+if "recycle" in parts do
+  # Part "recycle": throughput, p99 and the longest completion gap with and without recycling.
+  callers = String.to_integer(System.get_env("BENCH_RECYCLE_CALLERS", "16"))
+  size = String.to_integer(System.get_env("BENCH_RECYCLE_POOL", "4"))
+  seconds = String.to_integer(System.get_env("BENCH_RECYCLE_SECONDS", "6"))
+  max_requests = String.to_integer(System.get_env("BENCH_RECYCLE_MAX", "200"))
+  tool = System.get_env("BENCH_RECYCLE_TOOL", "ping")
+
+  configs = [
+    {"no recycling", [worker_max_requests: :infinity, start_mode: :spawn]},
+    {"spawn", [worker_max_requests: max_requests, start_mode: :spawn]},
+    {"fork_server", [worker_max_requests: max_requests, start_mode: :fork_server]}
+  ]
+
+  # One round: `callers` callers for `seconds`; every completion's monotonic time (µs) and latency.
+  round = fn {label, opts} ->
+    name = :"bench_recycle_#{System.unique_integer([:positive])}"
+
+    {:ok, _} =
+      Snakepit.start_pool(
+        [
+          name: name,
+          worker_profile: :process,
+          pool_size: size,
+          queue_size: 10_000,
+          queue_timeout: 60_000,
+          transport: transport
+        ] ++ opts
+      )
+
+    :ok = Snakepit.await_ready(name, 30_000)
+    for _ <- 1..20, do: {:ok, _} = Snakepit.execute(name, tool, %{})
+    recycled_before = Snakepit.Pool.stats(name).recycles
+    deadline = System.monotonic_time(:microsecond) + seconds * 1_000_000
+    t0 = System.monotonic_time(:microsecond)
+
+    samples =
+      1..callers
+      |> Enum.map(fn _ ->
+        Task.async(fn ->
+          Stream.repeatedly(fn -> :call end)
+          |> Enum.reduce_while([], fn _, acc ->
+            started = System.monotonic_time(:microsecond)
+
+            if started > deadline do
+              {:halt, acc}
+            else
+              {:ok, _} = Snakepit.execute(name, tool, %{}, timeout: 60_000)
+              ended = System.monotonic_time(:microsecond)
+              {:cont, [{ended, ended - started} | acc]}
+            end
+          end)
+        end)
+      end)
+      |> Task.await_many(:infinity)
+      |> List.flatten()
+
+    elapsed = (System.monotonic_time(:microsecond) - t0) / 1.0e6
+    recycled = Snakepit.Pool.stats(name).recycles - recycled_before
+    Snakepit.stop_pool(name)
+    ends = samples |> Enum.map(&elem(&1, 0)) |> Enum.sort()
+
+    gap_ms =
+      [t0 | ends]
+      |> Enum.chunk_every(2, 1, :discard)
+      |> Enum.map(fn [a, b] -> b - a end)
+      |> Enum.max(fn -> 0 end)
+      |> Kernel./(1000)
+
+    latencies = samples |> Enum.map(&elem(&1, 1)) |> Enum.sort()
+    p99 = Enum.at(latencies, min(length(latencies) - 1, trunc(length(latencies) * 0.99))) / 1000
+
+    %{
+      "label" => label,
+      "calls_per_s" => length(samples) / elapsed,
+      "p99_ms" => p99,
+      "gap_ms" => gap_ms,
+      "recycled" => recycled
+    }
+  end
+
+  runs = for _ <- 1..rounds, config <- configs, do: round.(config)
+
+  IO.puts("""
+
+  Recycling: #{callers} callers, a pool of #{size} process workers, `#{tool}`, #{seconds} s per round, \
+  worker_max_requests #{max_requests} (jitter default), median of #{rounds} alternating rounds \
+  (gap: the longest time in a round with no call completing; the worst round), \
+  #{System.schedulers_online()} schedulers, load average #{load_average.()}
+  """)
+
+  base = runs |> Enum.filter(&(&1["label"] == "no recycling")) |> median.("calls_per_s")
+
+  rows =
+    for {label, _} <- configs do
+      mine = Enum.filter(runs, &(&1["label"] == label))
+      rate = median.(mine, "calls_per_s")
+
+      [
+        label,
+        fmt.(rate),
+        fmt.(rate / base),
+        fmt.(median.(mine, "p99_ms")),
+        fmt.(mine |> Enum.map(& &1["gap_ms"]) |> Enum.max()),
+        mine |> Enum.map(& &1["recycled"]) |> Enum.sum() |> Kernel.div(rounds)
+      ]
+    end
+
+  print_table.([["config", "calls/s", "vs none", "p99 ms", "max gap ms", "recycles"] | rows])
 end

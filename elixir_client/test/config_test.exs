@@ -55,8 +55,9 @@ defmodule Snakepit.ConfigTest do
     def command(_config, _opts), do: {"/bin/true", [], []}
   end
 
-  test "workers are spawned unless start_mode: :fork_server, which needs a launcher that can fork" do
-    assert Config.new!(name: :p).start_mode == :spawn
+  test "workers are forked from a fork server unless start_mode: :spawn or the launcher cannot fork" do
+    assert Config.new!(name: :p).start_mode == :fork_server
+    assert Config.new!(name: :p, start_mode: :spawn).start_mode == :spawn
     assert Config.new!(name: :p, start_mode: :fork_server).start_mode == :fork_server
 
     assert {:error, msg} = Config.new(name: :p, start_mode: :fork)

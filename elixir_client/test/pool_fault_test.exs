@@ -59,7 +59,14 @@ defmodule Snakepit.PoolFaultTest do
   end
 
   test "callers queued while the only worker crashes are served by its replacement" do
-    pool = start_pool!(worker_profile: :process, pool_size: 1, queue_timeout: 20_000, process_pipeline_depth: 1)
+    pool =
+      start_pool!(
+        worker_profile: :process,
+        pool_size: 1,
+        queue_timeout: 20_000,
+        process_pipeline_depth: 1
+      )
+
     [w] = Snakepit.list_workers(pool)
     busy = Task.async(fn -> Snakepit.execute(pool, "sleep", %{seconds: 10}) end)
     eventually(fn -> match?({:ok, %{in_flight: 1}}, Snakepit.get_stats(pool)) end)
@@ -142,6 +149,7 @@ defmodule Snakepit.PoolFaultTest do
     # without backoff an attempt follows the previous failure at once (~0.3-0.5 s apart).
     for attempt <- 3..4 do
       gap = started_at[attempt + 1] - started_at[attempt]
+
       assert gap >= Snakepit.Pool.backoff(attempt, 10_000) - 10,
              "attempt #{attempt + 1} came #{gap} ms after attempt #{attempt}"
     end
@@ -167,7 +175,9 @@ defmodule Snakepit.PoolFaultTest do
     pool_pid = Snakepit.Pool.whereis(pool)
     File.rm_rf!(dir)
 
-    eventually(fn -> match?({:ok, %{crashes: crashes}} when crashes >= 2, Snakepit.get_stats(pool)) end)
+    eventually(fn ->
+      match?({:ok, %{crashes: crashes}} when crashes >= 2, Snakepit.get_stats(pool))
+    end)
 
     assert Snakepit.Pool.whereis(pool) == pool_pid
   end

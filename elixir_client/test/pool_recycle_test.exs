@@ -112,12 +112,15 @@ defmodule Snakepit.PoolRecycleTest do
   end
 
   test "the only worker, recycled, serves until its replacement is ready, and finishes its in-flight call before it stops" do
+    # a replacement that takes a second to start, so the old worker is seen serving past its limit
     pool =
       start_pool!(
-        worker_profile: :process,
-        pool_size: 1,
-        worker_max_requests: 1,
-        queue_timeout: 20_000
+        Map.merge(test_adapter("SlowStartAdapter"), %{
+          worker_profile: :process,
+          pool_size: 1,
+          worker_max_requests: 1,
+          queue_timeout: 20_000
+        })
       )
 
     [w] = Snakepit.list_workers(pool)

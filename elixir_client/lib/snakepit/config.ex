@@ -47,14 +47,17 @@ defmodule Snakepit.Config do
 
   ## Start mode
 
-    * `:start_mode` - how the pool gets a worker's Python process. `:spawn` (default): a fresh
-      interpreter per worker (its start-up and imports each time, ~250 ms for the showcase
-      adapters, seconds with torch). `:fork_server`: the pool starts one fork server per pool
-      (`--fork-server`, which does the imports once) and every new and replacement worker is
-      forked from it (ready in tens of ms). One more process, whose death takes every worker of the
-      pool down (they are restarted); the adapter's `setup()` runs in each child unless the adapter
-      class sets `__fork_preload__ = True` (see `Snakepit.Pool.ForkServer`). Needs a launcher with
-      `fork_server_command/2` (the default one has it).
+    * `:start_mode` - how the pool gets a worker's Python process. `:fork_server` (the default
+      with a launcher that has `fork_server_command/2` and `fork_child_args/2`, as the default
+      one has): the pool starts one fork server per pool (`--fork-server`, which does the imports
+      once) and every new and replacement worker is forked from it (ready in tens of ms, so a
+      recycle costs little). One more process, whose death takes every worker of the pool down
+      (they are restarted from a new fork server); the adapter's `setup()` runs in each child
+      unless the adapter class sets `__fork_preload__ = True` (see `Snakepit.Pool.ForkServer`).
+      `:spawn` (the default with any other launcher): a fresh interpreter per worker (its
+      start-up and imports each time, ~170-250 ms for the showcase adapters, seconds with torch);
+      choose it for an adapter module whose import starts threads or opens connections that a
+      forked child must not share.
 
   ## Message size
 
@@ -378,25 +381,28 @@ defmodule Snakepit.Config do
     }
   end
 
-  # `:fork_server` needs a launcher that can build the fork server's command line.
+  # `:fork_server` needs a launcher that can build the fork server's command line; it is the
+  # default for one that can.
   defp start_mode(c, launcher) do
+    can_fork? =
+      Code.ensure_loaded?(launcher) and function_exported?(launcher, :fork_server_command, 2) and
+        function_exported?(launcher, :fork_child_args, 2)
+
     mode =
       fetch(
         c,
         :start_mode,
-        :spawn,
+        if(can_fork?, do: :fork_server, else: :spawn),
         &(&1 in [:spawn, :fork_server]),
         "must be :spawn (a fresh Python process per worker) or :fork_server (workers forked from one fork server)"
       )
 
-    if mode == :fork_server and
-         not (function_exported?(launcher, :fork_server_command, 2) and
-                function_exported?(launcher, :fork_child_args, 2)),
-       do:
-         throw(
-           {:invalid, :start_mode,
-            "is :fork_server, but #{inspect(launcher)} does not implement fork_server_command/2 and fork_child_args/2"}
-         )
+    if mode == :fork_server and not can_fork?,
+      do:
+        throw(
+          {:invalid, :start_mode,
+           "is :fork_server, but #{inspect(launcher)} does not implement fork_server_command/2 and fork_child_args/2"}
+        )
 
     mode
   end

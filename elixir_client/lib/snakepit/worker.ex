@@ -270,7 +270,21 @@ defmodule Snakepit.Worker do
     {:noreply, %{s | os_pid: os_pid}}
   end
 
-  defp fork_event(s, {stream, line}) when stream in [:out, :err], do: output_line(s, line)
+  defp fork_event(s, {stream, line}) when stream in [:out, :err] do
+    # the fork server cuts a long line itself and says so at its end (its protocol)
+    case Regex.run(~r/\.\.\.\((\d+) more bytes\)$/, line) do
+      [_, dropped] ->
+        Logger.warning(
+          "snakepit worker #{s.id} (os pid #{s.os_pid}): output line truncated by the fork server (#{dropped} bytes dropped)"
+        )
+
+      nil ->
+        :ok
+    end
+
+    output_line(s, line)
+  end
+
   defp fork_event(s, {:exit, status}), do: python_exited(%{s | fork: nil}, status)
 
   defp fork_event(%{status: :starting} = s, {:error, message}) do
