@@ -32,8 +32,8 @@
 # BENCH_RECYCLE_SECONDS (default 6) each round, with no recycling, and with worker_max_requests
 # BENCH_RECYCLE_MAX (default 200) for start_mode :spawn and :fork_server. Per configuration: calls/s
 # (median of BENCH_ROUNDS alternating rounds) and its ratio to no recycling, p99 latency, the longest
-# gap during which no call completed, and the recycles done. Tool: BENCH_RECYCLE_TOOL (default
-# "ping").
+# gap during which no call completed, and the recycles done. Tool: BENCH_RECYCLE_TOOL, "ping"
+# (default) or "python_intensive" (~2 ms of pure Python per call).
 #
 # On a machine where the Python workers share few cores with the BEAM, the BEAM's scheduler
 # busy-waiting takes CPU from them; compare with
@@ -516,11 +516,50 @@ if "recycle" in parts do
   max_requests = String.to_integer(System.get_env("BENCH_RECYCLE_MAX", "200"))
   tool = System.get_env("BENCH_RECYCLE_TOOL", "ping")
 
+  # "python_intensive" (the threaded showcase's ~2 ms pure-Python loop, n = BENCH_PIPE_N) stands for
+  # a tool that does work; "ping" is the worst case, where a recycle is most of the work.
+  {tool_args, adapter_opts} =
+    case tool do
+      "python_intensive" ->
+        {%{n: String.to_integer(System.get_env("BENCH_PIPE_N", "55000"))},
+         [python_adapter: "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"]}
+
+      _ ->
+        {%{}, []}
+    end
+
   configs = [
     {"no recycling", [worker_max_requests: :infinity, start_mode: :spawn]},
     {"spawn", [worker_max_requests: max_requests, start_mode: :spawn]},
     {"fork_server", [worker_max_requests: max_requests, start_mode: :fork_server]}
   ]
+
+  # Replacement start times (from the pool starting a replacement to its server being ready) come
+  # to this process through the telemetry handler module.
+  defmodule BenchRecycleEvents do
+    def handle_event(
+          [:snakepit, :worker, :start],
+          %{duration: d},
+          %{reason: :replacement} = meta
+        ),
+        do: send(:bench_recycle, {:replacement, meta.pool, d})
+
+    def handle_event(_event, _measurements, _meta), do: :ok
+
+    # the replacement times (ms) of `pool` received so far
+    def drain(pool, acc) do
+      receive do
+        {:replacement, ^pool, d} ->
+          drain(pool, [System.convert_time_unit(d, :native, :microsecond) / 1000 | acc])
+      after
+        0 -> acc
+      end
+    end
+  end
+
+  Process.register(self(), :bench_recycle)
+  Application.put_env(:snakepit, :telemetry_handler, BenchRecycleEvents)
+  Snakepit.Telemetry.reset_cache()
 
   # One round: `callers` callers for `seconds`; every completion's monotonic time (µs) and latency.
   round = fn {label, opts} ->
@@ -535,11 +574,11 @@ if "recycle" in parts do
           queue_size: 10_000,
           queue_timeout: 60_000,
           transport: transport
-        ] ++ opts
+        ] ++ adapter_opts ++ opts
       )
 
     :ok = Snakepit.await_ready(name, 30_000)
-    for _ <- 1..20, do: {:ok, _} = Snakepit.execute(name, tool, %{})
+    for _ <- 1..20, do: {:ok, _} = Snakepit.execute(name, tool, tool_args)
     recycled_before = Snakepit.Pool.stats(name).recycles
     deadline = System.monotonic_time(:microsecond) + seconds * 1_000_000
     t0 = System.monotonic_time(:microsecond)
@@ -555,7 +594,7 @@ if "recycle" in parts do
             if started > deadline do
               {:halt, acc}
             else
-              {:ok, _} = Snakepit.execute(name, tool, %{}, timeout: 60_000)
+              {:ok, _} = Snakepit.execute(name, tool, tool_args, timeout: 60_000)
               ended = System.monotonic_time(:microsecond)
               {:cont, [{ended, ended - started} | acc]}
             end
@@ -568,6 +607,7 @@ if "recycle" in parts do
     elapsed = (System.monotonic_time(:microsecond) - t0) / 1.0e6
     recycled = Snakepit.Pool.stats(name).recycles - recycled_before
     Snakepit.stop_pool(name)
+    replacements = BenchRecycleEvents.drain(name, [])
     ends = samples |> Enum.map(&elem(&1, 0)) |> Enum.sort()
 
     gap_ms =
@@ -585,11 +625,13 @@ if "recycle" in parts do
       "calls_per_s" => length(samples) / elapsed,
       "p99_ms" => p99,
       "gap_ms" => gap_ms,
-      "recycled" => recycled
+      "recycled" => recycled,
+      "replacements" => replacements
     }
   end
 
   runs = for _ <- 1..rounds, config <- configs, do: round.(config)
+  Application.delete_env(:snakepit, :telemetry_handler)
 
   IO.puts("""
 
@@ -612,9 +654,15 @@ if "recycle" in parts do
         fmt.(rate / base),
         fmt.(median.(mine, "p99_ms")),
         fmt.(mine |> Enum.map(& &1["gap_ms"]) |> Enum.max()),
-        mine |> Enum.map(& &1["recycled"]) |> Enum.sum() |> Kernel.div(rounds)
+        mine |> Enum.map(& &1["recycled"]) |> Enum.sum() |> Kernel.div(rounds),
+        case mine |> Enum.flat_map(& &1["replacements"]) |> Enum.sort() do
+          [] -> "-"
+          all -> fmt.(Enum.at(all, div(length(all), 2)))
+        end
       ]
     end
 
-  print_table.([["config", "calls/s", "vs none", "p99 ms", "max gap ms", "recycles"] | rows])
+  print_table.([
+    ["config", "calls/s", "vs none", "p99 ms", "max gap ms", "recycles", "replace ms"] | rows
+  ])
 end
