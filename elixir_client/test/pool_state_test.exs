@@ -540,6 +540,42 @@ defmodule Snakepit.PoolStateTest do
     assert stopped?(actions, 1)
   end
 
+  test "a worker at max requests while every other worker is busy keeps serving until its replacement is ready: a recycle takes no capacity from a loaded pool" do
+    s =
+      ready_pool(
+        worker_profile: :thread,
+        threads_per_worker: 1,
+        pool_size: 2,
+        worker_max_requests: 2
+      )
+
+    {s, a1, r1} = checkout(s)
+    {s, a2, r2} = checkout(s)
+    assert {lease!(a1, r1).worker_id, lease!(a2, r2).worker_id} == {1, 2}
+    {s, _} = ev(s, {:checkin, r1, :ok})
+
+    # its limit reached while worker 2 is busy: it starts its replacement and takes calls on
+    {s, a3, r3} = checkout(s)
+    assert lease!(a3, r3).worker_id == 1
+    assert started(a3) == [3]
+    assert status(s, 1) == :retiring
+    {s, _} = ev(s, {:checkin, r3, :ok})
+    {s, a4, r4} = checkout(s)
+    assert lease!(a4, r4).worker_id == 1
+    assert status(s, 1) == :retiring
+    assert stats(s).recycles == 1
+
+    # the replacement ready: no new call for it, and it stops once its call is in
+    {s, actions} = ready(s, 3)
+    assert status(s, 1) == :draining
+    refute stopped?(actions, 1)
+    {s, a5, r5} = checkout(s)
+    assert lease!(a5, r5).worker_id == 3
+    {_s, actions} = ev(s, {:checkin, r4, :ok})
+    assert stopped?(actions, 1)
+    _ = r2
+  end
+
   test "a worker at max requests while every other worker is out of rotation keeps serving; once another is routable it drains at its next call" do
     s = ready_pool(pool_size: 2, worker_max_requests: 2)
     {s, _} = ev(s, {:worker_draining, 2})

@@ -61,11 +61,13 @@ defmodule Snakepit.Pool do
   most `ttl_jitter`, so workers started together do not recycle together) or when it has been given
   its `worker_max_requests` calls (each worker's limit is lowered likewise by up to
   `max_requests_jitter`). Its replacement is started first. On TTL the old worker keeps serving
-  until the replacement is ready; on max requests it takes no new call at once, unless it is the
-  last worker taking calls (`pool_size: 1`, or every other one is itself recycling, starting or out
-  of rotation): then it keeps serving, past its limit, until its replacement is ready, so a recycle
-  never leaves the pool without a worker. Under load that outruns a worker's start, a worker may
-  thus serve many calls more than its limit. Either way, once it takes no new calls, its in-flight
+  until the replacement is ready; on max requests it takes no new call at once when another worker
+  has a free slot for it. When none has (`pool_size: 1`, every other worker busy under load, or
+  recycling, starting or out of rotation) it keeps serving, past its limit, until its replacement
+  is ready (each call it takes past its limit asks again), so a recycle never leaves the pool
+  without a worker and takes no capacity from a loaded one. A worker may thus serve more calls
+  than its limit: as many as arrive while its replacement starts (tens of ms with the default
+  `start_mode: :fork_server`). Either way, once it takes no new calls, its in-flight
   calls finish and it is stopped gracefully (SIGTERM, the server drains). No call fails because of a
   recycle.
 

@@ -856,8 +856,10 @@ defmodule Snakepit.Pool.State do
   end
 
   # Starts the replacement (once) and stops routing to `w`: when the replacement is ready, or for
-  # :max_requests at once, unless `w` is the last worker that takes calls (it must not leave the
-  # pool without one: it serves on until its replacement, or another worker, is ready).
+  # :max_requests at once when another worker has a free slot for the calls it would take. When
+  # none has (`w` is the last worker taking calls, or the others are busy: a loaded pool) it serves
+  # on until its replacement is ready, so a recycle never takes capacity from a pool that needs it;
+  # each call it takes past its limit asks again.
   defp retire(s, w, why) do
     already? = w.status in [:retiring, :draining, :stopping, :unhealthy]
 
@@ -879,7 +881,7 @@ defmodule Snakepit.Pool.State do
     s = start_replacement(s, w)
 
     cond do
-      why == :max_requests and routable?(w) and another_routable?(s, w.id) ->
+      why == :max_requests and routable?(w) and another_free?(s, w.id) ->
         s |> put_worker(%{w | status: :draining}) |> maybe_stop(w.id)
 
       # :ttl, :stuck_calls, the last routable worker: it serves what it can until its
@@ -1062,8 +1064,8 @@ defmodule Snakepit.Pool.State do
   defp usable_capacity(w),
     do: if(w.stuck_calls >= w.server_slots, do: 0, else: w.capacity - w.stuck_calls)
 
-  defp another_routable?(s, id),
-    do: Enum.any?(s.workers, fn {other, w} -> other != id and routable?(w) end)
+  defp another_free?(s, id),
+    do: Enum.any?(s.workers, fn {other, w} -> other != id and free?(w) end)
 
   defp free?(w), do: routable?(w) and busy(w) < w.capacity
 
