@@ -16,8 +16,8 @@ defmodule Snakepit.MixProject do
   def application do
     [
       # jiffy comes from Debian's erlang-jiffy, installed in OTP's own code path; crypto makes
-      # the workers' readiness nonces.
-      extra_applications: [:logger, :crypto, :jiffy],
+      # the workers' readiness nonces; ssl (and its public_key) is the channel's TLS.
+      extra_applications: [:logger, :crypto, :jiffy, :public_key, :ssl],
       mod: {Snakepit.Application, []}
     ]
   end

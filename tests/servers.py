@@ -387,3 +387,68 @@ def run_grpcurl(address: str, *args: str, data: str | None = None, headers: dict
     else:
         command += [address, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout + 10)
+
+
+# --- TLS: a throwaway PKI and grpcurl over TLS ----------------------------------------------------
+
+class TestPki:
+    """PEM files made by `make_test_pki` in one directory: `ca`, `server`/`server_key` (localhost,
+    127.0.0.1), `client`/`client_key` (signed by `ca`), `wrong_name`/`wrong_name_key` (signed by `ca`,
+    for wrong.example only) and `other_ca` (a CA that signed none of them)."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __getattr__(self, name: str) -> str:
+        stem = name.replace("_key", "-key").replace("_", "-")
+        path = self.directory / f"{stem}.pem"
+        if not path.exists():
+            raise AttributeError(name)
+        return str(path)
+
+    def server_flags(self, *, mtls: bool = False) -> list[str]:
+        flags = ["--tls-cert", self.server, "--tls-key", self.server_key]
+        return flags + ["--tls-client-ca", self.ca] if mtls else flags
+
+
+def make_test_pki(directory: Path) -> TestPki:
+    """A CA and the certificates of TestPki, with openssl (EC P-256 keys: quick to make), in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    def new_ca(name: str, subject: str) -> None:
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                "-subj", f"/CN={subject}", "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", f"{name}-key.pem", "-out", f"{name}.pem")
+
+    def signed(name: str, subject: str, extensions: str) -> None:
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={subject}",
+                "-keyout", f"{name}-key.pem", "-out", f"{name}.csr")
+        (directory / f"{name}.ext").write_text(extensions + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+
+    new_ca("ca", "snakepit test CA")
+    new_ca("other-ca", "some other CA")
+    signed("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth")
+    signed("client", "snakepit test client", "extendedKeyUsage=clientAuth")
+    signed("wrong-name", "wrong.example", "subjectAltName=DNS:wrong.example\nextendedKeyUsage=serverAuth")
+    return TestPki(directory)
+
+
+def run_grpcurl_tls(address: str, *args: str, cacert: str, cert: str | None = None, key: str | None = None,
+                    data: str | None = None, headers: dict | None = None, timeout: float = 30.0
+                    ) -> subprocess.CompletedProcess:
+    """`grpcurl -cacert CA [-cert C -key K] [-H 'k: v'] [-d data] address args...` against a TLS server."""
+    command = ["grpcurl", "-max-time", str(int(timeout)), "-cacert", cacert]
+    if cert is not None:
+        command += ["-cert", cert, "-key", key or ""]
+    for name, value in (headers or {}).items():
+        command += ["-H", f"{name}: {value}"]
+    if data is not None:
+        command += ["-d", data]
+    return subprocess.run([*command, address, *args], capture_output=True, text=True, timeout=timeout + 10)

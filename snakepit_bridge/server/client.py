@@ -7,6 +7,11 @@
 
 The address is any grpc target: `host:port`, or `unix:/path/to/worker.sock` for a server started
 with --uds (grpc channels dial Unix sockets themselves).
+
+A server started with `--tls-cert/--tls-key` is called over TLS, its certificate verified against a CA,
+and one with `--tls-client-ca` (mTLS) also wants the client's certificate and key:
+
+    BridgeClient("127.0.0.1:50052", tls_ca="ca.pem", tls_cert="client.pem", tls_key="client-key.pem")
 """
 from __future__ import annotations
 
@@ -47,6 +52,63 @@ class BatchItemResult:
     error: pb.ToolError | None = None
 
 
+# What grpc's UNAVAILABLE details say when the handshake, not the network, failed.
+# "Socket closed": under TLS 1.3 a server that refuses the client's certificate (or its lack) closes the
+# connection after the client has finished its side of the handshake.
+TLS_FAILURE_WORDS = ("handshake", "CERTIFICATE_VERIFY_FAILED", "certificate", "SSL", "TLS", "verification",
+                     "Socket closed", "Connection reset")
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """The client's side of the server's --tls-* flags, PEM files read once."""
+
+    ca_path: str | None
+    cert_path: str | None
+    server_name: str | None
+    ca: bytes | None
+    cert: bytes | None
+    key: bytes | None
+
+    @classmethod
+    def of(cls, tls: bool | None, ca: str | None, cert: str | None, key: str | None,
+           server_name: str | None) -> "ClientTls | None":
+        if tls is None:
+            tls = any(value is not None for value in (ca, cert, key, server_name))
+        if not tls:
+            if any(value is not None for value in (ca, cert, key, server_name)):
+                raise ValueError("tls=False with tls_* options: drop them, or leave tls unset")
+            return None
+        if (cert is None) != (key is None):
+            raise ValueError("tls_cert and tls_key go together: the client certificate and its private key")
+        return cls(ca, cert, server_name, _read_pem("tls_ca", ca), _read_pem("tls_cert", cert),
+                   _read_pem("tls_key", key))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def explain(self) -> str:
+        trusted = f"the CA in {self.ca_path}" if self.ca_path else "the system's CA certificates"
+        name = f"the name {self.server_name!r}" if self.server_name else "the address's host (or give tls_server_name)"
+        ours = (f"; or the server refused this client's certificate {self.cert_path}" if self.cert_path
+                else "; or the server requires a client certificate (give tls_cert and tls_key)")
+        return f"the server's certificate must verify against {trusted} and carry {name}{ours}"
+
+
+def _read_pem(name: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ValueError(f"{name} {path}: cannot read it: {exc.strerror or exc}") from None
+
+
 def _serialize(message) -> bytes:
     return message.SerializeToString()  # a protobuf message, or a wire.WireMessage
 
@@ -58,10 +120,22 @@ class BridgeClient:
 
     def __init__(self, address: str, *, token: str | None = None, timeout: float | None = 30.0,
                  max_message_mb: float = 64.0, shm_dir: str | None = None,
-                 shm_min_bytes: int = DEFAULT_MIN_BYTES) -> None:
+                 shm_min_bytes: int = DEFAULT_MIN_BYTES, tls: bool | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_server_name: str | None = None) -> None:
+        """TLS (on when `tls` is True or any `tls_*` is given): `tls_ca`, the PEM CA file the server's
+        certificate must verify against (default: the system's roots); `tls_cert`/`tls_key`, this
+        client's certificate and key for a server with --tls-client-ca; `tls_server_name`, the name
+        the certificate must carry when it is not the address's host."""
         size = int(max_message_mb * 1024 * 1024)
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", size),
-                                                               ("grpc.max_send_message_length", size)])
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", size),
+                                          ("grpc.max_send_message_length", size)]
+        self.tls = ClientTls.of(tls, tls_ca, tls_cert, tls_key, tls_server_name)
+        self.address = address
+        if self.tls is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.secure_channel(address, self.tls.credentials(), options=options + self.tls.options())
         self.stub = pb_grpc.BridgeServiceStub(self.channel)
         # The two tool-value calls with large blobs serialised once and parsed without copies (wire.py).
         self._execute_tool = self.channel.unary_unary(
@@ -88,7 +162,15 @@ class BridgeClient:
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
         except grpc.RpcError as error:
-            raise BridgeCallError.from_rpc_error(error) from None
+            raise self._error(error) from None
+
+    def _error(self, error: grpc.RpcError) -> BridgeCallError:
+        failure = BridgeCallError.from_rpc_error(error)
+        if self.tls is not None and failure.code == grpc.StatusCode.UNAVAILABLE and \
+                any(word in failure.message for word in TLS_FAILURE_WORDS):
+            failure = BridgeCallError(failure.code, f"TLS connection to {self.address} failed: "
+                                      f"{self.tls.explain()} ({failure.message})", failure.tool_error)
+        return failure
 
     def _regions(self) -> CallerRegions | None:
         return CallerRegions(self.shm, self.shm_min_bytes) if self.shm is not None else None
@@ -139,7 +221,7 @@ class BridgeClient:
                     return value
                 yield value
         except grpc.RpcError as error:
-            raise BridgeCallError.from_rpc_error(error) from None
+            raise self._error(error) from None
         finally:
             if regions is not None:
                 regions.finish(failed)

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from .endpoint import Endpoint
+from .tls import ServerTls, TlsConfigError, load_server_tls
 from .transport import TRANSPORTS, resolve
 from .unix_socket import path_problem
 
@@ -70,6 +71,11 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
     add("--auth-token-env", metavar="NAME", default=None,
         help="environment variable holding a bearer token; every RPC but health must then carry "
              "'authorization: Bearer <token>'")
+    add("--tls-cert", metavar="PATH", default=None,
+        help="serve TLS on the TCP port with this PEM certificate chain (needs --tls-key; not with --uds)")
+    add("--tls-key", metavar="PATH", default=None, help="the PEM private key of --tls-cert (unencrypted)")
+    add("--tls-client-ca", metavar="PATH", default=None,
+        help="mutual TLS: every client must present a certificate signed by this PEM CA (needs --tls-cert)")
     add("--max-queue", type=int, default=128,
         help="tool calls allowed to wait for a free slot; more are RESOURCE_EXHAUSTED (default: %(default)s)")
     add("--grace", type=float, default=10.0,
@@ -132,6 +138,7 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
 class Settings:
     mode: Mode
     args: argparse.Namespace
+    tls: ServerTls | None = None  # --tls-*, read and checked when the flags are parsed
 
     @property
     def max_workers(self) -> int:
@@ -170,6 +177,7 @@ def parse_settings(mode: Mode | str, argv: list[str] | None) -> Settings:
         parser.error(f"--mode {args.mode} does not match this script, which runs {mode.name} workers; "
                      f"use {mode.other.script}")
     check_endpoint(parser, args, mode)
+    tls = check_tls(parser, args)
     if args.max_message_mb <= 0:
         parser.error("--max-message-mb must be positive")
     if args.max_queue < 0:
@@ -203,7 +211,21 @@ def parse_settings(mode: Mode | str, argv: list[str] | None) -> Settings:
     elif args.processes > 1 and args.metrics_port is not None:
         parser.error("--metrics-port serves one process's counters; with --processes each process would need a port "
                      "of its own: run one worker per port (as the Elixir pool does) or use grpc_server_threaded.py")
-    return Settings(mode, args)
+    return Settings(mode, args, tls)
+
+
+def check_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerTls | None:
+    """The --tls-* files read and checked (tls.py), or None without them; TLS is for TCP ports only."""
+    given = [flag for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                                      ("--tls-client-ca", args.tls_client_ca)) if value is not None]
+    if given and args.uds is not None:
+        parser.error(f"{' '.join(given)} with a Unix socket ({args.uds}): TLS is for TCP ports; a Unix socket "
+                     "is reachable from this host only and guarded by its mode 0600. Drop the --tls-* flags, or "
+                     "listen with --host/--port")
+    try:
+        return load_server_tls(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except TlsConfigError as exc:
+        parser.error(str(exc))
 
 
 def check_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: Mode) -> None:

@@ -22,6 +22,7 @@ from .unix_socket import owner_only_umask
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
+    from .tls import ServerTls
     from .servicer import BridgeServicer
     from .worker import Worker
 
@@ -57,13 +58,18 @@ class GrpcioTransport:
         try:
             # add_insecure_port binds (a socket file is created here), start() only accepts.
             with owner_only_umask() if endpoint.is_unix else contextlib.nullcontext():
-                port = server.add_insecure_port(endpoint.target)
+                if settings.tls is None:
+                    port = server.add_insecure_port(endpoint.target)
+                else:
+                    port = server.add_secure_port(endpoint.target, server_credentials(settings.tls))
         except RuntimeError as exc:
             log.debug("cannot listen on %s: %s", endpoint, exc)
             port = 0
         if not port:
             return None
         server.start()
+        if settings.tls is not None:
+            log.info("%s", settings.tls.describe())
         for service in ("", SERVICE.full_name):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.server = server
@@ -81,6 +87,13 @@ class GrpcioTransport:
     def stop_now(self) -> None:
         assert self.server is not None
         self.server.stop(0).wait()
+
+
+def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    """grpcio's TLS for the port; with a client CA, a client without a certificate it signed is refused
+    in the handshake."""
+    return grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)], root_certificates=tls.client_ca,
+                                       require_client_auth=tls.requires_client_cert)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):

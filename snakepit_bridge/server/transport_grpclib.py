@@ -257,6 +257,7 @@ class GrpclibTransport:
         self._thread.start()
         codec = LimitedProtoCodec(int(settings.args.max_message_mb * 1024 * 1024))
         bridge = BridgeService(worker.servicer, self.pool)
+        tls = settings.tls
 
         async def serve() -> None:
             self.status = ServiceStatus()
@@ -269,9 +270,11 @@ class GrpclibTransport:
             self.server = Server(services, codec=codec)
             if token is not None:
                 _require_token(self.server, token)
-            await self.server.start(sock=sock)
+            await self.server.start(sock=sock, ssl=tls.server_ssl_context() if tls is not None else None)
 
         asyncio.run_coroutine_threadsafe(serve(), self.loop).result()
+        if tls is not None:
+            log.info("%s", tls.describe())
         return endpoint if endpoint.is_unix else endpoint.with_port(sock.getsockname()[1])
 
     def not_serving(self) -> None:

@@ -1,8 +1,10 @@
 defmodule Snakepit.GRPC.Channel do
   @moduledoc """
-  One HTTP/2 connection to a gRPC server (TCP or a Unix socket), shared by many concurrent calls.
+  One HTTP/2 connection to a gRPC server (TCP, TLS over TCP, or a Unix socket), shared by many
+  concurrent calls.
 
-  The process owns the socket (`:gen_tcp`, binary, active-once) and a `Snakepit.HTTP2.Conn`. Calls
+  The process owns the socket (`:gen_tcp`, or `:ssl` with `:tls`: a `Snakepit.GRPC.Transport`,
+  binary, active-once) and a `Snakepit.HTTP2.Conn`. Calls
   never block it: every call, unary or streaming, is started with `start_call/4`, and the channel
   sends what its stream brings to the calling process as it arrives:
 
@@ -47,7 +49,7 @@ defmodule Snakepit.GRPC.Channel do
 
   use GenServer
 
-  alias Snakepit.GRPC.{Call, Error, Message, Metadata}
+  alias Snakepit.GRPC.{Call, Error, Message, Metadata, Transport}
   alias Snakepit.HTTP2.Conn
 
   @default_timeout 30_000
@@ -63,6 +65,16 @@ defmodule Snakepit.GRPC.Channel do
   @drain_timeout 30_000
 
   @type server :: GenServer.server()
+  @type start_opt ::
+          {:host, String.t() | charlist() | :inet.ip_address() | {:local, Path.t()}}
+          | {:port, :inet.port_number()}
+          | {:connect_timeout, timeout()}
+          | {:metadata, [{String.t(), iodata()}]}
+          | {:name, GenServer.name()}
+          | {:max_message_size, pos_integer()}
+          | {:owner, pid() | nil}
+          | {:drain_timeout, non_neg_integer()}
+          | {:tls, Transport.tls_opts() | nil}
   @type call_opts :: [
           timeout: non_neg_integer() | :infinity,
           metadata: [{String.t(), iodata()}],
@@ -98,13 +110,27 @@ defmodule Snakepit.GRPC.Channel do
   `{:local, path}` for a Unix socket), `:port`, `:connect_timeout` (ms, default 5000), `:metadata`
   (headers sent on every call), `:name`, `:max_message_size` (largest message received, default
   64 MiB), `:owner` (the process told when the channel starts draining, default the caller),
-  `:drain_timeout` (ms a draining channel waits for its open calls, default 30000).
+  `:drain_timeout` (ms a draining channel waits for its open calls, default 30000), and `:tls`.
 
-  The connection is made synchronously; the HTTP/2 SETTINGS exchange completes in the background.
-  The process is started unlinked and linked once connected, so a failed connect returns
-  `{:error, reason}` without sending an exit signal to the caller.
+  `:tls` (a keyword list, `t:Snakepit.GRPC.Transport.tls_opts/0`; absent or `nil`: plaintext)
+  connects with TLS through OTP's `:ssl`, for a server started with `--tls-cert/--tls-key`:
+
+      Channel.start_link(host: "10.0.0.5", port: 50052,
+        tls: [cacertfile: "ca.pem", certfile: "client.pem", keyfile: "client-key.pem"])
+
+  The server's certificate must chain to `:cacertfile` (default: the OS's CA store) and carry the
+  host's name (or `:server_name`); ALPN must pick `h2`; `:certfile`/`:keyfile` present a client
+  certificate (mTLS, a server with `--tls-client-ca`). Any of these failing, or the server refusing
+  this client's certificate (or its lack), is `{:error, {:tls, message}}` from `start_link/1`, the
+  message saying which. `plaintext_warning?/2` tells whether a connection without TLS leaves the
+  machine. TLS over a Unix socket is refused (`{:error, {:tls, _}}`), as the Python server does.
+
+  The connection is made synchronously; over plain TCP the HTTP/2 SETTINGS exchange completes in
+  the background, over TLS the server's first bytes are awaited (so a refused client certificate
+  shows here). The process is started unlinked and linked once connected, so a failed connect
+  returns `{:error, reason}` without sending an exit signal to the caller.
   """
-  @spec start_link(keyword()) :: GenServer.on_start()
+  @spec start_link([start_opt()]) :: GenServer.on_start()
   def start_link(opts) do
     connect_timeout = Keyword.get(opts, :connect_timeout, 5000)
     gen_opts = if name = opts[:name], do: [name: name], else: []
@@ -325,6 +351,14 @@ defmodule Snakepit.GRPC.Channel do
     :exit, _ -> :ok
   end
 
+  @doc """
+  Whether a channel to `host` with these `:tls` options (`nil`: none) sends plaintext off this
+  machine: true unless TLS is on or `host` is loopback (127.0.0.0/8, ::1, localhost) or a Unix
+  socket. A pool uses it to warn about remote endpoints without TLS.
+  """
+  @spec plaintext_warning?(term(), Transport.tls_opts() | nil) :: boolean()
+  defdelegate plaintext_warning?(host, tls), to: Transport
+
   defp exit_reason({reason, {GenServer, :call, _}}), do: reason
   defp exit_reason(reason), do: reason
 
@@ -338,51 +372,56 @@ defmodule Snakepit.GRPC.Channel do
     host = Keyword.get(opts, :host, "127.0.0.1")
     port = Keyword.get(opts, :port, 0)
     connect_timeout = Keyword.get(opts, :connect_timeout, 5000)
+    tls = Keyword.get(opts, :tls)
     {address, authority} = address(host, port)
 
-    case :gen_tcp.connect(
-           address,
-           port_for(host, port),
-           socket_options(host),
-           connect_timeout
-         ) do
-      {:ok, socket} ->
-        {conn, preface} = Conn.new(initial_window_size: @initial_window)
+    with {:ok, socket} <-
+           Transport.connect(
+             address,
+             port_for(host, port),
+             socket_options(host),
+             tls,
+             connect_timeout
+           ) do
+      {conn, preface} = Conn.new(initial_window_size: @initial_window)
 
-        case :gen_tcp.send(socket, preface) do
-          :ok ->
-            :ok = :inet.setopts(socket, active: :once)
+      with {:ok, first_bytes} <- Transport.open(socket, preface, tls, connect_timeout) do
+        # The bytes awaited (TLS) are handled as the first socket message, before any call.
+        if first_bytes != "",
+          do: send(self(), {:first_bytes, first_bytes}),
+          else: activate(socket)
 
-            {:ok,
-             %{
-               socket: socket,
-               conn: conn,
-               authority: authority,
-               metadata: Keyword.get(opts, :metadata, []),
-               max_message_size: Keyword.get(opts, :max_message_size, 64 * 1024 * 1024),
-               # ref => call entry; stream id => ref; monitor ref => ref
-               calls: %{},
-               streams: %{},
-               monitors: %{},
-               # refs of calls waiting for a stream slot (server's MAX_CONCURRENT_STREAMS), FIFO
-               waiting: :queue.new(),
-               # WINDOW_UPDATEs for backpressured streams, sent with the reply to the bytes read
-               credit_out: [],
-               owner: Keyword.get(opts, :owner),
-               drain_timeout: Keyword.get(opts, :drain_timeout, @drain_timeout),
-               # set on GOAWAY: %{reason: {:goaway, code}, message: String.t(), timer: reference}
-               draining: nil
-             }}
-
-          {:error, reason} ->
-            :gen_tcp.close(socket)
-            {:stop, reason}
-        end
-
-      {:error, reason} ->
-        {:stop, reason}
+        {:ok,
+         %{
+           socket: socket,
+           conn: conn,
+           authority: authority,
+           metadata: Keyword.get(opts, :metadata, []),
+           max_message_size: Keyword.get(opts, :max_message_size, 64 * 1024 * 1024),
+           # ref => call entry; stream id => ref; monitor ref => ref
+           calls: %{},
+           streams: %{},
+           monitors: %{},
+           # refs of calls waiting for a stream slot (server's MAX_CONCURRENT_STREAMS), FIFO
+           waiting: :queue.new(),
+           # WINDOW_UPDATEs for backpressured streams, sent with the reply to the bytes read
+           credit_out: [],
+           owner: Keyword.get(opts, :owner),
+           drain_timeout: Keyword.get(opts, :drain_timeout, @drain_timeout),
+           # set on GOAWAY: %{reason: {:goaway, code}, message: String.t(), timer: reference}
+           draining: nil
+         }}
+      else
+        {:error, reason} ->
+          Transport.close(socket)
+          {:stop, reason}
+      end
+    else
+      {:error, reason} -> {:stop, reason}
     end
   end
+
+  defp activate(socket), do: :ok = Transport.activate_once(socket)
 
   defp address({:local, path}, _port), do: {{:local, path}, "localhost"}
   defp address(host, port) when is_binary(host), do: {String.to_charlist(host), "#{host}:#{port}"}
@@ -466,8 +505,8 @@ defmodule Snakepit.GRPC.Channel do
   def handle_call(:close, _from, state) do
     state = fail_all(state, "channel closed")
     {conn, out} = Conn.close(state.conn)
-    _ = :gen_tcp.send(state.socket, out)
-    :gen_tcp.close(state.socket)
+    _ = Transport.send(state.socket, out)
+    Transport.close(state.socket)
     {:stop, :normal, :ok, %{state | conn: conn, socket: nil}}
   end
 
@@ -497,31 +536,24 @@ defmodule Snakepit.GRPC.Channel do
   end
 
   @impl true
-  def handle_info({:tcp, socket, bytes}, %{socket: socket} = state) do
-    case Conn.handle_data(state.conn, bytes) do
-      {:ok, conn, events, out} ->
-        state = Enum.reduce(events, %{state | conn: conn, credit_out: []}, &handle_event/2)
+  def handle_info({:first_bytes, bytes}, state), do: handle_bytes(bytes, state)
 
-        with {:ok, state} <- send_out(state, [out | state.credit_out]),
-             {:ok, state} <- start_waiting(state) do
-          :ok = :inet.setopts(socket, active: :once)
-          noreply({:ok, maybe_start_drain(state)})
-        else
-          stop -> noreply(stop)
-        end
+  def handle_info(message, %{socket: %Transport{} = socket} = state)
+      when elem(message, 0) in [:tcp, :tcp_closed, :tcp_error, :ssl, :ssl_closed, :ssl_error] do
+    case Transport.message(socket, message) do
+      {:data, bytes} ->
+        handle_bytes(bytes, state)
 
-      {:error, conn, {code, message}, out} ->
-        _ = :gen_tcp.send(socket, out)
-        state = %{state | conn: conn}
-        shutdown(state, "HTTP/2 connection error #{code}: #{message}", {:http2_error, code})
+      :closed ->
+        shutdown(%{state | socket: nil}, "connection closed by the server", :closed)
+
+      {:error, reason} ->
+        shutdown(state, "connection error: #{inspect(reason)}", {:tcp_error, reason})
+
+      :other ->
+        {:noreply, state}
     end
   end
-
-  def handle_info({:tcp_closed, socket}, %{socket: socket} = state),
-    do: shutdown(%{state | socket: nil}, "connection closed by the server", :closed)
-
-  def handle_info({:tcp_error, socket, reason}, %{socket: socket} = state),
-    do: shutdown(state, "connection error: #{inspect(reason)}", {:tcp_error, reason})
 
   def handle_info({:deadline, ref}, state) do
     case Map.fetch(state.calls, ref) do
@@ -556,8 +588,28 @@ defmodule Snakepit.GRPC.Channel do
 
   @impl true
   def terminate(_reason, state) do
-    if state.socket, do: :gen_tcp.close(state.socket)
+    if state.socket, do: Transport.close(state.socket)
     :ok
+  end
+
+  defp handle_bytes(bytes, state) do
+    case Conn.handle_data(state.conn, bytes) do
+      {:ok, conn, events, out} ->
+        state = Enum.reduce(events, %{state | conn: conn, credit_out: []}, &handle_event/2)
+
+        with {:ok, state} <- send_out(state, [out | state.credit_out]),
+             {:ok, state} <- start_waiting(state) do
+          activate(state.socket)
+          noreply({:ok, maybe_start_drain(state)})
+        else
+          stop -> noreply(stop)
+        end
+
+      {:error, conn, {code, message}, out} ->
+        _ = Transport.send(state.socket, out)
+        state = %{state | conn: conn}
+        shutdown(state, "HTTP/2 connection error #{code}: #{message}", {:http2_error, code})
+    end
   end
 
   # Every callback that may end calls returns through these: a draining channel stops once its
@@ -573,8 +625,8 @@ defmodule Snakepit.GRPC.Channel do
 
     if state.draining && map_size(state.calls) == 0 do
       {conn, out} = Conn.close(state.conn)
-      _ = :gen_tcp.send(state.socket, out)
-      :gen_tcp.close(state.socket)
+      _ = Transport.send(state.socket, out)
+      Transport.close(state.socket)
       state = %{state | conn: conn, socket: nil}
 
       case result do
@@ -699,7 +751,7 @@ defmodule Snakepit.GRPC.Channel do
           # A non-200 response may leave the stream open on the HTTP/2 side: reset it.
           if Conn.open?(state.conn, sid) do
             {conn, out} = Conn.cancel(state.conn, sid)
-            _ = :gen_tcp.send(state.socket, out)
+            _ = Transport.send(state.socket, out)
             %{state | conn: conn}
           else
             state
@@ -795,7 +847,7 @@ defmodule Snakepit.GRPC.Channel do
     if IO.iodata_length(out) == 0 do
       {:ok, state}
     else
-      case :gen_tcp.send(state.socket, out) do
+      case Transport.send(state.socket, out) do
         :ok ->
           {:ok, state}
 
@@ -807,7 +859,7 @@ defmodule Snakepit.GRPC.Channel do
 
   defp shutdown(state, message, reason) do
     state = fail_all(state, message)
-    if state.socket, do: :gen_tcp.close(state.socket)
+    if state.socket, do: Transport.close(state.socket)
     {:stop, {:shutdown, reason}, %{state | socket: nil}}
   end
 
