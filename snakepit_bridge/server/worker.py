@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("snakepit_bridge.server")
 
 
+# Seconds between health turning NOT_SERVING at shutdown and the transport refusing new streams.
+NOT_SERVING_NOTICE = 0.1
+
+
 class StartupError(Exception):
     """A configuration or start-up failure: printed as one line, exit code 1."""
 
@@ -267,6 +271,10 @@ class Worker:
         assert self.transport is not None, "shutdown() before start()"
         self.servicer.stopping.set()  # first: a client that sees NOT_SERVING is refused from then on
         self.transport.not_serving()
+        # Clients that watch health (a remote Elixir pool) take it out of rotation now; a call they sent
+        # meanwhile is refused UNAVAILABLE by the servicer (never run: safe to retry elsewhere) rather
+        # than cancelled by a transport that already stopped.
+        time.sleep(NOT_SERVING_NOTICE)
         grace_ends = time.monotonic() + self.args.grace
         stopped = self.transport.stop(self.args.grace)
         # Tool calls get the whole grace period, counted by the tools themselves and not by their RPCs:
