@@ -83,4 +83,15 @@ defmodule Snakepit.RemoteConfigTest do
     assert Enum.all?(Enum.zip(delays, steps), fn {d, s} -> d >= div(s, 2) and d <= s end)
     assert length(Enum.uniq(delays)) > 6
   end
+
+  test "deploy/kubernetes/pool_config.exs is a valid remote pool config" do
+    path = Path.join(Config.repo_root(), "deploy/kubernetes/pool_config.exs")
+
+    [pool] =
+      path |> Elixir.Config.Reader.read!() |> Keyword.fetch!(:snakepit) |> Keyword.fetch!(:pools)
+
+    assert {:ok, c} = Config.new(pool)
+    assert c.worker_profile == :remote
+    assert {:dns, "snakepit-workers.default.svc.cluster.local", 50052, []} = c.discovery
+  end
 end
