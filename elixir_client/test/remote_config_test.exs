@@ -94,4 +94,19 @@ defmodule Snakepit.RemoteConfigTest do
     assert c.worker_profile == :remote
     assert {:dns, "snakepit-workers.default.svc.cluster.local", 50052, []} = c.discovery
   end
+
+  test "the README's remote pool configs are valid as written" do
+    readme = File.read!(Path.join(Config.repo_root(), "elixir_client/README.md"))
+    [_, section] = String.split(readme, "\n## Remote workers", parts: 2)
+    [section | _] = String.split(section, "\n## ", parts: 2)
+    [[_, block]] = Regex.scan(~r/```elixir\n(.*?)```/s, section)
+    # one config per paragraph, after its comment line
+    configs =
+      for chunk <- String.split(block, "\n\n", trim: true) do
+        chunk |> String.replace(~r/^#.*\n/m, "") |> Code.eval_string() |> elem(0)
+      end
+
+    assert length(configs) == 3
+    assert Enum.all?(configs, &match?({:ok, %{worker_profile: :remote}}, Config.new(&1)))
+  end
 end

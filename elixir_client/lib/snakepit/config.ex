@@ -56,6 +56,26 @@ defmodule Snakepit.Config do
       class sets `__fork_preload__ = True` (see `Snakepit.Pool.ForkServer`). Needs a launcher with
       `fork_server_command/2` (the default one has it).
 
+  ## Remote pools
+
+  `worker_profile: :remote` pools connect to servers they did not start (see `Snakepit.Pool`,
+  "Remote workers", and the README):
+
+    * `:endpoints` - `"host:port"`, `"[v6]:port"` or `"unix:/path"` strings, one worker each.
+    * `:discovery` - `{:dns, name, port}` or `{:dns, name, port, resolver_opts}` (`:nameservers`,
+      `:timeout`, `:retry`, given to `:inet_res`): the A and AAAA records of `name`, each an
+      endpoint on `port`, resolved every `:resolve_interval` ms (default `5_000`).
+    * `:threads_per_worker` - calls at once per endpoint; default `:from_server` (its GetStats
+      `max_workers`).
+    * `:max_connection_age` (`{n, unit}` or `:infinity`, the default) and
+      `:max_connection_age_jitter` (default `0.1`) - each connection is renewed after that age
+      (kept as `worker_ttl` / `ttl_jitter`).
+    * `:tls` - a keyword list passed unchanged to each channel's `start_link/1`.
+
+  `:pool_size`, `:worker_ttl`, `:ttl_jitter`, `:worker_max_requests` and `:max_requests_jitter`
+  are refused (the pool cannot recycle servers it did not start), as are `start_mode:
+  :fork_server` and `shm: true`; `pool_size` is the number of endpoints (0 for DNS until found).
+
   ## Message size
 
     * `:max_message_mb` - the largest gRPC message in MiB, both ways, as one setting: the workers

@@ -130,6 +130,20 @@ defmodule Snakepit.Pool do
   A call whose initialisation fails is checked in as `{:session_init_failed, session_id}`: the
   session then counts as not created on that worker.
 
+  ## Remote workers
+
+  With `worker_profile: :remote` the workers are Python servers the pool did not start, at
+  `endpoints` and/or found by `discovery` (`Snakepit.Remote.Discovery`): one slot per endpoint,
+  and for each a `Snakepit.Remote.Connection` instead of a `Snakepit.Worker` (connect, then
+  Health/Watch SERVING = ready). Everything above holds, with these differences: an endpoint
+  that turns NOT_SERVING leaves rotation (`:not_serving`) until SERVING again; DNS adds slots
+  (`{:add_slot, slot}`) and removes them (`{:remove_slot, slot}`: the slot's connection drains and
+  is not replaced); a failed connection is retried after a jittered backoff
+  (`Snakepit.Remote.Backoff`); the TTL is `max_connection_age` (a new connection is made first, as
+  for a recycled worker); there is no max-requests recycling, no Unix-socket directory and no
+  shared memory; the pool picks by outstanding calls weighted by each endpoint's capacity. See the
+  README, "Remote workers".
+
   ## Structure
 
   Every decision above is `Snakepit.Pool.State`, a pure state machine (events in, actions out).
