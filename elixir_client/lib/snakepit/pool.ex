@@ -675,11 +675,24 @@ defmodule Snakepit.Pool do
   defp start_discovery(%{config: config} = shell) do
     shell =
       if shell.discovery == nil and MapSet.size(shell.discovered) == 0,
-        do: discovered(shell, Discovery.resolve(config.discovery)),
+        do: discovered(shell, first_resolution(config.discovery)),
         else: shell
 
     {:ok, pid} = Discovery.start_link(self(), config.discovery, config.resolve_interval)
     %{shell | discovery: pid}
+  end
+
+  # Bounded, so that a resolver that does not answer cannot hold the pool's start past its
+  # start_link timeout: the Discovery process tries again after resolve_interval.
+  @first_resolution_ms 3_000
+
+  defp first_resolution(spec) do
+    task = Task.async(fn -> Discovery.resolve(spec) end)
+
+    case Task.yield(task, @first_resolution_ms) || Task.shutdown(task, :brutal_kill) do
+      {:ok, result} -> result
+      _ -> {:error, "no answer within #{@first_resolution_ms} ms"}
+    end
   end
 
   # Endpoints that appeared get a slot (and a worker); discovered ones that went away are removed
