@@ -197,4 +197,24 @@ defmodule Snakepit.RemotePoolTest do
 
     assert failures(load(pool, 20, 4, "ping", %{})) == []
   end
+
+  test "an endpoint that cannot be reached: start_pool fails naming it; with await: false the others serve" do
+    [up] = start_servers(["127.0.0.2"])
+    down = "127.0.0.3:#{RemoteServers.free_port(["127.0.0.3"])}"
+    config = %{worker_profile: :remote, endpoints: [up.endpoint, down], name: :remote_unreachable}
+
+    assert {:error, %Snakepit.Error{reason: :worker_start_failed, message: message}} =
+             Snakepit.start_pool(config)
+
+    assert message =~ down
+
+    pool = start_pool_no_wait!(Map.delete(config, :name))
+
+    eventually(fn ->
+      worker_of(pool, up.endpoint) && worker_of(pool, up.endpoint).status == :ready
+    end)
+
+    assert failures(load(pool, 20, 4, "ping", %{})) == []
+    assert Snakepit.Pool.stats(pool).crashes >= 1
+  end
 end
