@@ -217,4 +217,53 @@ defmodule Snakepit.RemotePoolTest do
     assert failures(load(pool, 20, 4, "ping", %{})) == []
     assert Snakepit.Pool.stats(pool).crashes >= 1
   end
+
+  test "all at once under load: one endpoint killed, one NOT_SERVING, one added by DNS" do
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    port = RemoteServers.free_port(hosts)
+    [killed, sick, steady, added] = Enum.map(hosts, &RemoteServers.start_owned(&1, port: port))
+
+    {:ok, dns} =
+      RemoteServers.DNS.start_link("workers.test.local", [
+        {127, 0, 0, 2},
+        {127, 0, 0, 3},
+        {127, 0, 0, 4}
+      ])
+
+    interval = 500
+
+    pool =
+      remote_pool!(%{
+        discovery:
+          {:dns, "workers.test.local", port,
+           nameservers: [{{127, 0, 0, 1}, RemoteServers.DNS.port(dns)}]},
+        resolve_interval: interval,
+        queue_timeout: 30_000
+      })
+
+    assert length(Snakepit.list_workers(pool)) == 3
+    loader = Task.async(fn -> load(pool, 600, 12, "sleep", %{seconds: 0.02}) end)
+    eventually(fn -> requests(pool, killed.endpoint) >= 10 end)
+
+    RemoteServers.signal(killed, "KILL")
+    RemoteServers.signal(sick, "USR1")
+    :ok = RemoteServers.DNS.set(dns, [{127, 0, 0, 3}, {127, 0, 0, 4}, {127, 0, 0, 5}])
+    changed_at = System.monotonic_time(:millisecond)
+
+    eventually(fn -> worker_of(pool, sick.endpoint).status == :not_serving end)
+    sick_requests = requests(pool, sick.endpoint)
+    eventually(fn -> requests(pool, added.endpoint) > 0 end, interval + 1_000, 10)
+    assert System.monotonic_time(:millisecond) - changed_at <= interval + 1_000
+
+    results = Task.await(loader, 120_000)
+    failed = failures(results)
+    assert length(results) == 600
+    # only calls in flight on the killed endpoint (its capacity, 4) fail, as :worker_crashed
+    assert length(failed) <= 4
+    assert Enum.all?(failed, &match?({:error, %Snakepit.Error{reason: :worker_crashed}}, &1))
+    assert requests(pool, sick.endpoint) == sick_requests
+    assert requests(pool, steady.endpoint) > 0
+    # the killed one left DNS too: its slot is gone, not reconnecting
+    eventually(fn -> worker_of(pool, killed.endpoint) == nil end)
+  end
 end
