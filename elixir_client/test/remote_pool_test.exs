@@ -266,4 +266,17 @@ defmodule Snakepit.RemotePoolTest do
     # the killed one left DNS too: its slot is gone, not reconnecting
     eventually(fn -> worker_of(pool, killed.endpoint) == nil end)
   end
+
+  test "an endpoint on a Unix socket serves like one on TCP" do
+    # (a short path: a socket's path has at most 107 bytes)
+    dir = Path.join(System.tmp_dir!(), "snkp-remote-#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+    on_exit(fn -> File.rm_rf(dir) end)
+    socket = Path.join(dir, "w.sock")
+    [tcp, uds] = start_servers(["127.0.0.2", "unix:" <> socket])
+    pool = remote_pool!(%{endpoints: [tcp.endpoint, uds.endpoint]})
+    assert failures(load(pool, 40, 8, "sleep", %{seconds: 0.01})) == []
+    assert worker_of(pool, uds.endpoint).uds == socket
+    assert requests(pool, uds.endpoint) > 0 and requests(pool, tcp.endpoint) > 0
+  end
 end

@@ -7,7 +7,7 @@ defmodule Snakepit.Test.RemoteServers do
   @repo Path.expand("../../..", __DIR__)
 
   @doc """
-  Starts `grpc_server_threaded.py` on `host` (port 0: a free one, or `port`; `adapter`: a class of
+  Starts `grpc_server_threaded.py` on `host` (or on a Unix socket: `"unix:/path"`; port 0: a free one, or `port`; `adapter`: a class of
   `snakepit_bridge` or of test/support's `pool_test_adapters`); returns
   `%{port_ref, os_pid, host, port, endpoint}` once its ready line came. It exits when the calling
   process does (--exit-on-stdin-eof on the Port's stdin).
@@ -16,24 +16,28 @@ defmodule Snakepit.Test.RemoteServers do
     python = System.get_env("SNAKEPIT_PYTHON") || Path.join(@repo, ".venv/bin/python")
     port = Keyword.get(opts, :port, 0)
 
-    args = [
-      Path.join(@repo, "grpc_server_threaded.py"),
-      "--host",
-      host,
-      "--port",
-      Integer.to_string(port),
-      "--max-workers",
-      Integer.to_string(Keyword.get(opts, :max_workers, 4)),
-      "--adapter",
-      Keyword.get(
-        opts,
-        :adapter,
-        "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
-      ),
-      "--exit-on-stdin-eof",
-      "--grace",
-      "5"
-    ]
+    listen =
+      case host do
+        "unix:" <> path -> ["--uds", path]
+        _ -> ["--host", host, "--port", Integer.to_string(port)]
+      end
+
+    args =
+      [Path.join(@repo, "grpc_server_threaded.py")] ++
+        listen ++
+        [
+          "--max-workers",
+          Integer.to_string(Keyword.get(opts, :max_workers, 4)),
+          "--adapter",
+          Keyword.get(
+            opts,
+            :adapter,
+            "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
+          ),
+          "--exit-on-stdin-eof",
+          "--grace",
+          "5"
+        ]
 
     port_ref =
       Port.open({:spawn_executable, python}, [
@@ -54,14 +58,15 @@ defmodule Snakepit.Test.RemoteServers do
     receive do
       {^port_ref, {:data, {:eol, "SNAKEPIT_READY " <> rest}}} ->
         kv = rest |> String.split(" ") |> Map.new(&List.to_tuple(String.split(&1, "=", parts: 2)))
-        port = String.to_integer(kv["port"])
+        port = kv["port"] && String.to_integer(kv["port"])
+        endpoint = if kv["uds"], do: "unix:" <> kv["uds"], else: "#{host}:#{port}"
 
         %{
           port_ref: port_ref,
           os_pid: String.to_integer(kv["pid"]),
           host: host,
           port: port,
-          endpoint: "#{host}:#{port}"
+          endpoint: endpoint
         }
 
       {^port_ref, {:data, _}} ->
