@@ -142,4 +142,16 @@ defmodule Snakepit.RemoteStateTest do
     assert Enum.zip(Enum.reverse(delays), steps)
            |> Enum.all?(fn {d, step} -> d >= div(step, 2) and d <= step end)
   end
+
+  test "periodic health checks pause while an endpoint is NOT_SERVING and resume after" do
+    {s, _} = new_pool(["a:1"], %{health_check_interval: 1_000})
+    s = ready(s, 1, 2)
+    {s, _} = ev(s, {:worker_serving, 1, false})
+    {s, actions} = ev(s, {:health_check, 1})
+    refute Enum.any?(actions, &match?({:check, 1, _, _, _, _}, &1))
+    assert {:schedule, 1_000, {:health_check, 1}} in actions
+    {s, _} = ev(s, {:worker_serving, 1, true})
+    {_s, actions} = ev(s, {:health_check, 1})
+    assert Enum.any?(actions, &match?({:check, 1, _, :health, :ch1, _}, &1))
+  end
 end

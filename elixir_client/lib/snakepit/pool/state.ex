@@ -691,7 +691,10 @@ defmodule Snakepit.Pool.State do
   defp event(s, {:health_check, id}) do
     case routable_worker(s, id) do
       nil ->
-        s
+        # out of rotation for now (NOT_SERVING): checked again once back
+        if match?(%{status: :not_serving}, s.workers[id]),
+          do: schedule_health_check(s, id),
+          else: s
 
       w ->
         kind = if w.abandoned == [], do: :health, else: :active_calls
