@@ -22,7 +22,8 @@ if [ "$#" -eq 0 ]; then
         tests/test_server_tools.py tests/test_server_errors.py tests/test_server_values.py tests/test_server_batch.py \
         tests/test_server_sessions.py tests/test_server_health.py tests/test_server_grpcurl.py tests/test_server_auth.py \
         tests/test_server_lifecycle.py tests/test_server_concurrency.py tests/test_server_toolkit.py \
-        tests/test_server_tracing.py tests/test_server_metrics.py tests/test_server_uds.py tests/test_server_shm.py
+        tests/test_server_tracing.py tests/test_server_metrics.py tests/test_server_uds.py tests/test_server_shm.py \
+        tests/test_server_rotation.py
 fi
 
 echo "==> Elixir tests"

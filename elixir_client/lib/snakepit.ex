@@ -24,6 +24,9 @@ defmodule Snakepit do
     * `:seed` - seeds the request's RNG on the server
     * `:window` - `execute_stream` only: how many bytes of chunks the worker may be ahead of the
       consumer (default 262_144; see `execute_stream/4`)
+    * `:idempotent` - `true`: on a `worker_profile: :remote` pool, a call whose endpoint died
+      during it (`:worker_crashed`) is run once more on another endpoint (see
+      `Snakepit.Remote.Retry`)
     * `:traceparent` - a W3C `traceparent` sent as the call's `traceparent` gRPC header (default:
       the process dictionary's `:snakepit_traceparent`); an invalid one is not sent. See
       `Snakepit.TraceContext`
@@ -195,7 +198,9 @@ defmodule Snakepit do
       end
     end
 
-    with_slot(pool, tool, args_encoder(args, tool), opts, span(:execute, tool), call)
+    Snakepit.Remote.Retry.run(pool, opts, fn ->
+      with_slot(pool, tool, args_encoder(args, tool), opts, span(:execute, tool), call)
+    end)
   end
 
   @doc """

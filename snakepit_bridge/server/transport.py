@@ -35,6 +35,9 @@ class Transport(Protocol):
     def not_serving(self) -> None:
         """Health turns NOT_SERVING for every service (shutdown has begun)."""
 
+    def set_serving(self, serving: bool) -> None:
+        """Health SERVING or NOT_SERVING for every service, the server running on (`rotation`)."""
+
     def stop(self, grace: float) -> threading.Event:
         """Refuse new RPCs; the event is set once every RPC has ended (cancelled after `grace`)."""
 

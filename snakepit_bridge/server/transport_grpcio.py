@@ -75,6 +75,11 @@ class GrpcioTransport:
         self.server = server
         return endpoint if endpoint.is_unix else endpoint.with_port(port)
 
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE.full_name):
+            self.health.set(service, status)
+
     def not_serving(self) -> None:
         """Health turns NOT_SERVING (for every service) and stays so."""
         self.health.enter_graceful_shutdown()

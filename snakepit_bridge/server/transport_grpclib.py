@@ -277,6 +277,10 @@ class GrpclibTransport:
             log.info("%s", tls.describe())
         return endpoint if endpoint.is_unix else endpoint.with_port(sock.getsockname()[1])
 
+    def set_serving(self, serving: bool) -> None:
+        assert self.loop is not None and self.status is not None
+        self.loop.call_soon_threadsafe(self.status.set, serving)
+
     def not_serving(self) -> None:
         assert self.loop is not None and self.status is not None
         status = self.status

@@ -13,7 +13,7 @@ adapter left), so adapter output cannot pass for readiness. A start-up failure (
 or setup() raising, port or socket in use) ends with one stderr line `error: <message>` and exit code
 1. Shutdown (SIGTERM, SIGINT, or stdin EOF with --exit-on-stdin-eof): health turns NOT_SERVING, new
 calls are refused, in-flight calls get --grace seconds to finish, the socket file of --uds is
-removed, then exit 0.
+removed, then exit 0. SIGUSR1 / SIGUSR2 turn health NOT_SERVING / SERVING without stopping (`rotation`).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from ..threadsafety.interpreter import free_threaded_build, gil_enabled
 from .calls import CallTracker
 from .endpoint import Endpoint
 from .gate import ToolGate
+from .rotation import install_rotation_signals
 from .servicer import BridgeServicer, ServerInfo
 from .sessions import SessionStore
 from .settings import Settings
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
     from .otel import CallTracing
 
 log = logging.getLogger("snakepit_bridge.server")
+
+
+# Seconds between health turning NOT_SERVING at shutdown and the transport refusing new streams.
+NOT_SERVING_NOTICE = 0.1
 
 
 class StartupError(Exception):
@@ -255,10 +260,21 @@ class Worker:
             log.info("shutting down (%s): draining in-flight calls for up to %.1f s", reason, self.args.grace)
             self.stop_requested.set()
 
+    def set_serving(self, serving: bool, reason: str) -> None:
+        """Health SERVING or NOT_SERVING without stopping (see `rotation`); ignored once shutdown began."""
+        if self.transport is None or self.servicer.stopping.is_set():
+            return
+        log.info("%s (%s)", "back in rotation: SERVING" if serving else "out of rotation: NOT_SERVING", reason)
+        self.transport.set_serving(serving)
+
     def shutdown(self) -> None:
         assert self.transport is not None, "shutdown() before start()"
         self.servicer.stopping.set()  # first: a client that sees NOT_SERVING is refused from then on
         self.transport.not_serving()
+        # Clients that watch health (a remote Elixir pool) take it out of rotation now; a call they sent
+        # meanwhile is refused UNAVAILABLE by the servicer (never run: safe to retry elsewhere) rather
+        # than cancelled by a transport that already stopped.
+        time.sleep(NOT_SERVING_NOTICE)
         grace_ends = time.monotonic() + self.args.grace
         stopped = self.transport.stop(self.args.grace)
         # Tool calls get the whole grace period, counted by the tools themselves and not by their RPCs:
@@ -326,6 +342,7 @@ def serve_worker(settings: Settings, ready_nonce: str | None, preloaded_adapter:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     install_stop_triggers(worker.request_stop, settings.args.exit_on_stdin_eof)
+    install_rotation_signals(worker.set_serving)
     announce_ready(endpoint, ready_nonce)
     while not worker.stop_requested.wait(0.5):
         pass

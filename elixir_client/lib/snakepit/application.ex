@@ -43,6 +43,9 @@ defmodule Snakepit.Application do
     do: {:error, "config :snakepit, :pools must be a list, got #{inspect(other)}"}
 
   @doc false
+  # (a remote pool launches nothing)
+  def launcher_validate(%{worker_profile: :remote}), do: :ok
+
   def launcher_validate(c) do
     if function_exported?(c.launcher, :validate, 1),
       do: c.launcher.validate(c),

@@ -59,6 +59,26 @@ defmodule Snakepit.Config do
       choose it for an adapter module whose import starts threads or opens connections that a
       forked child must not share.
 
+  ## Remote pools
+
+  `worker_profile: :remote` pools connect to servers they did not start (see `Snakepit.Pool`,
+  "Remote workers", and the README):
+
+    * `:endpoints` - `"host:port"`, `"[v6]:port"` or `"unix:/path"` strings, one worker each.
+    * `:discovery` - `{:dns, name, port}` or `{:dns, name, port, resolver_opts}` (`:nameservers`,
+      `:timeout`, `:retry`, given to `:inet_res`): the A and AAAA records of `name`, each an
+      endpoint on `port`, resolved every `:resolve_interval` ms (default `5_000`).
+    * `:threads_per_worker` - calls at once per endpoint; default `:from_server` (its GetStats
+      `max_workers`).
+    * `:max_connection_age` (`{n, unit}` or `:infinity`, the default) and
+      `:max_connection_age_jitter` (default `0.1`) - each connection is renewed after that age
+      (kept as `worker_ttl` / `ttl_jitter`).
+    * `:tls` - a keyword list passed unchanged to each channel's `start_link/1`.
+
+  `:pool_size`, `:worker_ttl`, `:ttl_jitter`, `:worker_max_requests` and `:max_requests_jitter`
+  are refused (the pool cannot recycle servers it did not start), as are `start_mode:
+  :fork_server` and `shm: true`; `pool_size` is the number of endpoints (0 for DNS until found).
+
   ## Message size
 
     * `:max_message_mb` - the largest gRPC message in MiB, both ways, as one setting: the workers
@@ -103,8 +123,15 @@ defmodule Snakepit.Config do
     :max_requests_jitter,
     :process_pipeline_depth,
     :max_message_mb,
-    :start_mode
+    :start_mode,
+    :endpoints,
+    :discovery,
+    :resolve_interval,
+    :tls
   ]
+
+  # accepted only for worker_profile: :remote, kept as worker_ttl and ttl_jitter (see "Remote pools")
+  @remote_input_keys [:max_connection_age, :max_connection_age_jitter]
 
   # accepted but not kept: the old name of :launcher
   @deprecated_keys [:adapter_module]
@@ -114,9 +141,9 @@ defmodule Snakepit.Config do
   @type ttl :: {pos_integer, :seconds | :minutes | :hours | :milliseconds} | :infinity
   @type t :: %__MODULE__{
           name: atom,
-          worker_profile: :process | :thread,
-          pool_size: pos_integer,
-          threads_per_worker: pos_integer,
+          worker_profile: :process | :thread | :remote,
+          pool_size: non_neg_integer,
+          threads_per_worker: pos_integer | :from_server,
           launcher: module,
           adapter_args: [String.t()],
           adapter_env: [{String.t(), String.t()}],
@@ -144,11 +171,15 @@ defmodule Snakepit.Config do
           max_requests_jitter: float,
           process_pipeline_depth: pos_integer,
           max_message_mb: pos_integer,
-          start_mode: :spawn | :fork_server
+          start_mode: :spawn | :fork_server,
+          endpoints: [Snakepit.Remote.Endpoint.t()],
+          discovery: Snakepit.Remote.Discovery.spec() | nil,
+          resolve_interval: pos_integer,
+          tls: keyword | nil
         }
 
   @doc "The keys a pool config accepts (`:adapter_module` is the deprecated name of `:launcher`)."
-  def keys, do: @keys ++ @deprecated_keys
+  def keys, do: @keys ++ @remote_input_keys ++ @deprecated_keys
 
   @doc "The repository root (where `grpc_server_threaded.py` / `grpc_server_process.py` live)."
   def repo_root, do: @repo_root
@@ -211,20 +242,37 @@ defmodule Snakepit.Config do
         c,
         :worker_profile,
         :process,
-        &(&1 in [:process, :thread]),
-        "must be :process or :thread"
+        &(&1 in [:process, :thread, :remote]),
+        "must be :process, :thread or :remote"
       )
+
+    if profile == :remote, do: check_remote_keys(c), else: check_local_keys(c)
 
     default_size =
       if profile == :thread,
         do: max(1, div(System.schedulers_online(), 4)),
         else: System.schedulers_online()
 
-    pool_size = fetch(c, :pool_size, default_size, &pos_int?/1, "must be a positive integer")
+    endpoints = endpoints(c)
+
+    pool_size =
+      if profile == :remote,
+        do: length(endpoints),
+        else: fetch(c, :pool_size, default_size, &pos_int?/1, "must be a positive integer")
 
     threads =
-      fetch(c, :threads_per_worker, 8, &pos_int?/1, "must be a positive integer")
-      |> then(&if(profile == :process, do: 1, else: &1))
+      if profile == :remote,
+        do:
+          fetch(
+            c,
+            :threads_per_worker,
+            :from_server,
+            &(&1 == :from_server or pos_int?(&1)),
+            "must be a positive integer or :from_server (each endpoint's GetStats max_workers)"
+          ),
+        else:
+          fetch(c, :threads_per_worker, 8, &pos_int?/1, "must be a positive integer")
+          |> then(&if(profile == :process, do: 1, else: &1))
 
     launcher = launcher(c)
 
@@ -247,10 +295,15 @@ defmodule Snakepit.Config do
         "must be a list of {\"NAME\", \"value\"} string tuples"
       )
 
+    {ttl_key, jitter_key} =
+      if profile == :remote,
+        do: {:max_connection_age, :max_connection_age_jitter},
+        else: {:worker_ttl, :ttl_jitter}
+
     ttl =
       fetch(
         c,
-        :worker_ttl,
+        ttl_key,
         :infinity,
         &ttl?/1,
         "must be :infinity or {n, :seconds | :minutes | :hours | :milliseconds}"
@@ -313,7 +366,7 @@ defmodule Snakepit.Config do
       ttl_jitter:
         fetch(
           c,
-          :ttl_jitter,
+          jitter_key,
           0.1,
           &(is_number(&1) and &1 >= 0 and &1 < 1),
           "must be a number in [0, 1)"
@@ -337,7 +390,7 @@ defmodule Snakepit.Config do
         fetch(
           c,
           :shm,
-          launcher == Snakepit.Launcher.GRPCPython,
+          launcher == Snakepit.Launcher.GRPCPython and profile != :remote,
           &is_boolean/1,
           "must be true or false"
         ),
@@ -377,8 +430,119 @@ defmodule Snakepit.Config do
         fetch(c, :process_pipeline_depth, 2, &pos_int?/1, "must be a positive integer"),
       max_message_mb:
         fetch(c, :max_message_mb, 64, &pos_int?/1, "must be a positive integer (MiB)"),
-      start_mode: start_mode(c, launcher)
+      # (a remote pool starts no Python process: none is forked)
+      start_mode: if(profile == :remote, do: :spawn, else: start_mode(c, launcher)),
+      endpoints: endpoints,
+      discovery: discovery(c),
+      resolve_interval:
+        fetch(c, :resolve_interval, 5_000, &pos_int?/1, "must be a positive integer (ms)"),
+      tls:
+        fetch(
+          c,
+          :tls,
+          nil,
+          &(is_nil(&1) or Keyword.keyword?(&1)),
+          "must be a keyword list (passed to the worker channels) or nil"
+        )
     }
+  end
+
+  # Keys of pools whose workers the pool starts, meaningless for endpoints it did not start.
+  @local_only [:pool_size, :worker_ttl, :ttl_jitter, :worker_max_requests, :max_requests_jitter]
+  @remote_only [:endpoints, :discovery, :resolve_interval] ++ @remote_input_keys
+
+  defp check_remote_keys(c) do
+    for key <- @local_only, Map.has_key?(c, key) do
+      why =
+        case key do
+          :pool_size ->
+            "does not apply to worker_profile: :remote (one worker per endpoint: set :endpoints or :discovery)"
+
+          k when k in [:worker_ttl, :ttl_jitter] ->
+            "does not apply to worker_profile: :remote (the pool did not start those workers and " <>
+              "cannot recycle them; :max_connection_age renews connections)"
+
+          _ ->
+            "does not apply to worker_profile: :remote (the pool did not start those workers and cannot recycle them)"
+        end
+
+      throw({:invalid, key, why})
+    end
+
+    if Map.get(c, :start_mode, :spawn) != :spawn,
+      do: throw({:invalid, :start_mode, "does not apply to worker_profile: :remote"})
+
+    if Map.get(c, :shm) == true,
+      do:
+        throw(
+          {:invalid, :shm,
+           "must be false for worker_profile: :remote (its workers do not share this host's memory)"}
+        )
+
+    if Map.get(c, :endpoints, []) == [] and Map.get(c, :discovery) == nil,
+      do:
+        throw(
+          {:invalid, :endpoints,
+           "a worker_profile: :remote pool needs :endpoints (a non-empty list) or :discovery"}
+        )
+
+    :ok
+  end
+
+  defp check_local_keys(c) do
+    case Enum.find(@remote_only, &Map.has_key?(c, &1)) do
+      nil -> :ok
+      key -> throw({:invalid, key, "applies only to worker_profile: :remote"})
+    end
+  end
+
+  defp endpoints(c) do
+    list =
+      fetch(
+        c,
+        :endpoints,
+        [],
+        &is_list/1,
+        "must be a list of \"host:port\" or \"unix:/path\" strings"
+      )
+
+    parsed =
+      Enum.map(list, fn e ->
+        case Snakepit.Remote.Endpoint.parse(e) do
+          {:ok, endpoint} -> endpoint
+          {:error, why} -> throw({:invalid, :endpoints, why})
+        end
+      end)
+
+    case parsed -- Enum.uniq_by(parsed, & &1.text) do
+      [] -> parsed
+      [dup | _] -> throw({:invalid, :endpoints, "#{inspect(dup.text)} is listed twice"})
+    end
+  end
+
+  defp discovery(c) do
+    case Map.get(c, :discovery) do
+      nil ->
+        nil
+
+      {:dns, name, port} ->
+        discovery(Map.put(c, :discovery, {:dns, name, port, []}))
+
+      {:dns, name, port, opts} = spec
+      when is_binary(name) and name != "" and is_integer(port) and port in 1..65_535 and
+             is_list(opts) ->
+        case Keyword.keyword?(opts) && Keyword.keys(opts) -- [:nameservers, :timeout, :retry] do
+          [] -> spec
+          false -> throw({:invalid, :discovery, "resolver options must be a keyword list"})
+          [k | _] -> throw({:invalid, :discovery, "unknown resolver option #{inspect(k)}"})
+        end
+
+      other ->
+        throw(
+          {:invalid, :discovery,
+           "must be {:dns, \"name\", port} or {:dns, \"name\", port, resolver_opts}, got #{inspect(other)}"}
+        )
+    end
   end
 
   # `:fork_server` needs a launcher that can build the fork server's command line; it is the
@@ -441,6 +605,8 @@ defmodule Snakepit.Config do
     do: "snakepit_bridge.adapters.threaded_showcase.ThreadedShowcaseAdapter"
 
   def default_python_adapter(:process), do: "snakepit_bridge.adapters.showcase.ShowcaseAdapter"
+  # (a remote pool runs no adapter: its servers were started with theirs)
+  def default_python_adapter(:remote), do: "none"
 
   defp fetch(c, key, default, valid?, msg) do
     case Map.fetch(c, key) do

@@ -132,6 +132,20 @@ defmodule Snakepit.Pool do
   A call whose initialisation fails is checked in as `{:session_init_failed, session_id}`: the
   session then counts as not created on that worker.
 
+  ## Remote workers
+
+  With `worker_profile: :remote` the workers are Python servers the pool did not start, at
+  `endpoints` and/or found by `discovery` (`Snakepit.Remote.Discovery`): one slot per endpoint,
+  and for each a `Snakepit.Remote.Connection` instead of a `Snakepit.Worker` (connect, then
+  Health/Watch SERVING = ready). Everything above holds, with these differences: an endpoint
+  that turns NOT_SERVING leaves rotation (`:not_serving`) until SERVING again; DNS adds slots
+  (`{:add_slot, slot}`) and removes them (`{:remove_slot, slot}`: the slot's connection drains and
+  is not replaced); a failed connection is retried after a jittered backoff
+  (`Snakepit.Remote.Backoff`); the TTL is `max_connection_age` (a new connection is made first, as
+  for a recycled worker); there is no max-requests recycling, no Unix-socket directory and no
+  shared memory; the pool picks by outstanding calls weighted by each endpoint's capacity. See the
+  README, "Remote workers".
+
   ## Structure
 
   Every decision above is `Snakepit.Pool.State`, a pure state machine (events in, actions out).
@@ -145,6 +159,7 @@ defmodule Snakepit.Pool do
 
   alias Snakepit.{Config, Error, Shm, Worker}
   alias Snakepit.Pool.{ForkServer, SocketDir, State}
+  alias Snakepit.Remote.{Connection, Discovery}
   alias Snakepit.Worker.Health
 
   ## client API
@@ -283,6 +298,19 @@ defmodule Snakepit.Pool do
     ArgumentError -> nil
   end
 
+  @doc "Whether the pool (a name or pid) is a running `worker_profile: :remote` pool."
+  @spec remote?(atom | pid) :: boolean
+  def remote?(pool) when is_pid(pool) do
+    case Registry.keys(Snakepit.Registry, pool) do
+      [name] -> remote?(name)
+      _ -> false
+    end
+  end
+
+  def remote?(name) do
+    match?([{_pid, %{remote: true}}], Registry.lookup(Snakepit.Registry, name))
+  end
+
   @doc """
   The pool's shared memory (`%Snakepit.Shm{dir, min_bytes}`), or nil: the pool has `shm: false`,
   could not make its directory, or is not running.
@@ -329,9 +357,14 @@ defmodule Snakepit.Pool do
     :shm,
     :fork_server,
     :fork_server_os_pid,
+    :discovery,
     pids: %{},
     ids: %{},
-    timers: %{}
+    timers: %{},
+    # a remote pool's endpoints by slot, and the slots DNS discovery found (the others are static)
+    endpoints: %{},
+    discovered: MapSet.new(),
+    next_slot: 1
   ]
 
   @impl true
@@ -348,14 +381,20 @@ defmodule Snakepit.Pool do
           shm: open_shm(config)
         }
 
+        if config.worker_profile == :remote,
+          do: Registry.update_value(Snakepit.Registry, config.name, fn _ -> %{remote: true} end)
+
+        endpoints = config.endpoints |> Enum.with_index(1) |> Map.new(fn {e, i} -> {i, e} end)
+        shell = %{shell | endpoints: endpoints, next_slot: map_size(endpoints) + 1}
         {pool, actions} = State.new(config, now())
-        {:ok, perform(%{shell | pool: pool}, actions)}
+        {:ok, shell |> Map.put(:pool, pool) |> perform(actions) |> start_discovery()}
 
       {:error, message} ->
         {:stop, Error.new(:worker_start_failed, "pool #{inspect(config.name)}: #{message}")}
     end
   end
 
+  defp socket_dir(%{worker_profile: :remote}), do: {:ok, nil}
   defp socket_dir(%{transport: :uds}), do: SocketDir.create()
   defp socket_dir(%{transport: :tcp}), do: {:ok, nil}
 
@@ -395,6 +434,20 @@ defmodule Snakepit.Pool do
 
   def handle_info({:snakepit_worker_draining, wpid, _reason}, shell),
     do: {:noreply, worker_event(shell, wpid, &{:worker_draining, &1})}
+
+  def handle_info({:snakepit_worker_serving, wpid, serving?}, shell),
+    do: {:noreply, worker_event(shell, wpid, &{:worker_serving, &1, serving?})}
+
+  def handle_info({:snakepit_discovered, pid, result}, %{discovery: pid} = shell),
+    do: {:noreply, discovered(shell, result)}
+
+  def handle_info({:EXIT, pid, reason}, %{discovery: pid} = shell) do
+    Logger.error(
+      "snakepit pool #{inspect(shell.config.name)}: its DNS discovery went down (#{inspect(reason)}); restarting it"
+    )
+
+    {:noreply, start_discovery(%{shell | discovery: nil})}
+  end
 
   def handle_info({:snakepit_worker_spawned, wpid, os_pid}, shell),
     do: {:noreply, worker_event(shell, wpid, &{:worker_spawned, &1, os_pid})}
@@ -515,6 +568,18 @@ defmodule Snakepit.Pool do
     shell
   end
 
+  defp perform_one(%{config: %{worker_profile: :remote}} = shell, {:start_worker, id}) do
+    endpoint = shell.endpoints[State.worker_slot(shell.pool, id)]
+
+    case Connection.start_link(config: shell.config, pool: self(), id: id, endpoint: endpoint) do
+      {:ok, pid} ->
+        %{shell | pids: Map.put(shell.pids, id, pid), ids: Map.put(shell.ids, pid, id)}
+
+      {:error, reason} ->
+        apply_event(shell, {:worker_spawn_failed, id, reason})
+    end
+  end
+
   defp perform_one(shell, {:start_worker, id}) do
     shm_dir = shell.shm && shell.shm.dir
     uds = shell.socket_dir && SocketDir.socket_path(shell.socket_dir, id)
@@ -603,6 +668,81 @@ defmodule Snakepit.Pool do
     )
 
     shell
+  end
+
+  # DNS discovery: the endpoints it finds now become slots at once (so start_pool/2 awaits them),
+  # then a Discovery process resolves again every resolve_interval.
+  defp start_discovery(%{config: %{discovery: nil}} = shell), do: shell
+
+  defp start_discovery(%{config: config} = shell) do
+    shell =
+      if shell.discovery == nil and MapSet.size(shell.discovered) == 0,
+        do: discovered(shell, first_resolution(config.discovery)),
+        else: shell
+
+    {:ok, pid} = Discovery.start_link(self(), config.discovery, config.resolve_interval)
+    %{shell | discovery: pid}
+  end
+
+  # Bounded, so that a resolver that does not answer cannot hold the pool's start past its
+  # start_link timeout: the Discovery process tries again after resolve_interval.
+  @first_resolution_ms 3_000
+
+  defp first_resolution(spec) do
+    task = Task.async(fn -> Discovery.resolve(spec) end)
+
+    case Task.yield(task, @first_resolution_ms) || Task.shutdown(task, :brutal_kill) do
+      {:ok, result} -> result
+      _ -> {:error, "no answer within #{@first_resolution_ms} ms"}
+    end
+  end
+
+  # Endpoints that appeared get a slot (and a worker); discovered ones that went away are removed
+  # (their workers drain). A static endpoint is never removed; one DNS also names is not doubled.
+  defp discovered(shell, {:error, why}) do
+    Logger.warning(
+      "snakepit pool #{inspect(shell.config.name)}: DNS discovery: #{why}; keeping its #{MapSet.size(shell.discovered)} endpoints"
+    )
+
+    shell
+  end
+
+  defp discovered(shell, {:ok, found}) do
+    found_texts = MapSet.new(found, & &1.text)
+    known_texts = MapSet.new(Map.values(shell.endpoints), & &1.text)
+
+    gone =
+      Enum.filter(shell.discovered, &(not MapSet.member?(found_texts, shell.endpoints[&1].text)))
+
+    new = Enum.reject(found, &MapSet.member?(known_texts, &1.text))
+    name = inspect(shell.config.name)
+
+    shell =
+      Enum.reduce(gone, shell, fn slot, shell ->
+        Logger.info(
+          "snakepit pool #{name}: endpoint #{shell.endpoints[slot].text} left DNS; draining it"
+        )
+
+        %{
+          shell
+          | endpoints: Map.delete(shell.endpoints, slot),
+            discovered: MapSet.delete(shell.discovered, slot)
+        }
+        |> apply_event({:remove_slot, slot})
+      end)
+
+    Enum.reduce(new, shell, fn endpoint, shell ->
+      slot = shell.next_slot
+      Logger.info("snakepit pool #{name}: endpoint #{endpoint.text} found by DNS")
+
+      %{
+        shell
+        | endpoints: Map.put(shell.endpoints, slot, endpoint),
+          discovered: MapSet.put(shell.discovered, slot),
+          next_slot: slot + 1
+      }
+      |> apply_event({:add_slot, slot})
+    end)
   end
 
   # The fork server workers are forked from; its spawn requests wait in it until it is ready.

@@ -21,6 +21,12 @@ defmodule Snakepit.Pool.State do
     * `{:worker_draining, id}` - the worker's server is shutting down on its own (it sent GOAWAY:
       its calls in flight finish, it takes no new one); the worker leaves rotation
       (`:server_draining`) and is replaced once it exits, like a worker that went down
+    * `{:worker_serving, id, serving?}` - a remote endpoint's health changed (its Health/Watch
+      said NOT_SERVING, or SERVING again): out of rotation (`:not_serving`: no new call, session
+      or queued caller; calls in flight go on) or back in
+    * `{:add_slot, slot}`, `{:remove_slot, slot}` - a remote pool's endpoints changed (DNS
+      discovery): a new slot starts its worker; a removed slot's worker takes no new call, is
+      stopped once its calls end, and is not replaced
     * `{:check_result, id, check_ref, result}` - the answer to a `{:check, ...}` action
     * timer events the machine scheduled itself: `{:start_worker, slot}`, `{:ttl_expired, id}`,
       `{:health_check, id}`, `{:stuck_call_check, id}`, `{:queue_timeout, ref}`,
@@ -175,10 +181,7 @@ defmodule Snakepit.Pool.State do
   """
   @spec new(Config.t(), integer, keyword) :: {t, [action]}
   def new(%Config{} = config, now, opts \\ []) do
-    slots =
-      Map.new(1..config.pool_size, fn i ->
-        {i, %{current: nil, pending: nil, failures: 0, scheduled: false, recycles: 0, crashes: 0}}
-      end)
+    slots = Map.new(1..config.pool_size//1, &{&1, new_slot()})
 
     s = %__MODULE__{
       config: config,
@@ -188,9 +191,26 @@ defmodule Snakepit.Pool.State do
       rand: Keyword.get_lazy(opts, :seed, fn -> :rand.seed_s(:exsss) end)
     }
 
-    s = Enum.reduce(1..config.pool_size, s, fn slot, st -> start_worker(st, slot, :initial) end)
+    s =
+      Enum.reduce(1..config.pool_size//1, s, fn slot, st -> start_worker(st, slot, :initial) end)
+
     flush(s)
   end
+
+  defp new_slot,
+    do: %{
+      current: nil,
+      pending: nil,
+      failures: 0,
+      scheduled: false,
+      recycles: 0,
+      crashes: 0,
+      removed: false
+    }
+
+  @doc "The slot of worker `id` (a remote pool's shell maps slots to endpoints), or nil."
+  @spec worker_slot(t, worker_id) :: pos_integer | nil
+  def worker_slot(s, id), do: s.workers[id] && s.workers[id].slot
 
   @doc "Applies one event at monotonic time `now` (ms)."
   @spec handle(t, event, integer) :: {t, [action]}
@@ -216,6 +236,7 @@ defmodule Snakepit.Pool.State do
           os_pid: w.os_pid,
           port: w.port,
           uds: w.uds,
+          endpoint: w.endpoint,
           channel: w.channel,
           in_flight: w.in_flight,
           capacity: w.capacity,
@@ -240,7 +261,7 @@ defmodule Snakepit.Pool.State do
     Map.merge(s.stats, %{
       name: s.name,
       worker_profile: s.config.worker_profile,
-      pool_size: s.config.pool_size,
+      pool_size: slot_count(s),
       queued: s.queue_len,
       in_flight: Enum.sum(Enum.map(workers, & &1.in_flight)),
       capacity:
@@ -328,7 +349,7 @@ defmodule Snakepit.Pool.State do
   end
 
   defp event(s, {:await_ready, from, min}) do
-    min = if min == :all, do: s.config.pool_size, else: min
+    min = if min == :all, do: slot_count(s), else: min
 
     cond do
       s.stopping != nil -> reply(s, from, {:error, stopped_error(s)})
@@ -397,7 +418,8 @@ defmodule Snakepit.Pool.State do
         |> put_slot(w.slot, slot)
         |> crashed(w, reason)
         |> start_failed(Error.new(:worker_start_failed, message))
-        |> schedule_start(w.slot, backoff(slot.failures, s.config.restart_backoff_max))
+        |> schedule_restart(w.slot, slot.failures)
+        |> prune_slot(w.slot)
     end
   end
 
@@ -427,7 +449,10 @@ defmodule Snakepit.Pool.State do
             channel: info.channel,
             os_pid: info.os_pid,
             port: info.port,
-            uds: Map.get(info, :uds)
+            uds: Map.get(info, :uds),
+            endpoint: Map.get(info, :endpoint),
+            capacity: Map.get(info, :capacity, w.capacity),
+            server_slots: Map.get(info, :capacity, w.server_slots)
         }
 
         s = put_worker(s, w)
@@ -535,11 +560,11 @@ defmodule Snakepit.Pool.State do
             s = put_slot(s, w.slot, slot)
 
             if slot.pending == nil,
-              do: schedule_start(s, w.slot, backoff(slot.failures, s.config.restart_backoff_max)),
+              do: schedule_restart(s, w.slot, slot.failures),
               else: s
           end
 
-        s |> forget_fate(id) |> dispatch()
+        s |> forget_fate(id) |> prune_slot(w.slot) |> dispatch()
     end
   end
 
@@ -571,9 +596,85 @@ defmodule Snakepit.Pool.State do
   defp event(%{stopping: %{}} = s, {:start_worker, _slot}), do: s
 
   defp event(s, {:start_worker, slot}) do
-    s
-    |> put_slot(slot, %{s.slots[slot] | scheduled: false})
-    |> start_worker(slot, :restart)
+    case s.slots[slot] do
+      %{removed: false} = st ->
+        s |> put_slot(slot, %{st | scheduled: false}) |> start_worker(slot, :restart)
+
+      %{} = st ->
+        s |> put_slot(slot, %{st | scheduled: false}) |> prune_slot(slot)
+
+      nil ->
+        s
+    end
+  end
+
+  defp event(%{stopping: %{}} = s, {:add_slot, _slot}), do: s
+
+  defp event(s, {:add_slot, slot}) do
+    if Map.has_key?(s.slots, slot),
+      do: s,
+      else: s |> put_slot(slot, new_slot()) |> start_worker(slot, :initial)
+  end
+
+  # The endpoint went away (DNS no longer has it): its workers take no new call and stop once
+  # their calls end; sessions on them move on their next call.
+  defp event(s, {:remove_slot, slot_id}) do
+    case s.slots[slot_id] do
+      %{removed: false} = slot ->
+        s = put_slot(s, slot_id, %{slot | removed: true})
+
+        s.workers
+        |> Map.values()
+        |> Enum.filter(&(&1.slot == slot_id))
+        |> Enum.reduce(s, fn w, s ->
+          case w.status do
+            :stopping -> s
+            :starting -> stop_worker(s, w)
+            _ -> s |> put_worker(%{w | status: :draining}) |> maybe_stop(w.id)
+          end
+        end)
+        |> prune_slot(slot_id)
+        |> dispatch()
+
+      _ ->
+        s
+    end
+  end
+
+  # A remote endpoint's Health/Watch: NOT_SERVING takes it out of rotation at once (its calls in
+  # flight go on), SERVING puts it back.
+  defp event(s, {:worker_serving, id, false}) do
+    case s.workers[id] do
+      %{status: st} = w when st in [:ready, :retiring] ->
+        s
+        |> log(
+          :info,
+          "snakepit pool #{inspect(s.name)}: worker #{w.id} (#{w.endpoint}) is NOT_SERVING; " <>
+            "out of rotation, #{w.in_flight} in flight go on"
+        )
+        |> put_worker(%{w | status: :not_serving, status_before: st})
+        |> dispatch()
+
+      _ ->
+        s
+    end
+  end
+
+  defp event(s, {:worker_serving, id, true}) do
+    case s.workers[id] do
+      %{status: :not_serving} = w ->
+        s
+        |> log(
+          :info,
+          "snakepit pool #{inspect(s.name)}: worker #{w.id} (#{w.endpoint}) is SERVING again"
+        )
+        |> put_worker(%{w | status: w.status_before})
+        |> notify_ready()
+        |> dispatch()
+
+      _ ->
+        s
+    end
   end
 
   defp event(%{stopping: %{}} = s, {:ttl_expired, _id}), do: s
@@ -590,7 +691,10 @@ defmodule Snakepit.Pool.State do
   defp event(s, {:health_check, id}) do
     case routable_worker(s, id) do
       nil ->
-        s
+        # out of rotation for now (NOT_SERVING): checked again once back
+        if match?(%{status: :not_serving}, s.workers[id]),
+          do: schedule_health_check(s, id),
+          else: s
 
       w ->
         kind = if w.abandoned == [], do: :health, else: :active_calls
@@ -679,6 +783,10 @@ defmodule Snakepit.Pool.State do
       # where its server listens: a TCP port or a Unix socket path (the other is nil)
       port: nil,
       uds: nil,
+      # a remote worker's endpoint ("host:port", "unix:/path"); nil for a worker the pool started
+      endpoint: nil,
+      # what a :not_serving worker returns to when SERVING again
+      status_before: nil,
       in_flight: 0,
       # tool calls the server counts for the leases in flight (a batch counts its items)
       load: 0,
@@ -695,7 +803,7 @@ defmodule Snakepit.Pool.State do
       # calls the pool routes to it at once (a process worker's beyond the first wait in its
       # server's queue: pipelining), and how many of them its server runs at once
       capacity: capacity(s.config),
-      server_slots: s.config.threads_per_worker,
+      server_slots: server_slots(s.config),
       requests: 0,
       # its jittered worker_max_requests
       max_requests: max_requests,
@@ -810,10 +918,42 @@ defmodule Snakepit.Pool.State do
     %{s | waiters: %{}, queue: :queue.new(), queue_len: 0}
   end
 
+  # The restart of a slot after its `failures`-th failure in a row: the local backoff; for a
+  # remote endpoint a jittered one (Snakepit.Remote.Backoff), so many pools do not reconnect at once.
+  defp schedule_restart(%{config: %{worker_profile: :remote}} = s, slot_id, failures) do
+    {delay, rand} =
+      Snakepit.Remote.Backoff.delay(failures, @backoff_base, s.config.restart_backoff_max, s.rand)
+
+    schedule_start(%{s | rand: rand}, slot_id, delay)
+  end
+
+  defp schedule_restart(s, slot_id, failures),
+    do: schedule_start(s, slot_id, backoff(failures, s.config.restart_backoff_max))
+
+  # A removed slot is forgotten once no worker of it is left.
+  defp prune_slot(s, slot_id) do
+    case s.slots[slot_id] do
+      %{removed: true} ->
+        if Enum.any?(s.workers, fn {_id, w} -> w.slot == slot_id end),
+          do: s,
+          else: %{s | slots: Map.delete(s.slots, slot_id)}
+
+      _ ->
+        s
+    end
+  end
+
+  # The slots that are to have a worker: pool_size, or a remote pool's endpoints now.
+  defp slot_count(s), do: Enum.count(s.slots, fn {_id, slot} -> not slot.removed end)
+
+  defp schedule_start(%{slots: slots} = s, slot_id, _delay)
+       when not is_map_key(slots, slot_id),
+       do: s
+
   defp schedule_start(s, slot_id, delay) do
     slot = s.slots[slot_id]
 
-    if slot.scheduled,
+    if slot.scheduled or slot.removed,
       do: s,
       else:
         s
@@ -823,8 +963,12 @@ defmodule Snakepit.Pool.State do
 
   # Calls a worker of this config is given at once: a thread worker's threads; a process worker's
   # server runs one call and queues the others, process_pipeline_depth in all.
+  # (a remote endpoint's, when read from the server, comes with its worker_ready)
   defp capacity(%{worker_profile: :process} = config), do: config.process_pipeline_depth
-  defp capacity(config), do: config.threads_per_worker
+  defp capacity(config), do: server_slots(config)
+
+  defp server_slots(%{threads_per_worker: :from_server}), do: 1
+  defp server_slots(config), do: config.threads_per_worker
 
   # A new worker's worker_max_requests, lowered by a random fraction below max_requests_jitter (so
   # workers started together do not all reach it together); never below 1.
@@ -1095,17 +1239,20 @@ defmodule Snakepit.Pool.State do
     end
   end
 
+  # Least outstanding calls weighted by capacity: the lowest busy/capacity (compared as
+  # busy * other capacity, no floats); with equal capacities, the least busy.
   defp pick_any(s) do
     Enum.reduce(s.workers, nil, fn {id, w}, best ->
       cond do
         not free?(w) -> best
-        best == nil or busy(w) < elem(best, 1) -> {id, busy(w)}
+        best == nil -> {id, busy(w), w.capacity}
+        busy(w) * elem(best, 2) < elem(best, 1) * w.capacity -> {id, busy(w), w.capacity}
         true -> best
       end
     end)
     |> case do
       nil -> :none
-      {id, _} -> {:ok, id}
+      {id, _, _} -> {:ok, id}
     end
   end
 
