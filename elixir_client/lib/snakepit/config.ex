@@ -73,7 +73,13 @@ defmodule Snakepit.Config do
     * `:max_connection_age` (`{n, unit}` or `:infinity`, the default) and
       `:max_connection_age_jitter` (default `0.1`) - each connection is renewed after that age
       (kept as `worker_ttl` / `ttl_jitter`).
-    * `:tls` - a keyword list passed unchanged to each channel's `start_link/1`.
+    * `:tls` - TLS to the endpoints: `[cacertfile: path]` to verify the servers (their
+      `--tls-cert`; the OS's CA store without `cacertfile`), `certfile:`/`keyfile:` to present a
+      client certificate to servers with `--tls-client-ca` (mTLS), `server_name:` when the
+      certificate names the server otherwise than the endpoint does (see
+      `Snakepit.GRPC.Channel.start_link/1`). Without it, each endpoint (or DNS name) that is not a
+      loopback address, `localhost` or a Unix socket is logged as a warning at pool start: its
+      calls, results and bearer token would cross the network in plaintext.
 
   `:pool_size`, `:worker_ttl`, `:ttl_jitter`, `:worker_max_requests` and `:max_requests_jitter`
   are refused (the pool cannot recycle servers it did not start), as are `start_mode:

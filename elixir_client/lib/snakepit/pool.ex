@@ -159,7 +159,7 @@ defmodule Snakepit.Pool do
 
   alias Snakepit.{Config, Error, Shm, Worker}
   alias Snakepit.Pool.{ForkServer, SocketDir, State}
-  alias Snakepit.Remote.{Connection, Discovery}
+  alias Snakepit.Remote.{Connection, Discovery, Endpoint}
   alias Snakepit.Worker.Health
 
   ## client API
@@ -381,8 +381,13 @@ defmodule Snakepit.Pool do
           shm: open_shm(config)
         }
 
-        if config.worker_profile == :remote,
-          do: Registry.update_value(Snakepit.Registry, config.name, fn _ -> %{remote: true} end)
+        if config.worker_profile == :remote do
+          Registry.update_value(Snakepit.Registry, config.name, fn _ -> %{remote: true} end)
+          dns_name = with {:dns, name, _, _} <- config.discovery, do: name
+
+          for warning <- Endpoint.plaintext_warnings(config.endpoints, dns_name, config.tls),
+              do: Logger.warning("snakepit pool #{inspect(config.name)}: " <> warning)
+        end
 
         endpoints = config.endpoints |> Enum.with_index(1) |> Map.new(fn {e, i} -> {i, e} end)
         shell = %{shell | endpoints: endpoints, next_slot: map_size(endpoints) + 1}

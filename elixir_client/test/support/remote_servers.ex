@@ -8,7 +8,7 @@ defmodule Snakepit.Test.RemoteServers do
 
   @doc """
   Starts `grpc_server_threaded.py` on `host` (or on a Unix socket: `"unix:/path"`; port 0: a free one, or `port`; `adapter`: a class of
-  `snakepit_bridge` or of test/support's `pool_test_adapters`); returns
+  `snakepit_bridge` or of test/support's `pool_test_adapters`; `flags`: more server flags); returns
   `%{port_ref, os_pid, host, port, endpoint}` once its ready line came. It exits when the calling
   process does (--exit-on-stdin-eof on the Port's stdin).
   """
@@ -37,7 +37,7 @@ defmodule Snakepit.Test.RemoteServers do
           "--exit-on-stdin-eof",
           "--grace",
           "5"
-        ]
+        ] ++ Keyword.get(opts, :flags, [])
 
     port_ref =
       Port.open({:spawn_executable, python}, [

@@ -58,6 +58,24 @@ defmodule Snakepit.Remote.Endpoint do
     %__MODULE__{text: text, host: ip, port: port}
   end
 
+  @doc """
+  The warnings a pool with these endpoints and DNS name (`discovery`'s, or nil) should log when
+  `tls` is nil: one per endpoint or name whose plaintext traffic may leave this machine (not a
+  loopback address, `localhost` or a Unix socket; see `Snakepit.GRPC.Transport.plaintext_warning?/2`).
+  """
+  @spec plaintext_warnings([t], String.t() | nil, keyword | nil) :: [String.t()]
+  def plaintext_warnings(endpoints, dns_name, tls) do
+    hosts =
+      Enum.map(endpoints, fn e -> {e.text, Keyword.fetch!(channel_address(e), :host)} end) ++
+        if(dns_name, do: [{"DNS name #{dns_name}", dns_name}], else: [])
+
+    for {label, host} <- hosts, Snakepit.GRPC.Transport.plaintext_warning?(host, tls) do
+      "endpoint #{label} is reached over plaintext TCP outside loopback: calls, results and any " <>
+        "bearer token cross the network unencrypted; set the pool's tls: option " <>
+        "(and --tls-cert/--tls-key on the servers)"
+    end
+  end
+
   @doc "Options of `Snakepit.GRPC.Channel.start_link/1` that connect to the endpoint."
   @spec channel_address(t) :: keyword
   def channel_address(%__MODULE__{path: path}) when is_binary(path), do: [host: {:local, path}]
