@@ -61,18 +61,20 @@ from typing import Any, Optional
 from ..declaration import is_declared_thread_safe
 from ..interpreter import free_threaded_build, gil_enabled  # re-exported: part of this module's API
 from . import active
+from . import clocks, syncpoints
+from .arrays import is_plain_ndarray
 from .instrument import (
     DETACHED_KEY,
     LOCK_TYPES,
-    RECORDING,
     STATE_KEY,
+    WRAPPABLE,
     InstanceState,
     instance_dict,
     is_internal,
     lock_identity,
     original_class,
+    recording_value,
     tracked_class,
-    wrap_container,
 )
 from .libraries import instrument_loaded_modules, restore_module
 from .lockset import LocksetState, enter_tool, exit_tool, lock_acquired, lock_released, per_thread, thread_token
@@ -119,9 +121,12 @@ class ThreadSafetyChecker:
         self._declarations: dict[str, bool] = {}
         self._instrumented: list[types.ModuleType] = []
         self._attach_count = 0
+        self._sync_patched = False
         if self.enabled:
             active.current = self
             self._instrument_modules()
+            syncpoints.enable()
+            self._sync_patched = True
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -158,11 +163,16 @@ class ThreadSafetyChecker:
             # wrap those that only the instance refers to now (nothing runs concurrently yet).
             d = instance_dict(adapter) or {}
             for name, value in list(d.items()):
-                if type(value) in RECORDING and not is_internal(name) and \
-                        name not in st.ignored:
+                if is_internal(name) or name in st.ignored:
+                    continue
+                if type(value) in WRAPPABLE:
                     refs = [r for r in gc.get_referrers(value) if r is not d]
                     if not refs:
-                        d[name] = wrap_container(value, st, name)
+                        d[name] = recording_value(value, st, name, True)
+                elif is_plain_ndarray(value):
+                    d[name] = recording_value(value, st, name, True)
+                elif type(value) in LOCK_TYPES:
+                    self._lock_names[lock_identity(value)] = f"self.{name}"
             self.activate(st)
 
     def detach(self, adapter: Any = None) -> None:
@@ -192,6 +202,9 @@ class ThreadSafetyChecker:
             for mod in self._instrumented:
                 restore_module(mod)
             self._instrumented.clear()
+            patched, self._sync_patched = self._sync_patched, False
+        if patched:
+            syncpoints.disable()
         if active.current is self:
             active.current = None
 
@@ -235,11 +248,18 @@ class ThreadSafetyChecker:
         self._overlap.exit(entry)
 
     def lock_acquired(self, lock: object) -> None:
-        """This thread now holds the adapter lock ``lock`` (``acquire_lock()``)."""
+        """This thread now holds the adapter lock ``lock`` (``acquire_lock()``): in its lockset,
+        and ordered after the lock's previous holder (happens-before)."""
         lock_acquired(id(lock))
+        clocks.lock_acquire(id(lock))
 
     def lock_released(self, lock: object) -> None:
         lock_released(id(lock))
+        clocks.lock_release(id(lock))
+
+    def lock_named(self, lock: Any, name: str) -> None:
+        """A lock read from the adapter's attribute ``name`` (see instrument.AccessRecorder)."""
+        self._lock_names.setdefault(lock_identity(lock), f"self.{name}")
 
     # -- what instrumented objects call (instrument.AccessRecorder, libraries.RecordingModule) ---
 
@@ -250,9 +270,9 @@ class ThreadSafetyChecker:
             st.active = True
         self._instrument_modules()
 
-    def record_access(self, st: InstanceState, attr: str, part: str, write: bool,
-                      frame: types.FrameType) -> None:
-        conflict = self._accesses.record_attribute(st, attr, part, write, frame)
+    def record_access(self, st: InstanceState, attr: str, part: tuple, write: bool,
+                      frame: types.FrameType, commutes: bool = False) -> None:
+        conflict = self._accesses.record_attribute(st, attr, part, write, frame, commutes)
         if conflict is not None:
             self._add_finding(race_finding(st.cls, st.cls_name, attr, conflict, self._lock_names,
                                            lambda m: self._overlap.peak(st.cls_name, m),
