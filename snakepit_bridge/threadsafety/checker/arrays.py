@@ -43,7 +43,7 @@ def _touch(array, index: Any, write: bool) -> None:
         keys.add(key)
         # frame 0: _report, 1: _touch, 2: the array method, 3: the caller
         _report(owner, ("item", path, key), write, False, 3)
-        _report(owner, ("contents", path), False, True, 3)
+        _report(owner, ("contents", path), write, True, 3)    # conflicts with whole-array reads
     else:
         _report(owner, ("contents", path), write, False, 3)
 
@@ -158,7 +158,7 @@ def _touch_bytes(b, index: Any, write: bool) -> None:
         i = index + len(b) if index < 0 else index
         keys.add(i)
         _report(owner, ("item", owner[2], i), write, False, 3)
-        _report(owner, ("contents", owner[2]), False, True, 3)
+        _report(owner, ("contents", owner[2]), write, True, 3)
     else:
         _report(owner, ("contents", owner[2]), write, False, 3)
 

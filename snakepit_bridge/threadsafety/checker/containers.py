@@ -40,14 +40,22 @@ def _report(owner: Owner, part: tuple, write: bool, commutes: bool, depth: int) 
     st.checker.record_access(st, owner[1], part, write, _getframe(depth), commutes)
 
 
-def _touch(container, write: bool) -> None:
+def _touch(container, write: bool, values: bool = False) -> None:
+    """A whole-container access: of its structure (which keys / how many elements), and with
+    ``values`` of every element's value too (iterating a list, ``dict.values()``)."""
     owner = container._sp_owner
     if owner is not None:
         _report(owner, ("contents", owner[2]), write, False, 3)
+        if values:
+            _report(owner, ("values", owner[2]), False, False, 3)
 
 
 def _touch_element(container, key: Any, write: bool, structure_write: bool = False) -> None:
-    """``key`` of ``container`` read or written; ``structure_write``: a key added or removed."""
+    """``key`` of ``container`` read or written; ``structure_write``: a key added or removed.
+
+    Three variables: the element; the container's structure, which element accesses only read
+    (commuting), unless they add or remove a key; and all its values, which element writes write
+    (commuting), so that reading them all (``values()``, iterating a list) conflicts with them."""
     owner = container._sp_owner
     if owner is None:
         return
@@ -59,26 +67,31 @@ def _touch_element(container, key: Any, write: bool, structure_write: bool = Fal
     path = owner[2]
     if not tracked:
         _report(owner, ("contents", path), write or structure_write, False, 3)
+        if write:
+            _report(owner, ("values", path), True, False, 3)
         return
     _report(owner, ("item", path, key), write, False, 3)
     _report(owner, ("contents", path), structure_write, True, 3)
+    if write:
+        _report(owner, ("values", path), True, True, 3)
 
 
 def _list_index(container, index: Any) -> Any:
     """``index`` as the element it names, or None for a slice or anything else."""
     if type(index) is int:
-        return index + len(container) if index < 0 else index
+        return index + list.__len__(container) if index < 0 else index
     return None
 
 
-def _make_recording_type(base: type, writes: tuple, reads: tuple, extra: dict) -> type:
+def _make_recording_type(base: type, writes: tuple, reads: tuple, extra: dict,
+                         value_reads: tuple = ()) -> type:
     ns: dict[str, Any] = {"__slots__": ("_sp_owner",)}
 
-    def make(name: str, write: bool):
+    def make(name: str, write: bool, values: bool = False):
         original = getattr(base, name)
 
         def method(self, *args, **kwargs):
-            _touch(self, write)
+            _touch(self, write, values)
             return original(self, *args, **kwargs)
 
         method.__name__ = name
@@ -91,6 +104,9 @@ def _make_recording_type(base: type, writes: tuple, reads: tuple, extra: dict) -
     for n in reads:
         if hasattr(base, n):
             ns[n] = make(n, False)
+    for n in value_reads:
+        if hasattr(base, n):
+            ns[n] = make(n, False, True)
     ns.update(extra)
 
     def __reduce_ex__(self, protocol):
@@ -156,10 +172,11 @@ def _dict_setdefault(self, key, default=None):
 _RecordingDict = _make_recording_type(
     dict,
     ("popitem", "clear", "update", "__ior__"),
-    ("__iter__", "__len__", "keys", "values", "items", "copy"),
+    ("__iter__", "__len__", "keys"),
     {"__getitem__": _dict_getitem, "get": _dict_get, "__contains__": _dict_contains,
      "__setitem__": _dict_setitem, "__delitem__": _dict_delitem, "pop": _dict_pop,
      "setdefault": _dict_setdefault},
+    ("values", "items", "copy"),
 )
 
 
@@ -168,7 +185,7 @@ _RecordingDict = _make_recording_type(
 def _list_getitem(self, index):
     i = _list_index(self, index)
     if i is None:
-        _touch(self, False)
+        _touch(self, False, True)
     else:
         _touch_element(self, i, False)
     return list.__getitem__(self, index)
@@ -196,8 +213,9 @@ _RecordingList = _make_recording_type(
     list,
     ("extend", "insert", "pop", "remove", "clear", "sort", "reverse", "__delitem__", "__iadd__",
      "__imul__"),
-    ("__iter__", "__len__", "__contains__", "index", "count", "copy", "__reversed__"),
+    ("__len__",),
     {"__getitem__": _list_getitem, "__setitem__": _list_setitem, "append": _list_append},
+    ("__iter__", "__contains__", "index", "count", "copy", "__reversed__"),
 )
 
 _RecordingSet = _make_recording_type(

@@ -49,7 +49,8 @@ def element_name(attr: str, part: tuple) -> str:
 
 
 def _what(part: tuple) -> str:
-    return {"binding": "attribute", "contents": "contents", "item": "element"}.get(part[0], part[0])
+    return {"binding": "attribute", "contents": "contents", "values": "contents",
+            "item": "element"}.get(part[0], part[0])
 
 
 _CHECKER_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -96,7 +97,7 @@ def race_finding(adapter_cls: type, cls_name: str, attr: str, conflict: Conflict
 
     def describe(a: Access) -> str:
         what = "written" if a.write else "read"
-        if a.part[0] == "contents":
+        if a.part[0] in ("contents", "values"):
             what = "changed in place" if a.write else "read (contents)"
         elif a.part[0] == "item":
             what = f"{element_name(attr, a.part)} {'written' if a.write else 'read'}"

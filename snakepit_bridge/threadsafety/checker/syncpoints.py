@@ -4,7 +4,8 @@ is enabled and restored when the last one closes.
 =========================================  ==============================  ===========================
 primitive                                  release (publishes the clock)   acquire (takes it)
 =========================================  ==============================  ===========================
-``queue.Queue`` (and Lifo/Priority)        ``put``                         ``get`` that returned
+``queue.Queue`` (and Lifo/Priority)        ``put``; ``task_done``          ``get`` that returned;
+                                                                           ``join``
 ``threading.Event``                        ``set``                         ``wait`` that returned True
 ``threading.Thread``                       ``start`` (into the new thread) the thread's start; ``join``
                                            the thread's end                of an ended thread
@@ -165,13 +166,17 @@ def _submit(original):
         if not _adapter_caller():
             return original(self, fn, *args, **kwargs)
         start = clocks.snapshot_release()
+        end: clocks.VectorClock = {}     # made before the call can run (and finish) in the pool
 
         def call_with_clock(*a, **k):
             clocks.acquire_from(start)
-            return fn(*a, **k)
+            try:
+                return fn(*a, **k)
+            finally:
+                clocks.release_into(end)
 
         future = original(self, call_with_clock, *args, **kwargs)
-        future.__dict__.setdefault("_sp_hb_vc", {})
+        future.__dict__.setdefault("_sp_hb_vc", end)
         return future
     return wrapper
 
@@ -179,6 +184,8 @@ def _submit(original):
 def _install() -> None:
     _patch(queue.Queue, "put", _releasing)
     _patch(queue.Queue, "get", _acquiring)
+    _patch(queue.Queue, "task_done", _releasing)
+    _patch(queue.Queue, "join", _acquiring)
     _patch(threading.Event, "set", _releasing)
     _patch(threading.Event, "wait", lambda o: _acquiring(o, bool))
     _patch(threading.Condition, "notify", _releasing)
@@ -187,6 +194,9 @@ def _install() -> None:
     _patch(threading.Condition, "wait_for", _acquiring)
     _patch(threading.Semaphore, "release", _releasing)
     _patch(threading.Semaphore, "acquire", lambda o: _acquiring(o, bool))
+    _patch(threading.Semaphore, "__enter__", lambda o: _acquiring(o, bool))   # (= acquire)
+    if "release" in threading.BoundedSemaphore.__dict__:                      # its own release
+        _patch(threading.BoundedSemaphore, "release", _releasing)
     _patch(threading.Barrier, "wait", _barrier_wait)
     _patch(threading.Thread, "start", _thread_start)
     _patch(threading.Thread, "join", _thread_join)
