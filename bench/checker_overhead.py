@@ -104,7 +104,8 @@ def main() -> None:
                              "today_us": best["today"], "new_us": best["new"],
                              "ratio": best["new"] / best["today"]})
     load = os.getloadavg()
-    print(f"Python {platform.python_version()} ({'GIL' if getattr(sys, '_is_gil_enabled', lambda: True)() else 'no GIL'}), "
+    gil = "GIL" if getattr(sys, "_is_gil_enabled", lambda: True)() else "no GIL"
+    print(f"Python {platform.python_version()} ({gil}), "
           f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"best of {args.repeats}, {args.accesses} loop steps, ref {args.ref}")
     print()

@@ -3,7 +3,8 @@
 
 Each declares ``CALLS`` (made many times from many clients at once), ``FINAL`` (a call made after
 them that returns the adapter's state) and ``invariant(state, calls, results)`` (``calls``: how
-many times each tool was called; ``results``: what the calls returned); the test checks the checker reports nothing *and* the invariant holds.
+many times each tool was called; ``results``: what the calls returned); the test checks the
+checker reports nothing *and* the invariant holds.
 """
 from __future__ import annotations
 
