@@ -50,7 +50,7 @@ def _touch(array, index: Any, write: bool) -> None:
 
 def _plain(x):
     nd = _ND[0]
-    return x.view(nd) if isinstance(x, _ARRAY_TYPE[0]) else x  # type: ignore[arg-type]
+    return x.view(nd) if isinstance(x, _ARRAY_TYPE[0]) else x
 
 
 def _array_type() -> type:
@@ -133,7 +133,7 @@ class RecordingBytearray(bytearray):
         _touch_bytes(self, index, True)
         bytearray.__setitem__(self, index, value)
 
-    def __iadd__(self, other):
+    def __iadd__(self, other):  # type: ignore[misc]
         _touch_bytes(self, None, True)
         return bytearray.__iadd__(self, other)
 
@@ -165,6 +165,6 @@ def _touch_bytes(b, index: Any, write: bool) -> None:
 
 def wrap_bytearray(value, st, attr: str) -> RecordingBytearray:
     w = RecordingBytearray(value)
-    w._sp_owner = (st, attr, (), set())
+    w._sp_owner = (st, attr, (), set())  # type: ignore[attr-defined]
     return w
 

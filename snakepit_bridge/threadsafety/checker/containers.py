@@ -234,7 +234,7 @@ def wrap_container(value, st, attr: str, path: tuple = ()) -> Any:
     """A recording copy of the list/dict/set ``value``, reporting as ``attr``'s contents (at
     ``path`` inside it); its own containers that nothing else refers to are wrapped too."""
     w = RECORDING[type(value)](value)
-    owner = (st, attr, path, set())
+    owner: Owner = (st, attr, path, set())
     if len(path) < MAX_DEPTH and not isinstance(w, set):
         keys = list(dict.keys(w)) if isinstance(w, dict) else range(list.__len__(w))
         for k in keys:

@@ -137,8 +137,8 @@ class Access:
         self.file = code.co_filename
         self.line = frame.f_lineno
         self.part = part
-        stack = []
-        f = frame
+        stack: list[tuple] = []
+        f: Optional[FrameType] = frame
         while f is not None and len(stack) < STACK_DEPTH:
             stack.append((f.f_code, f.f_lineno))
             f = f.f_back

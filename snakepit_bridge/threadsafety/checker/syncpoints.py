@@ -27,7 +27,8 @@ import concurrent.futures
 import queue
 import sys
 import threading
-from typing import Any, Callable
+import types
+from typing import Any, Callable, Optional
 
 from . import clocks
 
@@ -44,7 +45,8 @@ _CHECKER_PACKAGE = __name__.rpartition(".")[0].rpartition(".")[0]   # snakepit_b
 
 def _adapter_caller() -> bool:
     """Is the nearest frame outside the synchronisation modules adapter (user) code?"""
-    f = _getframe(2)
+    f: Optional[types.FrameType] = _getframe(2)
+    mod = ""
     while f is not None:
         mod = f.f_globals.get("__name__", "") or ""
         if mod not in _SYNC_MODULES:
@@ -77,7 +79,7 @@ def _patch(cls: type, name: str, make: Callable[[Callable], Callable]) -> None:
     wrapper.__name__ = name
     wrapper.__qualname__ = f"{cls.__qualname__}.{name}"
     wrapper.__doc__ = original.__doc__
-    wrapper.__wrapped__ = original
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
     _originals.append((cls, name, original))
     setattr(cls, name, wrapper)
 
