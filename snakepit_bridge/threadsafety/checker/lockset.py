@@ -120,7 +120,7 @@ class Access:
     whole-container accesses (iterating, ``len``, ``clear``)."""
 
     __slots__ = ("tid", "epoch", "thread", "write", "commutes", "locks", "function", "method",
-                 "tool", "file", "line", "part", "stack")
+                 "tool", "file", "line", "part", "stack", "var")
 
     def __init__(self, tid: int, write: bool, locks: frozenset, frame: FrameType, part: tuple,
                  epoch: int = 0, commutes: bool = False) -> None:
@@ -143,6 +143,7 @@ class Access:
             stack.append((f.f_code, f.f_lineno))
             f = f.f_back
         self.stack = stack
+        self.var: Optional[SharedThing] = None      # what it is an access of
 
 
 STACK_DEPTH = 6
@@ -216,28 +217,33 @@ class LocksetState:
         locks = d.get("lockset", _EMPTY)
         key = (st.obj_id, attr, part, tid, write, locks, frame.f_code, frame.f_lineno)
         seen = self._seen
-        if seen.get(key) == ep:
+        acc = seen.get(key)
+        if acc is not None and acc.epoch == ep:
             return None
         with self._lock:
             if st.detached:
                 return None
-            new_site = key not in seen
-            if new_site and len(seen) >= MAX_SEEN:
-                pass            # past the bound: judged every time, not remembered
+            if acc is not None:
+                # the same access in a new epoch (after a release): only this thread changes its
+                # own records, so the record is reused with its new epoch
+                acc.epoch = ep
+                var = acc.var
             else:
-                seen[key] = ep
-            acc = Access(tid, write, locks, frame, part, ep, commutes)
-            vkey = (st.obj_id, attr, part)
-            var = self.attributes.get(vkey)
-            if var is None:
-                var = self.attributes[vkey] = SharedThing()
-            if new_site and len(var.accesses) < MAX_ACCESSES_PER_THING:
-                var.accesses.append(acc)
+                acc = Access(tid, write, locks, frame, part, ep, commutes)
+                vkey = (st.obj_id, attr, part)
+                var = self.attributes.get(vkey)
+                if var is None:
+                    var = self.attributes[vkey] = SharedThing()
+                acc.var = var
+                if len(seen) < MAX_SEEN:      # past the bound: judged every time, not remembered
+                    seen[key] = acc
+                if len(var.accesses) < MAX_ACCESSES_PER_THING:
+                    var.accesses.append(acc)
             if write:
                 var.write_records += 1
             conflict = None
             if (st.obj_id, attr) not in self._reported:
-                clock = my_clock()
+                clock = d["vc"]
                 for other in var.summaries.values():
                     if other.tid != tid and conflicts(acc, other) and \
                             other.epoch > clock.get(other.tid, 0) and \
