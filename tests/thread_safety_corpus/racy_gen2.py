@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -106,7 +107,9 @@ class NestedRowsNoDuplicates(CorpusAdapter):
     """``self.table["rows"]``, a list inside a dict, meant to hold each id once: check, then
     append, no lock -- ids get in twice."""
 
-    CALLS = [("add", {"row_id": 1}), ("add", {"row_id": 2}), ("add", {"row_id": 3})]
+    # each id four times in a row (so that its first calls overlap), 16 ids, one pass
+    CALLS = [("add", {"row_id": i // 4}) for i in range(64)]
+    ROUNDS = 1
     FINAL = ("state", {})
     EXPECT = ("unprotected_shared_state", "table")
 
@@ -131,7 +134,7 @@ class NestedRowsNoDuplicates(CorpusAdapter):
 
     @staticmethod
     def invariant(state: dict, calls: dict, results: list) -> bool:
-        return state["rows"] == state["distinct"] == 3
+        return state["rows"] == state["distinct"] == 16
 
 
 class TokenHandedBackTooEarly(CorpusAdapter):
@@ -168,8 +171,8 @@ class TokenHandedBackTooEarly(CorpusAdapter):
 
 
 class LazyInitCheckedOutsideOnly(CorpusAdapter):
-    """Lazy initialisation that takes the lock to build but does not check again inside it:
-    several threads build the model, each publishing its own."""
+    """Lazy initialisation that builds the (slow) model outside the lock and publishes it under the
+    lock without checking again: every call that arrives while the first build runs builds too."""
 
     CALLS = [("predict", {"x": 2})]
     FINAL = ("state", {})
@@ -185,10 +188,11 @@ class LazyInitCheckedOutsideOnly(CorpusAdapter):
     @tool
     def predict(self, x: int) -> int:
         if self.model is None:
-            pause()
+            time.sleep(0.05)                 # building takes a while
+            model = (3, "model")
             with self._init_lock:
                 self.builds += 1
-                self.model = (3, "model")
+                self.model = model
         return self.model[0] * x
 
     @tool

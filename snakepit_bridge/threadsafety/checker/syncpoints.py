@@ -192,8 +192,8 @@ def _install() -> None:
     _patch(threading.Event, "wait", lambda o: _acquiring(o, bool))
     _patch(threading.Condition, "notify", _releasing)
     _patch(threading.Condition, "notify_all", _releasing)
-    _patch(threading.Condition, "wait", _acquiring)
-    _patch(threading.Condition, "wait_for", _acquiring)
+    _patch(threading.Condition, "wait", lambda o: _acquiring(o, bool))        # not on a timeout
+    _patch(threading.Condition, "wait_for", lambda o: _acquiring(o, bool))
     _patch(threading.Semaphore, "release", _releasing)
     _patch(threading.Semaphore, "acquire", lambda o: _acquiring(o, bool))
     _patch(threading.Semaphore, "__enter__", lambda o: _acquiring(o, bool))   # (= acquire)
