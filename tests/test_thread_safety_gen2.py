@@ -540,6 +540,13 @@ def test_a_shared_numpy_array_is_a_view_so_other_references_see_the_same_memory(
     assert original[1] == 5 and type(adapter.a[0:2]) is np.ndarray
 
 
+def test_a_copy_of_a_tracked_array_stored_in_another_attribute_is_tracked_too(checker):
+    adapter = Arrays()
+    adapter.copy = adapter.buf.copy()
+    run_threads(lambda i: [np.add(adapter.copy, 1, out=adapter.copy) for _ in range(10)])
+    assert set(races(checker)) == {"copy"}
+
+
 def test_bytearray_writes_from_several_threads_race(checker):
     adapter = Arrays()
     run_threads(lambda i: [adapter.raw_byte() for _ in range(10)])

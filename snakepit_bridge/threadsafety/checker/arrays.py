@@ -109,7 +109,11 @@ def _array_type() -> type:
 
 
 def is_plain_ndarray(value: Any) -> bool:
+    """An ndarray not yet recording for an attribute (a plain one, or a copy/view numpy made of a
+    recording one)."""
     t = type(value)
+    if t is _ARRAY_TYPE[0]:
+        return "_sp_owner" not in value.__dict__
     return t.__name__ == "ndarray" and t.__module__ == "numpy"
 
 
