@@ -1,10 +1,12 @@
-"""Lockset state: what each thread holds, and the lockset judgement of shared things (Eraser,
-Savage et al., 1997).
+"""Per-thread state and the judgement of shared things: lockset (Eraser, Savage et al., 1997)
+combined with happens-before (vector clocks, see clocks.py).
 
 Per thread (:data:`per_thread`): a token that is never reused, the adapter locks it holds (its
-lockset) and the tracked methods it is inside. Per shared thing (an attribute's binding or its
-container's contents, a library object or module): its distinct accesses, and the first two, from
-different threads, at least one a write, whose locksets share no lock -- a :class:`Conflict`.
+lockset), its vector clock and epoch, and the tracked methods it is inside. Per shared thing (an
+attribute's binding, its container's structure, values or one element, a library object or
+module): its distinct accesses, the latest per (thread, kind, lockset), and the first two, from
+different threads, at least one a write, not both commuting, that no happens-before edge orders
+and whose locksets share no lock -- a :class:`Conflict`.
 """
 from __future__ import annotations
 
