@@ -18,7 +18,7 @@ export PATH="$ROOT/.venv/bin:$PATH" SNAKEPIT_PYTHON="$ROOT/.venv/bin/python" SNA
 "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@" \
     tests/test_free_threading.py tests/test_server_tools.py tests/test_server_errors.py tests/test_server_values.py \
     tests/test_server_batch.py tests/test_server_concurrency.py tests/test_server_health.py tests/test_server_grpcurl.py \
-    tests/test_thread_safety_checker.py tests/test_guide_examples.py tests/test_server_shm.py
+    tests/test_thread_safety_checker.py tests/test_thread_safety_gen2.py tests/test_guide_examples.py tests/test_server_shm.py
 echo "==> the Elixir client against workers on the free-threaded build"
 (cd "$ROOT/elixir_client" && SNAKEPIT_PYTHON="$FT_PYTHON" mix test test/snakepit_api_test.exs test/pool_concurrency_test.exs \
     test/stream_backpressure_test.exs)

@@ -20,16 +20,18 @@ class Run:
     errors: list = field(default_factory=list)   # BridgeCallError of failed calls
     stderr: list = field(default_factory=list)
     exit_code: int = 0
+    final: object = None         # what the ``final`` call returned (after every other call)
 
     def findings(self, kind: str | None = None) -> list[dict]:
         return [f for f in self.report["findings"] if kind is None or f["kind"] == kind]
 
 
 def exercise(adapter: str, calls: list[tuple[str, dict]], *, clients: int = 8, rounds: int = 12,
-             max_workers: int = 8, extra_args: tuple = (), env: dict | None = None) -> Run:
+             max_workers: int = 8, extra_args: tuple = (), env: dict | None = None,
+             final: tuple[str, dict] | None = None) -> Run:
     """Start ``grpc_server_threaded.py --adapter ADAPTER --thread-safety-check`` on 127.0.0.1, make
-    ``rounds`` passes over ``calls`` from ``clients`` threads at once, read GetStats, SIGTERM it and
-    read the report file."""
+    ``rounds`` passes over ``calls`` from ``clients`` threads at once, then the ``final`` call (the
+    adapter's state, to check its invariant), read GetStats, SIGTERM it and read the report file."""
     from snakepit_bridge.client import BridgeCallError
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,6 +53,7 @@ def exercise(adapter: str, calls: list[tuple[str, dict]], *, clients: int = 8, r
 
             with concurrent.futures.ThreadPoolExecutor(clients) as pool:
                 list(pool.map(run, jobs))
+            final_result = client.execute(*final) if final is not None else None
             stats = client.stats()
             live = json.loads(stats.thread_safety_json)
             adapter_stats = json.loads(stats.adapter_stats_json) if stats.adapter_stats_json else {}
@@ -61,4 +64,5 @@ def exercise(adapter: str, calls: list[tuple[str, dict]], *, clients: int = 8, r
                 time.sleep(0.02)   # let the stderr reader reach the end of the log
         with open(report_path, encoding="utf-8") as fh:
             report = json.load(fh)
-        return Run(report, live, adapter_stats, results, errors, list(server.stderr_lines), exit_code)
+        return Run(report, live, adapter_stats, results, errors, list(server.stderr_lines), exit_code,
+                   final_result)

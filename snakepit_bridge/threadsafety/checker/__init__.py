@@ -7,14 +7,22 @@
 
 What it finds (each finding is logged once, when found, with the ``THREAD SAFETY:`` prefix):
 
-* **Unprotected shared state** (the lockset discipline of Eraser, Savage et al., 1997). Every read
-  and write of an adapter instance attribute is recorded with the thread and the set of the
-  adapter's locks that thread holds: ``self.x`` reads, ``self.x = ...`` / ``self.x += 1`` writes and,
-  for a list, dict or set held in an attribute, reads and in-place changes of its contents
-  (``self.results.append(...)``, ``self.cache[k] = v``). An attribute that one thread writes and
-  another thread reads or writes with no lock in common is reported once, with its methods,
-  threads and the file:line of the accesses. State set before serving (``__init__``/``setup()``),
-  read-only state and thread-local state are never reported.
+* **Unprotected shared state**: two accesses of the same adapter state from different threads, at
+  least one a write, that no happens-before edge orders *and* that hold no lock in common (the
+  lockset discipline of Eraser, Savage et al., 1997, combined with vector clocks as in FastTrack
+  and ThreadSanitizer v2; see ``clocks`` and ``syncpoints``). Edges come from the adapter's own
+  lock hand-offs (release -> next acquire), ``queue.Queue`` put -> get, ``Event`` set -> wait,
+  ``Thread`` start/join, ``Condition`` notify -> wait, ``Barrier``, ``Semaphore`` release ->
+  acquire, and ``ThreadPoolExecutor.submit`` -> the call -> ``Future.result``. State is: every
+  ``self.x`` binding; the contents of a list, dict or set held in an attribute, dicts per key and
+  lists per index (``self.cache[k]``, ``self.slots[i]``: distinct keys do not race, colliding keys
+  do), and the containers inside them to a bounded depth (``self.table["rows"].append(x)``);
+  numpy arrays (per element for ``a[i]``, else the whole array: ``a[2:5] = ...``,
+  ``np.add(a, 1, out=a)``, ``a += 1``) and bytearrays held in attributes. A binding written once
+  while serving, under a lock, and read without it (double-checked locking) is a safe one-time
+  publication, not a race. Each race is reported once, with both accesses' stacks (file:line),
+  the locks each held, and that nothing orders them. State set before serving
+  (``__init__``/``setup()``), read-only state and thread-local state are never reported.
 * **Unsafe libraries**: a pandas, matplotlib or sqlite3 object held by the adapter, or pandas /
   ``matplotlib.pyplot`` module functions, used from more than one thread with no lock in common.
 * **Undeclared safety**: an adapter class without ``__thread_safe__ = True``.
@@ -37,15 +45,19 @@ A class may list attributes whose races are deliberate (last-writer-wins bookkee
 ``__thread_safety_ignore__ = ("name", ...)``.
 
 How: tracking an instance swaps its class for a generated subclass (same name) whose
-``__getattribute__``/``__setattr__`` record accesses, and lists/dicts/sets assigned to its attributes
-are stored as recording subclasses of list/dict/set (only when nothing else refers to the same
-object, so aliasing never changes). All of this happens only while a checker is enabled.
+``__getattribute__``/``__setattr__`` record accesses, and lists/dicts/sets/bytearrays assigned to
+its attributes are stored as recording subclasses (only when nothing else refers to the same
+object, so aliasing never changes); numpy arrays as recording views (same memory). The standard
+synchronisation primitives are patched while a checker is enabled and restored when the last one
+closes. All of this happens only while a checker is enabled. See docs/thread-safety-checker.md.
 
 This module is the facade; :class:`ThreadSafetyChecker` composes the parts, one job each:
-``lockset`` (what each thread holds; the judgement of shared accesses), ``instrument`` (tracked
-classes, recording containers and locks), ``libraries`` (unsafe-library detection, module
-instrumentation), ``overlap`` (threads inside each method at once), ``report`` (findings, the
-report), ``active`` (the active checker). Adapters reach it only through
+``lockset`` (what each thread holds; the judgement of shared accesses), ``clocks`` (vector
+clocks), ``syncpoints`` (happens-before edges from the standard primitives), ``instrument``
+(tracked classes and locks), ``containers`` and ``arrays`` (recording containers, numpy arrays,
+bytearrays), ``libraries`` (unsafe-library detection, module instrumentation), ``overlap``
+(threads inside each method at once), ``report`` (findings, the report), ``active`` (the active
+checker). Adapters reach it only through
 :class:`~snakepit_bridge.threadsafety.hooks.CheckerHooks`.
 """
 from __future__ import annotations
@@ -61,18 +73,20 @@ from typing import Any, Optional
 from ..declaration import is_declared_thread_safe
 from ..interpreter import free_threaded_build, gil_enabled  # re-exported: part of this module's API
 from . import active
+from . import clocks, syncpoints
+from .arrays import is_plain_ndarray
 from .instrument import (
     DETACHED_KEY,
     LOCK_TYPES,
-    RECORDING,
     STATE_KEY,
+    WRAPPABLE,
     InstanceState,
     instance_dict,
     is_internal,
     lock_identity,
     original_class,
+    recording_value,
     tracked_class,
-    wrap_container,
 )
 from .libraries import instrument_loaded_modules, restore_module
 from .lockset import LocksetState, enter_tool, exit_tool, lock_acquired, lock_released, per_thread, thread_token
@@ -119,9 +133,12 @@ class ThreadSafetyChecker:
         self._declarations: dict[str, bool] = {}
         self._instrumented: list[types.ModuleType] = []
         self._attach_count = 0
+        self._sync_patched = False
         if self.enabled:
             active.current = self
             self._instrument_modules()
+            syncpoints.enable()
+            self._sync_patched = True
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -158,11 +175,16 @@ class ThreadSafetyChecker:
             # wrap those that only the instance refers to now (nothing runs concurrently yet).
             d = instance_dict(adapter) or {}
             for name, value in list(d.items()):
-                if type(value) in RECORDING and not is_internal(name) and \
-                        name not in st.ignored:
+                if is_internal(name) or name in st.ignored:
+                    continue
+                if type(value) in WRAPPABLE:
                     refs = [r for r in gc.get_referrers(value) if r is not d]
                     if not refs:
-                        d[name] = wrap_container(value, st, name)
+                        d[name] = recording_value(value, st, name, True)
+                elif is_plain_ndarray(value):
+                    d[name] = recording_value(value, st, name, True)
+                elif type(value) in LOCK_TYPES:
+                    self._lock_names[lock_identity(value)] = f"self.{name}"
             self.activate(st)
 
     def detach(self, adapter: Any = None) -> None:
@@ -192,6 +214,9 @@ class ThreadSafetyChecker:
             for mod in self._instrumented:
                 restore_module(mod)
             self._instrumented.clear()
+            patched, self._sync_patched = self._sync_patched, False
+        if patched:
+            syncpoints.disable()
         if active.current is self:
             active.current = None
 
@@ -235,11 +260,18 @@ class ThreadSafetyChecker:
         self._overlap.exit(entry)
 
     def lock_acquired(self, lock: object) -> None:
-        """This thread now holds the adapter lock ``lock`` (``acquire_lock()``)."""
+        """This thread now holds the adapter lock ``lock`` (``acquire_lock()``): in its lockset,
+        and ordered after the lock's previous holder (happens-before)."""
         lock_acquired(id(lock))
+        clocks.lock_acquire(id(lock))
 
     def lock_released(self, lock: object) -> None:
         lock_released(id(lock))
+        clocks.lock_release(id(lock))
+
+    def lock_named(self, lock: Any, name: str) -> None:
+        """A lock read from the adapter's attribute ``name`` (see instrument.AccessRecorder)."""
+        self._lock_names.setdefault(lock_identity(lock), f"self.{name}")
 
     # -- what instrumented objects call (instrument.AccessRecorder, libraries.RecordingModule) ---
 
@@ -250,9 +282,9 @@ class ThreadSafetyChecker:
             st.active = True
         self._instrument_modules()
 
-    def record_access(self, st: InstanceState, attr: str, part: str, write: bool,
-                      frame: types.FrameType) -> None:
-        conflict = self._accesses.record_attribute(st, attr, part, write, frame)
+    def record_access(self, st: InstanceState, attr: str, part: tuple, write: bool,
+                      frame: types.FrameType, commutes: bool = False) -> None:
+        conflict = self._accesses.record_attribute(st, attr, part, write, frame, commutes)
         if conflict is not None:
             self._add_finding(race_finding(st.cls, st.cls_name, attr, conflict, self._lock_names,
                                            lambda m: self._overlap.peak(st.cls_name, m),

@@ -15,8 +15,11 @@ import threading
 import types
 from typing import Any, Optional, Protocol
 
+from . import clocks
+from .arrays import is_plain_ndarray, wrap_array, wrap_bytearray
+from .containers import RECORDING, wrap_container
 from .libraries import unsafe_library_of
-from .lockset import lock_acquired, lock_released, per_thread, thread_token
+from .lockset import BINDING, lock_acquired, lock_released, per_thread, thread_token
 
 _getframe = sys._getframe
 _obj_getattr = object.__getattribute__
@@ -31,9 +34,13 @@ class AccessRecorder(Protocol):
     def activate(self, st: InstanceState) -> None:
         """The instance starts serving: from now on its accesses count."""
 
-    def record_access(self, st: InstanceState, attr: str, part: str, write: bool,
-                      frame: types.FrameType) -> None:
-        """An access of ``attr``: its binding (``part="binding"``) or its container's contents."""
+    def record_access(self, st: InstanceState, attr: str, part: tuple, write: bool,
+                      frame: types.FrameType, commutes: bool = False) -> None:
+        """An access of ``attr``: its binding (``lockset.BINDING``), its container's or array's
+        contents (``("contents", path)``) or one element (``("item", path, key)``)."""
+
+    def lock_named(self, lock: Any, name: str) -> None:
+        """The lock ``lock`` was read from the attribute ``name``: name it so in findings."""
 
     def record_library_object(self, st: InstanceState, attr: str, value: Any, lib: str,
                               frame: types.FrameType) -> None:
@@ -62,19 +69,23 @@ class TrackedLock:
         ok = self._sp_lock.acquire(*args, **kwargs)
         if ok:
             lock_acquired(self._sp_id)
+            clocks.lock_acquire(self._sp_id)
         return ok
 
     def release(self):
         lock_released(self._sp_id)
+        clocks.lock_release(self._sp_id)     # before the release: the next holder sees it
         return self._sp_lock.release()
 
     def __enter__(self):
         r = self._sp_lock.__enter__()
         lock_acquired(self._sp_id)
+        clocks.lock_acquire(self._sp_id)
         return r
 
     def __exit__(self, *exc):
         lock_released(self._sp_id)
+        clocks.lock_release(self._sp_id)
         return self._sp_lock.__exit__(*exc)
 
     def __getattr__(self, name):
@@ -117,92 +128,36 @@ class InstanceState:
         self.locks: dict[int, TrackedLock] = {}
         self.ignored = frozenset(getattr(cls, "__thread_safety_ignore__", ()) or ())
 
-    def lock_wrapper(self, lock) -> TrackedLock:
+    def lock_wrapper(self, lock, name: str) -> TrackedLock:
         key = id(lock)
         w = self.locks.get(key)
         if w is None or w._sp_lock is not lock:
             w = self.locks[key] = TrackedLock(lock, lock_identity(lock))
+            # named when first read: a subclass's locks are created after the base registered
+            # the instance
+            self.checker.lock_named(lock, name)
         return w
 
 
 # ---------------------------------------------------------------------------------------------
-# Recording containers
+# Stored values: containers and arrays (containers.py, arrays.py)
 # ---------------------------------------------------------------------------------------------
 
-def _touch(container, write: bool) -> None:
-    owner = container._sp_owner
-    if owner is None:
-        return
-    st, attr = owner
-    if st.detached:
-        return
-    if thread_token() == st.creator and not per_thread.__dict__.get("tools"):
-        return
-    if not st.active:
-        st.checker.activate(st)
-    # frame 0: _touch, 1: the container method, 2: the code that called it
-    st.checker.record_access(st, attr, "contents", write, _getframe(2))
+def recording_value(value, st: InstanceState, attr: str, fresh: bool):
+    """What to store for ``value`` assigned to ``attr``: a recording container/bytearray copy when
+    ``fresh`` (nothing else refers to it), a recording view of an ndarray always (views share
+    memory: aliasing is kept), else ``value`` itself."""
+    t = type(value)
+    if t in RECORDING:
+        return wrap_container(value, st, attr) if fresh else value
+    if t is bytearray:
+        return wrap_bytearray(value, st, attr) if fresh else value
+    if is_plain_ndarray(value):
+        return wrap_array(value, st, attr)
+    return value
 
 
-def _make_recording_type(base: type, writes: tuple, reads: tuple) -> type:
-    ns: dict[str, Any] = {"__slots__": ("_sp_owner",)}
-
-    def make(name: str, write: bool):
-        original = getattr(base, name)
-
-        def method(self, *args, **kwargs):
-            _touch(self, write)
-            return original(self, *args, **kwargs)
-
-        method.__name__ = name
-        method.__qualname__ = f"Recording{base.__name__.title()}.{name}"
-        return method
-
-    for n in writes:
-        if hasattr(base, n):
-            ns[n] = make(n, True)
-    for n in reads:
-        if hasattr(base, n):
-            ns[n] = make(n, False)
-
-    def __reduce_ex__(self, protocol):
-        # copies and pickles are plain containers
-        return (base, (base(self),))
-
-    ns["__reduce_ex__"] = __reduce_ex__
-    ns["__module__"] = __name__
-    return type(f"Recording{base.__name__.title()}", (base,), ns)
-
-
-_RecordingList = _make_recording_type(
-    list,
-    ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse", "__setitem__",
-     "__delitem__", "__iadd__", "__imul__"),
-    ("__getitem__", "__iter__", "__len__", "__contains__", "index", "count", "copy",
-     "__reversed__"),
-)
-_RecordingDict = _make_recording_type(
-    dict,
-    ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault", "__ior__"),
-    ("__getitem__", "get", "__contains__", "__iter__", "__len__", "keys", "values", "items",
-     "copy"),
-)
-_RecordingSet = _make_recording_type(
-    set,
-    ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
-     "intersection_update", "symmetric_difference_update", "__ior__", "__iand__", "__isub__",
-     "__ixor__"),
-    ("__contains__", "__iter__", "__len__", "copy", "issubset", "issuperset", "isdisjoint",
-     "union", "intersection", "difference", "symmetric_difference"),
-)
-RECORDING: dict[type, type] = {list: _RecordingList, dict: _RecordingDict, set: _RecordingSet}
-
-
-def wrap_container(value, st: InstanceState, attr: str):
-    """A recording copy of the list/dict/set ``value``, reporting as ``attr``'s contents."""
-    w = RECORDING[type(value)](value)
-    w._sp_owner = (st, attr)
-    return w
+WRAPPABLE = frozenset(RECORDING) | {bytearray}
 
 
 def _calibrate_fresh_refcount() -> int:
@@ -294,7 +249,7 @@ def tracked_class(cls: type) -> type:
             if st is None or st.detached:
                 return value
             if type(value) in LOCK_TYPES:
-                return st.lock_wrapper(value)
+                return st.lock_wrapper(value, name)
             if name not in d and not is_class_data(name):
                 return value
             if name in st.ignored:
@@ -305,7 +260,7 @@ def tracked_class(cls: type) -> type:
                 st.checker.activate(st)
             checker = st.checker
             frame = _getframe(1)
-            checker.record_access(st, name, "binding", False, frame)
+            checker.record_access(st, name, BINDING, False, frame)
             lib = unsafe_library_of(value)
             if lib is not None:
                 checker.record_library_object(st, name, value, lib, frame)
@@ -318,12 +273,15 @@ def tracked_class(cls: type) -> type:
             st = d.get(STATE_KEY)
             if st is None or st.detached or name in st.ignored:
                 return orig_setattr(self, name, value)
-            if type(value) in RECORDING and sys.getrefcount(value) <= _FRESH_REFCOUNT:
-                value = wrap_container(value, st, name)
+            if type(value) in WRAPPABLE:
+                fresh = sys.getrefcount(value) <= _FRESH_REFCOUNT    # (before value is an arg)
+                value = recording_value(value, st, name, fresh)
+            elif is_plain_ndarray(value):
+                value = wrap_array(value, st, name)
             if thread_token() != st.creator or per_thread.__dict__.get("tools"):
                 if not st.active:
                     st.checker.activate(st)
-                st.checker.record_access(st, name, "binding", True, _getframe(1))
+                st.checker.record_access(st, name, BINDING, True, _getframe(1))
             return orig_setattr(self, name, value)
 
         def __delattr__(self, name):
@@ -334,7 +292,7 @@ def tracked_class(cls: type) -> type:
                         thread_token() != st.creator or per_thread.__dict__.get("tools")):
                     if not st.active:
                         st.checker.activate(st)
-                    st.checker.record_access(st, name, "binding", True, _getframe(1))
+                    st.checker.record_access(st, name, BINDING, True, _getframe(1))
             return orig_delattr(self, name)
 
         ns = {

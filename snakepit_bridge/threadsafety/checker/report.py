@@ -38,11 +38,37 @@ def short_path(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def access_as_dict(a: Access, lock_names: LockNames) -> dict:
+def element_name(attr: str, part: tuple) -> str:
+    """How a part of an attribute reads in code: ``self.cache``, ``self.cache['a']``,
+    ``self.table['rows'][3]``."""
+    if part[0] == "binding":
+        return f"self.{attr}"
+    keys = part[1] + ((part[2],) if part[0] == "item" else ())
+    return f"self.{attr}" + "".join(f"[{k!r}]" if not isinstance(k, tuple) else
+                                    f"[{', '.join(map(repr, k))}]" for k in keys)
+
+
+def _what(part: tuple) -> str:
+    return {"binding": "attribute", "contents": "contents", "values": "contents",
+            "item": "element"}.get(part[0], part[0])
+
+
+_CHECKER_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def stack_as_list(a: Access) -> list[str]:
+    """The access's stack, innermost first: ``file:line in function`` (the checker's own frames
+    left out)."""
+    return [f"{short_path(code.co_filename)}:{line} in {getattr(code, 'co_qualname', code.co_name)}"
+            for code, line in a.stack if not code.co_filename.startswith(_CHECKER_DIR)]
+
+
+def access_as_dict(a: Access, lock_names: LockNames, attr: str = "") -> dict:
     return {
         "thread": a.thread,
         "access": "write" if a.write else "read",
-        "what": "attribute" if a.part == "binding" else "contents",
+        "what": _what(a.part),
+        "element": element_name(attr, a.part) if attr and a.part[0] != "library" else None,
         "method": a.method,
         "function": a.function,
         "tool": a.tool,
@@ -50,6 +76,8 @@ def access_as_dict(a: Access, lock_names: LockNames) -> dict:
         "file": a.file,
         "line": a.line,
         "locks_held": sorted(lock_names.get(i, f"lock@{i:#x}") for i in a.locks),
+        "epoch": a.epoch,
+        "stack": stack_as_list(a),
     }
 
 
@@ -69,9 +97,12 @@ def race_finding(adapter_cls: type, cls_name: str, attr: str, conflict: Conflict
 
     def describe(a: Access) -> str:
         what = "written" if a.write else "read"
-        if a.part == "contents":
+        if a.part[0] in ("contents", "values"):
             what = "changed in place" if a.write else "read (contents)"
-        held = ", ".join(sorted(lock_names.get(i, "a lock") for i in a.locks)) or "no lock"
+        elif a.part[0] == "item":
+            what = f"{element_name(attr, a.part)} {'written' if a.write else 'read'}"
+        held = ", ".join(sorted(lock_names.get(i, f"self.<lock@{i:#x}>") for i in a.locks)) or \
+            "no lock"
         return (f"{what} by thread '{a.thread}' in {a.tool or a.method} "
                 f"({short_path(a.file)}:{a.line}, holding {held})")
 
@@ -83,7 +114,9 @@ def race_finding(adapter_cls: type, cls_name: str, attr: str, conflict: Conflict
                    f"concurrently.")
     message = (f"THREAD SAFETY: Unprotected shared state: attribute '{attr}' of "
                f"{cls_name} is {describe(first)} and {describe(second)}, with no lock "
-               f"in common.{overlap} Ensure proper locking for shared mutable state: wrap "
+               f"in common and no happens-before edge between them (no lock hand-off, queue, "
+               f"event, thread start/join or future orders the two).{overlap} Ensure proper "
+               f"locking for shared mutable state: wrap "
                f"every access in `with self.acquire_lock():`, or keep it per thread with "
                f"get_thread_local()/set_thread_local().")
     return {
@@ -93,8 +126,17 @@ def race_finding(adapter_cls: type, cls_name: str, attr: str, conflict: Conflict
         "attribute": attr,
         "methods": methods,
         "threads": threads,
-        "conflict": [access_as_dict(first, lock_names), access_as_dict(second, lock_names)],
-        "accesses": [access_as_dict(a, lock_names) for a in related],
+        "element": element_name(attr, second.part),
+        "ordered": False,
+        "why": {
+            "locks_in_common": [],
+            "happens_before": (f"thread '{first.thread}' at epoch {first.epoch} is not "
+                               f"ordered before thread '{second.thread}''s access: no "
+                               f"synchronisation between them"),
+            "stacks": [stack_as_list(first), stack_as_list(second)],
+        },
+        "conflict": [access_as_dict(first, lock_names, attr), access_as_dict(second, lock_names, attr)],
+        "accesses": [access_as_dict(a, lock_names, attr) for a in related],
         "message": message,
         "advice": "Protect every access with `with self.acquire_lock():` (the same lock for "
                   "all readers and writers), or make the state thread-local.",
