@@ -32,7 +32,10 @@ end
 IO.puts("load average before: #{load_average.()}")
 started = ClusterPeer.ensure_distributed!()
 peer = ClusterPeer.start!("bench_peer")
-config = fn name -> %{name: name, worker_profile: :thread, pool_size: 1, threads_per_worker: 4} end
+
+config = fn name ->
+  %{name: name, worker_profile: :thread, pool_size: 1, threads_per_worker: 4}
+end
 
 {:ok, _} = Snakepit.start_pool(config.(:bench_solo))
 {:ok, _} = Snakepit.start_pool(config.(:bench_shared))
