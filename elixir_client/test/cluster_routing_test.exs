@@ -189,6 +189,24 @@ defmodule Snakepit.ClusterRoutingTest do
              Snakepit.execute(name, "ping", %{})
   end
 
+  test "a pool that is stopping is no longer offered to other nodes, while its calls finish",
+       %{b: b} do
+    name = start_pools!(b, 1, 1)
+    # a call b's pool runs for b itself
+    running =
+      Task.async(fn ->
+        ClusterPeer.call(b, :execute, [name, "pid_after", %{seconds: 2}, [cluster: false]])
+      end)
+
+    eventually(fn -> remote_stats(b, name).in_flight == 1 end)
+    stopping = Task.async(fn -> ClusterPeer.call(b, :stop_pool, [name, [grace: 10_000]]) end)
+
+    eventually(fn -> Cluster.remote_nodes(name) == [] end)
+    assert is_pid(:erpc.call(b.node, Snakepit.Pool, :whereis, [name]))
+    assert :ok = Task.await(stopping, 30_000)
+    assert {:ok, %{"pid" => _}} = Task.await(running)
+  end
+
   test "list_workers with cluster: true shows every node's workers", %{b: b} do
     name = start_pools!(b, 1, 2)
     [%{os_pid: b_worker}] = ClusterPeer.call(b, :list_workers, [name])

@@ -10,7 +10,7 @@ defmodule Snakepit.Cluster do
 
   The application starts the `:pg` scope `Snakepit.Cluster`. Every pool process joins the group
   `{:snakepit_pool, name}` of that scope in its init (unless its config has `cluster: false`) and
-  leaves it when it ends; `:pg` drops the members of a node that goes down or disconnects.
+  leaves it when it starts stopping (`Snakepit.stop_pool/2`) or ends; `:pg` drops the members of a node that goes down or disconnects.
 
   ## Routing (`Snakepit.execute/4`, `Snakepit.execute_batch/4`)
 
@@ -71,6 +71,13 @@ defmodule Snakepit.Cluster do
   @spec join(Snakepit.Config.t()) :: :ok
   def join(%{cluster: false}), do: :ok
   def join(config), do: :pg.join(@scope, group(config.name), self())
+
+  @doc "Called by a pool that stops taking calls (`Snakepit.Pool.drain/2`): leaves its group."
+  @spec leave(Snakepit.Config.t()) :: :ok
+  def leave(config) do
+    _ = :pg.leave(@scope, group(config.name), self())
+    :ok
+  end
 
   @doc "The nodes other than this one whose pool `name` is a member of its group."
   @spec remote_nodes(atom) :: [node]

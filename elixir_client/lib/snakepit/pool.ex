@@ -367,8 +367,10 @@ defmodule Snakepit.Pool do
   def handle_call({:await_ready, min}, from, shell),
     do: {:noreply, apply_event(shell, {:await_ready, from, min})}
 
-  def handle_call({:drain, grace}, from, shell),
-    do: {:noreply, apply_event(shell, {:drain, from, grace})}
+  def handle_call({:drain, grace}, from, shell) do
+    :ok = Snakepit.Cluster.leave(shell.config)
+    {:noreply, apply_event(shell, {:drain, from, grace})}
+  end
 
   def handle_call({:forget_session, sid}, from, shell),
     do: {:noreply, apply_event(shell, {:forget_session, from, sid})}
