@@ -84,21 +84,21 @@ summary =
       median.(Enum.map(rs, &elem(&1, 2)))}}
   end)
 
-{_, _, solo_mean} = summary[:bench_solo]
+{solo_p50, _, solo_mean} = summary[:bench_solo]
 
 IO.write("""
 
 cluster routing: ping at 1 caller, #{calls} calls x #{rounds} rounds (medians)
 
-| pool | p50 µs | p99 µs | mean µs | mean / solo |
-|---|---:|---:|---:|---:|
+| pool | p50 µs | p50 / solo | p99 µs | mean µs | mean / solo |
+|---|---:|---:|---:|---:|---:|
 """)
 
 for pool <- pools do
   {p50, p99, mean} = summary[pool]
 
   IO.puts(
-    "| #{pool} | #{p50} | #{p99} | #{Float.round(mean, 1)} | #{Float.round(mean / solo_mean, 2)} |"
+    "| #{pool} | #{p50} | #{Float.round(p50 / solo_p50, 2)} | #{p99} | #{Float.round(mean, 1)} | #{Float.round(mean / solo_mean, 2)} |"
   )
 end
 
