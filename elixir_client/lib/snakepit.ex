@@ -27,6 +27,9 @@ defmodule Snakepit do
     * `:traceparent` - a W3C `traceparent` sent as the call's `traceparent` gRPC header (default:
       the process dictionary's `:snakepit_traceparent`); an invalid one is not sent. See
       `Snakepit.TraceContext`
+    * `:cluster` - `false` keeps the call on this node's pool even when it is full and connected
+      nodes have a pool of the same name (default: such calls may run there, see
+      `Snakepit.Cluster`; sessions and streams always stay local)
 
   Each call logs at `:debug` with `:logger` metadata `pool`, `worker`, `tool`, `duration_ms` (and
   `trace_id` when it sent a traceparent), and emits the telemetry events of `Snakepit.Telemetry`:

@@ -26,7 +26,9 @@ defmodule Snakepit.Cluster do
     * **Remote call.** The call runs on the chosen node in a process `:erpc` starts there, as
       the same `Snakepit.execute` with `cluster: false` (it does not bounce further); the
       arguments cross distribution once, the result once. Results and `%Snakepit.Error{}` values
-      come back unchanged; an exception raised there is raised again in the caller.
+      come back unchanged; an exception raised there is raised again in the caller. The caller's
+      `[:snakepit, :call, :stop]` event has `node` (where it ran) and no worker; the worker's
+      events are the other node's.
     * **Deadline.** The caller's `timeout:` bounds the whole remote call: the caller waits at
       most `timeout` + 1 s (the remote queue wait included), then gets `:timeout` and the remote
       process is killed (its slot is given back as abandoned). Without `timeout:`, the remote
