@@ -1,7 +1,8 @@
 Code.require_file("pool_helpers.exs", __DIR__)
 
 defmodule Snakepit.ClusterNodeDownTest do
-  # kill -9 of a peer BEAM node while it runs calls for this node's pool: only the calls in flight
+  # Three nodes (this one and two peers): the least-loaded peer gets the overflow; kill -9 of a peer
+  # BEAM node while it runs calls for this node's pool: only the calls in flight
   # there fail (:node_down), counted exactly; later calls go to the nodes that remain.
   use ExUnit.Case, async: false
   import Snakepit.PoolHelpers
@@ -51,6 +52,38 @@ defmodule Snakepit.ClusterNodeDownTest do
       Task.async(fn -> Snakepit.execute(name, "pid_after", %{seconds: seconds}) end)
     end)
   end
+
+  test "a call the local pool cannot take goes to the node with the most free slots",
+       %{b: b, c: c} do
+    name = :"cluster_pool_#{System.unique_integer([:positive])}"
+    start_pool!(config(name, 1))
+    {:ok, _} = ClusterPeer.call(b, :start_pool, [config(name, 1)])
+    {:ok, _} = ClusterPeer.call(c, :start_pool, [config(name, 3)])
+    eventually(fn -> Cluster.remote_nodes(name) |> Enum.sort() == Enum.sort([b.node, c.node]) end)
+    [%{os_pid: b_worker}] = ClusterPeer.call(b, :list_workers, [name])
+    [%{os_pid: c_worker}] = ClusterPeer.call(c, :list_workers, [name])
+
+    local_hold =
+      hold(fn -> Snakepit.execute(name, "pid_after", %{seconds: 60}, cluster: false) end)
+
+    eventually(fn -> Snakepit.Pool.stats(name).in_flight == 1 end)
+    # c has 3 free slots, b 1
+    assert {:ok, %{"pid" => ^c_worker}} = Snakepit.execute(name, "pid_after", %{seconds: 0})
+
+    c_holds =
+      for _ <- 1..3 do
+        hold(fn ->
+          ClusterPeer.call(c, :execute, [name, "pid_after", %{seconds: 60}, [cluster: false]])
+        end)
+      end
+
+    eventually(fn -> in_flight(c, name) == 3 end)
+    # now only b has a free slot
+    assert {:ok, %{"pid" => ^b_worker}} = Snakepit.execute(name, "pid_after", %{seconds: 0})
+    Enum.each([local_hold | c_holds], &Task.shutdown(&1, :brutal_kill))
+  end
+
+  defp hold(fun), do: Task.async(fun)
 
   test "killing a node fails only the calls in flight there; later calls route to the others",
        %{b: b, c: c} do
