@@ -150,6 +150,18 @@ defmodule Snakepit.ClusterRoutingTest do
     eventually(fn -> remote_stats(b, name).in_flight == 0 end)
   end
 
+  test "a call run on the other node ends there when its caller dies", %{b: b} do
+    name = start_pools!(b, 1, 1)
+    holder = hold_local_slot!(name)
+    caller = spawn(fn -> Snakepit.execute(name, "pid_after", %{seconds: 30}) end)
+    eventually(fn -> remote_stats(b, name).in_flight == 1 end)
+
+    Process.exit(caller, :kill)
+    # b's pool saw its caller go: the slot is back long before the 30 s tool would end
+    eventually(fn -> remote_stats(b, name).in_flight == 0 end)
+    Task.shutdown(holder, :brutal_kill)
+  end
+
   test "a pool that only the other node has serves the call; cluster: false keeps it local",
        %{b: b} do
     name = unique_name()
