@@ -30,6 +30,9 @@ defmodule Snakepit do
     * `:traceparent` - a W3C `traceparent` sent as the call's `traceparent` gRPC header (default:
       the process dictionary's `:snakepit_traceparent`); an invalid one is not sent. See
       `Snakepit.TraceContext`
+    * `:cluster` - `false` keeps the call on this node's pool even when it is full and connected
+      nodes have a pool of the same name (default: such calls may run there, see
+      `Snakepit.Cluster`; sessions and streams always stay local)
 
   Each call logs at `:debug` with `:logger` metadata `pool`, `worker`, `tool`, `duration_ms` (and
   `trace_id` when it sent a traceparent), and emits the telemetry events of `Snakepit.Telemetry`:
@@ -37,7 +40,7 @@ defmodule Snakepit do
   """
 
   require Logger
-  alias Snakepit.{CallEngine, Codec, Error, Pool, Proto, Shm, Telemetry, TraceContext}
+  alias Snakepit.{CallEngine, Cluster, Codec, Error, Pool, Proto, Shm, Telemetry, TraceContext}
   alias Snakepit.GRPC.Channel
 
   @service "/snakepit.bridge.BridgeService/"
@@ -199,7 +202,9 @@ defmodule Snakepit do
     end
 
     Snakepit.Remote.Retry.run(pool, opts, fn ->
-      with_slot(pool, tool, args_encoder(args, tool), opts, span(:execute, tool), call)
+      with_slot(pool, tool, args_encoder(args, tool), opts, span(:execute, tool), call,
+        remote: {:execute, [tool, args]}
+      )
     end)
   end
 
@@ -493,7 +498,10 @@ defmodule Snakepit do
     run = fn lease, items, shm -> run_batch(lease, tool, items, opts, shm) end
     span = Map.put(span(:batch, tool), :items, length(args_list))
     # the server counts each item as a tool call
-    with_slot(pool, tool, encoder, opts, span, run, max(length(args_list), 1))
+    with_slot(pool, tool, encoder, opts, span, run,
+      weight: max(length(args_list), 1),
+      remote: {:execute_batch, [tool, args_list]}
+    )
   end
 
   defp run_batch(lease, tool, items, opts, shm) do
@@ -554,9 +562,21 @@ defmodule Snakepit do
   slot's counts. `recycles` counts TTL and max-requests recycles, `crashes` workers that went down
   without the pool asking (or failed to start); they add up to the pool's `recycles` and
   `crashes`.
+
+  `get_stats(pool, cluster: true)`: the pool on every connected node that has one (see
+  `Snakepit.Cluster.stats/2`): `{:ok, %{nodes, by_node, calls, failures, in_flight, capacity,
+  queued, workers}}`, each worker with its `node`.
   """
-  @spec get_stats(pool) :: {:ok, map} | {:error, Error.t()}
-  def get_stats(pool \\ default_pool()) do
+  @spec get_stats(pool, keyword) :: {:ok, map} | {:error, Error.t()}
+  def get_stats(pool \\ default_pool(), opts \\ [])
+
+  def get_stats(pool, opts) when is_atom(pool) and is_list(opts) do
+    if opts[:cluster] == true, do: {:ok, Cluster.stats(pool)}, else: local_stats(pool)
+  end
+
+  def get_stats(pool, _opts), do: local_stats(pool)
+
+  defp local_stats(pool) do
     stats = Pool.stats(pool)
 
     workers =
@@ -614,9 +634,18 @@ defmodule Snakepit do
   `worker_max_requests`), `abandoned_calls` (calls
   given up on that may still run on the server), `stuck_calls` (those confirmed still running after
   `stuck_call_grace`), uptime_ms, `slot_recycles`, `slot_crashes` (see `get_stats/1`).
+
+  `list_workers(pool, cluster: true)`: the workers of the pool on every connected node that has
+  one, each with its `node` (see `Snakepit.Cluster.list_workers/2`).
   """
-  @spec list_workers(pool) :: [map]
-  def list_workers(pool \\ default_pool()), do: Pool.stats(pool).workers
+  @spec list_workers(pool, keyword) :: [map]
+  def list_workers(pool \\ default_pool(), opts \\ [])
+
+  def list_workers(pool, opts) when is_atom(pool) and is_list(opts) do
+    if opts[:cluster] == true, do: Cluster.list_workers(pool), else: Pool.stats(pool).workers
+  end
+
+  def list_workers(pool, _opts), do: Pool.stats(pool).workers
 
   ## internals
 
@@ -629,31 +658,45 @@ defmodule Snakepit do
   # {:ok, encoded, placements}; `fun` gets the lease, `encoded` and the regions. The argument
   # regions are written once the call has its slot (the checkout registers them: the pool deletes
   # them should the caller die) and deleted when the call ends, with any result region it left.
-  defp with_slot(pool, tool, encoder, opts, span, fun, weight \\ 1) do
+  #
+  # `extra`: `:weight` (default 1) and `:remote`, `{fun, args}` for a call that may run on another
+  # node's pool as `Snakepit.fun(pool, ...args, opts)` there (see Snakepit.Cluster).
+  defp with_slot(pool, tool, encoder, opts, span, fun, extra \\ []) do
     meta = call_metadata(pool, span, opts)
     start = Telemetry.call_start(meta)
     sid = opts[:session_id]
     # a call that skips the session's initialisation only reads it: the pool must not count it
     # as created on the worker
     create? = opts[:skip_session_init] != true
+    plan = if extra[:remote], do: Cluster.plan(pool, opts), else: :local
 
     checked_out =
       guarded(start, meta, nil, nil, fn ->
-        shm = encoder && call_regions(pool)
+        # no local pool: its arguments are encoded on the node that runs it
+        case plan == :remote && Cluster.pick_node(pool, false) do
+          {:ok, node} ->
+            {:remote, node}
 
-        with {:ok, encoded, placements} <- run_encoder(encoder, shm),
-             shm = Shm.with_args(shm, placements),
-             {:ok, lease} <-
-               checkout(pool, meta,
-                 session_id: sid,
-                 weight: weight,
-                 create_session: create?,
-                 regions: Shm.prefixes(shm)
-               ),
-             do: {:ok, lease, encoded, shm}
+          _none ->
+            shm = encoder && call_regions(pool)
+
+            with {:ok, encoded, placements} <- run_encoder(encoder, shm),
+                 shm = Shm.with_args(shm, placements),
+                 {:ok, lease} <-
+                   routed_checkout(pool, meta, plan,
+                     session_id: sid,
+                     weight: Keyword.get(extra, :weight, 1),
+                     create_session: create?,
+                     regions: Shm.prefixes(shm)
+                   ),
+                 do: {:ok, lease, encoded, shm}
+        end
       end)
 
     case checked_out do
+      {:remote, node} ->
+        remote_call(start, meta, node, pool, extra[:remote], opts)
+
       {:ok, lease, encoded, shm} ->
         # the log's duration is the call's on its worker; the span's includes the queue wait
         t0 = System.monotonic_time()
@@ -687,6 +730,30 @@ defmodule Snakepit do
     end
   end
 
+  # The call run by `node`'s pool (Snakepit.Cluster.call/5), as this call's span, with `node`.
+  defp remote_call(start, meta, node, pool, {fun, args}, opts) do
+    result = guarded(start, meta, nil, nil, fn -> Cluster.call(node, pool, fun, args, opts) end)
+    Telemetry.call_stop(start, Map.put(stop_metadata(meta, nil, result), :node, node))
+    result
+  end
+
+  # A slot of the local pool; with plan :try_local, when it has none free at once, a node to run
+  # the call instead ({:remote, node}), else a slot after the usual wait in its queue.
+  defp routed_checkout(pool, meta, :try_local, opts) do
+    case checkout(pool, meta, [{:queue, false} | opts]) do
+      {:error, %Error{reason: :pool_saturated}} ->
+        case Cluster.pick_node(pool, true) do
+          {:ok, node} -> {:remote, node}
+          :none -> checkout(pool, meta, opts)
+        end
+
+      checked_out ->
+        checked_out
+    end
+  end
+
+  defp routed_checkout(pool, meta, _plan, opts), do: checkout(pool, meta, opts)
+
   # Runs `fun`; when it raises, throws or exits, the call's span ends with :exception (and the
   # slot, if it has one, is given back as abandoned, once the call's regions are deleted) before
   # it goes on.
@@ -709,12 +776,18 @@ defmodule Snakepit do
       :erlang.raise(kind, reason, __STACKTRACE__)
   end
 
-  # A pool slot, and its [:snakepit, :queue, :wait] event: how long the caller waited for it.
+  # A pool slot, and its [:snakepit, :queue, :wait] event: how long the caller waited for it (none
+  # for a checkout that would not queue and found no free slot: the call goes on elsewhere).
   defp checkout(pool, meta, opts) do
     start = System.monotonic_time()
-    checkout = Pool.checkout(pool, opts)
-    waited = System.monotonic_time() - start
 
+    case Pool.checkout(pool, opts) do
+      {:error, %Error{reason: :pool_saturated}} = saturated -> saturated
+      checkout -> queue_wait_event(meta, checkout, System.monotonic_time() - start)
+    end
+  end
+
+  defp queue_wait_event(meta, checkout, waited) do
     {lease, outcome} =
       case checkout do
         {:ok, lease} -> {lease, %{result: :ok, error_reason: nil, queued: lease.queued}}

@@ -1,6 +1,6 @@
 defmodule Snakepit.Application do
   @moduledoc """
-  Starts the pool registry, the dynamic supervisor for `Snakepit.start_pool/1`, and every pool of
+  Starts the `:pg` scope of `Snakepit.Cluster`, the pool registry, the dynamic supervisor for `Snakepit.start_pool/1`, and every pool of
   `config :snakepit, pools: [...]`. An invalid pool config makes the application fail to start with a
   message naming the key.
   """
@@ -14,6 +14,8 @@ defmodule Snakepit.Application do
     with {:ok, configs} <- validate_all(pools) do
       children =
         [
+          # the :pg scope pools join (before them: see Snakepit.Cluster)
+          Snakepit.Cluster,
           {Registry, keys: :unique, name: Snakepit.Registry},
           {DynamicSupervisor, strategy: :one_for_one, name: Snakepit.PoolSupervisor}
         ] ++ Enum.map(configs, &Snakepit.Pool.child_spec/1)

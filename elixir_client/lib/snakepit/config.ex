@@ -110,6 +110,7 @@ defmodule Snakepit.Config do
     :queue_size,
     :queue_timeout,
     :call_timeout,
+    :cluster,
     :startup_timeout,
     :python_executable,
     :script_dir,
@@ -158,6 +159,7 @@ defmodule Snakepit.Config do
           queue_size: non_neg_integer,
           queue_timeout: non_neg_integer,
           call_timeout: pos_integer,
+          cluster: boolean,
           startup_timeout: pos_integer,
           python_executable: String.t(),
           script_dir: String.t(),
@@ -339,6 +341,7 @@ defmodule Snakepit.Config do
         fetch(c, :queue_timeout, 5_000, &non_neg_int?/1, "must be a non-negative integer (ms)"),
       call_timeout:
         fetch(c, :call_timeout, 60_000, &pos_int?/1, "must be a positive integer (ms)"),
+      cluster: fetch(c, :cluster, true, &is_boolean/1, "must be true or false"),
       startup_timeout:
         fetch(c, :startup_timeout, 30_000, &pos_int?/1, "must be a positive integer (ms)"),
       python_executable:

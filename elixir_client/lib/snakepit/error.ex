@@ -11,6 +11,8 @@ defmodule Snakepit.Error do
     * `:timeout` - the call passed its deadline (`call_timeout` / `:timeout` option)
     * `:queue_full` - every worker slot was busy and `queue_size` callers already waited
     * `:queue_timeout` - waited `queue_timeout` ms for a free slot
+    * `:node_down` - the call was running on another BEAM node's pool (`Snakepit.Cluster`) and
+      that node went down or lost its connection during it
     * `:worker_crashed` - the worker running the call died during it
     * `:worker_unhealthy` - the worker running the call failed its health check (no SERVING answer
       within `health_check_timeout`, e.g. a SIGSTOPped server) and the pool replaced it; `message`

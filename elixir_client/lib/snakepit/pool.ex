@@ -214,7 +214,8 @@ defmodule Snakepit.Pool do
   `:create_session` (default true; false for a call that only reads an existing session: the
   pool then does not count the session as created on the worker, and the lease's
   `init_session` says the worker does not know it), `:regions` (the prefixes of the call's
-  shared-memory regions, `Snakepit.Shm.prefixes/1`: see "Shared memory").
+  shared-memory regions, `Snakepit.Shm.prefixes/1`: see "Shared memory"), `:queue` (default true;
+  false: `:pool_saturated` at once instead of waiting when no slot is free, see `Snakepit.Cluster`).
   Returns `{:ok, lease}` or `{:error, %Snakepit.Error{}}` (`:queue_full`, `:queue_timeout`,
   `:pool_not_found`, `:unavailable`, `:pool_stopped`, `:worker_start_failed`, `:startup_timeout`).
   """
@@ -230,7 +231,8 @@ defmodule Snakepit.Pool do
             session_id: Keyword.get(opts, :session_id),
             weight: Keyword.get(opts, :weight, 1),
             create_session: Keyword.get(opts, :create_session, true),
-            regions: Keyword.get(opts, :regions, [])
+            regions: Keyword.get(opts, :regions, []),
+            queue: Keyword.get(opts, :queue, true)
           }
 
           GenServer.call(pid, {:checkout, self(), request}, :infinity)
@@ -371,6 +373,7 @@ defmodule Snakepit.Pool do
   def init(config) do
     Process.flag(:trap_exit, true)
     Logger.metadata(pool: config.name)
+    :ok = Snakepit.Cluster.join(config)
 
     case socket_dir(config) do
       {:ok, dir} ->
@@ -410,8 +413,10 @@ defmodule Snakepit.Pool do
   def handle_call({:await_ready, min}, from, shell),
     do: {:noreply, apply_event(shell, {:await_ready, from, min})}
 
-  def handle_call({:drain, grace}, from, shell),
-    do: {:noreply, apply_event(shell, {:drain, from, grace})}
+  def handle_call({:drain, grace}, from, shell) do
+    :ok = Snakepit.Cluster.leave(shell.config)
+    {:noreply, apply_event(shell, {:drain, from, grace})}
+  end
 
   def handle_call({:forget_session, sid}, from, shell),
     do: {:noreply, apply_event(shell, {:forget_session, from, sid})}

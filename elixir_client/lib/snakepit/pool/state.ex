@@ -117,7 +117,9 @@ defmodule Snakepit.Pool.State do
           weight: pos_integer,
           create_session: boolean,
           # optional: the prefixes of the call's shared-memory regions
-          regions: [String.t()]
+          regions: [String.t()],
+          # optional (default true): false answers :pool_saturated instead of queueing
+          queue: boolean
         }
   @type outcome :: :ok | :error | :abandoned | {:session_init_failed, String.t()}
   @type lease :: %{
@@ -294,6 +296,11 @@ defmodule Snakepit.Pool.State do
         cond do
           s.start_error != nil and ready_count(s) == 0 ->
             s |> emit({:demonitor, ref}) |> reply(from, {:error, s.start_error})
+
+          # a caller that would rather go elsewhere than wait (Snakepit.Cluster)
+          Map.get(request, :queue, true) == false ->
+            error = Error.new(:pool_saturated, "pool #{inspect(s.name)}: all slots busy")
+            s |> emit({:demonitor, ref}) |> reply(from, {:error, error})
 
           s.queue_len >= s.config.queue_size ->
             error =
