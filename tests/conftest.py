@@ -43,3 +43,28 @@ def spec_process():
     """A process server (one tool call at a time) running SpecAdapter, shared by a test module."""
     with WorkerServer("process", "--adapter", SPEC_ADAPTER) as server:
         yield server
+
+
+# --- in-process checker fixtures (tests/test_thread_safety_*.py) ---------------------------------
+
+
+@pytest.fixture
+def fast_switching():
+    """Threads switch every 10 µs instead of 5 ms, so that unprotected updates really interleave
+    (a module opts in with `pytestmark = pytest.mark.usefixtures("fast_switching")`)."""
+    import sys
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(old)
+
+
+@pytest.fixture
+def checker():
+    """An enabled, non-strict ThreadSafetyChecker (the active one), closed after the test."""
+    from snakepit_bridge.thread_safety_checker import ThreadSafetyChecker
+
+    active = ThreadSafetyChecker(enabled=True, strict_mode=False)
+    yield active
+    active.close()

@@ -22,20 +22,7 @@ from snakepit_bridge.thread_safety_checker import ThreadSafetyChecker, ThreadSaf
 from tests.thread_safety_corpus import racy, safe
 from tests.thread_safety_corpus.harness import exercise
 
-
-@pytest.fixture(autouse=True)
-def fast_switching():
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    yield
-    sys.setswitchinterval(old)
-
-
-@pytest.fixture
-def checker():
-    c = ThreadSafetyChecker(enabled=True, strict_mode=False)
-    yield c
-    c.close()
+pytestmark = pytest.mark.usefixtures("fast_switching")
 
 
 def run_threads(target, n=4, *args):

@@ -13,7 +13,6 @@ import concurrent.futures
 import inspect
 import linecache
 import queue
-import sys
 import threading
 
 import numpy as np
@@ -25,20 +24,7 @@ from snakepit_bridge.threadsafety.checker import containers, syncpoints
 from tests.thread_safety_corpus import racy_gen2, safe_gen2
 from tests.thread_safety_corpus.harness import exercise
 
-
-@pytest.fixture(autouse=True)
-def fast_switching():
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    yield
-    sys.setswitchinterval(old)
-
-
-@pytest.fixture
-def checker():
-    c = ThreadSafetyChecker(enabled=True, strict_mode=False)
-    yield c
-    c.close()
+pytestmark = pytest.mark.usefixtures("fast_switching")
 
 
 def run_threads(target, n=4):

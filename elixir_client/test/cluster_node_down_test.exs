@@ -15,8 +15,6 @@ defmodule Snakepit.ClusterNodeDownTest do
   @moduletag :capture_log
   @moduletag timeout: 180_000
 
-  @support_dir Path.expand("support", __DIR__)
-
   setup do
     started = ClusterPeer.ensure_distributed!()
     b = ClusterPeer.start!("cluster_doomed")
@@ -29,17 +27,6 @@ defmodule Snakepit.ClusterNodeDownTest do
     end)
 
     %{b: b, c: c}
-  end
-
-  defp config(name, threads) do
-    %{
-      name: name,
-      worker_profile: :thread,
-      pool_size: 1,
-      threads_per_worker: threads,
-      python_adapter: "cluster_adapter.ClusterAdapter",
-      adapter_env: [{"PYTHONPATH", @support_dir}]
-    }
   end
 
   defp in_flight(peer, name) do
@@ -56,9 +43,9 @@ defmodule Snakepit.ClusterNodeDownTest do
   test "a call the local pool cannot take goes to the node with the most free slots",
        %{b: b, c: c} do
     name = :"cluster_pool_#{System.unique_integer([:positive])}"
-    start_pool!(config(name, 1))
-    {:ok, _} = ClusterPeer.call(b, :start_pool, [config(name, 1)])
-    {:ok, _} = ClusterPeer.call(c, :start_pool, [config(name, 3)])
+    start_pool!(ClusterPeer.pool_config(name, 1))
+    {:ok, _} = ClusterPeer.call(b, :start_pool, [ClusterPeer.pool_config(name, 1)])
+    {:ok, _} = ClusterPeer.call(c, :start_pool, [ClusterPeer.pool_config(name, 3)])
     eventually(fn -> Cluster.remote_nodes(name) |> Enum.sort() == Enum.sort([b.node, c.node]) end)
     [%{os_pid: b_worker}] = ClusterPeer.call(b, :list_workers, [name])
     [%{os_pid: c_worker}] = ClusterPeer.call(c, :list_workers, [name])
@@ -88,8 +75,8 @@ defmodule Snakepit.ClusterNodeDownTest do
   test "killing a node fails only the calls in flight there; later calls route to the others",
        %{b: b, c: c} do
     name = :"cluster_pool_#{System.unique_integer([:positive])}"
-    start_pool!(config(name, 1))
-    {:ok, _} = ClusterPeer.call(b, :start_pool, [config(name, 2)])
+    start_pool!(ClusterPeer.pool_config(name, 1))
+    {:ok, _} = ClusterPeer.call(b, :start_pool, [ClusterPeer.pool_config(name, 2)])
     eventually(fn -> Cluster.remote_nodes(name) == [b.node] end)
     [%{os_pid: a_worker}] = Snakepit.list_workers(name)
     [%{os_pid: b_worker}] = ClusterPeer.call(b, :list_workers, [name])
@@ -113,7 +100,7 @@ defmodule Snakepit.ClusterNodeDownTest do
     eventually(fn -> not os_alive?(b_worker) end)
 
     # the next overflow goes to c, none to b, and nothing fails
-    {:ok, _} = ClusterPeer.call(c, :start_pool, [config(name, 2)])
+    {:ok, _} = ClusterPeer.call(c, :start_pool, [ClusterPeer.pool_config(name, 2)])
     eventually(fn -> Cluster.remote_nodes(name) == [c.node] end)
     [%{os_pid: c_worker}] = ClusterPeer.call(c, :list_workers, [name])
     second_wave = name |> calls(3, 1) |> Task.await_many(30_000)

@@ -12,8 +12,6 @@ defmodule Snakepit.ClusterRoutingTest do
   @moduletag :cluster
   @moduletag timeout: 180_000
 
-  @support_dir Path.expand("support", __DIR__)
-
   setup_all do
     started = ClusterPeer.ensure_distributed!()
     peer = ClusterPeer.start!("cluster_b")
@@ -24,21 +22,6 @@ defmodule Snakepit.ClusterRoutingTest do
     end)
 
     %{b: peer}
-  end
-
-  # one thread worker with `threads` slots
-  defp config(name, threads, extra \\ %{}) do
-    Map.merge(
-      %{
-        name: name,
-        worker_profile: :thread,
-        pool_size: 1,
-        threads_per_worker: threads,
-        python_adapter: "cluster_adapter.ClusterAdapter",
-        adapter_env: [{"PYTHONPATH", @support_dir}]
-      },
-      extra
-    )
   end
 
   defp unique_name, do: :"cluster_pool_#{System.unique_integer([:positive])}"
@@ -60,8 +43,8 @@ defmodule Snakepit.ClusterRoutingTest do
   # pool `name` with `local` slots here and `remote` on the peer, both seen by this node
   defp start_pools!(peer, local, remote) do
     name = unique_name()
-    start_pool!(config(name, local))
-    start_remote_pool!(peer, config(name, remote))
+    start_pool!(ClusterPeer.pool_config(name, local))
+    start_remote_pool!(peer, ClusterPeer.pool_config(name, remote))
     eventually(fn -> Cluster.remote_nodes(name) == [peer.node] end)
     name
   end
@@ -165,7 +148,7 @@ defmodule Snakepit.ClusterRoutingTest do
   test "a pool that only the other node has serves the call; cluster: false keeps it local",
        %{b: b} do
     name = unique_name()
-    start_remote_pool!(b, config(name, 1))
+    start_remote_pool!(b, ClusterPeer.pool_config(name, 1))
     eventually(fn -> Cluster.remote_nodes(name) == [b.node] end)
     [%{os_pid: b_worker}] = ClusterPeer.call(b, :list_workers, [name])
 
@@ -193,7 +176,7 @@ defmodule Snakepit.ClusterRoutingTest do
 
   test "a pool configured with cluster: false is not offered to other nodes", %{b: b} do
     name = unique_name()
-    start_remote_pool!(b, config(name, 1, %{cluster: false}))
+    start_remote_pool!(b, ClusterPeer.pool_config(name, 1, %{cluster: false}))
 
     assert [] == :erpc.call(b.node, :pg, :get_local_members, [Cluster, Cluster.group(name)])
 

@@ -24,6 +24,21 @@ defmodule Snakepit.RemoteTlsTest do
 
   defp tls_flags(pem), do: ["--tls-cert", pem.("server"), "--tls-key", pem.("server-key")]
 
+  # The message of the :worker_start_failed error of a remote pool of `endpoint` with `tls`.
+  defp start_failure(endpoint, tls) do
+    config = [
+      name: :"tls_failure_#{System.unique_integer([:positive])}",
+      worker_profile: :remote,
+      endpoints: [endpoint],
+      tls: tls,
+      startup_timeout: 10_000
+    ]
+
+    capture_log(fn -> send(self(), {:started, Snakepit.start_pool(config)}) end)
+    assert_received {:started, {:error, %Snakepit.Error{reason: :worker_start_failed} = error}}
+    error.message
+  end
+
   defp remote_pool!(config) do
     start_pool!(Map.merge(%{worker_profile: :remote, health_check_interval: :infinity}, config))
   end
@@ -74,36 +89,15 @@ defmodule Snakepit.RemoteTlsTest do
 
     assert {:ok, %{"message" => "hi"}} = Snakepit.execute(pool, "echo", %{message: "hi"})
 
-    capture_log(fn ->
-      assert {:error, %Snakepit.Error{reason: :worker_start_failed, message: message}} =
-               Snakepit.start_pool(
-                 name: :"no_client_cert_#{System.unique_integer([:positive])}",
-                 worker_profile: :remote,
-                 endpoints: [server.endpoint],
-                 tls: [cacertfile: pem.("ca")],
-                 startup_timeout: 10_000
-               )
-
-      assert message =~ server.endpoint
-    end)
+    assert start_failure(server.endpoint, cacertfile: pem.("ca")) =~ server.endpoint
   end
 
   test "a remote pool whose CA did not sign the server's certificate does not start", %{pem: pem} do
     server = RemoteServers.start_owned("127.0.0.2", flags: tls_flags(pem))
 
-    capture_log(fn ->
-      assert {:error, %Snakepit.Error{reason: :worker_start_failed, message: message}} =
-               Snakepit.start_pool(
-                 name: :"wrong_ca_#{System.unique_integer([:positive])}",
-                 worker_profile: :remote,
-                 endpoints: [server.endpoint],
-                 tls: [cacertfile: pem.("other-ca")],
-                 startup_timeout: 10_000
-               )
-
-      assert message =~ server.endpoint
-      assert message =~ "TLS"
-    end)
+    message = start_failure(server.endpoint, cacertfile: pem.("other-ca"))
+    assert message =~ server.endpoint
+    assert message =~ "TLS"
   end
 
   test "plaintext endpoints outside loopback are warned about; loopback, Unix sockets and TLS are not" do

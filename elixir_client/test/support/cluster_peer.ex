@@ -189,4 +189,22 @@ defmodule Snakepit.Test.ClusterPeer do
       true -> wait_then(fn -> connect(parent, tries - 1) end)
     end
   end
+
+  @doc """
+  A pool config of one thread worker with `threads` slots running test/support's
+  `cluster_adapter.ClusterAdapter` (its `pid_after` tool says which worker served a call).
+  """
+  def pool_config(name, threads, extra \\ %{}) do
+    Map.merge(
+      %{
+        name: name,
+        worker_profile: :thread,
+        pool_size: 1,
+        threads_per_worker: threads,
+        python_adapter: "cluster_adapter.ClusterAdapter",
+        adapter_env: [{"PYTHONPATH", Path.expand(".", __DIR__)}]
+      },
+      extra
+    )
+  end
 end
