@@ -52,6 +52,18 @@ class WorkerServer:
         self.stderr_lines: list[str] = []
         self._clients = []
 
+    def stderr_match(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        """The first match of `pattern` in the server's stderr, waiting for it up to `timeout` s: lines
+        the server logged before its ready line may not have been read yet (another thread reads them)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.stderr_lines):
+                if match := re.search(pattern, line):
+                    return match
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no line matching {pattern!r} in stderr:\n" + "\n".join(self.stderr_lines))
+            time.sleep(0.02)
+
     @property
     def address(self) -> str:
         """The grpc target: `127.0.0.1:<port>`, or `unix:<path>`."""

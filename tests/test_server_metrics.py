@@ -15,11 +15,7 @@ METRICS_LINE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 
 def metrics_port(server: WorkerServer) -> int:
-    for line in server.stderr_lines:
-        match = METRICS_LINE.search(line)
-        if match:
-            return int(match.group(1))
-    raise AssertionError("no 'metrics on' line:\n" + "\n".join(server.stderr_lines))
+    return int(server.stderr_match(METRICS_LINE.pattern)[1])
 
 
 def scrape(port: int) -> dict:

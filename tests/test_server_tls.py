@@ -145,8 +145,7 @@ def test_a_fork_servers_workers_serve_tls(pki):
 def test_the_metrics_endpoint_stays_plain_http(pki):
     pytest.importorskip("prometheus_client")
     with WorkerServer("threaded", *pki.server_flags(), "--metrics-port", "0") as server:
-        port = next(int(match[1]) for line in server.stderr_lines
-                    if (match := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)))
+        port = int(server.stderr_match(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")[1])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             assert b"snakepit" in response.read()
 

@@ -52,11 +52,7 @@ def last_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def transport_of(server: WorkerServer) -> str:
-    for line in server.stderr_lines:
-        match = TRANSPORT_LINE.search(line)
-        if match:
-            return match.group(1)
-    raise AssertionError("no 'serving ... on unix:' line:\n" + "\n".join(server.stderr_lines))
+    return server.stderr_match(TRANSPORT_LINE.pattern)[1]
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:
@@ -133,8 +129,7 @@ def test_metrics_stay_on_their_tcp_port_while_calls_go_over_the_socket(path):
     pytest.importorskip("prometheus_client")
     with WorkerServer("threaded", "--adapter", SPEC_ADAPTER, "--uds", path, "--metrics-port", "0") as server:
         server.client().execute("noop")
-        port = next(int(m.group(1)) for line in server.stderr_lines
-                    if (m := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)))
+        port = int(server.stderr_match(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")[1])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
     assert re.search(r'^snakepit_tool_calls_total\{code="OK",tool="noop"\} 1\.0$', text, re.M), text
