@@ -1,7 +1,8 @@
-"""Cost per tracked access of the ThreadSafetyChecker: today's (``main``) vs this tree's, side by
-side in one run (docs/benchmarks.md, "ThreadSafetyChecker, second generation").
+"""Cost per tracked access of the ThreadSafetyChecker: a reference version's (by default the
+first-generation, lockset-only checker, commit 6373d0c, the last before the second) vs this
+tree's, side by side in one run (docs/benchmarks.md, "ThreadSafetyChecker, second generation").
 
-    python3 bench/checker_overhead.py [--ref main] [--accesses N] [--repeats R] [--json OUT.json]
+    python3 bench/checker_overhead.py [--ref 6373d0c] [--accesses N] [--repeats R] [--json OUT.json]
 
 The reference checker is ``git archive REF snakepit_bridge`` unpacked in a temporary directory;
 each measurement runs in a fresh child process importing one or the other (alternating, best of
@@ -83,7 +84,8 @@ def measure(path: str, n: int, enabled: bool, kind: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ref", default="main")
+    # the first-generation checker (lockset only): what the second generation is measured against
+    ap.add_argument("--ref", default="6373d0c")
     ap.add_argument("--accesses", type=int, default=20000, help="loop steps per measurement")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
