@@ -70,6 +70,38 @@ busy_wait =
     opts -> opts
   end
 
+defmodule TimedCalls do
+  @moduledoc false
+  # `calls` calls of `tool` (no arguments) through `pool`, split over `concurrency` callers: the
+  # sorted latencies in ms and the wall-clock seconds of the whole run.
+  def run(pool, tool, calls, concurrency) do
+    per =
+      for i <- 0..(concurrency - 1),
+          do: div(calls, concurrency) + if(i < rem(calls, concurrency), do: 1, else: 0)
+
+    t0 = System.monotonic_time()
+
+    latencies =
+      per
+      |> Enum.map(fn n ->
+        Task.async(fn ->
+          for _ <- 1..n//1 do
+            s = System.monotonic_time()
+            {:ok, _} = Snakepit.execute(pool, tool, %{})
+            System.monotonic_time() - s
+          end
+        end)
+      end)
+      |> Task.await_many(:infinity)
+      |> List.flatten()
+      |> Enum.map(&(System.convert_time_unit(&1, :native, :nanosecond) / 1.0e6))
+      |> Enum.sort()
+
+    secs = System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e9
+    %{latencies_ms: latencies, seconds: secs}
+  end
+end
+
 # the median of `key` over a list of result maps
 median = fn runs, key ->
   sorted = runs |> Enum.map(& &1[key]) |> Enum.sort()
@@ -114,29 +146,7 @@ if "client" in parts do
     end
 
     def run(tool, calls, concurrency) do
-      per =
-        for i <- 0..(concurrency - 1),
-            do: div(calls, concurrency) + if(i < rem(calls, concurrency), do: 1, else: 0)
-
-      t0 = System.monotonic_time()
-
-      lat =
-        per
-        |> Enum.map(fn n ->
-          Task.async(fn ->
-            for _ <- 1..n//1 do
-              s = System.monotonic_time()
-              {:ok, _} = Snakepit.execute(:bench, tool, %{})
-              System.monotonic_time() - s
-            end
-          end)
-        end)
-        |> Task.await_many(:infinity)
-        |> List.flatten()
-        |> Enum.map(&(System.convert_time_unit(&1, :native, :nanosecond) / 1.0e6))
-        |> Enum.sort()
-
-      secs = System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e9
+      %{latencies_ms: lat, seconds: secs} = TimedCalls.run(:bench, tool, calls, concurrency)
 
       %{
         "concurrency" => concurrency,
@@ -382,28 +392,7 @@ if "transport" in parts do
   end
 
   run = fn pool, level ->
-    per =
-      for i <- 0..(level - 1), do: div(calls, level) + if(i < rem(calls, level), do: 1, else: 0)
-
-    t0 = System.monotonic_time()
-
-    lat =
-      per
-      |> Enum.map(fn n ->
-        Task.async(fn ->
-          for _ <- 1..n//1 do
-            s = System.monotonic_time()
-            {:ok, _} = Snakepit.execute(pool, "ping", %{})
-            System.monotonic_time() - s
-          end
-        end)
-      end)
-      |> Task.await_many(:infinity)
-      |> List.flatten()
-      |> Enum.map(&(System.convert_time_unit(&1, :native, :nanosecond) / 1.0e6))
-      |> Enum.sort()
-
-    secs = System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e9
+    %{latencies_ms: lat, seconds: secs} = TimedCalls.run(pool, "ping", calls, level)
     %{"calls_per_s" => calls / secs, "p50_ms" => Enum.at(lat, div(length(lat), 2))}
   end
 
