@@ -17,6 +17,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"threaded": ROOT / "grpc_server_threaded.py", "process": ROOT / "grpc_server_process.py"}
@@ -29,7 +33,38 @@ class ServerFailedToStart(RuntimeError):
     pass
 
 
-class WorkerServer:
+class ServerProcess:
+    """What the test servers' subprocesses share: `with` starts one (`start()`) and, at the end, closes
+    the clients it handed out, stops it gently (`stop_gently()`) and kills what is left."""
+
+    process: subprocess.Popen | None
+    _clients: list
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop_gently(self) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        for client in self._clients:
+            client.close()
+        try:
+            if self.process is not None and self.process.poll() is None:
+                self.stop_gently()
+        finally:
+            self.kill()
+
+
+class WorkerServer(ServerProcess):
     """A worker server subprocess. Its stderr is collected in `self.stderr_lines`."""
 
     def __init__(self, mode: str = "threaded", *args: str, env: dict | None = None, startup_timeout: float = 30.0,
@@ -153,28 +188,14 @@ class WorkerServer:
             self.kill()
             raise
 
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def __enter__(self) -> "WorkerServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        for client in self._clients:
-            client.close()
-        try:
-            if self.process is not None and self.process.poll() is None:
-                self.terminate(timeout=20)
-        finally:
-            self.kill()
+    def stop_gently(self) -> None:
+        self.terminate(timeout=20)
 
 
 FORKSERVER_READY = re.compile(r"^SNAKEPIT_FORKSERVER_READY pid=(?P<pid>\d+)(?: nonce=(?P<nonce>\S+))?$")
 
 
-class ForkServer:
+class ForkServer(ServerProcess):
     """A fork server subprocess (`--fork-server`, snakepit_bridge/server/forkserver.py) and its events.
 
         with ForkServer("process", "--adapter", SPEC_ADAPTER) as fork_server:
@@ -316,24 +337,12 @@ class ForkServer:
         assert self.process is not None and self.process.stdin is not None
         self.process.stdin.close()
 
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def __enter__(self) -> "ForkServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        for client in self._clients:
-            client.close()
-        try:
-            if self.process is not None and self.process.poll() is None:
-                with contextlib.suppress(OSError, ValueError):
-                    self.close_stdin()
-                self.process.wait(20)
-        finally:
-            self.kill()
+    def stop_gently(self) -> None:
+        """Stdin's end stops the fork server (and its children) in order."""
+        assert self.process is not None
+        with contextlib.suppress(OSError, ValueError):
+            self.close_stdin()
+        self.process.wait(20)
 
 
 class ForkedWorker:
@@ -357,6 +366,16 @@ class ForkedWorker:
         client = BridgeClient(self.address, **kwargs)
         self.fork_server._clients.append(client)
         return client
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Whether `predicate()` became true within `timeout` s (asked every `interval` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
 
 
 def pid_alive(pid: int) -> bool:

@@ -15,18 +15,9 @@ import time
 import pytest
 
 from snakepit_bridge.server.forkserver_protocol import LineSplitter, RequestReader, parse_request
-from tests.servers import ROOT, SCRIPTS, SPEC_ADAPTER, ForkServer, pid_alive
+from tests.servers import ROOT, SCRIPTS, SPEC_ADAPTER, ForkServer, pid_alive, wait_until
 
 PRELOADED = "tests.adapters_for_tests.PreloadedSpecAdapter"
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def parent_of(pid: int) -> int:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snakepit_bridge.client import BridgeCallError
 from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
-from tests.servers import SHOWCASE, SPEC_ADAPTER, WorkerServer
+from tests.servers import SHOWCASE, SPEC_ADAPTER, WorkerServer, wait_until
 
 OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 
@@ -29,15 +29,6 @@ def timed_sleeps(client_factory, count, seconds, timeout=30):
                    for i in range(count)]
         results = [f.result() for f in futures]
         return time.monotonic() - started, results
-
-
-def wait_until(predicate, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 # --- threaded server -----------------------------------------------------------------------------

@@ -13,27 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snakepit_bridge.client import BridgeCallError
 from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
-from tests.servers import SHOWCASE, SPEC_ADAPTER, ServerFailedToStart, WorkerServer
+from tests.servers import SHOWCASE, SPEC_ADAPTER, ServerFailedToStart, WorkerServer, pid_alive, wait_until
 
 MODES = [("threaded", []), ("process", []), ("process", ["--processes", "2"])]
 MODE_IDS = ["threaded", "process", "preforked"]
-
-
-def wait_until(predicate, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # --- readiness -------------------------------------------------------------------------------------

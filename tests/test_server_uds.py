@@ -11,7 +11,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 import grpc
@@ -19,7 +18,7 @@ import pytest
 
 from snakepit_bridge.client import BridgeCallError
 from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
-from tests.servers import ROOT, SHOWCASE, SPEC_ADAPTER, WorkerServer
+from tests.servers import ROOT, SHOWCASE, SPEC_ADAPTER, WorkerServer, wait_until
 
 MODES = ["threaded", "process"]
 TRANSPORT_LINE = re.compile(r"\((?:threaded|process), .*, (\w+) transport\) on unix:")
@@ -53,15 +52,6 @@ def last_error_line(result: subprocess.CompletedProcess) -> str:
 
 def transport_of(server: WorkerServer) -> str:
     return server.stderr_match(TRANSPORT_LINE.pattern)[1]
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # --- serving ---------------------------------------------------------------------------------------------
