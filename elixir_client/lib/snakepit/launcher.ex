@@ -39,4 +39,31 @@ defmodule Snakepit.Launcher do
   @callback fork_child_args(config :: Snakepit.Config.t(), opts :: keyword) :: [String.t()]
 
   @optional_callbacks validate: 1, fork_server_command: 2, fork_child_args: 2
+
+  @ready_nonce_env "SNAKEPIT_READY_NONCE"
+  @auth_token_env "SNAKEPIT_AUTH_TOKEN"
+
+  @doc """
+  The pool's part of a command's `opts`, and the environment it needs: `:auth_token_env` (the
+  token itself goes in the environment, never on the command line) when the pool has an auth
+  token, and `:shm_dir` when `pool_opts` has one. What the worker and the fork server both pass.
+  """
+  @spec pool_options(Snakepit.Config.t(), keyword) :: {keyword, [{String.t(), String.t()}]}
+  def pool_options(config, pool_opts) do
+    {token_opts, token_env} =
+      case config.auth_token do
+        nil -> {[], []}
+        token -> {[auth_token_env: @auth_token_env], [{@auth_token_env, token}]}
+      end
+
+    shm_opts = if dir = Keyword.get(pool_opts, :shm_dir), do: [shm_dir: dir], else: []
+    {token_opts ++ shm_opts, token_env}
+  end
+
+  @doc "A fresh ready-line nonce and its environment entry (`SNAKEPIT_READY_NONCE`)."
+  @spec ready_nonce() :: {String.t(), {String.t(), String.t()}}
+  def ready_nonce do
+    nonce = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
+    {nonce, {@ready_nonce_env, nonce}}
+  end
 end

@@ -47,7 +47,6 @@ defmodule Snakepit.Worker do
   @log_lines 30
   # Longest line kept of the server's output; the Port delivers longer lines in chunks of this size.
   @max_line_bytes 16_384
-  @ready_nonce_env "SNAKEPIT_READY_NONCE"
 
   @doc false
   def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
@@ -66,15 +65,8 @@ defmodule Snakepit.Worker do
     id = Keyword.fetch!(opts, :id)
     uds = Keyword.get(opts, :uds)
 
-    {token_opts, token_env} =
-      case config.auth_token do
-        nil -> {[], []}
-        tok -> {[auth_token_env: "SNAKEPIT_AUTH_TOKEN"], [{"SNAKEPIT_AUTH_TOKEN", tok}]}
-      end
-
-    shm_opts = if dir = Keyword.get(opts, :shm_dir), do: [shm_dir: dir], else: []
     listen_opts = if uds, do: [uds: uds], else: []
-    nonce = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
+    {nonce, nonce_env} = Snakepit.Launcher.ready_nonce()
     Logger.metadata(pool: config.name, worker: id)
 
     base = %{
@@ -98,16 +90,17 @@ defmodule Snakepit.Worker do
     }
 
     case Keyword.get(opts, :fork_server) do
-      nil -> init_spawned(base, token_opts ++ shm_opts ++ listen_opts, token_env)
+      nil -> init_spawned(base, opts, listen_opts, nonce_env)
       server -> init_forked(base, server, listen_opts)
     end
   end
 
   # Its own Python process, a Port of this process.
-  defp init_spawned(s, command_opts, token_env) do
+  defp init_spawned(s, opts, listen_opts, nonce_env) do
     config = s.config
-    {exe, args, env} = config.launcher.command(config, command_opts)
-    env = env ++ token_env ++ [{@ready_nonce_env, s.ready_nonce}]
+    {command_opts, pool_env} = Snakepit.Launcher.pool_options(config, opts)
+    {exe, args, env} = config.launcher.command(config, command_opts ++ listen_opts)
+    env = env ++ pool_env ++ [nonce_env]
 
     try do
       {port, os_pid} = PythonPort.open(exe, args, env, config.script_dir, @max_line_bytes)

@@ -35,7 +35,6 @@ defmodule Snakepit.Pool.ForkServer do
   use GenServer
   require Logger
 
-  @ready_nonce_env "SNAKEPIT_READY_NONCE"
   @log_lines 30
   # An event line is `<id> out ` plus at most 16 KiB of a child's line (and a "...(N more bytes)"
   # note); longer lines (fork server logs) keep this much.
@@ -177,16 +176,10 @@ defmodule Snakepit.Pool.ForkServer do
   def init({config, opts}) do
     Process.flag(:trap_exit, true)
 
-    {token_opts, token_env} =
-      case config.auth_token do
-        nil -> {[], []}
-        tok -> {[auth_token_env: "SNAKEPIT_AUTH_TOKEN"], [{"SNAKEPIT_AUTH_TOKEN", tok}]}
-      end
-
-    shm_opts = if dir = Keyword.get(opts, :shm_dir), do: [shm_dir: dir], else: []
-    {exe, args, env} = config.launcher.fork_server_command(config, token_opts ++ shm_opts)
-    nonce = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
-    env = env ++ token_env ++ [{@ready_nonce_env, nonce}]
+    {command_opts, pool_env} = Snakepit.Launcher.pool_options(config, opts)
+    {exe, args, env} = config.launcher.fork_server_command(config, command_opts)
+    {nonce, nonce_env} = Snakepit.Launcher.ready_nonce()
+    env = env ++ pool_env ++ [nonce_env]
     Logger.metadata(pool: config.name, fork_server: true)
 
     try do
