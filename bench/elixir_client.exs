@@ -57,12 +57,8 @@ transport =
 python = Snakepit.Config.default_python()
 script = Path.join(Snakepit.Config.repo_root(), "bench/elixir_vs_python_client.py")
 
-load_average = fn ->
-  case File.read("/proc/loadavg") do
-    {:ok, l} -> l |> String.split(" ") |> Enum.take(3) |> Enum.join(" ")
-    _ -> "n/a"
-  end
-end
+Code.require_file("bench_support.exs", __DIR__)
+load_average = &BenchSupport.load_average/0
 
 busy_wait =
   case System.get_env("ELIXIR_ERL_OPTIONS", "") do

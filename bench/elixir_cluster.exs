@@ -22,12 +22,8 @@ Logger.configure(level: :warning)
 rounds = String.to_integer(System.get_env("BENCH_ROUNDS", "5"))
 calls = String.to_integer(System.get_env("BENCH_CALLS", "2000"))
 
-load_average = fn ->
-  case File.read("/proc/loadavg") do
-    {:ok, l} -> l |> String.split(" ") |> Enum.take(3) |> Enum.join(" ")
-    _ -> "n/a"
-  end
-end
+Code.require_file("bench_support.exs", __DIR__)
+load_average = &BenchSupport.load_average/0
 
 IO.puts("load average before: #{load_average.()}")
 started = ClusterPeer.ensure_distributed!()

@@ -30,12 +30,8 @@ concurrency =
 python = Snakepit.Config.default_python()
 repo = Snakepit.Config.repo_root()
 
-load_average = fn ->
-  case File.read("/proc/loadavg") do
-    {:ok, l} -> l |> String.split(" ") |> Enum.take(3) |> Enum.join(" ")
-    _ -> "n/a"
-  end
-end
+Code.require_file("bench_support.exs", __DIR__)
+load_average = &BenchSupport.load_average/0
 
 # One server on `host`, owned by this process (its stdin is the Port: it exits with the script).
 start_server = fn host ->
