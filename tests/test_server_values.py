@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from snakepit_bridge import codec
+from snakepit_bridge.server import codec as server_codec
 from snakepit_bridge.generated import snakepit_bridge_pb2 as pb
 from tests.servers import SHOWCASE, WorkerServer
 
@@ -237,3 +238,24 @@ def test_any_value_tree_round_trips_unchanged(spec_threaded, value):
     got = spec_threaded.client().execute("typed", {"i": 0, "f": 0.0, "flag": False, "s": "", "raw": b"", "ints": [],
                                                    "mapping": {"v": value}, "arr": []})
     assert_identical({"v": value}, got["values"]["mapping"])
+
+
+json_trees = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_trees)
+def test_result_json_text_is_what_json_dumps_writes_for_plain_values(value):
+    # The server reuses one C encoder object instead of building one per call: its text must not
+    # differ from json's own (non-ASCII kept, lone surrogates escaped).
+    text, blobs = server_codec.encode(value)
+    try:
+        expected = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        expected.encode("utf-8")
+    except UnicodeEncodeError:
+        expected = json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    assert (text, blobs) == (expected, [])
