@@ -329,6 +329,33 @@ def test_one_connection_cannot_take_more_than_its_share_of_calls():
         assert server.client().execute("noop", timeout=5) is None
 
 
+def test_connections_are_capped_each_on_its_own_when_together_they_pass_the_cap():
+    # Below the cap in all, calls are not counted per connection (grpcio's peer() costs a GIL round
+    # trip); past it, every call in flight is, the earlier ones too.
+    exhausted = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+
+    def refused(connection, streams):
+        connection.pump(0.5)
+        return [s for s in streams if connection.ended.get(s) == "trailers"
+                and connection.trailers[s].get("grpc-status") == exhausted]
+
+    with WorkerServer("threaded", "--adapter", SPEC_ADAPTER, "--max-workers", "2",
+                      "--max-calls-per-connection", "3") as server:
+        with RawGrpcConnection("127.0.0.1", server.port) as first, \
+                RawGrpcConnection("127.0.0.1", server.port) as second:
+            def sleeps(connection, n):
+                return [connection.start_call(SERVICE + "ExecuteTool", stream_request("stubborn_sleep", {"seconds": 3}))
+                        for _ in range(n)]
+
+            first_calls = sleeps(first, 2)
+            assert refused(first, first_calls) == []
+            second_calls = sleeps(second, 3)  # 5 in flight in all, 3 on this connection: at its cap
+            assert refused(second, second_calls) == []
+            assert len(refused(second, sleeps(second, 1))) == 1  # its 4th
+            assert refused(first, sleeps(first, 1)) == []  # the other connection's 3rd still runs
+        assert server.client().execute("noop", timeout=5) is None
+
+
 # --- 11. shutdown gives running calls their grace even when their clients left -------------------
 
 def test_sigterm_gives_calls_whose_clients_left_the_grace_period(tmp_path):

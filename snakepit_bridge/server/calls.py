@@ -10,6 +10,11 @@ Two limits keep one client from holding what the others need:
 
 A call counts from the start of its handler until grpc reports the RPC terminated (the context's
 done callback), so the sending of the last response is counted too.
+
+A call is counted against its connection only while more than `max_per_connection` calls are in
+flight in all: below that no connection can be past its cap. grpcio's `context.peer()` releases the
+GIL, and under load a handler thread that lets it go waits behind every other one to take it back
+(~70 µs a call at 32 in flight), so it is asked only then, for the calls not yet counted too.
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ log = logging.getLogger("snakepit_bridge.server")
 class TrackedCall:
     __slots__ = ("peer", "context", "method", "sending_since", "cancelled")
 
-    def __init__(self, peer: str, context, method: str) -> None:
-        self.peer = peer
+    def __init__(self, peer: str | None, context, method: str) -> None:
+        self.peer = peer  # None until the call is counted against its connection
         self.context = context
         self.method = method
         self.sending_since: float | None = None  # time.monotonic() when its pending response was handed to grpc
@@ -45,8 +50,9 @@ class CallTracker:
         self.max_per_connection = max_per_connection
         self.send_timeout = send_timeout or None
         self._lock = threading.Lock()
-        self._per_peer: dict[str, int] = {}
+        self._per_peer: dict[str, int] = {}  # calls counted against each connection
         self._calls: set[TrackedCall] = set()
+        self._uncounted: set[TrackedCall] = set()  # calls in _calls whose connection is not counted yet
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         if self.send_timeout is not None:
@@ -55,30 +61,47 @@ class CallTracker:
 
     def begin(self, context, method: str) -> TrackedCall:
         """Count a new tool call on its connection; RESOURCE_EXHAUSTED past the per-connection limit."""
-        peer = context.peer()
+        call = TrackedCall(None, context, method)
         with self._lock:
-            count = self._per_peer.get(peer, 0)
-            if count >= self.max_per_connection:
-                raise ResourceExhausted(
-                    f"this connection has {count} tool calls in flight (max-calls-per-connection "
-                    f"{self.max_per_connection}); wait for one to finish or open another connection")
-            self._per_peer[peer] = count + 1
-            call = TrackedCall(peer, context, method)
             self._calls.add(call)
+            if len(self._calls) <= self.max_per_connection:
+                self._uncounted.add(call)
+            else:
+                count = self._count_connections(call)
+                if count > self.max_per_connection:
+                    self._forget(call)
+                    raise ResourceExhausted(
+                        f"this connection has {count - 1} tool calls in flight (max-calls-per-connection "
+                        f"{self.max_per_connection}); wait for one to finish or open another connection")
         if not context.add_callback(functools.partial(self._end, call)):
             self._end(call)  # the RPC already terminated: no callback will come
         return call
 
+    def _count_connections(self, new_call: TrackedCall) -> int:
+        """Count `new_call` and every call not yet counted against its connection (the lock is held);
+        returns the calls now counted on `new_call`'s connection."""
+        per_peer = self._per_peer
+        for call in (*self._uncounted, new_call):
+            call.peer = peer = call.context.peer()
+            per_peer[peer] = per_peer.get(peer, 0) + 1
+        self._uncounted.clear()
+        return per_peer[peer]
+
     def _end(self, call: TrackedCall) -> None:
         with self._lock:
-            if call not in self._calls:
-                return
-            self._calls.discard(call)
-            left = self._per_peer[call.peer] - 1
-            if left:
-                self._per_peer[call.peer] = left
-            else:
-                del self._per_peer[call.peer]
+            if call in self._calls:
+                self._forget(call)
+
+    def _forget(self, call: TrackedCall) -> None:
+        self._calls.discard(call)
+        self._uncounted.discard(call)
+        if call.peer is None:
+            return
+        left = self._per_peer[call.peer] - 1
+        if left:
+            self._per_peer[call.peer] = left
+        else:
+            del self._per_peer[call.peer]
 
     def close(self) -> None:
         self._stop.set()
@@ -94,5 +117,5 @@ class CallTracker:
             for call in stalled:
                 call.cancelled = True
                 log.warning("cancelling %s from %s: its client has not read the response for %.1f s (--send-timeout)",
-                            call.method, call.peer, now - (call.sending_since or now))
+                            call.method, call.peer or call.context.peer(), now - (call.sending_since or now))
                 call.context.cancel()
