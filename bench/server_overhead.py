@@ -4,6 +4,7 @@
     python3 bench/server_overhead.py                 # ~1 minute, prints the table
     python3 bench/server_overhead.py --write-docs    # and replaces its section of docs/benchmarks.md
     python3 bench/server_overhead.py --profile       # and profiles ExecuteTool in-process (cProfile)
+    python3 bench/server_overhead.py --handler-time  # and times the handler inside the real servers
 
 Fairness:
   * The anchor is the best bare setup of the same run, not one chosen in advance: three bare servers,
@@ -95,7 +96,7 @@ def make_bare_servicer():
     return BareServicer()
 
 
-def serve_bare(kind: str, threads: int, max_message_mb: float) -> int:
+def serve_bare(kind: str, threads: int, max_message_mb: float, timed: bool = False) -> int:
     import signal
     import threading
 
@@ -110,7 +111,10 @@ def serve_bare(kind: str, threads: int, max_message_mb: float) -> int:
         return _serve_bare_aio(options)
     executor = futures.ThreadPoolExecutor(threads, thread_name_prefix="ThreadPoolExecutor-0")
     server = grpc.server(executor, options=options)
-    pb_grpc.add_BridgeServiceServicer_to_server(make_bare_servicer(), server)
+    servicer = make_bare_servicer()
+    if timed:
+        servicer.ExecuteTool = timed_handler(servicer.ExecuteTool)
+    pb_grpc.add_BridgeServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     stop = threading.Event()
@@ -163,6 +167,46 @@ def _serve_bare_aio(options) -> int:
 
     asyncio.run(run())
     return 0
+
+
+# --- handler timing (`--handler-time`): the servicer's own thread CPU and wall time per call ---------
+
+HANDLER_TIME = re.compile(r"HANDLER_TIME calls=(\d+) cpu_ns=(\d+) wall_ns=(\d+)")
+
+
+def timed_handler(handler):
+    """`handler(request, context)` timed: its thread's CPU time and the wall time per call, added up and
+    printed to stderr (cumulative) every 500 calls. Wall time over CPU time is what the handler waited,
+    for the GIL above all, once it let it go (a call into grpc that releases it, a contended lock)."""
+    import threading
+
+    totals = [0, 0, 0]  # calls, thread CPU ns, wall ns
+    lock = threading.Lock()
+
+    def timed(*args):
+        cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
+        try:
+            return handler(*args)
+        finally:
+            cpu, wall = time.thread_time_ns() - cpu, time.perf_counter_ns() - wall
+            with lock:
+                totals[0] += 1
+                totals[1] += cpu
+                totals[2] += wall
+                if totals[0] % 500 == 0:
+                    print(f"HANDLER_TIME calls={totals[0]} cpu_ns={totals[1]} wall_ns={totals[2]}", file=sys.stderr,
+                          flush=True)
+
+    return timed
+
+
+def serve_ours_timed(server_args: list[str]) -> int:
+    """Our threaded server (as grpc_server_threaded.py) with its ExecuteTool timed."""
+    from snakepit_bridge.server.main import main_threaded
+    from snakepit_bridge.server.servicer import BridgeServicer
+
+    BridgeServicer.ExecuteTool = timed_handler(BridgeServicer.ExecuteTool)
+    return main_threaded(server_args)
 
 
 # --- load generation --------------------------------------------------------------------------------
@@ -469,9 +513,70 @@ def _span_tracing():
     return CallTracing(provider.get_tracer("bench.server_overhead"), provider)
 
 
+def handler_times(args, body: Path, fresh_log) -> dict:
+    """(server, in flight) -> handler thread CPU and wall µs per call, for ours and the bare sync server
+    with as many threads, each with its ExecuteTool timed (`timed_handler`): one measured run per load
+    after a warm-up. The timer itself (two clock pairs and a lock, the same for both) is included."""
+    from tests.servers import WorkerServer
+
+    class TimedServer(WorkerServer):
+        def __init__(self, extra: list[str]) -> None:
+            super().__init__("threaded")
+            self.extra = extra
+
+        def command(self):
+            return [self.python, str(Path(__file__).resolve()), *self.extra]
+
+        def totals(self) -> tuple[int, int, int]:
+            found = [m for m in map(HANDLER_TIME.search, list(self.stderr_lines)) if m]
+            return tuple(int(x) for x in found[-1].groups()) if found else (0, 0, 0)
+
+    same_threads = args.max_workers + args.max_queue + CONTROL_THREADS
+    servers = {
+        OURS: TimedServer(["--serve-ours-timed", "--host", "127.0.0.1", "--port", "0", "--adapter",
+                           "bench.server_overhead.NoopAdapter", "--max-workers", str(args.max_workers),
+                           "--max-queue", str(args.max_queue), "--log-level", "WARNING"]),
+        BARE_SYNC_SAME: TimedServer(["--serve-bare", "sync", "--bare-threads", str(same_threads), "--bare-timed"]),
+    }
+    times = {}
+    try:
+        for server in servers.values():
+            server.start()
+        for in_flight in args.in_flight:
+            for name, server in servers.items():
+                h2load(server.port, body, in_flight, args.warm_up, fresh_log())
+                time.sleep(0.2)  # the last totals line of the warm-up is printed
+                calls, cpu, wall = server.totals()
+                h2load(server.port, body, in_flight, args.duration, fresh_log())
+                time.sleep(0.2)
+                calls_after, cpu_after, wall_after = server.totals()
+                timed = max(1, calls_after - calls)
+                times[(name, in_flight)] = {"cpu_us": (cpu_after - cpu) / timed / 1000,
+                                            "wall_us": (wall_after - wall) / timed / 1000, "calls": timed}
+                print(f"handler time  {name:26s} in flight {in_flight:2d}: {times[(name, in_flight)]['cpu_us']:6.1f} us "
+                      f"CPU, {times[(name, in_flight)]['wall_us']:6.1f} us wall per call", flush=True)
+    finally:
+        for server in servers.values():
+            server.__exit__(None, None, None)
+    return times
+
+
+def render_handler_times(times: dict, args) -> list[str]:
+    lines = ["", "Inside the handler (`--handler-time`: ExecuteTool of ours and of the bare sync server with as many "
+             "threads, each wrapped in a timer of its thread's CPU time and of wall time; one run per load):", "",
+             "| server | in flight | handler thread CPU µs/call | handler wall µs/call |", "|---|---:|---:|---:|"]
+    for in_flight in args.in_flight:
+        for name in (BARE_SYNC_SAME, OURS):
+            row = times[(name, in_flight)]
+            lines.append(f"| {name} | {in_flight} | {row['cpu_us']:.1f} | {row['wall_us']:.1f} |")
+    lines += ["", "Wall time above CPU time is time the handler waited inside itself, for the GIL above all once "
+              "it had let it go."]
+    return lines
+
+
 # --- report ------------------------------------------------------------------------------------------
 
-def render(results, batch, args, machine, profile: str = "") -> str:
+def render(results, batch, args, machine, profile: str = "", handler: dict | None = None) -> str:
     lines = [
         "## Server overhead (ExecuteTool vs the best of three bare servicers)",
         "",
@@ -512,6 +617,8 @@ def render(results, batch, args, machine, profile: str = "") -> str:
         "completion queue, handing the call to a pool thread) is several hundred µs of CPU per call in "
         "Python; the bridge's own code is the in-process difference shown under `--profile` below.",
     ]
+    if handler:
+        lines += render_handler_times(handler, args)
     if batch:
         lines += [
             "",
@@ -557,12 +664,18 @@ def main(argv=None) -> int:
     parser.add_argument("--write-docs", action="store_true", help=f"replace this benchmark's section of {DOCS}")
     parser.add_argument("--profile", action="store_true", help="also profile our ExecuteTool in-process (cProfile)")
     parser.add_argument("--profile-only", action="store_true", help="only the in-process profile (seconds)")
+    parser.add_argument("--handler-time", action="store_true",
+                        help="also time the ExecuteTool handler itself (thread CPU and wall), ours and bare")
     parser.add_argument("--serve-bare", choices=("sync", "aio"), help=argparse.SUPPRESS)
     parser.add_argument("--bare-threads", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--bare-timed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-message-mb", type=float, default=64.0, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-ours-timed"]:  # the rest are the threaded server's own flags
+        return serve_ours_timed(argv[1:])
     args = parser.parse_args(argv)
     if args.serve_bare:
-        return serve_bare(args.serve_bare, args.bare_threads, args.max_message_mb)
+        return serve_bare(args.serve_bare, args.bare_threads, args.max_message_mb, timed=args.bare_timed)
     if args.profile_only:
         print(profile_servicer())
         return 0
@@ -633,9 +746,10 @@ def main(argv=None) -> int:
             profile = ""
             if args.profile:
                 profile = profile_servicer()
+            handler = handler_times(args, body, fresh_log) if args.handler_time else None
             machine += (f" Load average (1, 5, 15 min) before {' '.join(f'{x:.2f}' for x in load_before)}, after "
                         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.")
-            section = render(results, batch, args, machine, profile)
+            section = render(results, batch, args, machine, profile, handler)
             print()
             print(section)
     finally:

@@ -24,13 +24,16 @@ class ToolGate:
         self.max_queue = max_queue
         self.running = 0
         self.waiting = 0
-        self._cond = threading.Condition(threading.Lock())
+        # Calls take and give back slots under `_lock` itself, not `with _cond`: the same lock without
+        # Condition's Python-level __enter__/__exit__ on every call's way in and out.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._on_queue_change = on_queue_change or (lambda delta: None)
 
     def enter(self, deadline: float | None = None, is_active: Callable[[], bool] | None = None,
               bypass_queue_limit: bool = False) -> None:
         """Take a slot, waiting in the queue if needed. `deadline` is a time.monotonic() value."""
-        with self._cond:
+        with self._lock:
             if self.running < self.max_concurrent and self.waiting == 0:
                 self.running += 1
                 return
@@ -57,7 +60,7 @@ class ToolGate:
                 self._on_queue_change(-1)
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self.running -= 1
             if self.waiting:
                 self._cond.notify()

@@ -66,7 +66,8 @@ class Slot:
         call.server.stats.started()
         self.started = time.perf_counter()
         try:
-            call.rate_limit()
+            if call.server.rate_limiter is not None:
+                call.rate_limit()
             call.enter_gate(bypass_queue_limit=self.bypass_queue_limit)
         except BaseException as exc:
             code = exc.code.name if isinstance(exc, CallFailure) else "CANCELLED"
@@ -203,13 +204,18 @@ class ToolCall:
             tracing.end(self.span, StatusCode.OK)
 
     def _unary(self) -> pb.ExecuteToolResponse:
-        with self.failures():
+        try:  # as `with self.failures()`, spelled out on the hottest path
             self.prepare(streaming=False)
             with self.admitted() as slot:
                 result_json, blobs = self.run(self.kwargs, views=True)
+        except CallFailure as failure:
+            self.failure = failure
+            end_call(self.context, failure)
         self.kwargs = {}  # the arguments' memory can go before the response is sent
-        response = _with_blobs(pb.ExecuteToolResponse(result_json=result_json, request_id=self.request_id,
-                                                      duration_ms=slot.elapsed * 1000.0), 2, blobs)
+        response = pb.ExecuteToolResponse(result_json=result_json, request_id=self.request_id,
+                                          duration_ms=slot.elapsed * 1000.0)
+        if blobs:
+            response = _with_blobs(response, 2, blobs)
         self.connection.sending()  # from here grpc sends; the send watchdog ends the call if the client never reads
         return response
 
@@ -322,7 +328,10 @@ class ToolCall:
                 raise Unavailable("server is shutting down")
             self.spec = self.lookup(request.tool_name, streaming=streaming)
             if bind_args:
-                self.kwargs = self.spec.bind(_decode_args(request.args_json, request.blobs, server.shm))
+                args_json = request.args_json
+                # no arguments (the common "{}" of a call without any) needs no look at the blobs
+                args = _decode_args(args_json, request.blobs, server.shm) if args_json not in _NO_ARGS else {}
+                self.kwargs = self.spec.bind(args)
                 if type(request) is SplitMessage:
                     request.release_blobs()  # decoded (copied): the received message can be freed
             self.session = server.sessions.get(request.session_id) if request.session_id else None
@@ -490,6 +499,9 @@ def _with_blobs(message, blob_field: int, blobs: list) -> Any:
             blob if type(blob) is bytes else bytes(blob) for blob in blobs)
         return message
     return wire.join(message, blob_field, blobs)
+
+
+_NO_ARGS = ("", "{}")
 
 
 def _decode_args(args_json: str, blobs, regions: RegionDir | None = None) -> dict[str, Any]:
