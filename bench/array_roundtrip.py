@@ -228,7 +228,9 @@ def main() -> int:
         echo_median = statistics.median(samples["TCP loopback echo (plain Python sockets)"])
         for name, values in samples.items():
             median = statistics.median(values)
-            print(f"| {size_mb:g} MB | {name} | {median * 1e3:.1f} ({min(values) * 1e3:.1f}-{max(values) * 1e3:.1f}) "
+            digits = 1 if median >= 1e-3 else 3  # small calls: tenths of a millisecond would hide their differences
+            print(f"| {size_mb:g} MB | {name} | {median * 1e3:.{digits}f} ({min(values) * 1e3:.{digits}f}-"
+                  f"{max(values) * 1e3:.{digits}f}) "
                   f"| {size_mb / median:,.0f} | {echo_median / median:.2f}x |")
     print()
     print(f"{len(rows[0][1][next(iter(paths))]) if rows else 0} rounds per size. Server peak RSS over the whole run "
