@@ -14,7 +14,7 @@ done callback), so the sending of the last response is counted too.
 A call is counted against its connection only while more than `max_per_connection` calls are in
 flight in all: below that no connection can be past its cap. grpcio's `context.peer()` releases the
 GIL, and under load a handler thread that lets it go waits behind every other one to take it back
-(~70 µs a call at 32 in flight), so it is asked only then, for the calls not yet counted too.
+(70-90 µs a call at 32 in flight), so it is asked only then, for the calls not yet counted too.
 """
 from __future__ import annotations
 
