@@ -204,18 +204,13 @@ class ToolCall:
             tracing.end(self.span, StatusCode.OK)
 
     def _unary(self) -> pb.ExecuteToolResponse:
-        try:  # as `with self.failures()`, spelled out on the hottest path
+        with self.failures():
             self.prepare(streaming=False)
             with self.admitted() as slot:
                 result_json, blobs = self.run(self.kwargs, views=True)
-        except CallFailure as failure:
-            self.failure = failure
-            end_call(self.context, failure)
         self.kwargs = {}  # the arguments' memory can go before the response is sent
-        response = pb.ExecuteToolResponse(result_json=result_json, request_id=self.request_id,
-                                          duration_ms=slot.elapsed * 1000.0)
-        if blobs:
-            response = _with_blobs(response, 2, blobs)
+        response = _with_blobs(pb.ExecuteToolResponse(result_json=result_json, request_id=self.request_id,
+                                                      duration_ms=slot.elapsed * 1000.0), 2, blobs)
         self.connection.sending()  # from here grpc sends; the send watchdog ends the call if the client never reads
         return response
 
@@ -266,7 +261,7 @@ class ToolCall:
             index, item = indexed
             if self.span is not None:
                 return self.run_item_in_span(index, item)
-            kwargs = self.bind(item.args_json, item.blobs)
+            kwargs = self.bind(item)
             with self.admitted(bypass_queue_limit=True):  # the batch passed the queue once
                 return self.run(kwargs)
 
@@ -296,7 +291,7 @@ class ToolCall:
         span = tracing.start_item(self, index)
         tracing.make_current(span)
         try:
-            kwargs = self.bind(item.args_json, item.blobs)
+            kwargs = self.bind(item)
             with self.admitted(bypass_queue_limit=True, span=span):
                 result = self.run(kwargs)
         except CallFailure as failure:
@@ -328,10 +323,7 @@ class ToolCall:
                 raise Unavailable("server is shutting down")
             self.spec = self.lookup(request.tool_name, streaming=streaming)
             if bind_args:
-                args_json = request.args_json
-                # no arguments (the common "{}" of a call without any) needs no look at the blobs
-                args = _decode_args(args_json, request.blobs, server.shm) if args_json not in _NO_ARGS else {}
-                self.kwargs = self.spec.bind(args)
+                self.kwargs = self.spec.bind(_decode_args(request, server.shm))
                 if type(request) is SplitMessage:
                     request.release_blobs()  # decoded (copied): the received message can be freed
             self.session = server.sessions.get(request.session_id) if request.session_id else None
@@ -356,11 +348,11 @@ class ToolCall:
             raise FailedPrecondition(f"tool '{tool_name}' does not stream; call it with ExecuteTool", field="tool_name")
         return spec
 
-    def bind(self, args_json: str, blobs) -> dict[str, Any]:
+    def bind(self, item: pb.BatchItem) -> dict[str, Any]:
         """A batch item's arguments, checked against the tool's signature."""
         assert self.spec is not None
         try:
-            return self.spec.bind(_decode_args(args_json, blobs, self.server.shm))
+            return self.spec.bind(_decode_args(item, self.server.shm))
         except Exception as exc:
             raise self.refusal(exc) from None
 
@@ -381,9 +373,9 @@ class ToolCall:
         return Slot(self, bypass_queue_limit, span if span is not None else self.span)
 
     def rate_limit(self) -> None:
+        """Wait for the server's rate limiter (the caller checked that there is one)."""
         limiter = self.server.rate_limiter
-        if limiter is None:
-            return
+        assert limiter is not None
         timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
         if not limiter.acquire(timeout=timeout):
             wait = limiter.time_until_available()
@@ -501,17 +493,19 @@ def _with_blobs(message, blob_field: int, blobs: list) -> Any:
     return wire.join(message, blob_field, blobs)
 
 
-_NO_ARGS = ("", "{}")
-
-
-def _decode_args(args_json: str, blobs, regions: RegionDir | None = None) -> dict[str, Any]:
-    if not args_json:
+def _decode_args(message, regions: RegionDir | None = None) -> dict[str, Any]:
+    """The arguments of a request or a batch item (its `args_json` and `blobs`)."""
+    args_json = message.args_json
+    if args_json in _NO_ARGS:  # before `message.blobs`: protobuf builds that container on every access
         return {}
-    args = codec.decode(args_json, blobs, field="args_json", regions=regions)
+    args = codec.decode(args_json, message.blobs, field="args_json", regions=regions)
     if not isinstance(args, dict):
         raise InvalidArgument(f"args_json must be a JSON object of arguments, got {type(args).__name__}",
                               field="args_json")
     return args
+
+
+_NO_ARGS = ("", "{}")
 
 
 def _deadline(context) -> float | None:
