@@ -118,18 +118,27 @@ def test_max_queue_zero_refuses_every_call_beyond_the_running_ones():
 
 # --- control RPCs never wait behind tool calls ---------------------------------------------------------
 
+def calls_in_flight(client, calls) -> str:
+    """What a failed wait saw: the server's counters and how each call ended, if it did."""
+    stats = client.stats()
+    ended = [repr(c.exception()) if c.done() else "running" for c in calls]
+    return f"requests_active={stats.requests_active} requests_queued={stats.requests_queued}; calls: {ended}"
+
+
 @pytest.mark.parametrize("mode, flags", [("threaded", ["--max-workers", "2", "--max-queue", "2"]),
                                          ("process", ["--max-queue", "2"])])
 def test_ping_stats_heartbeat_and_health_answer_while_every_slot_and_queue_place_is_busy(mode, flags):
     with WorkerServer(mode, "--adapter", SHOWCASE, *flags) as server:
         client = server.client()
         slots = client.stats().max_workers
-        busy = slots + 2
-        with ThreadPoolExecutor(busy) as pool:
-            calls = [pool.submit(client.execute, "sleep", {"seconds": 1.5}) for _ in range(busy)]
-            assert wait_until(lambda: client.stats().requests_active == busy)
-            stats = client.stats()
-            assert stats.requests_queued == 2
+        with ThreadPoolExecutor(slots + 2) as pool:
+            # The slots are taken first, by calls long enough that the queued ones are sure to find them
+            # all still busy however slowly a loaded machine starts the calls.
+            calls = [pool.submit(client.execute, "sleep", {"seconds": 4.0}) for _ in range(slots)]
+            assert wait_until(lambda: client.stats().requests_active == slots), calls_in_flight(client, calls)
+            calls += [pool.submit(client.execute, "sleep", {"seconds": 0.1}) for _ in range(2)]
+            assert wait_until(lambda: client.stats().requests_queued == 2), calls_in_flight(client, calls)
+            assert client.stats().requests_active == slots + 2
             channel = server.channel()
             health = health_pb2_grpc.HealthStub(channel)
             started = time.monotonic()
