@@ -76,7 +76,7 @@ def test_process_server_runs_one_tool_call_at_a_time(process_server):
 def test_process_server_queues_up_to_max_queue_then_refuses_with_resource_exhausted(process_server):
     client = process_server.client()
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(client.execute, "sleep", {"seconds": 1.5})
+        running = pool.submit(client.execute, "sleep", {"seconds": 3.0})
         assert wait_until(lambda: client.stats().requests_active == 1)
         queued = pool.submit(client.execute, "sleep", {"seconds": 0.0})
         assert wait_until(lambda: client.stats().requests_queued == 1)
@@ -94,7 +94,7 @@ def test_process_server_queues_up_to_max_queue_then_refuses_with_resource_exhaus
 def test_queued_call_gives_up_at_its_deadline(process_server):
     client = process_server.client()
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(client.execute, "sleep", {"seconds": 1.0})
+        running = pool.submit(client.execute, "sleep", {"seconds": 3.0})
         assert wait_until(lambda: client.stats().requests_active == 1)
         with pytest.raises(BridgeCallError) as caught:
             client.execute("sleep", {"seconds": 0.0}, timeout=0.3)
@@ -107,7 +107,7 @@ def test_max_queue_zero_refuses_every_call_beyond_the_running_ones():
     with WorkerServer("threaded", "--adapter", SHOWCASE, "--max-workers", "1", "--max-queue", "0") as server:
         client = server.client()
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(client.execute, "sleep", {"seconds": 1.0})
+            running = pool.submit(client.execute, "sleep", {"seconds": 3.0})
             assert wait_until(lambda: client.stats().requests_active == 1)
             with pytest.raises(BridgeCallError) as caught:
                 client.execute("add", {"a": 1, "b": 2})
