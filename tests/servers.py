@@ -39,9 +39,18 @@ class ServerProcess:
 
     process: subprocess.Popen | None
     _clients: list
+    _readers: list[threading.Thread]  # the threads that read the process's stdout and stderr
 
     def start(self):
         raise NotImplementedError
+
+    def read_to_the_end(self, timeout: float = 5.0) -> None:
+        """Wait until the output of the exited process has all been read (its readers see EOF), so that
+        a test that looks at its last lines sees them. A child that still holds the pipes (a pre-forked
+        worker) bounds the wait at `timeout` s."""
+        deadline = time.monotonic() + timeout
+        for reader in getattr(self, "_readers", ()):
+            reader.join(max(0.0, deadline - time.monotonic()))
 
     def stop_gently(self) -> None:
         raise NotImplementedError
@@ -120,7 +129,6 @@ class WorkerServer(ServerProcess):
             self.command(), cwd=ROOT, env=self.env, text=True, bufsize=1,
             stdin=subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, umask=self.umask)
-        threading.Thread(target=self._drain, args=(self.process.stderr, self.stderr_lines), daemon=True).start()
         ready = threading.Event()
 
         def read_stdout():
@@ -133,12 +141,15 @@ class WorkerServer(ServerProcess):
                     self.pid = int(match["pid"])
                     ready.set()
 
-        threading.Thread(target=read_stdout, daemon=True).start()
+        self._readers = [threading.Thread(target=self._drain, args=(self.process.stderr, self.stderr_lines), daemon=True),
+                         threading.Thread(target=read_stdout, daemon=True)]
+        for reader in self._readers:
+            reader.start()
         deadline = time.monotonic() + self.startup_timeout
         while not ready.wait(0.05):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                time.sleep(0.1)
+                self.read_to_the_end()
                 raise ServerFailedToStart(
                     f"{' '.join(self.command())} exited with {self.process.returncode} before SNAKEPIT_READY:\n"
                     + "\n".join(self.stderr_lines[-30:]))
@@ -183,10 +194,12 @@ class WorkerServer(ServerProcess):
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
-            return self.process.wait(timeout)
+            returncode = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        self.read_to_the_end()
+        return returncode
 
     def stop_gently(self) -> None:
         self.terminate(timeout=20)
@@ -233,8 +246,10 @@ class ForkServer(ServerProcess):
     def start(self) -> "ForkServer":
         self.process = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
         if self.expect_ready:
             ready = self.wait_line(lambda line: FORKSERVER_READY.match(line), self.startup_timeout)
             if ready is None:

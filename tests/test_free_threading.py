@@ -51,7 +51,7 @@ def test_the_grpclib_transport_serves_the_same_service_on_any_interpreter():
         assert server.client().execute("add", {"a": 2, "b": 3}) == 5
         stats = server.stub().GetStats(pb.GetStatsRequest(), timeout=10)
         assert stats.worker_mode == "threaded"
-        assert any("grpclib transport" in line for line in server.stderr_lines)
+        server.stderr_match("grpclib transport")
 
 
 @freethreaded
@@ -73,7 +73,7 @@ def test_a_gil_turned_on_at_start_up_is_named_and_refused_with_require_free_thre
     assert "the GIL is enabled: it was enabled at start-up (PYTHON_GIL=1 or -X gil=1)" in run.stderr
     with WorkerServer("threaded", python=SERVER_PYTHON, env={"PYTHON_GIL": "1"}) as server:
         assert server.stub().GetStats(pb.GetStatsRequest(), timeout=10).gil_enabled is True
-        assert any("free-threaded build: GIL ENABLED" in line for line in server.stderr_lines)
+        server.stderr_match("free-threaded build: GIL ENABLED")
 
 
 def test_the_grpclib_listening_socket_says_it_is_tcp_so_asyncio_sets_nodelay_on_its_connections():

@@ -55,8 +55,8 @@ def test_a_client_that_trusts_the_ca_calls_a_tls_server(tls_server, pki):
 
 
 def test_the_start_up_log_says_tls_is_on(tls_server, mtls_server):
-    assert any("TLS on" in line and "clients need no certificate" in line for line in tls_server.stderr_lines)
-    assert any("mTLS: client certificates required" in line for line in mtls_server.stderr_lines)
+    tls_server.stderr_match("TLS on.*clients need no certificate")
+    mtls_server.stderr_match("mTLS: client certificates required")
 
 
 def test_a_client_that_trusts_another_ca_is_refused_with_an_error_that_says_why(tls_server, pki):

@@ -190,7 +190,7 @@ def test_the_stale_socket_of_a_killed_server_is_reclaimed(mode, path):
     assert os.path.exists(f"{path}.lock")
     with WorkerServer(mode, "--adapter", SHOWCASE, "--uds", path) as successor:
         assert successor.client().execute("add", {"a": 3, "b": 4}) == 7
-        assert any(f"removed the stale socket {path}" in line for line in successor.stderr_lines)
+        successor.stderr_match(re.escape(f"removed the stale socket {path}"))
 
 
 def test_a_path_that_is_not_a_socket_is_refused_and_left_alone(path):
