@@ -195,9 +195,11 @@ defmodule Snakepit.StreamBackpressureTest do
     } do
       key = key()
 
+      # Long enough that the generator has surely started (and sent its first chunks) before the
+      # deadline on a loaded machine; the consumer then stalls past it.
       stream =
         Snakepit.execute_stream(pool, "numbered", %{key: key, count: 100_000, size: 1_000},
-          timeout: 500
+          timeout: 2_000
         )
 
       error =

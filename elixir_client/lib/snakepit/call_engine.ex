@@ -15,7 +15,9 @@ defmodule Snakepit.CallEngine do
 
   @service "/snakepit.bridge.BridgeService/"
   # Longest wait for a worker whose channel went down to exit too. It exits as soon as it sees its
-  # channel's exit; only a worker that is stopping on purpose outlives its channel.
+  # channel's exit; only a worker that is stopping on purpose outlives its channel. (A lease's own
+  # `:worker_exit_wait` overrides it: the tests make it long, so that "at once" is told apart from
+  # "after the wait" however loaded the machine is.)
   @worker_exit_wait 2_000
 
   @type lease :: Pool.lease()
@@ -177,7 +179,7 @@ defmodule Snakepit.CallEngine do
               message: "worker #{lease.worker_id} crashed during the call (#{error.message})"
           }
     after
-      @worker_exit_wait ->
+      Map.get(lease, :worker_exit_wait, @worker_exit_wait) ->
         Process.demonitor(ref, [:flush])
         fate(lease, error) || error
     end

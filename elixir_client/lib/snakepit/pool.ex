@@ -192,7 +192,10 @@ defmodule Snakepit.Pool do
     end
   end
 
+  # `:worker_exit_wait` (ms) overrides how long a call whose connection was lost waits for the
+  # worker to exit (`Snakepit.CallEngine`; 2 s when absent); the pool leaves it out.
   @type lease :: %{
+          optional(:worker_exit_wait) => pos_integer,
           ref: reference,
           pool: pid,
           worker: pid,
