@@ -215,6 +215,23 @@ class FailingSetupAdapter(BaseAdapter):
         pass
 
 
+def wait_for_a_stop_that_never_comes(never: threading.Event) -> None:
+    never.wait()
+
+
+class NeverEndingThreadAdapter(BaseAdapter):
+    """Starts a non-daemon thread that never ends: the interpreter's exit would wait for it forever."""
+    __thread_safe__ = True
+
+    def setup(self) -> None:
+        self._never = threading.Event()
+        threading.Thread(target=wait_for_a_stop_that_never_comes, args=(self._never,), name="never-ends").start()
+
+    @tool
+    def noop(self) -> None:
+        pass
+
+
 class UndeclaredAdapter(BaseAdapter):
     """Does not declare __thread_safe__: the threaded server refuses it unless told otherwise."""
 

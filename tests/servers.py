@@ -80,7 +80,9 @@ class WorkerServer(ServerProcess):
                  stdin_pipe: bool = True, python: str | None = None, umask: int = -1) -> None:
         self.mode = mode
         self.args = list(args)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # PYTHONFAULTHANDLER: a server that does not exit when told to is sent SIGABRT (terminate()),
+        # and writes every thread's stack to its stderr, which the failure then shows.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
         self.startup_timeout = startup_timeout
         self.stdin_pipe = stdin_pipe
         self.umask = umask  # the server process's umask (-1: this process's)
@@ -196,8 +198,16 @@ class WorkerServer(ServerProcess):
         try:
             returncode = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)  # its threads' stacks to stderr (PYTHONFAULTHANDLER)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
             self.kill()
-            raise
+            self.read_to_the_end()
+            raise AssertionError(f"the server (pid {self.process.pid}) did not exit within {timeout} s of signal "
+                                 f"{sig}; the end of its stderr, with its threads' stacks at SIGABRT:\n"
+                                 + "\n".join(self.stderr_lines[-120:])) from None
         self.read_to_the_end()
         return returncode
 

@@ -193,6 +193,24 @@ def test_calls_still_running_when_the_grace_period_ends_are_cut_off_and_the_serv
         assert exited_after < 4.0, f"exited {exited_after:.1f} s after SIGTERM with --grace 0.5 (the call needed 6 s)"
 
 
+@pytest.mark.parametrize("mode", ["threaded", "process"])
+def test_an_exit_that_hangs_after_shutdown_ends_within_its_timeout_with_every_threads_stack(mode):
+    # The adapter's non-daemon thread never ends, so the interpreter's exit would wait for it forever.
+    with WorkerServer(mode, "--adapter", "tests.adapters_for_tests.NeverEndingThreadAdapter",
+                      env={"PYTHONFAULTHANDLER": ""}) as server:  # only the server's own watchdog dumps stacks
+        assert server.client().execute("noop") is None
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 1
+        exited_after = time.monotonic() - signalled
+        server.read_to_the_end()
+    assert 4.0 < exited_after < 15.0, f"exited {exited_after:.1f} s after SIGTERM (exit timeout 5 s)"
+    log = "\n".join(server.stderr_lines)
+    assert "stopped" in log  # the shutdown itself was complete; only the interpreter's exit hung
+    assert "Timeout (0:00:05)!" in log
+    assert "in wait_for_a_stop_that_never_comes" in log  # the thread that held the exit, by its function
+
+
 @pytest.mark.parametrize("mode, flags", MODES, ids=MODE_IDS)
 def test_stdin_eof_shuts_the_server_down_with_exit_0(mode, flags):
     with WorkerServer(mode, "--adapter", SHOWCASE, "--exit-on-stdin-eof", *flags) as server:
