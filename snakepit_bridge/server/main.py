@@ -3,9 +3,15 @@ call `main_threaded` / `main_process` (also the `snakepit-threaded` / `snakepit-
 
 It sits above `worker` (one serving process), `prefork` (several, sharing a port) and `forkserver`
 (workers forked on request), so none of those imports the other's caller.
+
+Once any of them has shut down, the interpreter's own exit (joining threads, atexit handlers, grpc's
+teardown) may take EXIT_TIMEOUT_SECONDS; an exit that hangs past it (an adapter's thread that never
+ends) writes every thread's stack to stderr and ends the process with exit code 1, so a SIGTERM
+always ends a server.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -14,7 +20,17 @@ from .settings import PROCESS, READY_NONCE_ENV, THREADED, Mode, parse_settings
 from .transport import missing_transport_package
 
 
+EXIT_TIMEOUT_SECONDS = 5.0
+
+
 def serve(mode: Mode | str, argv: list[str] | None = None) -> int:
+    code = _serve(mode, argv)
+    # faulthandler's own C thread, not a Python one: it fires even where no Python thread runs any more.
+    faulthandler.dump_traceback_later(EXIT_TIMEOUT_SECONDS, exit=True)
+    return code
+
+
+def _serve(mode: Mode | str, argv: list[str] | None) -> int:
     try:
         settings = parse_settings(mode, argv)
     except SystemExit as exc:  # argparse already printed the message

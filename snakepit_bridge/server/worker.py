@@ -13,13 +13,11 @@ adapter left), so adapter output cannot pass for readiness. A start-up failure (
 or setup() raising, port or socket in use) ends with one stderr line `error: <message>` and exit code
 1. Shutdown (SIGTERM, SIGINT, or stdin EOF with --exit-on-stdin-eof): health turns NOT_SERVING, new
 calls are refused, in-flight calls get --grace seconds to finish, the socket file of --uds is
-removed, then exit 0. An exit that still hangs after that (a thread that never ends, an atexit handler
-or grpc's own teardown) ends after EXIT_TIMEOUT_SECONDS with every thread's stack on stderr and exit
-code 1. SIGUSR1 / SIGUSR2 turn health NOT_SERVING / SERVING without stopping (`rotation`).
+removed, then exit 0 (`main.serve` bounds how long the interpreter's exit may take after that).
+SIGUSR1 / SIGUSR2 turn health NOT_SERVING / SERVING without stopping (`rotation`).
 """
 from __future__ import annotations
 
-import faulthandler
 import importlib
 import logging
 import os
@@ -306,11 +304,6 @@ class Worker:
         log.info("stopped")
 
 
-# How long the interpreter's own exit may take once shutdown() is done: joining threads, atexit
-# handlers, grpc's teardown. Past it faulthandler writes every thread's stack to stderr and ends the
-# process (exit code 1), so a SIGTERM always ends a worker.
-EXIT_TIMEOUT_SECONDS = 5.0
-
 GIL_WARNING = "global interpreter lock"  # in CPython's RuntimeWarning when an import turns the GIL on
 
 
@@ -363,8 +356,6 @@ def serve_worker(settings: Settings, ready_nonce: str | None, preloaded_adapter:
         logging.shutdown()
         sys.stdout.flush()
         os._exit(0)
-    # faulthandler's own C thread, not a Python one: it fires even where no Python thread runs any more.
-    faulthandler.dump_traceback_later(EXIT_TIMEOUT_SECONDS, exit=True)
     return 0
 
 
