@@ -8,6 +8,7 @@ tests and benchmarks, and fork servers that fork workers on request (ForkServer)
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import grpc
@@ -39,17 +40,23 @@ class ServerProcess:
 
     process: subprocess.Popen | None
     _clients: list
-    _readers: list[threading.Thread]  # the threads that read the process's stdout and stderr
+    _readers: tuple[threading.Thread, ...] = ()  # the threads that read the process's stdout and stderr
 
     def start(self):
         raise NotImplementedError
+
+    def _start_readers(self, *readers: Callable[[], None]) -> None:
+        """Read the process's output in daemon threads (kept for `read_to_the_end`)."""
+        self._readers = tuple(threading.Thread(target=reader, daemon=True) for reader in readers)
+        for thread in self._readers:
+            thread.start()
 
     def read_to_the_end(self, timeout: float = 5.0) -> None:
         """Wait until the output of the exited process has all been read (its readers see EOF), so that
         a test that looks at its last lines sees them. A child that still holds the pipes (a pre-forked
         worker) bounds the wait at `timeout` s."""
         deadline = time.monotonic() + timeout
-        for reader in getattr(self, "_readers", ()):
+        for reader in self._readers:
             reader.join(max(0.0, deadline - time.monotonic()))
 
     def stop_gently(self) -> None:
@@ -143,10 +150,7 @@ class WorkerServer(ServerProcess):
                     self.pid = int(match["pid"])
                     ready.set()
 
-        self._readers = [threading.Thread(target=self._drain, args=(self.process.stderr, self.stderr_lines), daemon=True),
-                         threading.Thread(target=read_stdout, daemon=True)]
-        for reader in self._readers:
-            reader.start()
+        self._start_readers(functools.partial(self._drain, self.process.stderr, self.stderr_lines), read_stdout)
         deadline = time.monotonic() + self.startup_timeout
         while not ready.wait(0.05):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -256,10 +260,7 @@ class ForkServer(ServerProcess):
     def start(self) -> "ForkServer":
         self.process = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for reader in self._readers:
-            reader.start()
+        self._start_readers(self._read_stdout, self._read_stderr)
         if self.expect_ready:
             ready = self.wait_line(lambda line: FORKSERVER_READY.match(line), self.startup_timeout)
             if ready is None:
